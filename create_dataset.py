@@ -1,0 +1,414 @@
+"""Data for every script: CIFAR-100 with its 4-level label hierarchy, CIFAR-10, SVHN, the synthetic
+stand-in, and the device-resident batch pipeline (augmentation done per batch with tensor ops).
+
+Files are read in their official formats (CIFAR python pickles, SVHN .mat) and checked by md5.
+`python create_dataset.py --synthetic` writes the synthetic stand-ins; `--download NAME` fetches an
+official archive (md5-checked) into the data root.
+"""
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import urllib.request
+
+import numpy as np
+import torch
+
+from utils import UserError, run_main
+
+DATA_ROOT = 'dataset'
+SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
+
+# Official files and their md5 sums (the values torchvision checks).
+ARCHIVES = {
+    'cifar100': dict(
+        url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
+        filename='cifar-100-python.tar.gz', md5='eb9058c3a382ffc7106e4002c42a8d85',
+        folder='cifar-100-python',
+        files={'train': '16019d7e3df5f24257cddd939b257f8d', 'test': 'f0ef6b0ae62326f3e7ffdfab6717acfc',
+               'meta': '7973b15100ade9c7d40fb424638fde48'}),
+    'cifar10': dict(
+        url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+        filename='cifar-10-python.tar.gz', md5='c58f30108f718f92721af3b95e74349a',
+        folder='cifar-10-batches-py',
+        files={'data_batch_1': 'c99cafc152244af753f735de768cd75f',
+               'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+               'data_batch_3': '54ebc095f3ab1f0389bbae665268c751',
+               'data_batch_4': '634d18415352ddfa80567beed471001a',
+               'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb',
+               'test_batch': '40351d587109b95175f43aff81a1287e',
+               'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'}),
+    'svhn': dict(
+        url='http://ufldl.stanford.edu/housenumbers/',
+        folder='svhn',
+        files={'train_32x32.mat': 'e26dedcc434d2e4c54c9b2d4a06d8373',
+               'test_32x32.mat': 'eb5a983be6a315427106f1b164d9cef3'}),
+}
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn': 10}
+
+# CIFAR-100's 4-level hierarchy (MAXL, Appendix A): 20 coarse classes -> 10 -> 3.
+COARSE20_TO_10 = [1, 2, 5, 6, 5, 6, 6, 3, 0, 7, 8, 0, 1, 3, 4, 0, 2, 5, 9, 9]
+LEVEL10_TO_3 = [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
+LEVEL_CLASSES = [3, 10, 20, 100]      # label level k = 0, 1, 2, 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# md5, download, missing files
+# ----------------------------------------------------------------------------------------------------
+
+def md5sum(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _missing_message(name, root, missing):
+    a = ARCHIVES[name]
+    folder = os.path.join(root, a['folder'])
+    if name == 'svhn':
+        fetch = ', '.join(a['url'] + f for f in a['files'])
+        how = f'download {fetch} into {folder}/'
+    else:
+        how = (f'download {a["url"]} (md5 {a["md5"]}) into {root}/ and unpack it there '
+               f'(tar xzf {os.path.join(root, a["filename"])} -C {root})')
+    return (f'{name} data not found: {", ".join(missing)} missing in {folder}/. Either {how}, or rerun with '
+            f'--download to fetch and check it automatically, or use --synthetic to train on the small '
+            f'synthetic stand-in instead.')
+
+
+def download(name, root=DATA_ROOT):
+    """Fetch the official archive (or .mat files) of `name` into `root`, check md5, unpack."""
+    a = ARCHIVES[name]
+    os.makedirs(root, exist_ok=True)
+    items = ([(a['url'] + f, os.path.join(root, a['folder'], f), md5) for f, md5 in a['files'].items()]
+             if name == 'svhn' else [(a['url'], os.path.join(root, a['filename']), a['md5'])])
+    for url, dest, md5 in items:
+        if os.path.isfile(dest) and md5sum(dest) == md5:
+            continue
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        part = dest + '.part'
+        print(f'downloading {url} -> {dest}', flush=True)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(part, 'wb') as f:
+                shutil.copyfileobj(r, f)
+        except OSError as e:
+            if os.path.exists(part):
+                os.remove(part)
+            raise UserError(f'could not download {url} ({e}). This machine may have no internet access: '
+                            f'fetch the file elsewhere and place it at {dest}, or use --synthetic.') from None
+        got = md5sum(part)
+        if got != md5:
+            os.remove(part)
+            raise UserError(f'the download of {url} has md5 {got}, expected {md5}: the file is corrupt or '
+                            f'not the official one. Try again, or place the official file at {dest}.')
+        os.replace(part, dest)
+        if dest.endswith('.tar.gz'):
+            with tarfile.open(dest, 'r:gz') as tar:
+                tar.extractall(root, filter='data')
+
+
+def check_files(name, root, expected=None):
+    """Every file of `name` present with its md5; else a UserError naming the archive and the folder."""
+    a = ARCHIVES[name]
+    expected = expected or a['files']
+    folder = os.path.join(root, a['folder'])
+    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise UserError(_missing_message(name, root, missing))
+    for f, md5 in expected.items():
+        got = md5sum(os.path.join(folder, f))
+        if got != md5:
+            raise UserError(f'{os.path.join(folder, f)} has md5 {got}, expected {md5}: the file is corrupt or '
+                            f'not the official one. Delete {folder}/ and unpack the official archive again, '
+                            f'or rerun with --download.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers: uint8 images [N, 3, 32, 32] and integer labels
+# ----------------------------------------------------------------------------------------------------
+
+def _unpickle(path):
+    with open(path, 'rb') as f:
+        return pickle.load(f, encoding='latin1')
+
+
+def cifar100_hierarchy(coarse, fine):
+    """[N, 4] labels, level k = 0, 1, 2, 3 -> 3, 10, 20, 100 classes."""
+    coarse = np.asarray(coarse, dtype=np.int64)
+    c10 = np.asarray(COARSE20_TO_10)[coarse]
+    c3 = np.asarray(LEVEL10_TO_3)[c10]
+    return np.stack([c3, c10, coarse, np.asarray(fine, dtype=np.int64)], axis=1)
+
+
+def dataset_root(root, synthetic):
+    return os.path.join(root, SYNTHETIC_DIR) if synthetic else root
+
+
+def _expected_md5(name, root, synthetic):
+    if not synthetic:
+        return None
+    path = os.path.join(root, ARCHIVES[name]['folder'], 'md5.json')
+    if not os.path.isfile(path):
+        raise UserError(f'the synthetic {name} stand-in is not in {os.path.dirname(path)}/: '
+                        f'write it with `python create_dataset.py --synthetic` (the scripts do this '
+                        f'themselves with --synthetic).')
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_cifar100(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
+    """(images uint8 [N,3,32,32], labels int64 [N,4]) from the official python pickles."""
+    root = dataset_root(root, synthetic)
+    if synthetic:
+        ensure_synthetic(root)
+    elif download_missing:
+        download('cifar100', root)
+    check_files('cifar100', root, _expected_md5('cifar100', root, synthetic))
+    d = _unpickle(os.path.join(root, ARCHIVES['cifar100']['folder'], 'train' if train else 'test'))
+    images = np.asarray(d['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return images, cifar100_hierarchy(d['coarse_labels'], d['fine_labels'])
+
+
+def load_cifar10(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
+    """(images uint8 [N,3,32,32], labels int64 [N]) from the official python pickles."""
+    root = dataset_root(root, synthetic)
+    if synthetic:
+        ensure_synthetic(root)
+    elif download_missing:
+        download('cifar10', root)
+    check_files('cifar10', root, _expected_md5('cifar10', root, synthetic))
+    names = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
+    batches = [_unpickle(os.path.join(root, ARCHIVES['cifar10']['folder'], n)) for n in names]
+    images = np.concatenate([np.asarray(b['data'], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(b['labels'], dtype=np.int64) for b in batches])
+    return images, labels
+
+
+def load_svhn(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
+    """(images uint8 [N,3,32,32], labels int64 [N], digit 0 labelled 0) from the official .mat files."""
+    root = dataset_root(root, synthetic)
+    if synthetic:
+        ensure_synthetic(root)
+    elif download_missing:
+        download('svhn', root)
+    check_files('svhn', root, _expected_md5('svhn', root, synthetic))
+    try:
+        import scipy.io
+    except ImportError:
+        raise UserError('reading SVHN needs scipy: pip install scipy') from None
+    m = scipy.io.loadmat(os.path.join(root, 'svhn', 'train_32x32.mat' if train else 'test_32x32.mat'))
+    images = np.ascontiguousarray(np.transpose(m['X'], (3, 2, 0, 1))).astype(np.uint8)
+    labels = m['y'].astype(np.int64).reshape(-1)
+    labels[labels == 10] = 0
+    return images, labels
+
+
+LOADERS = {'cifar100': load_cifar100, 'cifar10': load_cifar10, 'svhn': load_svhn}
+
+
+def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
+    if name not in LOADERS:
+        raise UserError(f'unknown dataset {name!r}: choose one of {", ".join(LOADERS)}.')
+    return LOADERS[name](root, train=train, synthetic=synthetic, download_missing=download_missing)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic stand-in: same files, keys and dtypes as the real data, with learnable structure
+# ----------------------------------------------------------------------------------------------------
+
+SYNTHETIC_SIZES = {'cifar100': (10000, 2000), 'cifar10': (5000, 1000), 'svhn': (5000, 1000)}
+
+
+def synthetic_images(fine, n_fine, n_coarse, seed):
+    """uint8 [N,3,32,32] images whose class shows: the coarse class (fine % n_coarse) sets the colour of
+    a background grating and its orientation; the fine class inside a coarse class sets the grating's
+    frequency and a coloured square. Gaussian noise on top. Survives crop-with-padding and flips."""
+    rng = np.random.default_rng(seed)
+    fine = np.asarray(fine)
+    coarse = fine % n_coarse
+    sub = fine // n_coarse                     # index of the fine class inside its coarse class
+    n_sub = max(1, n_fine // n_coarse)
+    yy, xx = np.meshgrid(np.arange(32), np.arange(32), indexing='ij')
+    hue = coarse / n_coarse * 2 * np.pi
+    colour = np.stack([np.cos(hue), np.cos(hue - 2.1), np.cos(hue + 2.1)], 1) * 0.35 + 0.5   # [N,3]
+    angle = (coarse % 4) * np.pi / 4
+    freq = 0.25 + 0.45 * sub / max(1, n_sub - 1)
+    phase = rng.uniform(0, 2 * np.pi, len(fine))
+    proj = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
+    grating = 0.5 + 0.5 * np.sin(freq[:, None, None] * proj + phase[:, None, None])           # [N,32,32]
+    img = colour[:, :, None, None] * (0.55 + 0.45 * grating[:, None])
+    sq = 0.2 + 0.6 * (sub / max(1, n_sub - 1))
+    cy, cx = rng.integers(6, 20, len(fine)), rng.integers(6, 20, len(fine))
+    inside = (np.abs(yy - cy[:, None, None]) < 5) & (np.abs(xx - cx[:, None, None]) < 5)
+    img = np.where(inside[:, None], np.stack([sq, 1 - sq, sq * 0.5], 1)[:, :, None, None], img)
+    img = img + rng.normal(0, 0.08, img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _balanced_labels(n, n_classes, rng):
+    labels = np.arange(n) % n_classes
+    rng.shuffle(labels)
+    return labels
+
+
+def _write_pickle(path, obj):
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_synthetic(name, root, seed=0, sizes=None):
+    """Write the stand-in of `name` in its real on-disk format under `root` (a synthetic folder)."""
+    n_train, n_test = sizes or SYNTHETIC_SIZES[name]
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, ARCHIVES[name]['folder'])
+    os.makedirs(folder, exist_ok=True)
+    n_cls = NUM_CLASSES[name]
+    splits = {}
+    for split, n in (('train', n_train), ('test', n_test)):
+        fine = _balanced_labels(n, n_cls, rng)
+        splits[split] = (synthetic_images(fine, n_cls, 20 if name == 'cifar100' else n_cls,
+                                          seed + (1 if split == 'train' else 2)), fine)
+    if name == 'cifar100':
+        for split, (x, fine) in splits.items():
+            _write_pickle(os.path.join(folder, split), {
+                'filenames': [f'synthetic_{i}.png' for i in range(len(fine))], 'batch_label': f'synthetic {split}',
+                'fine_labels': fine.tolist(), 'coarse_labels': (fine % 20).tolist(),
+                'data': x.reshape(len(x), -1)})
+        _write_pickle(os.path.join(folder, 'meta'), {
+            'fine_label_names': [f'fine_{i}' for i in range(100)],
+            'coarse_label_names': [f'coarse_{i}' for i in range(20)]})
+    elif name == 'cifar10':
+        x, y = splits['train']
+        for i, part in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
+            _write_pickle(os.path.join(folder, f'data_batch_{i}'), {
+                'batch_label': f'synthetic batch {i}', 'labels': y[part].tolist(),
+                'data': x[part].reshape(len(part), -1), 'filenames': [f'synthetic_{j}.png' for j in part]})
+        x, y = splits['test']
+        _write_pickle(os.path.join(folder, 'test_batch'), {
+            'batch_label': 'synthetic test', 'labels': y.tolist(), 'data': x.reshape(len(x), -1),
+            'filenames': [f'synthetic_{j}.png' for j in range(len(y))]})
+        _write_pickle(os.path.join(folder, 'batches.meta'), {
+            'label_names': [f'class_{i}' for i in range(10)], 'num_cases_per_batch': len(y), 'num_vis': 3072})
+    elif name == 'svhn':
+        import scipy.io
+        for split, (x, y) in splits.items():
+            mat_y = np.where(y == 0, 10, y).astype(np.uint8)[:, None]       # SVHN labels digit 0 as 10
+            scipy.io.savemat(os.path.join(folder, f'{split}_32x32.mat'),
+                             {'X': np.transpose(x, (2, 3, 1, 0)), 'y': mat_y})
+    sums = {f: md5sum(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != 'md5.json'}
+    with open(os.path.join(folder, 'md5.json'), 'w') as f:
+        json.dump(sums, f, indent=1)
+
+
+def ensure_synthetic(synthetic_root, names=None):
+    """Write any missing synthetic stand-in (cheap: a few seconds)."""
+    for name in names or ('cifar100', 'cifar10'):
+        if not os.path.isfile(os.path.join(synthetic_root, ARCHIVES[name]['folder'], 'md5.json')):
+            write_synthetic(name, synthetic_root)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device-resident pipeline: whole uint8 dataset on the device, augmentation per batch
+# ----------------------------------------------------------------------------------------------------
+
+def random_crop_flip(x, offsets, flips, pad=4):
+    """Batched RandomCrop(32, padding=pad) + RandomHorizontalFlip on uint8/float images [B,C,H,W].
+
+    offsets: int64 [B,2] (top, left) in [0, 2*pad]; flips: bool [B]. Zero padding, as torchvision's
+    default fill. One gather for the whole batch, no per-image Python."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    j = torch.arange(w, device=x.device)
+    j = torch.where(flips[:, None], w - 1 - j, j)                                      # flipped: read right to left
+    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device))[:, None, :, None]      # [B,1,H,1]
+    cols = (offsets[:, 1:2] + j)[:, None, None, :]                                     # [B,1,1,W]
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows, cols]
+
+
+class DeviceData:
+    """A whole split as one uint8 tensor on the training device, with its labels.
+
+    batches() yields normalised float batches; with augment=True each batch gets random crop
+    (4-pixel zero padding) and horizontal flip from `generator` (a torch.Generator on the device).
+    """
+
+    def __init__(self, images, labels, device, mean, std):
+        self.images = torch.as_tensor(images).to(device)
+        self.labels = torch.as_tensor(labels).to(device)
+        self.device = device
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self):
+        return len(self.images)
+
+    def normalise(self, x_uint8):
+        return (x_uint8.float() - self.mean) / self.std
+
+    def augment(self, x_uint8, generator, pad=4):
+        b = len(x_uint8)
+        offsets = torch.randint(0, 2 * pad + 1, (b, 2), device=self.device, generator=generator)
+        flips = torch.rand(b, device=self.device, generator=generator) < 0.5
+        return random_crop_flip(x_uint8, offsets, flips, pad)
+
+    def get(self, index, generator=None, augment=False):
+        x = self.images[index]
+        if augment:
+            x = self.augment(x, generator)
+        return self.normalise(x), self.labels[index]
+
+    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False):
+        n = len(self)
+        order = (torch.randperm(n, device=self.device, generator=generator) if shuffle
+                 else torch.arange(n, device=self.device))
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield self.get(order[start:start + batch_size], generator, augment)
+
+
+def device_generator(device, seed):
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: write the stand-ins, or download the real data
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--root', default=DATA_ROOT, help='data root')
+    p.add_argument('--synthetic', action='store_true', help='write the synthetic stand-ins into ROOT/synthetic/')
+    p.add_argument('--download', choices=sorted(ARCHIVES), action='append', default=[],
+                   help='download and check an official dataset into ROOT')
+    args = p.parse_args(argv)
+    if not args.synthetic and not args.download:
+        p.error('nothing to do: give --synthetic and/or --download NAME')
+    if args.synthetic:
+        root = os.path.join(args.root, SYNTHETIC_DIR)
+        for name in ('cifar100', 'cifar10', 'svhn'):
+            if name == 'svhn':
+                try:
+                    import scipy.io  # noqa: F401
+                except ImportError:
+                    print('skipping the synthetic svhn (needs scipy)')
+                    continue
+            write_synthetic(name, root)
+            print(f'wrote synthetic {name} into {os.path.join(root, ARCHIVES[name]["folder"])}')
+    for name in args.download:
+        download(name, args.root)
+        check_files(name, args.root)
+        print(f'{name} is in {args.root} and its md5 sums check out')
+
+
+if __name__ == '__main__':
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,255 @@
+"""MAXL: Meta AuXiliary Learning (Liu, Davison, Johns; NeurIPS 2019) on 4-level CIFAR-100.
+
+A label-generation network invents auxiliary labels (psi[i] auxiliary classes for primary class i,
+through a masked softmax); a multi-task VGG-16 learns the primary task plus those labels; the
+generator is trained by the meta-gradient of the primary loss through one SGD step of the multi-task
+network: exact (second order, --meta_order 2) or by finite differences (first order, --meta_order 1).
+
+    python model_vgg_maxl.py                                   # the paper's setting (real CIFAR-100)
+    python model_vgg_maxl.py --synthetic --epochs 3 --width 0.125
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import create_dataset
+from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, entropy_loss, flat_norm,
+                   focal_loss, forward_with, head_parameter_names, hyperparameters, masked_softmax, psi_mask,
+                   run_main, virtual_sgd_step)
+
+# ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
+epochs = 200
+batch_size = 100
+lr = 0.01                  # multi-task network: plain SGD
+gen_lr = 1e-3              # label generator: SGD with weight decay
+gen_weight_decay = 5e-4
+lr_step = 50               # both learning rates are halved every lr_step epochs
+lr_gamma = 0.5
+psi = [5] * 20             # auxiliary classes per primary class (len = primary classes)
+primary_level = 2          # label level of the primary task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+entropy_weight = 0.2       # weight of the generator's entropy regulariser
+meta_order = 2             # 2: exact second-order meta-gradient; 1: finite-difference first order
+fd_eps = 0.01              # first order: the step is fd_eps / ||d||
+cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
+width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
+seed = 0
+device = 'auto'            # auto, cpu, cuda, cuda:N, mps
+synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
+download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
+data_root = 'dataset'
+logdir = 'logs'
+run_name = ''
+resume = ''                # a run folder (logs/model_vgg_maxl/<run>) to continue
+# ---------------------------------------------------------------------------------------------------
+HYPERPARAMETERS = hyperparameters(globals(), first='epochs', last='resume')
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
+
+
+def validate(cfg):
+    n_primary = create_dataset.LEVEL_CLASSES[cfg.primary_level] if cfg.primary_level in range(4) else None
+    if n_primary is None:
+        raise UserError(f'primary_level must be 0, 1, 2 or 3 (3, 10, 20, 100 classes), got {cfg.primary_level}.')
+    if len(cfg.psi) != n_primary or min(cfg.psi) < 1:
+        raise UserError(f'bad psi {cfg.psi}: it needs one positive entry per primary class, i.e. {n_primary} '
+                        f'entries for primary level {cfg.primary_level}; sum(psi) is then the number of '
+                        f'auxiliary classes. Example: --psi 5x{n_primary} (5 auxiliary classes per primary class).')
+    if cfg.meta_order not in (1, 2):
+        raise UserError(f'meta_order must be 1 (finite differences) or 2 (exact), got {cfg.meta_order}.')
+    if cfg.cos_every < 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
+        raise UserError('epochs, batch_size and width must be positive and cos_every >= 0 (0 = never).')
+
+
+# ---- the two networks ------------------------------------------------------------------------------
+
+def label_generator(psi, width):
+    """VGG-16 whose head scores sum(psi) auxiliary classes (xavier-normal init, as the original)."""
+    return VGG16({'classifier': int(sum(psi))}, width, init='xavier_normal')
+
+
+def multi_task_network(psi, width):
+    """VGG-16 with a primary head (len(psi) classes) and an auxiliary head (sum(psi) classes)."""
+    return VGG16({'classifier1': len(psi), 'classifier2': int(sum(psi))}, width, init='xavier_uniform')
+
+
+def multi_task_losses(pri_logits, aux_logits, y, aux_target):
+    """Mean focal losses of the primary task (true labels) and the auxiliary task (generated soft labels)."""
+    p1, p2 = F.softmax(pri_logits, dim=1), F.softmax(aux_logits, dim=1)
+    return focal_loss(p1, y).mean(), focal_loss(p2, aux_target).mean()
+
+
+# ---- training step: update the multi-task network on primary + generated auxiliary labels --------
+
+def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
+    with torch.no_grad():
+        aux_target = masked_softmax(gen(x), y, mask)         # generated labels (generator in train mode)
+    pri_logits, aux_logits = net(x)
+    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target)
+    params = list(net.parameters())
+    optimizer.zero_grad(set_to_none=True)
+    cosine = None
+    if with_cosine:
+        # The two losses' gradients separately; their sum is the step's gradient, so this costs one
+        # extra backward pass, not two.
+        g1 = torch.autograd.grad(loss1, params, retain_graph=True, materialize_grads=True)
+        g2 = torch.autograd.grad(loss2, params, materialize_grads=True)
+        shared = [i for i, (n, _) in enumerate(net.named_parameters()) if n not in heads]   # the trunk
+        cosine = cosine_per_filter([g1[i] for i in shared], [g2[i] for i in shared]).detach()
+        for p, a, b in zip(params, g1, g2):
+            p.grad = a + b
+    else:
+        (loss1 + loss2).backward()
+    optimizer.step()
+    return loss1.detach(), accuracy_count(pri_logits, y), cosine
+
+
+# ---- meta step: the generator's gradient through one virtual SGD step of the multi-task network ----
+
+def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight):
+    """Exact: d/dphi [ L_pri(theta - lr * dL_mt(theta, phi)/dtheta) + w * entropy(phi) ], differentiated
+    through the gradient (double backward). Batch norm uses batch statistics; running stats untouched."""
+    params = dict(net.named_parameters())
+    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
+    pri_logits, aux_logits = forward_with(net, params, x)
+    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target)
+    grads = torch.autograd.grad(loss1 + loss2, list(params.values()), create_graph=True)
+    fast = virtual_sgd_step(params, grads, optimizer)                  # theta^+ (keeps the graph)
+    pri_fast, _ = forward_with(net, fast, x)
+    loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
+    meta_loss = loss1_fast + entropy_weight * entropy_loss(aux_target)
+    gen_grads = torch.autograd.grad(meta_loss, list(gen.parameters()))
+    return gen_grads, (loss1.detach(), accuracy_count(pri_logits, y), loss1_fast.detach(),
+                       accuracy_count(pri_fast, y))
+
+
+def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, fd_eps):
+    """Finite differences (DARTS-style), as the original first-order script:
+        d   = dL_pri(theta^+)/dtheta^+,  eps = fd_eps / ||d||
+        g   = -lr * [dL_mt(theta + eps d, phi)/dphi - dL_mt(theta - eps d, phi)/dphi] / (2 eps)
+              + w * d entropy / dphi            (the original drops this entropy term)
+    The perturbed weights are new tensors, so the network's weights and buffers are never modified.
+    L_mt depends on phi only through the generated labels t, so the difference is taken on dL_mt/dt
+    (two forward passes, no backward) and sent through the generator in a single backward pass."""
+    params = dict(net.named_parameters())
+    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
+    pri_logits, aux_logits = forward_with(net, params, x)
+    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target.detach())
+    grads = torch.autograd.grad(loss1 + loss2, list(params.values()))
+    with torch.no_grad():
+        fast = virtual_sgd_step(params, grads, optimizer)
+    fast = {k: v.requires_grad_() for k, v in fast.items()}
+    pri_fast, _ = forward_with(net, fast, x)
+    loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
+    d = torch.autograd.grad(loss1_fast, list(fast.values()), allow_unused=True, materialize_grads=True)
+    eps = fd_eps / flat_norm(d)
+    with torch.no_grad():
+        dldt = []                                            # dL_mt/dt at theta +/- eps d
+        for sign in (1.0, -1.0):
+            shifted = {k: p + sign * eps * dk for (k, p), dk in zip(params.items(), d)}
+            p2 = F.softmax(forward_with(net, shifted, x)[1], dim=1)
+            dldt.append(-(1 - p2) ** 2 * torch.log(p2 + 1e-20) / len(x))
+        lr_now = optimizer.param_groups[0]['lr']
+        target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
+    surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(aux_target)
+    gen_grads = torch.autograd.grad(surrogate, list(gen.parameters()))
+    return gen_grads, (loss1.detach(), accuracy_count(pri_logits, y), loss1_fast.detach(),
+                       accuracy_count(pri_fast, y))
+
+
+@torch.no_grad()
+def evaluate(net, data, y_level, batch):
+    net.eval()
+    loss, correct = 0.0, 0
+    for x, labels in data.batches(batch):
+        pri_logits, _ = net(x)
+        y = labels[:, y_level]
+        loss += focal_loss(F.softmax(pri_logits, dim=1), y).sum()
+        correct += accuracy_count(pri_logits, y)
+    net.train()
+    return float(loss) / len(data), int(correct) / len(data)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    run = Run('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate,
+              choices={'meta_order': [1, 2]})
+    cfg, dev, log = run.cfg, run.device, run.log
+
+    # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.
+    train_x, train_y = create_dataset.load_cifar100(cfg.data_root, True, cfg.synthetic, cfg.download)
+    test_x, test_y = create_dataset.load_cifar100(cfg.data_root, False, cfg.synthetic, cfg.download)
+    train = create_dataset.DeviceData(train_x, train_y, dev, MEAN, STD)
+    test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)
+    level = cfg.primary_level
+
+    gen = label_generator(cfg.psi, cfg.width).to(dev)
+    net = multi_task_network(cfg.psi, cfg.width).to(dev)
+    gen_optimizer = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    gen_scheduler = torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    mask = psi_mask(cfg.psi, dev)
+    heads = head_parameter_names(net)
+    objects = dict(net=net, gen=gen, optimizer=optimizer, gen_optimizer=gen_optimizer,
+                   scheduler=scheduler, gen_scheduler=gen_scheduler)
+    state = run.restore(objects) or {'epoch': -1, 'best_test_acc': 0.0, 'step': 0}
+    step = state['step']
+
+    for epoch in range(state['epoch'] + 1, cfg.epochs):
+        timer = Timer(dev)
+        data_rng = create_dataset.device_generator(dev, cfg.seed * 1_000_003 + epoch)   # the epoch's stream
+        net.train(), gen.train()
+
+        # 1) a pass of training steps on the multi-task network
+        sums = torch.zeros(2, device=dev)          # summed on the device: no host sync inside the loop
+        n_seen, cos_sum, cos_n = 0, torch.zeros((), device=dev), 0
+        for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
+            y = labels[:, level]
+            with_cos = cfg.cos_every > 0 and step % cfg.cos_every == 0
+            loss1, correct, cosine = train_step(net, gen, x, y, mask, optimizer, heads, with_cos)
+            sums += torch.stack([loss1 * len(x), correct.float()])
+            n_seen += len(x)
+            if cosine is not None:
+                cos_sum, cos_n = cos_sum + cosine, cos_n + 1
+            step += 1
+
+        # 2) a pass of meta steps on the label generator
+        meta = torch.zeros(4, device=dev)
+        for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
+            y = labels[:, level]
+            if cfg.meta_order == 2:
+                gen_grads, stats = meta_gradient_second_order(net, gen, x, y, mask, optimizer, cfg.entropy_weight)
+            else:
+                gen_grads, stats = meta_gradient_first_order(net, gen, x, y, mask, optimizer,
+                                                             cfg.entropy_weight, cfg.fd_eps)
+            for p, g in zip(gen.parameters(), gen_grads):
+                p.grad = g
+            gen_optimizer.step()
+            meta += torch.stack([stats[0] * len(x), stats[1].float(), stats[2] * len(x), stats[3].float()])
+
+        # 3) test
+        test_loss, test_acc = evaluate(net, test, level, cfg.batch_size)
+        scheduler.step(), gen_scheduler.step()
+        seconds = timer.lap()
+
+        train_loss, train_acc = (sums / n_seen).tolist()
+        cos = float(cos_sum) / cos_n if cos_n else float('nan')
+        pre_loss, pre_acc, post_loss, post_acc = (meta / n_seen).tolist()
+        best = max(state['best_test_acc'], test_acc)
+        log.print(f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {train_loss:.4f} {train_acc:.4f} '
+                  f'COSSIM {cos:.4f} || META [LOSS|ACC.]: PRE {pre_loss:.4f} {pre_acc:.4f} '
+                  f'AFTER {post_loss:.4f} {post_acc:.4f} || TEST: {test_loss:.4f} {test_acc:.4f} | {seconds:.1f}s')
+        log.metrics(dict(epoch=epoch, step=step, train_loss=train_loss, train_acc=train_acc, cosine=cos,
+                         meta_pre_loss=pre_loss, meta_pre_acc=pre_acc, meta_post_loss=post_loss,
+                         meta_post_acc=post_acc, test_loss=test_loss, test_acc=test_acc, best_test_acc=best,
+                         seconds=seconds))
+        state = {'epoch': epoch, 'best_test_acc': best, 'step': step, 'test_acc': test_acc}
+        run.save(objects, **state)
+    log.print(f'done after {state["epoch"] + 1} epochs: test accuracy {state.get("test_acc", float("nan")):.4f}, '
+              f'best {state["best_test_acc"]:.4f}')
+
+
+if __name__ == '__main__':
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,458 @@
+"""What the training scripts share: command line, errors, seeding, devices, backbones, losses,
+meta-gradient helpers, run folders, logging and checkpoints.
+
+Everything here is plain PyTorch (>= 2.11) and numpy; nothing imports torchvision.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors a user can fix: printed as one paragraph, exit code 2, no traceback
+# ----------------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A bad input the user can fix (missing file, wrong md5, bad hyperparameter, ...)."""
+
+
+def run_main(main, argv=None):
+    """Run `main(argv)`; a UserError becomes a one-paragraph message on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted: the last checkpoint written is intact; continue with --resume RUN', file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hyperparameters: plain values at the top of each script, each overridable from the command line
+# ----------------------------------------------------------------------------------------------------
+
+def _parse_int_list(text):
+    """'5,5,5', '[2, 3, 4]' or '5x20' (twenty fives) -> list of ints."""
+    text = text.strip().strip('[]()').replace(' ', '')
+    if 'x' in text and ',' not in text:
+        value, count = text.split('x')
+        return [int(value)] * int(count)
+    return [int(v) for v in text.split(',') if v]
+
+
+def _parse_bool(text):
+    low = str(text).lower()
+    if low in ('1', 'true', 'yes', 'on'):
+        return True
+    if low in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+def parse_config(defaults, argv=None, description='', aliases=None, helps=None, choices=None):
+    """Build a command line from a dict of hyperparameters (name -> default value).
+
+    Each name becomes `--name` (and `--name-with-dashes`). A boolean that defaults to False is a plain
+    flag (`--synthetic`); any boolean also accepts `--name true|false`. Lists of ints accept '5,5,5',
+    '[2,3,4]' or '5x20'. Returns (config namespace, set of names given on the command line).
+    """
+    aliases, helps, choices = aliases or {}, helps or {}, choices or {}
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default in defaults.items():
+        flags = [f'--{name}']
+        if '_' in name:
+            flags.append(f'--{name.replace("_", "-")}')
+        flags += aliases.get(name, [])
+        kw = dict(dest=name, default=default, help=helps.get(name, ' '))
+        if name in choices:
+            kw['choices'] = choices[name]
+        if isinstance(default, bool):
+            kw.update(type=_parse_bool, nargs='?', const=True, metavar='BOOL')
+        elif isinstance(default, list):
+            kw.update(type=_parse_int_list, metavar='LIST')
+        elif isinstance(default, int):
+            kw.update(type=int)
+        elif isinstance(default, float):
+            kw.update(type=float)
+        else:
+            kw.update(type=str)
+        parser.add_argument(*flags, **kw)
+    args = parser.parse_args(argv)
+    # Which names did the user type? Parse again with every default suppressed.
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.dest != 'help':
+            probe.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
+                               type=action.type, nargs=action.nargs, const=action.const)
+    given = set(vars(probe.parse_known_args(argv)[0]))
+    return args, given
+
+
+def hyperparameters(namespace, first, last):
+    """The plain values defined in a script between the names `first` and `last` (inclusive)."""
+    keys = list(namespace)
+    block = keys[keys.index(first):keys.index(last) + 1]
+    return {k: namespace[k] for k in block if not k.startswith('_')}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeding and devices
+# ----------------------------------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name='auto'):
+    """'auto' -> cuda, else mps, else cpu. Anything torch.device accepts is allowed ('cuda:1')."""
+    if name in (None, '', 'auto'):
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'device {name!r} was asked for but this PyTorch sees no CUDA GPU; '
+                        'use --device cpu (or auto).')
+    if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        raise UserError(f'device {name!r} was asked for but MPS is not available here; use --device cpu.')
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbones
+# ----------------------------------------------------------------------------------------------------
+
+def scaled(channels, width):
+    return max(1, int(round(channels * width)))
+
+
+class VGG16(nn.Module):
+    """The VGG-16 with batch norm of the MAXL code: five blocks of 2-2-3-3-3 conv3x3-BN-ReLU, each
+    closed by a 2x2 max-pool, then one Linear-ReLU-Linear head per task.
+
+    `heads` maps head names to class counts, e.g. {'classifier': 20} (Single, the label generator) or
+    {'classifier1': 20, 'classifier2': 100} (Human, MAXL's multi-task network). forward() returns the
+    heads' logits in that order (a tensor if there is one head, else a tuple); the softmax of the
+    original heads is applied by the caller. At width 1 the parameter names and shapes equal the
+    original's (block1.0.weight, ..., classifier1.2.bias), so its state_dicts load.
+    `init` is 'xavier_uniform' (the multi-task networks) or 'xavier_normal' (the label generator).
+    """
+
+    def __init__(self, heads, width=1.0, init='xavier_uniform'):
+        super().__init__()
+        filters = [scaled(c, width) for c in (64, 128, 256, 512, 512)]
+        convs = [2, 2, 3, 3, 3]
+        in_ch = 3
+        for b, (out_ch, n) in enumerate(zip(filters, convs), start=1):
+            layers = []
+            for i in range(n):
+                layers += [nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, kernel_size=3, padding=1),
+                           nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            setattr(self, f'block{b}', nn.Sequential(*layers))
+            in_ch = out_ch
+        self.head_names = list(heads)
+        for name, n_classes in heads.items():
+            setattr(self, name, nn.Sequential(nn.Linear(filters[-1], filters[-1]), nn.ReLU(inplace=True),
+                                              nn.Linear(filters[-1], n_classes)))
+        weight_init = {'xavier_uniform': nn.init.xavier_uniform_, 'xavier_normal': nn.init.xavier_normal_}[init]
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                weight_init(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        for b in range(1, 6):
+            x = getattr(self, f'block{b}')(x)
+        return x.flatten(1)
+
+    def forward(self, x):
+        h = self.features(x)
+        out = tuple(getattr(self, name)(h) for name in self.head_names)
+        return out[0] if len(out) == 1 else out
+
+
+def head_parameter_names(model):
+    """Names of the task-specific (head) parameters of a VGG16; the rest is the shared trunk."""
+    return {n for n, _ in model.named_parameters() if n.split('.')[0] in model.head_names}
+
+
+# ---- CIFAR ResNets (SLA) ----
+
+
+# ---- ConvLarge (MetaSemi) ----
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses of the MAXL code (all on probabilities, as the original)
+# ----------------------------------------------------------------------------------------------------
+
+def focal_loss(probs, target):
+    """Per-sample focal-style loss of MAXL: -sum_c t_c (1 - p_c)^2 log(p_c + 1e-20).
+
+    `target` is either class indices (one-hot targets) or a soft target of the same shape as probs.
+    """
+    if target.dtype in (torch.int64, torch.int32):
+        logp = torch.log(probs.gather(1, target[:, None]) + 1e-20)
+        p = probs.gather(1, target[:, None])
+        return (-(1 - p) ** 2 * logp).squeeze(1)
+    return torch.sum(-target * (1 - probs) ** 2 * torch.log(probs + 1e-20), dim=1)
+
+
+def entropy_loss(probs):
+    """Negative entropy of the batch-mean prediction, sum_c pbar_c log(pbar_c + 1e-20) (MAXL's regulariser;
+    minimising it spreads the generated labels over all auxiliary classes)."""
+    mean = probs.mean(dim=0)
+    return torch.sum(mean * torch.log(mean + 1e-20))
+
+
+def psi_mask(psi, device=None, dtype=torch.float32):
+    """[len(psi), sum(psi)] mask: 1 on each primary class's auxiliary group, 1e-8 elsewhere (as the original)."""
+    mask = torch.full((len(psi), int(sum(psi))), 1e-8, dtype=dtype, device=device)
+    start = 0
+    for i, n in enumerate(psi):
+        mask[i, start:start + n] = 1.0
+        start += n
+    return mask
+
+
+def masked_softmax(logits, primary, psi_mask_):
+    """MAXL's masked softmax exp(x) m / sum(exp(x) m), m = psi_mask[primary], computed stably as
+    softmax(x + log m): equal to the original formula, but without overflow for large logits."""
+    log_mask = torch.log(psi_mask_.to(logits.dtype))[primary]
+    return torch.softmax(logits + log_mask, dim=1)
+
+
+def accuracy_count(logits_or_probs, target):
+    return (logits_or_probs.argmax(1) == target).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Meta-gradient helpers
+# ----------------------------------------------------------------------------------------------------
+
+def forward_with(model, params, x, buffers=None):
+    """Run `model` with the given parameter tensors (a dict name -> tensor) without touching its own.
+
+    Batch-norm running statistics are written into *clones* of the model's buffers, so a virtual
+    forward never moves the real statistics (torch.func.functional_call writes into what it is given).
+    """
+    if buffers is None:
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+    return functional_call(model, (params, buffers), (x,))
+
+
+def virtual_sgd_step(params, grads, optimizer):
+    """theta' = theta - lr * (momentum * buf + g + weight_decay * theta): the step the (torch.optim.SGD)
+    optimiser would take next, as new tensors (differentiable if the grads are). Nesterov and dampening
+    are not supported, as in the original MAXL code."""
+    group = optimizer.param_groups[0]
+    lr, momentum, wd = group['lr'], group.get('momentum', 0.0), group.get('weight_decay', 0.0)
+    if group.get('nesterov', False) or group.get('dampening', 0.0):
+        raise UserError('the virtual step supports plain SGD with momentum only (no nesterov, no dampening).')
+    new = {}
+    for (name, p), g in zip(params.items(), grads):
+        step = g if wd == 0 else g + wd * p
+        if momentum:
+            buf = optimizer.state.get(p, {}).get('momentum_buffer')
+            if buf is not None:
+                step = step + momentum * buf
+        new[name] = p - lr * step
+    return new
+
+
+def flat_norm(tensors):
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).to(tensors[0].dtype)
+
+
+def cosine_per_filter(grads_a, grads_b):
+    """Mean over layers of the mean cosine similarity between two gradients, taken per output filter
+    (each parameter viewed as [out, -1]), as MAXL's first-order script logs it."""
+    total = 0.0
+    for a, b in zip(grads_a, grads_b):
+        total = total + F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1).mean()
+    return total / len(grads_a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folders, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+def make_run_dir(logdir, script, run_name=''):
+    """A new, never reused folder logs/<script>/<run>/; an unwritable place is a UserError."""
+    base = os.path.join(logdir, script)
+    stamp = run_name or datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    try:
+        os.makedirs(base, exist_ok=True)
+        for k in range(1000):
+            path = os.path.join(base, stamp if k == 0 else f'{stamp}-{k}')
+            try:
+                os.makedirs(path)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f'cannot create the run folder under {base!r} ({e.strerror}); '
+                        'choose a writable place with --logdir DIR.') from None
+    raise UserError(f'too many runs named {stamp!r} under {base!r}; pick another --run_name.')
+
+
+def resolve_run_dir(resume, logdir, script):
+    """--resume takes a run folder path or a run name under logs/<script>/."""
+    for path in (resume, os.path.join(logdir, script, resume)):
+        if os.path.isfile(os.path.join(path, 'checkpoint.pt')):
+            return path
+    raise UserError(f'cannot resume {resume!r}: no checkpoint.pt in {resume!r} nor in '
+                    f'{os.path.join(logdir, script, resume)!r}. Give the run folder printed when the run '
+                    'started (logs/<script>/<run>).')
+
+
+class RunLog:
+    """Prints lines and appends them to log.txt; writes per-epoch metrics to metrics.csv."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.log_path = os.path.join(run_dir, 'log.txt')
+        self.csv_path = os.path.join(run_dir, 'metrics.csv')
+
+    def print(self, line):
+        print(line, flush=True)
+        with open(self.log_path, 'a') as f:
+            f.write(line + '\n')
+
+    def metrics(self, row):
+        new = not os.path.exists(self.csv_path)
+        with open(self.csv_path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def save_config(self, config):
+        atomic_write_text(os.path.join(self.run_dir, 'config.json'), json.dumps(config, indent=2, sort_keys=True))
+
+
+def atomic_write_text(path, text):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(path, **state):
+    """Atomic: written to a temporary file, then renamed over the old one (never a half-written file)."""
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device='cpu'):
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f'cannot read checkpoint {path!r} ({type(e).__name__}: {e}); '
+                        'point --resume at a run folder written by this code.') from None
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+        self.start = time.perf_counter()
+
+    def lap(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
+class Run:
+    """One training run: resolved hyperparameters, device, run folder, log, checkpoint and resume.
+
+    A new run gets a new folder logs/<script>/<run>/ (config.json, log.txt, metrics.csv, checkpoint.pt).
+    `--resume RUN` reopens that folder: the saved hyperparameters are used, except those typed on this
+    command line (so `--resume RUN --epochs 300` extends a run), and restore() hands back the state.
+    """
+
+    CHECKPOINT = 'checkpoint.pt'
+
+    def __init__(self, script, defaults, argv=None, description='', validate=None, **parse_kw):
+        cfg, given = parse_config(defaults, argv, description, **parse_kw)
+        self.resuming = bool(cfg.resume)
+        if self.resuming:
+            self.dir = resolve_run_dir(cfg.resume, cfg.logdir, script)
+            with open(os.path.join(self.dir, 'config.json')) as f:
+                saved = json.load(f)
+            merged = {k: saved.get(k, v) for k, v in vars(cfg).items()}
+            merged.update({k: getattr(cfg, k) for k in given})
+            cfg = argparse.Namespace(**merged)
+        if validate is not None:
+            validate(cfg)                       # bad values stop here, before anything is written
+        self.device = pick_device(cfg.device)
+        if not self.resuming:
+            self.dir = make_run_dir(cfg.logdir, script, getattr(cfg, 'run_name', ''))
+        self.cfg = cfg
+        self.log = RunLog(self.dir)
+        self.log.save_config({k: v for k, v in vars(cfg).items() if k != 'resume'})
+        seed_everything(cfg.seed)
+        self.log.print(f'{"resuming" if self.resuming else "run"} {self.dir} on {self.device}')
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.dir, self.CHECKPOINT)
+
+    def save(self, objects, **extra):
+        """Atomically save the state_dicts of `objects` (name -> module/optimiser/scheduler), the RNG
+        states and `extra` (epoch or step, best metric, data-stream state, ...)."""
+        save_checkpoint(self.checkpoint_path, state={k: v.state_dict() for k, v in objects.items()},
+                        rng=rng_state(), **extra)
+
+    def restore(self, objects):
+        """On --resume: load the state_dicts into `objects` and the RNG states; return the extras.
+        On a new run: return None."""
+        if not self.resuming:
+            return None
+        ckpt = load_checkpoint(self.checkpoint_path, self.device)
+        for k, obj in objects.items():
+            obj.load_state_dict(ckpt['state'][k])
+        set_rng_state(ckpt['rng'])
+        return {k: v for k, v in ckpt.items() if k not in ('state', 'rng')}
