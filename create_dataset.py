@@ -353,31 +353,41 @@ class DeviceData:
     def normalise(self, x_uint8):
         return (x_uint8.float() - self.mean) / self.std
 
-    def augment(self, x_uint8, generator, pad=4):
+    def augment(self, x_uint8, generator, pad=4, flip=True):
         b = len(x_uint8)
         offsets = torch.randint(0, 2 * pad + 1, (b, 2), device=self.device, generator=generator)
         flips = torch.rand(b, device=self.device, generator=generator) < 0.5
+        if not flip:
+            flips = torch.zeros_like(flips)
         return random_crop_flip(x_uint8, offsets, flips, pad)
 
-    def get(self, index, generator=None, augment=False):
+    def get(self, index, generator=None, augment=False, flip=True):
+        """Images `index` (normalised float, augmented if asked) and their labels."""
         x = self.images[index]
         if augment:
-            x = self.augment(x, generator)
+            x = self.augment(x, generator, flip=flip)
         return self.normalise(x), self.labels[index]
 
-    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False):
+    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=True):
+        """One pass over the split (a fresh permutation from `generator` when shuffle=True)."""
         n = len(self)
         order = (torch.randperm(n, device=self.device, generator=generator) if shuffle
                  else torch.arange(n, device=self.device))
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            yield self.get(order[start:start + batch_size], generator, augment)
+            yield self.get(order[start:start + batch_size], generator, augment, flip)
 
 
 def device_generator(device, seed):
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+# ---- label splits for SLA (validation split, samples per class) ----
+
+
+# ---- label splits for MetaSemi (class-balanced labeled / unlabeled) ----
 
 
 # ----------------------------------------------------------------------------------------------------
