@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, entropy_loss, flat_norm,
-                   focal_loss, forward_with, head_parameter_names, hyperparameters, masked_softmax, psi_mask,
-                   run_main, virtual_sgd_step)
+from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, entropy_loss, evaluate_heads,
+                   flat_norm, focal_loss, forward_with, head_parameter_names, hyperparameters, masked_softmax,
+                   psi_mask, run_main, virtual_sgd_step)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -157,19 +157,6 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
                        accuracy_count(pri_fast, y))
 
 
-@torch.no_grad()
-def evaluate(net, data, y_level, batch):
-    net.eval()
-    loss, correct = 0.0, 0
-    for x, labels in data.batches(batch):
-        pri_logits, _ = net(x)
-        y = labels[:, y_level]
-        loss += focal_loss(F.softmax(pri_logits, dim=1), y).sum()
-        correct += accuracy_count(pri_logits, y)
-    net.train()
-    return float(loss) / len(data), int(correct) / len(data)
-
-
 # ---- the run -----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -230,7 +217,7 @@ def main(argv=None):
             meta += torch.stack([stats[0] * len(x), stats[1].float(), stats[2] * len(x), stats[3].float()])
 
         # 3) test
-        test_loss, test_acc = evaluate(net, test, level, cfg.batch_size)
+        test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)
         scheduler.step(), gen_scheduler.step()
         seconds = timer.lap()
 

@@ -250,6 +250,23 @@ def accuracy_count(logits_or_probs, target):
     return (logits_or_probs.argmax(1) == target).sum()
 
 
+@torch.no_grad()
+def evaluate_heads(net, data, levels, batch_size):
+    """Eval-mode pass over `data`: [mean focal loss, accuracy] for each of the first len(levels) heads,
+    head k scored against label column levels[k]."""
+    net.eval()
+    sums = torch.zeros(2 * len(levels), device=data.device)
+    for x, labels in data.batches(batch_size):
+        outs = net(x)
+        outs = (outs,) if torch.is_tensor(outs) else outs
+        for k, level in enumerate(levels):
+            y = labels[:, level]
+            sums[2 * k] += focal_loss(F.softmax(outs[k], dim=1), y).sum()
+            sums[2 * k + 1] += accuracy_count(outs[k], y)
+    net.train()
+    return (sums / len(data)).tolist()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Meta-gradient helpers
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Human: the MAXL paper's human-labelled auxiliary baseline. A multi-task VGG-16 learns the primary task
+(level 2, 20 classes) together with the human-defined finer labels (level 3, 100 classes) of 4-level CIFAR-100.
+
+    python model_vgg_human.py                                  # the paper's setting (real CIFAR-100)
+    python model_vgg_human.py --synthetic --epochs 3 --width 0.125
+"""
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import create_dataset
+from utils import UserError, Run, Timer, VGG16, accuracy_count, evaluate_heads, focal_loss, hyperparameters, run_main
+
+# ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
+epochs = 200
+batch_size = 100
+lr = 0.01                  # plain SGD
+lr_step = 50               # the learning rate is halved every lr_step epochs
+lr_gamma = 0.5
+primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+aux_level = 3              # must refine primary_level (every auxiliary class inside one primary class)
+width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
+seed = 0
+device = 'auto'            # auto, cpu, cuda, cuda:N, mps
+synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
+download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
+data_root = 'dataset'
+logdir = 'logs'
+run_name = ''
+resume = ''                # a run folder (logs/model_vgg_human/<run>) to continue
+# ---------------------------------------------------------------------------------------------------
+HYPERPARAMETERS = hyperparameters(globals(), first='epochs', last='resume')
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
+
+
+def validate(cfg):
+    if cfg.primary_level not in range(4) or cfg.aux_level not in range(4):
+        raise UserError('primary_level and aux_level must be 0, 1, 2 or 3 (3, 10, 20, 100 classes).')
+    if cfg.aux_level <= cfg.primary_level:
+        raise UserError(f'aux_level {cfg.aux_level} does not refine primary_level {cfg.primary_level}: the auxiliary '
+                        f'labels must be a finer level of the hierarchy (a larger level number), e.g. '
+                        f'--primary_level 2 --aux_level 3.')
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
+        raise UserError('epochs, batch_size and width must be positive.')
+
+
+def check_refines(labels, primary_level, aux_level):
+    """Every auxiliary class lies inside a single primary class (checked on the data itself)."""
+    pairs = np.unique(labels[:, [aux_level, primary_level]], axis=0)
+    if len(pairs) != len(np.unique(pairs[:, 0])):
+        raise UserError(f'in this data, level {aux_level} does not refine level {primary_level} (some auxiliary '
+                        f'class appears under two primary classes); pick levels of one hierarchy.')
+
+
+def train_step(net, x, y1, y2, optimizer):
+    logits1, logits2 = net(x)
+    loss1 = focal_loss(F.softmax(logits1, dim=1), y1).mean()
+    loss2 = focal_loss(F.softmax(logits2, dim=1), y2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    (loss1 + loss2).backward()
+    optimizer.step()
+    return torch.stack([loss1.detach(), accuracy_count(logits1, y1).float() / len(x),
+                        loss2.detach(), accuracy_count(logits2, y2).float() / len(x)])
+
+
+def main(argv=None):
+    run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate)
+    cfg, dev, log = run.cfg, run.device, run.log
+    pri, aux = cfg.primary_level, cfg.aux_level
+
+    train_x, train_y = create_dataset.load_cifar100(cfg.data_root, True, cfg.synthetic, cfg.download)
+    check_refines(train_y, pri, aux)
+    train = create_dataset.DeviceData(train_x, train_y, dev, MEAN, STD)
+    test = create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, False, cfg.synthetic, cfg.download),
+                                     dev, MEAN, STD)
+
+    net = VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri], 'classifier2': create_dataset.LEVEL_CLASSES[aux]},
+                cfg.width).to(dev)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    objects = dict(net=net, optimizer=optimizer, scheduler=scheduler)
+    state = run.restore(objects) or {'epoch': -1, 'best_test_acc': 0.0, 'step': 0}
+    step = state['step']
+
+    for epoch in range(state['epoch'] + 1, cfg.epochs):
+        timer = Timer(dev)
+        data_rng = create_dataset.device_generator(dev, cfg.seed * 1_000_003 + epoch)   # the epoch's stream
+        net.train()
+        sums, n_seen = torch.zeros(4, device=dev), 0
+        for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
+            sums += train_step(net, x, labels[:, pri], labels[:, aux], optimizer) * len(x)
+            n_seen += len(x)
+            step += 1
+        test_metrics = evaluate_heads(net, test, (pri, aux), cfg.batch_size)
+        scheduler.step()
+        seconds = timer.lap()
+
+        tr = (sums / n_seen).tolist()
+        best = max(state['best_test_acc'], test_metrics[1])
+        log.print(f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr[0]:.4f} {tr[1]:.4f} '
+                  f'AUX {tr[2]:.4f} {tr[3]:.4f} || TEST [LOSS|ACC.]: PRI {test_metrics[0]:.4f} {test_metrics[1]:.4f} '
+                  f'AUX {test_metrics[2]:.4f} {test_metrics[3]:.4f} | {seconds:.1f}s')
+        log.metrics(dict(epoch=epoch, step=step, train_loss=tr[0], train_acc=tr[1], train_aux_loss=tr[2],
+                         train_aux_acc=tr[3], test_loss=test_metrics[0], test_acc=test_metrics[1],
+                         test_aux_loss=test_metrics[2], test_aux_acc=test_metrics[3], best_test_acc=best,
+                         seconds=seconds))
+        state = {'epoch': epoch, 'best_test_acc': best, 'step': step, 'test_acc': test_metrics[1]}
+        run.save(objects, **state)
+    log.print(f'done after {state["epoch"] + 1} epochs: test accuracy {state.get("test_acc", float("nan")):.4f}, '
+              f'best {state["best_test_acc"]:.4f}')
+
+
+if __name__ == '__main__':
+    run_main(main, sys.argv[1:])
