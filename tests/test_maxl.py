@@ -206,3 +206,25 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, data_root):
             assert (sa[k] is None and sb[k] is None) or torch.equal(sa[k], sb[k]), (part, k)
     assert len(rows_b) == 2 and rows_a[-1]['test_acc'] == rows_b[-1]['test_acc']
     assert a['best_test_acc'] == b['best_test_acc']
+
+
+def test_width_one_has_the_original_parameter_names_and_shapes():
+    """At width 1 an original state_dict (block{b}.{i}.*, classifier1/2.{0,2}.*) loads strictly."""
+    net = maxl.multi_task_network([5] * 20, width=1)
+    expected = {}
+    in_ch = 3
+    for b, (out_ch, n) in enumerate(zip((64, 128, 256, 512, 512), (2, 2, 3, 3, 3)), start=1):
+        for i in range(n):
+            conv, bn = f'block{b}.{3 * i}', f'block{b}.{3 * i + 1}'
+            expected[f'{conv}.weight'] = (out_ch, in_ch if i == 0 else out_ch, 3, 3)
+            expected[f'{conv}.bias'] = (out_ch,)
+            for k in ('weight', 'bias', 'running_mean', 'running_var'):
+                expected[f'{bn}.{k}'] = (out_ch,)
+            expected[f'{bn}.num_batches_tracked'] = ()
+        in_ch = out_ch
+    for head, n in (('classifier1', 20), ('classifier2', 100)):
+        expected.update({f'{head}.0.weight': (512, 512), f'{head}.0.bias': (512,),
+                         f'{head}.2.weight': (n, 512), f'{head}.2.bias': (n,)})
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert got == expected
+    net.load_state_dict({k: torch.zeros(s) for k, s in expected.items()}, strict=True)
