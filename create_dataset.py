@@ -7,6 +7,7 @@ official archive (md5-checked) into the data root.
 """
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -162,29 +163,30 @@ def _expected_md5(name, root, synthetic):
         return json.load(f)
 
 
-def load_cifar100(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
-    """(images uint8 [N,3,32,32], labels int64 [N,4]) from the official python pickles."""
+def _checked_folder(name, root, synthetic, download_missing):
+    """The folder of `name`'s files, after writing the stand-in or downloading where asked, md5-checked."""
     root = dataset_root(root, synthetic)
     if synthetic:
-        ensure_synthetic(root)
+        ensure_synthetic(root, [name])
     elif download_missing:
-        download('cifar100', root)
-    check_files('cifar100', root, _expected_md5('cifar100', root, synthetic))
-    d = _unpickle(os.path.join(root, ARCHIVES['cifar100']['folder'], 'train' if train else 'test'))
+        download(name, root)
+    check_files(name, root, _expected_md5(name, root, synthetic))
+    return os.path.join(root, ARCHIVES[name]['folder'])
+
+
+def load_cifar100(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
+    """(images uint8 [N,3,32,32], labels int64 [N,4]) from the official python pickles."""
+    folder = _checked_folder('cifar100', root, synthetic, download_missing)
+    d = _unpickle(os.path.join(folder, 'train' if train else 'test'))
     images = np.asarray(d['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return images, cifar100_hierarchy(d['coarse_labels'], d['fine_labels'])
 
 
 def load_cifar10(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
     """(images uint8 [N,3,32,32], labels int64 [N]) from the official python pickles."""
-    root = dataset_root(root, synthetic)
-    if synthetic:
-        ensure_synthetic(root)
-    elif download_missing:
-        download('cifar10', root)
-    check_files('cifar10', root, _expected_md5('cifar10', root, synthetic))
+    folder = _checked_folder('cifar10', root, synthetic, download_missing)
     names = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
-    batches = [_unpickle(os.path.join(root, ARCHIVES['cifar10']['folder'], n)) for n in names]
+    batches = [_unpickle(os.path.join(folder, n)) for n in names]
     images = np.concatenate([np.asarray(b['data'], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([np.asarray(b['labels'], dtype=np.int64) for b in batches])
     return images, labels
@@ -192,17 +194,12 @@ def load_cifar10(root=DATA_ROOT, train=True, synthetic=False, download_missing=F
 
 def load_svhn(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
     """(images uint8 [N,3,32,32], labels int64 [N], digit 0 labelled 0) from the official .mat files."""
-    root = dataset_root(root, synthetic)
-    if synthetic:
-        ensure_synthetic(root)
-    elif download_missing:
-        download('svhn', root)
-    check_files('svhn', root, _expected_md5('svhn', root, synthetic))
+    folder = _checked_folder('svhn', root, synthetic, download_missing)
     try:
         import scipy.io
     except ImportError:
         raise UserError('reading SVHN needs scipy: pip install scipy') from None
-    m = scipy.io.loadmat(os.path.join(root, 'svhn', 'train_32x32.mat' if train else 'test_32x32.mat'))
+    m = scipy.io.loadmat(os.path.join(folder, 'train_32x32.mat' if train else 'test_32x32.mat'))
     images = np.ascontiguousarray(np.transpose(m['X'], (3, 2, 0, 1))).astype(np.uint8)
     labels = m['y'].astype(np.int64).reshape(-1)
     labels[labels == 10] = 0
@@ -386,8 +383,190 @@ def device_generator(device, seed):
 
 # ---- label splits for SLA (validation split, samples per class) ----
 
+def sla_check_data(name, root, synthetic, download_missing):
+    """Cheap presence check (no md5) so a missing dataset stops a run before its folder is made; the
+    md5 check proper happens when the data is loaded."""
+    if synthetic or download_missing or name not in ARCHIVES:
+        return
+    folder = os.path.join(root, ARCHIVES[name]['folder'])
+    missing = [f for f in ARCHIVES[name]['files'] if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise UserError(_missing_message(name, root, missing))
+
+
+def sla_val_size(n_train, val_size, synthetic):
+    """Images held out for validation: val_size (the original: 5,000 of CIFAR's 50,000); the synthetic
+    stand-ins are small, so there it is at most a tenth of the training file (the original's ratio)."""
+    n_val = min(val_size, n_train // 10) if synthetic else val_size
+    if not 1 <= n_val < n_train:
+        raise UserError(f'cannot hold out {n_val} validation images from {n_train} training images: '
+                        f'choose --val-size between 1 and {n_train - 1}.')
+    return n_val
+
+
+def sla_draw_val_indices(n_train, n_val, seed):
+    """n_val distinct indices of the training file, drawn uniformly with the seed, sorted."""
+    return np.sort(np.random.default_rng([seed, 0]).permutation(n_train)[:n_val]).astype(np.int64)
+
+
+def sla_save_indices(path, indices):
+    atomic = path + '.tmp'
+    with open(atomic, 'w') as f:
+        f.write(''.join(f'{int(i)}\n' for i in indices))
+    os.replace(atomic, path)
+
+
+def sla_load_indices(path, n_train):
+    """Indices from a text file (one integer a line, as sla_save_indices writes) or a .npy file (the
+    original code's splits/<dataset>_val_idx.npy); checked: integers, distinct, within the training file."""
+    try:
+        if path.endswith('.npy'):
+            idx = np.load(path, allow_pickle=False)
+        else:
+            idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read the index file {path!r} ({e}): give a text file with one image index a '
+                        'line (like val_indices.txt in a run folder) or a .npy array of integers.') from None
+    idx = np.asarray(idx).reshape(-1)
+    if not np.issubdtype(idx.dtype, np.integer) or len(idx) == 0:
+        raise UserError(f'{path!r} must hold a non-empty list of integer image indices, got dtype {idx.dtype}.')
+    idx = idx.astype(np.int64)
+    if idx.min() < 0 or idx.max() >= n_train or len(np.unique(idx)) != len(idx):
+        raise UserError(f'{path!r} must hold distinct indices in 0..{n_train - 1} (the training file has '
+                        f'{n_train} images); it has values {idx.min()}..{idx.max()} and '
+                        f'{len(idx) - len(np.unique(idx))} repeats. Was it written for another dataset?')
+    return np.sort(idx)
+
+
+def sla_samples_per_class(indices, labels, k, seed):
+    """k images of every class, drawn with the seed from `indices` (the limited-data setting)."""
+    rng = np.random.default_rng([seed, 1])
+    picked = []
+    for c in np.unique(labels):
+        members = indices[labels[indices] == c]
+        if len(members) < k:
+            raise UserError(f'class {c} has only {len(members)} training images outside the validation split, '
+                            f'fewer than --num-samples-per-class {k}.')
+        picked.append(rng.permutation(members)[:k])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def sla_splits(labels, n_val, seed, num_samples_per_class=0, val_indices=None):
+    """(train indices, val indices) into the training file: the validation images (given, or n_val drawn
+    with the seed), the rest for training, optionally cut to num_samples_per_class per class."""
+    n = len(labels)
+    val = sla_draw_val_indices(n, n_val, seed) if val_indices is None else np.asarray(val_indices, dtype=np.int64)
+    keep = np.ones(n, dtype=bool)
+    keep[val] = False
+    train = np.flatnonzero(keep).astype(np.int64)
+    if num_samples_per_class:
+        train = sla_samples_per_class(train, np.asarray(labels), num_samples_per_class, seed)
+    return train, val
+
+
 
 # ---- label splits for MetaSemi (class-balanced labeled / unlabeled) ----
+
+# The MetaSemi code's normalisation (per-channel mean and std of each training set, in [0, 1] units).
+SEMI_NORMALISATION = {
+    'cifar10': ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
+    'cifar100': ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
+    'svhn': ((0.4376821, 0.4437697, 0.47280442), (0.19803012, 0.20101562, 0.19703614)),
+}
+
+
+def load_semi(name, root=DATA_ROOT, synthetic=False, download_missing=False):
+    """(train images, train labels, test images, test labels) with one label per image (CIFAR-100: the
+    100 fine classes). SVHN is its `train` split only (73,257 images), as the MetaSemi code."""
+    if synthetic and name == 'svhn':
+        ensure_synthetic(dataset_root(root, True), ['svhn'])      # needs scipy, as reading SVHN does
+    out = []
+    for train in (True, False):
+        x, y = load(name, root, train, synthetic, download_missing)
+        out += [x, y[:, 3] if name == 'cifar100' else y]
+    return tuple(out)
+
+
+def check_label_budget(labels, num_label, num_classes):
+    """A UserError unless num_label is a positive multiple of num_classes that leaves every class with at
+    least one unlabeled image."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    if num_label < num_classes or num_label % num_classes:
+        raise UserError(f'--num-label {num_label} must be a positive multiple of the number of classes '
+                        f'({num_classes}), so that every class gets the same number of labeled images.')
+    per_class = num_label // num_classes
+    if per_class >= counts.min():
+        raise UserError(f'--num-label {num_label} asks for {per_class} labeled images per class, but the '
+                        f'smallest class of this training set has only {counts.min()} images ({len(labels)} in '
+                        f'all) and some must stay unlabeled: use at most {num_classes * (counts.min() - 1)}.')
+
+
+def balanced_label_split(labels, num_label, seed):
+    """Class-balanced labeled / unlabeled split, drawn as the MetaSemi code draws it: shuffle the indices
+    0..N-1 with Python's random seeded by `seed`, walk the shuffled list, and take an index as labeled
+    while its class has fewer than num_label // C labeled images. Returns (labeled, unlabeled) int64
+    arrays, disjoint, together all of 0..N-1; labeled in the order drawn (the order of label_indices.txt),
+    unlabeled in increasing order."""
+    import random
+    labels = np.asarray(labels)
+    num_classes = int(labels.max()) + 1
+    order = list(range(len(labels)))
+    random.Random(seed).shuffle(order)
+    order = np.asarray(order, dtype=np.int64)
+    shuffled = labels[order]
+    take = np.zeros(len(order), dtype=bool)
+    for c in range(num_classes):
+        take[np.flatnonzero(shuffled == c)[:num_label // num_classes]] = True
+    return order[take], np.sort(order[~take])       # unlabeled in index order, as read_label_indices gives it
+
+
+def write_label_indices(path, labeled):
+    with open(path, 'w') as f:
+        f.write(''.join(f'{i}\n' for i in labeled))
+
+
+def read_label_indices(path, n_train):
+    """The labeled indices of a run's label_indices.txt and the unlabeled rest of 0..n_train-1."""
+    try:
+        labeled = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except OSError:
+        raise UserError(f'cannot read {path!r}: the run folder has no label_indices.txt.') from None
+    unlabeled = np.setdiff1d(np.arange(n_train), labeled)
+    return labeled, unlabeled
+
+
+class EndlessBatches:
+    """Batches of the dataset indices in `pool` (a device tensor) for ever: each pass over the pool is a
+    fresh permutation and a batch runs across the pass boundary, as the MetaSemi code's pre-allocated
+    index lists, without pre-allocating them. Pass k's permutation comes from (seed, k), so the state is
+    two integers (state_dict / load_state_dict continue the stream exactly)."""
+
+    def __init__(self, pool, batch_size, seed):
+        self.pool, self.batch_size, self.seed = pool, batch_size, int(seed)
+        self.load_state_dict({'passes': 0, 'position': 0})
+
+    def _permutation(self):
+        g = device_generator(self.pool.device, self.seed * 1_000_003 + self.passes)
+        return self.pool[torch.randperm(len(self.pool), generator=g, device=self.pool.device)]
+
+    def next(self):
+        parts, need = [], self.batch_size
+        while need:
+            take = min(need, len(self.pool) - self.position)
+            parts.append(self.order[self.position:self.position + take])
+            self.position, need = self.position + take, need - take
+            if self.position == len(self.pool):
+                self.passes, self.position = self.passes + 1, 0
+                self.order = self._permutation()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state_dict(self):
+        return {'passes': self.passes, 'position': self.position}
+
+    def load_state_dict(self, state):
+        self.passes, self.position = state['passes'], state['position']
+        self.order = self._permutation()
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,9 +586,7 @@ def main(argv=None):
         root = os.path.join(args.root, SYNTHETIC_DIR)
         for name in ('cifar100', 'cifar10', 'svhn'):
             if name == 'svhn':
-                try:
-                    import scipy.io  # noqa: F401
-                except ImportError:
+                if importlib.util.find_spec('scipy') is None:
                     print('skipping the synthetic svhn (needs scipy)')
                     continue
             write_synthetic(name, root)

@@ -202,8 +202,226 @@ def head_parameter_names(model):
 
 # ---- CIFAR ResNets (SLA) ----
 
+class DownsampleA(nn.Module):
+    """Option-A shortcut (He et al. 2016): keep every second row and column, then append zero channels
+    (after the real ones) up to the block's width. No parameters."""
+
+    def __init__(self, extra_channels):
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        return torch.cat([x, x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])], dim=1)
+
+
+class ResNetBasicBlock(nn.Module):
+    """Post-activation basic block: relu(shortcut(x) + bn_b(conv_b(relu(bn_a(conv_a(x))))))."""
+
+    def __init__(self, in_channels, channels, stride=1):
+        super().__init__()
+        self.conv_a = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(channels)
+        self.conv_b = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
+        self.bn_b = nn.BatchNorm2d(channels)
+        self.downsample = DownsampleA(channels - in_channels) if stride != 1 or in_channels != channels else None
+
+    def forward(self, x):
+        y = F.relu(self.bn_a(self.conv_a(x)), inplace=True)
+        y = self.bn_b(self.conv_b(y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(shortcut + y, inplace=True)
+
+
+CRESNET_DEPTHS = {f'cresnet{d}': d for d in (20, 32, 44, 56, 110)}
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of the SLA code (ResNet-20/32/44/56/110): conv3x3(16)-BN-ReLU, three stages of
+    (depth - 2) / 6 basic blocks with 16, 32, 64 channels (stages 2 and 3 start with stride 2 and the
+    option-A shortcut), global average pooling, then one linear head per entry of `heads`.
+
+    Convolutions ~ N(0, sqrt(2 / (9 * out_channels))), batch norm weight 1 / bias 0, heads with PyTorch's
+    default Linear init, as the original. At width 1 the parameter names equal the original's without
+    its DataParallel prefix (base_model.0.weight, base_model.3.0.conv_a.weight, ..., classifiers.0.weight),
+    so its state_dicts load. features() gives the pooled features; forward() the heads' logits (a tensor
+    if there is one head, else a tuple).
+    """
+
+    def __init__(self, depth, heads, width=1.0):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise UserError(f'a CIFAR ResNet needs depth 6k+2 (20, 32, 44, 56, 110), got {depth}.')
+        k = (depth - 2) // 6
+        c = scaled(16, width)                       # stages: c, 2c, 4c (exact doubling at any width)
+        stages, in_ch = [], c
+        for out_ch, stride in ((c, 1), (2 * c, 2), (4 * c, 2)):
+            blocks = [ResNetBasicBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1) for i in range(k)]
+            stages.append(nn.Sequential(*blocks))
+            in_ch = out_ch
+        self.base_model = nn.Sequential(nn.Conv2d(3, c, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(c),
+                                        nn.ReLU(inplace=True), *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = 4 * c
+        for m in self.base_model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.classifiers = nn.ModuleList(nn.Linear(self.feature_dim, n) for n in heads)
+
+    def features(self, x):
+        return self.base_model(x)
+
+    def forward(self, x):
+        h = self.features(x)
+        out = tuple(head(h) for head in self.classifiers)
+        return out[0] if len(out) == 1 else out
+
+
+def cifar_resnet(name, heads, width=1.0):
+    """'cresnet32' etc. with the given head sizes."""
+    if name not in CRESNET_DEPTHS:
+        raise UserError(f'unknown model {name!r}: choose one of {", ".join(CRESNET_DEPTHS)}.')
+    return CifarResNet(CRESNET_DEPTHS[name], heads, width)
+
+
 
 # ---- ConvLarge (MetaSemi) ----
+
+def conv_bn_lrelu(in_ch, out_ch, kernel, padding):
+    """Conv (no bias) -> BatchNorm -> LeakyReLU(0.1): one ConvLarge block."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, 1, padding, bias=False), nn.BatchNorm2d(out_ch),
+                         nn.LeakyReLU(0.1, inplace=True))
+
+
+class ConvLarge(nn.Module):
+    """The 13-layer ConvLarge of the MetaSemi code: 3x(3x3, 128) - pool - 3x(3x3, 256) - pool - 3x3 512
+    (no padding) - 1x1 256 - 1x1 128 - global average pool - linear. Each block is conv-BN-LeakyReLU(0.1);
+    with `stochastic`, channel dropout (Dropout2d, p=0.5) follows each max-pool. PyTorch default init.
+    At width 1 the parameter names and shapes are the original's (block1.0.weight, ..., classifier.0.bias),
+    so its state_dicts load; `width` scales every channel count for quick runs."""
+
+    def __init__(self, num_classes=10, width=1.0, stochastic=True):
+        super().__init__()
+        c1, c2, c3 = scaled(128, width), scaled(256, width), scaled(512, width)
+        specs = [(3, c1, 3, 1), (c1, c1, 3, 1), (c1, c1, 3, 1),
+                 (c1, c2, 3, 1), (c2, c2, 3, 1), (c2, c2, 3, 1),
+                 (c2, c3, 3, 0), (c3, c2, 1, 0), (c2, c1, 1, 0)]
+        for i, spec in enumerate(specs, start=1):
+            setattr(self, f'block{i}', conv_bn_lrelu(*spec))
+        pool = [nn.MaxPool2d(2, 2)] + ([nn.Dropout2d(0.5)] if stochastic else [])
+        self.maxpool = nn.Sequential(*pool)              # one module, used after block 3 and block 6
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(c1, num_classes))
+        self.feature_dim = c1
+
+    def features(self, x):
+        """The globally averaged 128-d feature before the classifier (the paper's Figure 3 embeds it)."""
+        for i in range(1, 10):
+            x = getattr(self, f'block{i}')(x)
+            if i in (3, 6):
+                x = self.maxpool(x)
+        return self.avg_pool(x).flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class _Shake(torch.autograd.Function):
+    """Shake-shake mixing: forward a*g + b*(1-g) with a per-sample gate g ~ U(0,1) in training (0.5 in
+    eval); backward with a fresh, independent U(0,1) gate, in eval mode too (as the original)."""
+
+    @staticmethod
+    def forward(ctx, a, b, training):
+        shape = (a.shape[0],) + (1,) * (a.dim() - 1)
+        gate = torch.rand(shape, dtype=a.dtype, device=a.device) if training else a.new_full(shape, 0.5)
+        return a * gate + b * (1 - gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate = torch.rand((grad.shape[0],) + (1,) * (grad.dim() - 1), dtype=grad.dtype, device=grad.device)
+        return grad * gate, grad * (1 - gate), None
+
+
+class ShiftConvDownsample(nn.Module):
+    """Stride-2 shortcut: the two diagonal pixel sub-grids side by side, ReLU, grouped 1x1 conv, BN."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(2 * in_ch, out_ch, kernel_size=1, groups=2)
+        self.bn = nn.BatchNorm2d(out_ch)
+
+    def forward(self, x):
+        x = torch.cat((x[:, :, 0::2, 0::2], x[:, :, 1::2, 1::2]), dim=1)
+        return self.bn(self.conv(self.relu(x)))
+
+
+class ShakeShakeBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, stride=1, downsample=None):
+        super().__init__()
+        for branch in 'ab':
+            setattr(self, f'conv_{branch}1', nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False))
+            setattr(self, f'bn_{branch}1', nn.BatchNorm2d(out_ch))
+            setattr(self, f'conv_{branch}2', nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False))
+            setattr(self, f'bn_{branch}2', nn.BatchNorm2d(out_ch))
+        self.downsample = downsample
+
+    def branch(self, x, name):
+        h = getattr(self, f'bn_{name}1')(getattr(self, f'conv_{name}1')(F.relu(x)))
+        return getattr(self, f'bn_{name}2')(getattr(self, f'conv_{name}2')(F.relu(h)))
+
+    def forward(self, x):
+        mixed = _Shake.apply(self.branch(x, 'a'), self.branch(x, 'b'), self.training)
+        return (x if self.downsample is None else self.downsample(x)) + mixed
+
+
+class ShakeShake26(nn.Module):
+    """Shake-shake-26 2x96d with shift-conv downsampling (the MetaSemi code's second architecture):
+    conv3x3 stem (16), three stages of 4 shake-shake blocks (96, 192, 384 channels; stride 2 at stages
+    2 and 3), 8x8 average pool, linear. Conv init N(0, sqrt(2 / (k*k*out))). Names match the original's."""
+
+    def __init__(self, num_classes=10, width=1.0):
+        super().__init__()
+        stem, ch = scaled(16, width), scaled(96, width)
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        in_ch = stem
+        for i, (out_ch, stride) in enumerate(((ch, 1), (2 * ch, 2), (4 * ch, 2)), start=1):
+            if stride == 1 and in_ch != out_ch:
+                down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            else:
+                down = ShiftConvDownsample(in_ch, out_ch) if stride == 2 else None
+            blocks = [ShakeShakeBlock(in_ch, out_ch, stride, down)] + [ShakeShakeBlock(out_ch, out_ch) for _ in range(3)]
+            setattr(self, f'layer{i}', nn.Sequential(*blocks))
+            in_ch = out_ch
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(in_ch, num_classes)
+        self.feature_dim = in_ch
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.avgpool(x).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def semi_network(architecture, num_classes, width=1.0):
+    """'convlarge' or 'shakeshake' (shake-shake-26), as the MetaSemi code's -a."""
+    if architecture == 'convlarge':
+        return ConvLarge(num_classes, width)
+    if architecture == 'shakeshake':
+        return ShakeShake26(num_classes, width)
+    raise UserError(f'unknown architecture {architecture!r}: use convlarge or shakeshake.')
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,6 +555,18 @@ def make_run_dir(logdir, script, run_name=''):
     raise UserError(f'too many runs named {stamp!r} under {base!r}; pick another --run_name.')
 
 
+def open_run_dir(path):
+    """A run folder named by the user (created if missing); one that already holds a run is refused."""
+    if os.path.isfile(os.path.join(path, Run.CHECKPOINT)):
+        raise UserError(f'{path!r} already holds a run (it has a {Run.CHECKPOINT}): continue it with '
+                        f'--resume {path}, or choose another folder.')
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create the run folder {path!r} ({e.strerror}); choose a writable place.') from None
+    return path
+
+
 def resolve_run_dir(resume, logdir, script):
     """--resume takes a run folder path or a run name under logs/<script>/."""
     for path in (resume, os.path.join(logdir, script, resume)):
@@ -389,9 +619,9 @@ def rng_state():
 def set_rng_state(state):
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
+    torch.set_rng_state(state['torch'].cpu())       # a checkpoint loaded onto the device moved these
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 def save_checkpoint(path, **state):
@@ -432,7 +662,9 @@ class Run:
 
     CHECKPOINT = 'checkpoint.pt'
 
-    def __init__(self, script, defaults, argv=None, description='', validate=None, **parse_kw):
+    def __init__(self, script, defaults, argv=None, description='', validate=None, dir_key=None, **parse_kw):
+        # dir_key (optional): name of a hyperparameter that, when non-empty, is the run folder itself
+        # instead of logs/<script>/<run> (MetaSemi's --save-path).
         cfg, given = parse_config(defaults, argv, description, **parse_kw)
         self.resuming = bool(cfg.resume)
         if self.resuming:
@@ -446,7 +678,9 @@ class Run:
             validate(cfg)                       # bad values stop here, before anything is written
         self.device = pick_device(cfg.device)
         if not self.resuming:
-            self.dir = make_run_dir(cfg.logdir, script, getattr(cfg, 'run_name', ''))
+            chosen = getattr(cfg, dir_key, '') if dir_key else ''
+            self.dir = (open_run_dir(chosen) if chosen else
+                        make_run_dir(cfg.logdir, script, getattr(cfg, 'run_name', '')))
         self.cfg = cfg
         self.log = RunLog(self.dir)
         self.log.save_config({k: v for k, v in vars(cfg).items() if k != 'resume'})

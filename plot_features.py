@@ -1,0 +1,125 @@
+"""MetaSemi's Figure 3: the features of a trained run's labeled, unlabeled and test images (the global
+average pool before the classifier) embedded in 2-D and drawn as a PNG of four panels: labeled,
+unlabeled and test points coloured by class, then the three splits together (unlabeled blue, test grey,
+labeled red on top). The 2-D points are also saved next to the PNG (.npz).
+
+Optional extra, never needed for training: pip install matplotlib scikit-learn (t-SNE; --method pca
+needs matplotlib only).
+
+    python plot_features.py results/svhn                                   # model_best.pt, t-SNE
+    python plot_features.py logs/train_meta_semi/RUN --checkpoint checkpoint.pt --method pca --num-point 1000
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import create_dataset
+from utils import UserError, load_checkpoint, pick_device, run_main, semi_network
+
+# the original's class colours (10 classes); more classes use a colour map
+COLOURS = ['lightcoral', 'darkgreen', 'cadetblue', 'darkorange', 'peru', 'cornflowerblue', 'khaki', 'magenta',
+           'gray', 'slategrey']
+
+
+def import_plotting(method):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError('the feature picture needs matplotlib: pip install matplotlib scikit-learn '
+                        '(an optional extra; training does not need it).') from None
+    tsne = None
+    if method == 'tsne':
+        try:
+            from sklearn.manifold import TSNE as tsne
+        except ImportError:
+            raise UserError('t-SNE needs scikit-learn: pip install scikit-learn, or use --method pca.') from None
+    return plt, tsne
+
+
+@torch.no_grad()
+def features(model, data, index, batch=500):
+    out = [model.features(data.get(index[i:i + batch])[0]) for i in range(0, len(index), batch)]
+    return torch.cat(out).cpu().numpy()
+
+
+def embed(points, method, tsne, seed):
+    if method == 'pca':
+        centred = points - points.mean(0)
+        return centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+    return tsne(n_components=2, init='pca', random_state=seed).fit_transform(points)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('run', help='the run folder (its --save-path, or logs/train_meta_semi/<run>)')
+    p.add_argument('--checkpoint', default='model_best.pt', help='file in the run folder: model_best.pt or checkpoint.pt')
+    p.add_argument('--num-point', type=int, default=5000, help='unlabeled and test points kept (0: all); '
+                   'every labeled point is kept')
+    p.add_argument('--method', choices=['tsne', 'pca'], default='tsne')
+    p.add_argument('--out', default='', help='PNG path (default: <run>/features_<method>.png)')
+    p.add_argument('--data-path', default='', help="data root (default: the run's)")
+    p.add_argument('--device', default='auto')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    plt, tsne = import_plotting(args.method)
+    paths = {k: os.path.join(args.run, k) for k in ('config.json', args.checkpoint, 'label_indices.txt')}
+    missing = [k for k, v in paths.items() if not os.path.isfile(v)]
+    if missing:
+        raise UserError(f'{args.run!r} is not a finished train_meta_semi run folder: {", ".join(missing)} missing.')
+    with open(paths['config.json']) as f:
+        cfg = json.load(f)
+    device = pick_device(args.device)
+
+    train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_path'],
+                                                               cfg['synthetic'])
+    mean, std = create_dataset.SEMI_NORMALISATION[cfg['dataset']]
+    train = create_dataset.DeviceData(train_x, train_y, device, mean, std)
+    test = create_dataset.DeviceData(test_x, test_y, device, mean, std)
+    labeled, unlabeled = create_dataset.read_label_indices(paths['label_indices.txt'], len(train))
+    rng = np.random.default_rng(args.seed)
+    pick = lambda idx: np.sort(rng.choice(idx, args.num_point, replace=False)) if 0 < args.num_point < len(idx) else idx
+    splits = {'labeled': labeled, 'unlabeled': pick(unlabeled), 'test': pick(np.arange(len(test)))}
+    print(f'# data: {len(train)}, labeled: {len(labeled)}, unlabeled: {len(unlabeled)}; embedding '
+          + ', '.join(f'{len(v)} {k}' for k, v in splits.items()), flush=True)
+
+    num_classes = create_dataset.NUM_CLASSES[cfg['dataset']]
+    model = semi_network(cfg['architecture'], num_classes, cfg['width']).to(device)
+    model.load_state_dict(load_checkpoint(paths[args.checkpoint], device)['state']['model'])
+    model.eval()
+    feats, classes = [], []
+    for name, idx in splits.items():
+        data = test if name == 'test' else train
+        index = torch.as_tensor(idx, device=device)
+        feats.append(features(model, data, index))
+        classes.append(data.labels[index].cpu().numpy())
+    xy = embed(np.concatenate(feats), args.method, tsne, args.seed)
+    parts = np.split(xy, np.cumsum([len(f) for f in feats])[:-1])
+
+    out = args.out or os.path.join(args.run, f'features_{args.method}.png')
+    np.savez(os.path.splitext(out)[0] + '.npz', **{k: v for k, v in zip(splits, parts)},
+             **{f'{k}_class': c for k, c in zip(splits, classes)})
+    colours = (np.array(COLOURS) if num_classes <= len(COLOURS)
+               else plt.get_cmap('hsv')(np.linspace(0, 1, num_classes, endpoint=False)))
+    fig, axes = plt.subplots(1, 4, figsize=(24, 6))
+    for ax, name, pts, c in zip(axes, splits, parts, classes):
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, c=colours[c])
+        ax.set_title(f'{name} ({len(pts)})')
+    for name, colour in (('unlabeled', 'blue'), ('test', 'grey'), ('labeled', 'red')):
+        pts = parts[list(splits).index(name)]
+        axes[3].scatter(pts[:, 0], pts[:, 1], s=10, c=colour, label=name)
+    axes[3].legend(loc='best')
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    run_main(main, sys.argv[1:])

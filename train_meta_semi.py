@@ -1,0 +1,321 @@
+"""MetaSemi: Semi-Supervised Learning with Meta-Gradient (Zhang, Xiao, Jia, Cheng, Yang; AISTATS 2021).
+
+The pseudo-labels of the unlabeled batch are chosen so that one SGD step on the unlabeled loss would
+lower the labeled loss. To first order the gradient of that one-step-ahead labeled loss with respect
+to the pseudo-labels is a Jacobian-vector product, taken by finite differences (in eval mode):
+    d   = dL_labeled/dtheta,   eps = epsilon / ||d||
+    G   = (softmax f(x_u; theta + eps d) - softmax f(x_u; theta - eps d)) / eps
+    y_u = normalise(max(0, softmax f(x_u; theta) - lr * G))
+Then one SGD step (train mode) on  L_labeled (or the mixup KL loss) + w * mean ||softmax f(x_u) - y_u||^2.
+`--baseline` trains on the labeled data only (with --mix-up: mixup against plain, un-updated pseudo-labels).
+
+    python train_meta_semi.py --dataset svhn --num-label 1000 -a convlarge --mix-up --alpha 0.1 \\
+        --save-path results/svhn --seed 7788 --weight-decay 5e-5 --gpu
+    python train_meta_semi.py --synthetic --dataset cifar10 --num-label 1000 --total-steps 300 \\
+        --warmup 50 --test-freq 100 --width 0.25
+"""
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import create_dataset
+from utils import UserError, Run, forward_with, hyperparameters, run_main, semi_network
+
+# ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
+dataset = 'cifar10'            # cifar10, cifar100 or svhn
+num_label = 4000               # labeled training images in all, the same number per class
+architecture = 'convlarge'     # -a: convlarge or shakeshake (shake-shake-26 2x96d)
+mix_up = False                 # mix labeled with unlabeled images, one-hot labels with pseudo-labels (KL loss)
+alpha = 1.0                    # mixup coefficient ~ Beta(alpha, alpha), one per sample
+weight = 1.0                   # weight of the unlabeled loss after its linear ramp over `warmup` steps
+total_steps = 400000           # training steps (one labeled + one unlabeled batch each)
+batch_size = 128               # labeled batch; the unlabeled batch has the same size
+epsilon = 1e-2                 # finite-difference radius before dividing by ||d||
+lr = 0.1                       # peak learning rate (also the pseudo-labels' step size)
+warmup = 4000                  # steps of linear lr warm-up from 0 (and of the unlabeled-weight ramp)
+gamma = 0.1                    # lr factor at each milestone
+milestones = [300000, 350000]  # steps after which the lr is multiplied by gamma
+weight_decay = 1e-4            # the paper uses 5e-5 for SVHN
+momentum = 0.9                 # SGD momentum (weight decay applies to every parameter)
+baseline = False               # labeled data only (the original train_baseline.py)
+print_freq = 100               # print a training line every N steps
+test_freq = 400                # test, keep the best accuracy and save a checkpoint every N steps
+width = 1.0                    # channel multiplier (1 = the paper's network)
+seed = 1234                    # seeds the label split, the data streams, the weights
+gpu = False                    # train on the CUDA GPU (as the original's --gpu); --device chooses explicitly
+device = 'auto'                # auto, cpu, cuda, cuda:N, mps
+synthetic = False              # train on the synthetic stand-in (dataset/synthetic)
+download = False               # fetch the official files (md5-checked) if they are missing
+data_path = 'dataset'          # data root (the official files, or synthetic/ under it)
+save_path = ''                 # the run folder; empty: logs/train_meta_semi/<date-time>
+logdir = 'logs'                # runs without --save-path go to logs/train_meta_semi/
+run_name = ''                  # name of that run folder (default: date-time)
+resume = ''                    # a run folder to continue (the --save-path, or logs/train_meta_semi/<run>)
+# ---------------------------------------------------------------------------------------------------
+HYPERPARAMETERS = hyperparameters(globals(), first='dataset', last='resume')
+
+TEST_BATCH = 100
+
+
+def comment_helps():
+    """--help texts: the comment beside each hyperparameter above."""
+    with open(os.path.abspath(__file__)) as f:
+        pairs = (line.split('#', 1) for line in f if '#' in line and ' = ' in line.split('#', 1)[0])
+        return {code.split(' = ')[0].strip(): text.strip() for code, text in pairs
+                if code.split(' = ')[0].strip() in HYPERPARAMETERS}
+
+
+def validate(cfg):
+    if cfg.gpu and cfg.device in ('', 'auto') and not torch.cuda.is_available():
+        raise UserError('--gpu asks for a CUDA GPU, but this PyTorch sees none: drop --gpu (the device is then '
+                        'chosen automatically) or add --device cpu.')
+    if min(cfg.total_steps, cfg.batch_size, cfg.print_freq, cfg.test_freq) < 1 or cfg.warmup < 0:
+        raise UserError('total_steps, batch_size, print_freq and test_freq must be positive and warmup >= 0.')
+    if cfg.lr <= 0 or cfg.width <= 0 or cfg.epsilon <= 0 or cfg.weight < 0 or cfg.gamma <= 0:
+        raise UserError('lr, width, epsilon and gamma must be positive and weight >= 0.')
+    if cfg.mix_up and cfg.alpha <= 0:
+        raise UserError(f'--alpha must be positive (mixup draws Beta(alpha, alpha)), got {cfg.alpha}.')
+    if sorted(cfg.milestones) != list(cfg.milestones):
+        raise UserError(f'--milestones must be increasing steps, got {cfg.milestones}.')
+
+
+# ---- schedules: functions of the step t (counted from 0), as the original sets them every step ----
+
+def learning_rate(t, lr, warmup, milestones, gamma):
+    """Linear warm-up from 0 over `warmup` steps, then lr * gamma^(number of milestones m with t > m)."""
+    if t < warmup:
+        return lr * t / warmup
+    return lr * gamma ** sum(t > m for m in milestones)
+
+
+def unlabeled_weight(t, weight, warmup):
+    """Linear ramp from 0 to `weight` over the warm-up (t <= warmup), then constant."""
+    return weight * t / warmup if 0 < warmup and t <= warmup else weight
+
+
+# ---- the meta step: pseudo-labels by the meta-gradient (first order, finite differences) ----
+
+def pseudo_label_gradient(model, x_l, y_l, x_u, epsilon):
+    """In eval mode: the unlabeled softmax P = softmax f(x_u; theta) and G = (P(theta + eps d) -
+    P(theta - eps d)) / eps, d = dL_labeled/dtheta over all parameters, eps = epsilon / ||d||.
+
+    G approximates 2 J d (J = dP/dtheta): the divisor is eps, not 2 eps, which folds in the factor 2
+    of the squared-distance loss, so lr * G is the gradient of the labeled loss after a virtual SGD step
+    of size lr on the unlabeled loss sum_b ||P_b - y_b||^2, taken with respect to the pseudo-labels y.
+    The perturbed networks are new tensors run through forward_with, so the model's weights and
+    batch-norm buffers are never modified. Also returns the eval-mode labeled logits and loss."""
+    model.eval()
+    params = dict(model.named_parameters())
+    logits_l = model(x_l)
+    loss_l = F.cross_entropy(logits_l, y_l)
+    d = torch.autograd.grad(loss_l, list(params.values()))
+    with torch.no_grad():
+        probs_u = F.softmax(model(x_u), dim=1)
+        eps = epsilon / torch.stack([g.norm() for g in d]).norm().clamp_min(1e-12)
+        shifted = []
+        for sign in (1.0, -1.0):
+            theta = {k: p + (sign * eps) * g for (k, p), g in zip(params.items(), d)}
+            shifted.append(F.softmax(forward_with(model, theta, x_u), dim=1))
+        grad_u = (shifted[0] - shifted[1]) / eps
+    return probs_u, grad_u, logits_l.detach(), loss_l.detach()
+
+
+def update_pseudo_labels(probs_u, grad_u, lr_now):
+    """One gradient step of size lr on the pseudo-labels, clipped at 0, rows renormalised to sum 1
+    (a row that sums to 0 stays 0, as the original)."""
+    y = (probs_u - lr_now * grad_u).clamp_min(0)
+    total = y.sum(1, keepdim=True)
+    return y / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# ---- the model update ----
+
+def supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes):
+    """Train mode. Cross-entropy on the labeled batch, or with mixup (lam: [B,1] ~ Beta(alpha, alpha))
+    KL(lam onehot + (1-lam) y_u || softmax f(lam x_l + (1-lam) x_u)), summed over classes, mean over B."""
+    if lam is None:
+        logits = model(x_l)
+        return F.cross_entropy(logits, y_l), logits
+    x_mix = lam[:, :, None, None] * x_l + (1 - lam[:, :, None, None]) * x_u
+    t_mix = lam * F.one_hot(y_l, num_classes).to(x_l.dtype) + (1 - lam) * targets_u
+    logits = model(x_mix)
+    return F.kl_div(F.log_softmax(logits, dim=1), t_mix, reduction='batchmean'), logits
+
+
+def consistency_loss(logits_u, targets_u):
+    """mean over the batch of sum over classes (softmax(z_u) - y_u)^2."""
+    return ((F.softmax(logits_u, dim=1) - targets_u) ** 2).sum(1).mean()
+
+
+def sgd_step(optimizer, loss):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def correct(logits, y):
+    return (logits.argmax(1) == y).sum().to(logits.dtype)
+
+
+@torch.no_grad()
+def evaluate(model, test):
+    """Eval mode over the whole test set: (mean cross-entropy, accuracy in percent)."""
+    model.eval()
+    sums = torch.zeros(2, device=test.device)
+    for x, y in test.batches(TEST_BATCH):
+        logits = model(x)
+        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), correct(logits, y)])
+    loss, acc = (sums / len(test)).tolist()
+    return loss, 100 * acc
+
+
+def save_best(run):
+    best = os.path.join(run.dir, 'model_best.pt')
+    shutil.copyfile(run.checkpoint_path, best + '.tmp')
+    os.replace(best + '.tmp', best)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    data = {}
+
+    def check(cfg):                       # values, then the data files and the label budget: before any writing
+        validate(cfg)
+        data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_path, cfg.synthetic, cfg.download)
+        create_dataset.check_label_budget(data['arrays'][1], cfg.num_label, create_dataset.NUM_CLASSES[cfg.dataset])
+
+    run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check,
+              dir_key='save_path', aliases={'architecture': ['-a']}, helps=comment_helps(),
+              choices={'dataset': sorted(create_dataset.SEMI_NORMALISATION),
+                       'architecture': ['convlarge', 'shakeshake']})
+    cfg, dev, log = run.cfg, run.device, run.log
+    mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
+    log.print(f'MetaSemi ({mode}) with {cfg}')
+
+    # Data: the whole uint8 training and test sets on the device; crop (and flip, not for SVHN) per batch.
+    train_x, train_y, test_x, test_y = data.pop('arrays')
+    num_classes = create_dataset.NUM_CLASSES[cfg.dataset]
+    mean, std = create_dataset.SEMI_NORMALISATION[cfg.dataset]
+    train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
+    test = create_dataset.DeviceData(test_x, test_y, dev, mean, std)
+    flip = cfg.dataset != 'svhn'
+    index_file = os.path.join(run.dir, 'label_indices.txt')
+    if run.resuming:
+        labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))
+    else:
+        labeled_idx, unlabeled_idx = create_dataset.balanced_label_split(train_y, cfg.num_label, cfg.seed)
+        create_dataset.write_label_indices(index_file, labeled_idx)
+    log.print(f'{cfg.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test)} test '
+              f'images; labeled indices in {index_file}')
+    # Two independent endless streams (the labeled one cycles its small set many times more often).
+    labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), cfg.batch_size, 2 * cfg.seed)
+    unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), cfg.batch_size,
+                                              2 * cfg.seed + 1)
+    augment_rng = create_dataset.device_generator(dev, cfg.seed)
+    use_unlabeled = not cfg.baseline or cfg.mix_up
+
+    model = semi_network(cfg.architecture, num_classes, cfg.width).to(dev)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    beta = torch.distributions.Beta(torch.tensor(float(cfg.alpha), device=dev), torch.tensor(float(cfg.alpha), device=dev))
+    log.print(f'{cfg.architecture} (width {cfg.width}): {sum(p.numel() for p in model.parameters()):,} parameters')
+
+    objects = dict(model=model, optimizer=optimizer)
+    state = run.restore(objects)
+    start, best = 0, 0.0
+    if state:
+        start, best = state['step'], state['best_acc']
+        labeled.load_state_dict(state['labeled'])
+        unlabeled.load_state_dict(state['unlabeled'])
+        augment_rng.set_state(state['augment_rng'].cpu())
+        log.print(f'resumed at step {start}, best accuracy so far {best:.5f}')
+
+    B = cfg.batch_size
+    meters = torch.zeros(4, device=dev)       # sums since the last test: Lloss, Uloss, Lcorrect, Ucorrect
+    per_batch = torch.tensor([B, B, 1, 1], dtype=torch.float32, device=dev)   # losses are means: times B
+    seen, data_time, batch_time, timed = 0, 0.0, 0.0, 0
+    for t in range(start, cfg.total_steps):
+        lr_now = learning_rate(t, cfg.lr, cfg.warmup, cfg.milestones, cfg.gamma)
+        for group in optimizer.param_groups:
+            group['lr'] = lr_now
+        w = unlabeled_weight(t, cfg.weight, cfg.warmup)
+
+        tic = time.perf_counter()
+        x_l, y_l = train.get(labeled.next(), augment_rng, augment=True, flip=flip)
+        if use_unlabeled:
+            x_u, y_u = train.get(unlabeled.next(), augment_rng, augment=True, flip=flip)   # y_u: for Uacc only
+        lam = beta.sample((B, 1)) if cfg.mix_up else None
+        toc = time.perf_counter()
+
+        if not cfg.baseline:
+            # 1) meta step (eval mode): pseudo-labels moved by the finite-difference meta-gradient
+            probs_u, grad_u, logits_l_eval, loss_l_eval = pseudo_label_gradient(model, x_l, y_l, x_u, cfg.epsilon)
+            targets_u = update_pseudo_labels(probs_u, grad_u, lr_now)
+            # 2) model update (train mode): labeled or mixup loss + w * consistency with the pseudo-labels
+            model.train()
+            loss_sup, logits_sup = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
+            logits_u = model(x_u)
+            loss_u = consistency_loss(logits_u, targets_u)
+            sgd_step(optimizer, loss_sup + w * loss_u)
+            # logged as the original: with mixup the labeled loss/accuracy are the eval-mode ones of step 1
+            loss_l, logits_l = (loss_l_eval, logits_l_eval) if cfg.mix_up else (loss_sup.detach(), logits_sup)
+            step_stats = torch.stack([loss_l, loss_u.detach(), correct(logits_l, y_l), correct(logits_u, y_u)])
+        elif cfg.mix_up:
+            # mixup baseline: plain eval-mode pseudo-labels, no meta update, no consistency term
+            with torch.no_grad():
+                model.eval()
+                logits_l, logits_u = model(x_l), model(x_u)
+                targets_u = F.softmax(logits_u, dim=1)
+            model.train()
+            loss, _ = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
+            sgd_step(optimizer, loss)
+            step_stats = torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l, y_l),
+                                      correct(logits_u, y_u)])
+        else:
+            model.train()
+            loss, logits_l = supervised_loss(model, x_l, y_l, None, None, None, num_classes)
+            sgd_step(optimizer, loss)
+            step_stats = torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l.detach(), y_l),
+                                      torch.zeros_like(loss)])
+        meters += step_stats * per_batch
+        seen += B
+        data_time, batch_time, timed = data_time + toc - tic, batch_time + time.perf_counter() - toc, timed + 1
+
+        if t % cfg.print_freq == 0:          # the only host reads of the loop, besides testing
+            val = step_stats.tolist()
+            avg = (meters / seen).tolist()
+            val[2:], avg[2:] = [100 * v / B for v in val[2:]], [100 * v for v in avg[2:]]
+            times = f'Dtime: {data_time / timed:.3f} Btime: {batch_time / timed:.3f}'
+            if cfg.baseline:
+                line = (f'Step: [{t:05d}/{cfg.total_steps:05d}] {times} loss: {val[0]:.3f} (avg {avg[0]:.3f}) '
+                        f'Lacc: {val[2]:.3f} (avg {avg[2]:.3f})')
+            else:
+                line = (f'Step {t:05d} {times} Lloss: {val[0]:.3f} (avg {avg[0]:.3f}) Uloss: {val[1]:.3f} '
+                        f'(avg {avg[1]:.3f}) Lacc: {val[2]:.3f} (avg {avg[2]:.3f}) Uacc: {val[3]:.3f} (avg {avg[3]:.3f})')
+            log.print(f'{line} LR: {lr_now:.4f}')
+
+        if (t + 1) % cfg.test_freq == 0 or t + 1 == cfg.total_steps:
+            test_loss, acc = evaluate(model, test)
+            improved = acc > best
+            best = max(best, acc)
+            log.print(f' * Accuracy {acc:.5f}')
+            log.print(f'Best Accuracy: {best:.5f}')
+            avg = (meters / seen).tolist()
+            log.metrics(dict(step=t + 1, lr=lr_now, weight=w, label_loss=avg[0], unlabel_loss=avg[1],
+                             label_acc=100 * avg[2], unlabel_acc=100 * avg[3], test_loss=test_loss, test_acc=acc,
+                             best_acc=best, data_time=data_time / timed, batch_time=batch_time / timed))
+            run.save(objects, step=t + 1, best_acc=best, test_acc=acc, labeled=labeled.state_dict(),
+                     unlabeled=unlabeled.state_dict(), augment_rng=augment_rng.get_state())
+            if improved:
+                save_best(run)
+            meters.zero_()
+            seen = 0
+    log.print(f'done: {cfg.total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%)')
+
+
+if __name__ == '__main__':
+    run_main(main, sys.argv[1:])

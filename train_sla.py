@@ -1,0 +1,396 @@
+"""SLA: Self-supervised Label Augmentation (Lee, Hwang, Shin; ICML 2020) on CIFAR-10/100 with CIFAR ResNets.
+
+Every training image is shown under M self-supervised transformations (rotations, colour permutations).
+Instead of predicting the transformation as a separate task, one head learns the JOINT label
+(class c, transformation t), C*M classes, so the class is never asked to be invariant to t. At test
+time the class is read off the untransformed copy (single inference, SLA+SI), off the mean of the M
+copies' joint logits (aggregation, SLA+AG), or off a C-way head distilled from that aggregate during
+training (self-distillation, SLA+SD). Baselines: plain training, the transformations as data
+augmentation (DA), and multi-task learning with a transformation head (MT).
+
+    python train_sla.py --dataset cifar10 --datadir data/ --batchsize 128 --num-iterations 80000 \
+        --val-freq 1000 --model cresnet32 --mode sla --aug rotation           # the paper's setting
+    python train_sla.py --synthetic --num-iterations 300 --val-freq 100 --width 0.25 --mode sla+sd
+    python train_sla.py --eval-only --resume logs/train_sla/<run>   # test metrics of the best checkpoint
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import create_dataset
+from utils import CRESNET_DEPTHS, Run, Timer, UserError, cifar_resnet, hyperparameters, load_checkpoint, run_main, \
+    save_checkpoint
+
+# ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
+dataset = 'cifar10'          # cifar10 or cifar100
+datadir = 'dataset'          # data root (CIFAR python pickles); the synthetic stand-in lives in <datadir>/synthetic
+batchsize = 128              # original images per iteration; the network sees batchsize * M transformed copies
+num_iterations = 80000       # SGD steps; the learning rate drops x0.1 at 1/2 and 3/4 of them
+val_freq = 1000              # evaluate (train/val/test metrics), keep the best, checkpoint every val_freq steps
+model = 'cresnet32'          # cresnet20, cresnet32, cresnet44, cresnet56, cresnet110
+mode = 'sla'                 # baseline, da, mt, sla, sla+sd
+aug = 'rotation'             # the self-supervised transformations (see AUGMENTATIONS); ignored by baseline
+lr = 0.1
+momentum = 0.9
+wd = 1e-4                    # weight decay on every parameter (batch norm and biases included, as the original)
+T = 1.0                      # self-distillation temperature (sla+sd)
+with_large_loss = False      # multiply the transformation-averaged loss by M (the original recommends it for ImageNet)
+num_samples_per_class = 0    # > 0: train on this many images per class (limited-data setting); 0: all
+val_size = 5000              # validation images held out of the training file (synthetic: at most a tenth of it)
+val_indices = ''             # a file of validation indices to use instead of drawing them (.txt or the original's .npy)
+width = 1.0                  # channel multiplier of the ResNet (1 = the paper's)
+seed = 0
+device = 'auto'              # auto, cpu, cuda, cuda:N, mps
+synthetic = False            # train on the synthetic stand-in instead of real CIFAR
+download = False             # fetch the dataset (md5-checked) if it is not in datadir
+eval_only = False            # with --resume RUN: print the test metrics of the run's best checkpoint, no training
+logdir = 'logs'              # runs go to <logdir>/train_sla/<run>/
+run_name = ''
+resume = ''                  # a run folder (logs/train_sla/<run>) to continue from its latest checkpoint
+# ----------------------------------------------------------------------------------------------------------
+HYPERPARAMETERS = hyperparameters(globals(), first='dataset', last='resume')
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)     # the original normalisation: pixels in [-1, 1]
+MODES = ['baseline', 'da', 'mt', 'sla', 'sla+sd']
+
+HELPS = {
+    'mode': 'baseline: plain; da: transformed copies as extra data; mt: class head + transformation head; '
+            'sla: one head over (class, transformation); sla+sd: sla plus a class head self-distilled from the aggregate',
+    'aug': 'the self-supervised transformation set (t=0 is always the identity)',
+    'with_large_loss': 'multiply the joint (da/mt: transformation-averaged) loss by M',
+    'val_size': 'validation images held out of the training file; with --synthetic at most a tenth of it',
+    'val_indices': 'load the validation indices from this file (one index a line, or a .npy array) instead of '
+                   'drawing them with the seed',
+    'eval_only': 'with --resume RUN: evaluate the best checkpoint of RUN on the test set and stop',
+    'resume': 'run folder (or run name) to continue from its latest checkpoint',
+}
+
+
+# ---- the self-supervised transformations ---------------------------------------------------------------
+
+IDENTITY = ((0, 1, 2),)
+CYCLIC = ((0, 1, 2), (1, 2, 0), (2, 0, 1))
+ALL_PERMUTATIONS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+# name: (quarter turns, colour permutations). Transformation t = (rotation index) * P + (permutation index),
+# P = the number of permutations: rotation outer, colour inner, as the original; t = 0 is the identity.
+# A quarter turn is torch.rot90 over (H, W); permutation (a, b, c) makes channels (R, G, B) = (in[a], in[b], in[c]).
+AUGMENTATIONS = {
+    'rotation': ((0, 1, 2, 3), IDENTITY),
+    'rotation2': ((0, 2), IDENTITY),
+    'color_perm': ((0,), ALL_PERMUTATIONS),
+    'color_perm3': ((0,), CYCLIC),
+    'rot_color_perm6': ((0, 2), CYCLIC),
+    'rot_color_perm12': ((0, 1, 2, 3), CYCLIC),
+    'rot_color_perm24': ((0, 1, 2, 3), ALL_PERMUTATIONS),
+}
+
+
+class Transformations:
+    """x [B,3,H,W] -> [B*M,3,H,W], image-major: row b*M + t is image b under transformation t.
+    Tensor ops on the device (one channel gather, one rot90 per rotation), no per-image Python."""
+
+    def __init__(self, name, device):
+        self.name = name
+        self.rotations, perms = AUGMENTATIONS[name]
+        self.M = len(self.rotations) * len(perms)
+        self.perms = None if perms == IDENTITY else torch.tensor(perms, device=device)
+
+    def __call__(self, x):
+        copies = x[:, None] if self.perms is None else x[:, self.perms]           # [B, P, 3, H, W]
+        copies = torch.stack([torch.rot90(copies, k, dims=(3, 4)) if k else copies for k in self.rotations], 1)
+        return copies.flatten(0, 2)                                                # [B*R*P, 3, H, W]
+
+
+def joint_labels(y, M):
+    """Joint label of image b under transformation t: y_b * M + t, in the image-major order of the copies."""
+    return (y[:, None] * M + torch.arange(M, device=y.device)).flatten()
+
+
+def split_joint(joint, M):
+    """Inverse of joint_labels: (class, transformation) = (joint // M, joint % M)."""
+    return joint // M, joint % M
+
+
+# ---- reading class predictions off the joint head --------------------------------------------------------
+
+def single_logits(joint_logits, M):
+    """SLA+SI: the untransformed copy's logits of (class c, transformation 0): [B*M, C*M] -> [B, C]."""
+    return joint_logits.view(joint_logits.shape[0] // M, M, -1, M)[:, 0, :, 0]
+
+
+def aggregated_logits(joint_logits, M):
+    """SLA+AG: (1/M) sum_t  copy t's logit of (class c, transformation t) -> [B, C]. The mean of raw
+    logits (the original's aggregation), i.e. the normalised product of the M per-copy distributions."""
+    z = joint_logits.view(joint_logits.shape[0] // M, M, -1, M)                  # [b, t, c, t']
+    return z.diagonal(dim1=1, dim2=3).mean(-1)                                    # t' = t, mean over t
+
+
+def self_distillation_loss(student_logits, teacher_logits, T):
+    """T^2 * KL( softmax(teacher / T) || softmax(student / T) ), mean over the batch. The teacher (the
+    aggregated joint prediction) is detached: this term trains the student head only."""
+    return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits.detach() / T, dim=1),
+                    reduction='batchmean') * T * T
+
+
+# ---- the network and the five objectives -----------------------------------------------------------------
+
+def build_model(name, mode, n_classes, M, width):
+    """Shared ResNet trunk with the heads of `mode`: baseline/da [C], mt [C, M], sla [C*M], sla+sd [C*M, C]."""
+    heads = {'baseline': [n_classes], 'da': [n_classes], 'mt': [n_classes, M],
+             'sla': [n_classes * M], 'sla+sd': [n_classes * M, n_classes]}[mode]
+    return cifar_resnet(name, heads, width)
+
+
+METRICS = {        # per mode, in print order; total_* are over the B*M copies (joint labels for sla, sla+sd)
+    'baseline': ['single_loss', 'single_acc'],
+    'da': ['total_loss', 'total_acc', 'single_loss', 'single_acc', 'agg_loss', 'agg_acc'],
+    'mt': ['total_loss', 'total_acc', 'trans_loss', 'trans_acc', 'single_loss', 'single_acc', 'agg_loss', 'agg_acc'],
+    'sla': ['total_loss', 'total_acc', 'single_loss', 'single_acc', 'agg_loss', 'agg_acc'],
+    'sla+sd': ['total_loss', 'total_acc', 'single_loss', 'single_acc', 'agg_loss', 'agg_acc'],
+}
+
+
+def hits(logits, target):
+    return (logits.argmax(1) == target).sum().float()
+
+
+def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
+    """The loss of `mode` on B images and its metrics as sums over the B images (a metric = sum / images).
+
+    baseline  CE(f(x), y)
+    da        mean over the B*M copies of CE(f(t(x)), y)                            (transformations as data)
+    mt        mean over copies of CE(u(t(x)), y) + CE(v(t(x)), t)                   (class head u, transformation head v)
+    sla       mean over copies of CE(z(t(x)), y*M + t)                              (joint head z)
+    sla+sd    sla + CE(s(x), y) + T^2 KL(softmax(agg/T) || softmax(s(x)/T))        (class head s, teacher = aggregate)
+    With large_loss the transformation-averaged term is multiplied by M (a sum over transformations).
+    single_* scores the untransformed copy, agg_* the mean of the copies' logits (both C-way).
+    """
+    B = len(y)
+    if mode == 'baseline':
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {'single_loss': loss.detach() * B, 'single_acc': hits(logits, y)}
+    M = tf.M
+    scale = M if large_loss else 1
+    h = model.features(tf(x))                                  # features of the B*M copies, image-major
+    m = {}
+    if mode in ('da', 'mt'):
+        logits = model.classifiers[0](h)                       # class head on every copy
+        y_copies = y.repeat_interleave(M)
+        loss = F.cross_entropy(logits, y_copies) * scale
+        m['total_acc'] = hits(logits, y_copies) / M
+        if mode == 'mt':
+            t = torch.arange(M, device=y.device).repeat(B)
+            trans_logits = model.classifiers[1](h)             # transformation head on every copy
+            trans_loss = F.cross_entropy(trans_logits, t) * scale
+            loss = loss + trans_loss
+            m['trans_loss'], m['trans_acc'] = trans_loss.detach() * B, hits(trans_logits, t) / M
+        single, agg = logits[0::M], logits.view(B, M, -1).mean(1)
+    else:
+        joint = model.classifiers[0](h)                        # [B*M, C*M]
+        target = joint_labels(y, M)
+        loss = F.cross_entropy(joint, target) * scale
+        m['total_acc'] = hits(joint, target) / M
+        single, agg = single_logits(joint, M), aggregated_logits(joint, M)
+        if mode == 'sla+sd':
+            single = model.classifiers[1](h[0::M])             # C-way head on the untransformed copy
+            loss = loss + F.cross_entropy(single, y) + self_distillation_loss(single, agg, T)
+    single, agg = single.detach(), agg.detach()
+    m['total_loss'] = loss.detach() * B
+    m['single_loss'] = F.cross_entropy(single, y, reduction='sum')
+    m['single_acc'] = hits(single, y)
+    m['agg_loss'] = F.cross_entropy(agg, y, reduction='sum')
+    m['agg_acc'] = hits(agg, y)
+    return loss, m
+
+
+@torch.no_grad()
+def evaluate(model, data, mode, tf, batch_size, T=1.0, large_loss=False):
+    """Eval-mode pass over a split (every test image under all M transformations); metric means per image."""
+    model.eval()
+    names = METRICS[mode]
+    sums = torch.zeros(len(names), device=data.device)
+    for x, y in data.batches(batch_size):
+        _, m = objective(model, x, y, mode, tf, T, large_loss)
+        sums += torch.stack([m[k] for k in names])
+    model.train()
+    return dict(zip(names, (sums / len(data)).tolist()))
+
+
+def line(iteration, split, metrics):
+    return f'[iteration {iteration}] [{split}] ' + ' '.join(f'[{k} {v:.4f}]' for k, v in metrics.items())
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+def validate(cfg):
+    if cfg.dataset not in ('cifar10', 'cifar100'):
+        raise UserError(f'unknown dataset {cfg.dataset!r}: this script trains on cifar10 or cifar100.')
+    if cfg.mode not in MODES:
+        raise UserError(f'unknown mode {cfg.mode!r}: choose one of {", ".join(MODES)}.')
+    if cfg.mode != 'baseline' and cfg.aug not in AUGMENTATIONS:
+        raise UserError(f'--mode {cfg.mode} needs a transformation set: --aug {" | ".join(AUGMENTATIONS)}.')
+    if cfg.model not in CRESNET_DEPTHS:
+        raise UserError(f'unknown model {cfg.model!r}: choose one of {", ".join(CRESNET_DEPTHS)}.')
+    if min(cfg.batchsize, cfg.num_iterations, cfg.val_freq, cfg.val_size) < 1 or cfg.num_samples_per_class < 0:
+        raise UserError('batchsize, num_iterations, val_freq and val_size must be positive, '
+                        'num_samples_per_class >= 0 (0 = all images).')
+    if cfg.lr <= 0 or cfg.wd < 0 or cfg.T <= 0 or cfg.width <= 0 or not 0 <= cfg.momentum < 1:
+        raise UserError('need lr > 0, wd >= 0, T > 0, width > 0 and 0 <= momentum < 1.')
+    if cfg.eval_only and not cfg.resume:
+        raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
+    n_classes = create_dataset.NUM_CLASSES[cfg.dataset]
+    if cfg.num_samples_per_class and cfg.num_samples_per_class * n_classes < cfg.batchsize:
+        raise UserError(f'--num-samples-per-class {cfg.num_samples_per_class} leaves '
+                        f'{cfg.num_samples_per_class * n_classes} training images, fewer than --batchsize '
+                        f'{cfg.batchsize} (a batch holds distinct images): lower --batchsize.')
+    if cfg.val_indices and not os.path.isfile(cfg.val_indices):
+        raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
+    create_dataset.sla_check_data(cfg.dataset, cfg.datadir, cfg.synthetic, cfg.download)
+
+
+def load_split(cfg, train):
+    images, labels = create_dataset.load(cfg.dataset, cfg.datadir, train, cfg.synthetic, cfg.download)
+    return images, (labels[:, 3] if cfg.dataset == 'cifar100' else labels)     # CIFAR-100: the 100 fine classes
+
+
+def split_indices(cfg, run_dir, labels):
+    """Train / val indices into the training file. A new run draws the validation images with the seed
+    (or loads --val-indices) and writes them to the run folder; a resumed run reads them back from there."""
+    n = len(labels)
+    val_file, train_file = os.path.join(run_dir, 'val_indices.txt'), os.path.join(run_dir, 'train_indices.txt')
+    if os.path.isfile(val_file):
+        val = create_dataset.sla_load_indices(val_file, n)
+    elif cfg.val_indices:
+        val = create_dataset.sla_load_indices(cfg.val_indices, n)
+    else:
+        val = create_dataset.sla_draw_val_indices(n, create_dataset.sla_val_size(n, cfg.val_size, cfg.synthetic),
+                                                  cfg.seed)
+    if len(val) >= n:
+        raise UserError(f'the validation indices cover all {n} training images: nothing is left to train on.')
+    train, val = create_dataset.sla_splits(labels, len(val), cfg.seed, cfg.num_samples_per_class, val)
+    if os.path.isfile(train_file):
+        train = create_dataset.sla_load_indices(train_file, n)
+    create_dataset.sla_save_indices(val_file, val)
+    if cfg.num_samples_per_class:
+        create_dataset.sla_save_indices(train_file, train)
+    return train, val
+
+
+def main(argv=None):
+    run = Run('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, helps=HELPS,
+              choices={'dataset': ['cifar10', 'cifar100'], 'mode': MODES, 'model': list(CRESNET_DEPTHS),
+                       'aug': list(AUGMENTATIONS) + ['none']})
+    cfg, dev, log = run.cfg, run.device, run.log
+    if cfg.eval_only:     # keep the flag out of the saved config, or a later --resume would only evaluate
+        log.save_config({k: v for k, v in vars(cfg).items() if k != 'resume'} | {'eval_only': False})
+    if dev.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+    n_classes = create_dataset.NUM_CLASSES[cfg.dataset]
+    tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
+    M = tf.M if tf else 1
+    net = build_model(cfg.model, cfg.mode, n_classes, M, cfg.width).to(dev)
+    evaluate_kw = dict(mode=cfg.mode, tf=tf, batch_size=cfg.batchsize, T=cfg.T, large_loss=cfg.with_large_loss)
+    test_x, test_y = load_split(cfg, train=False)
+    test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)
+
+    # ---- evaluation only: the role of the original test.py ----
+    if cfg.eval_only:
+        path = os.path.join(run.dir, 'best.pt')
+        if not os.path.isfile(path):
+            raise UserError(f'{path} does not exist: the run has not evaluated a checkpoint yet '
+                            '(it is written at the first validation, after --val-freq iterations).')
+        best = load_checkpoint(path, dev)
+        net.load_state_dict(best['model'])
+        metrics = evaluate(net, test, **evaluate_kw)
+        log.print(line(best['iteration'], 'test', metrics) + ' (best checkpoint, eval-only)')
+        differ = {k: (v, best['test'][k]) for k, v in metrics.items() if abs(v - best['test'][k]) > 1e-4}
+        log.print('the same test metrics as logged at that iteration' if not differ else
+                  f'differs from the metrics logged at that iteration (now, then): {differ}')
+        return
+
+    # ---- data: 45,000 train / 5,000 val from the training file, the official test set ----
+    train_x, train_y = load_split(cfg, train=True)
+    train_idx, val_idx = split_indices(cfg, run.dir, train_y)
+    train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD)
+    val = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD)
+    if cfg.batchsize > len(train):
+        raise UserError(f'--batchsize {cfg.batchsize} exceeds the {len(train)} training images: lower it.')
+
+    # ---- optimiser: SGD, lr x0.1 at 1/2 and 3/4 of the iterations (stepped every iteration) ----
+    N = cfg.num_iterations
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[N // 2, 3 * N // 4], gamma=0.1)
+    data_rng = create_dataset.device_generator(dev, cfg.seed)        # batch indices, crops and flips
+    objects = dict(model=net, optimizer=optimizer, scheduler=scheduler)
+    state = run.restore(objects) or {'iteration': 0, 'best': None, 'num_iterations': N}
+    if 'data_rng' in state:
+        data_rng.set_state(state['data_rng'].cpu())
+    for group in optimizer.param_groups:       # --wd / --momentum typed with --resume take effect (lr: the schedule)
+        group['weight_decay'], group['momentum'] = cfg.wd, cfg.momentum
+    if state['num_iterations'] != N:
+        log.print(f'note: training now runs to {N} iterations; the learning-rate milestones stay those of the '
+                  f'saved run ({sorted(scheduler.milestones)})')
+    it, best = state['iteration'], state['best']
+    names = METRICS[cfg.mode]
+    n_params = sum(p.numel() for p in net.parameters())
+    log.print(f'{cfg.mode} on {cfg.dataset}{" (synthetic)" if cfg.synthetic else ""}: {cfg.model} width {cfg.width} '
+              f'({n_params:,} parameters), {"no transformations" if tf is None else f"{cfg.aug} (M={M})"}, '
+              f'{len(train)} train / {len(val)} val / {len(test)} test images, {N} iterations of {cfg.batchsize}')
+
+    # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
+    sums = torch.zeros(len(names), device=dev)
+    seen = 0
+    timer = Timer(dev)
+    net.train()
+    while it < N:
+        index = torch.randperm(len(train), device=dev, generator=data_rng)[:cfg.batchsize]
+        x, y = train.get(index, data_rng, augment=True)                       # crop (4-pixel padding) + flip
+        loss, m = objective(net, x, y, cfg.mode, tf, cfg.T, cfg.with_large_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums += torch.stack([m[k] for k in names])
+        seen += len(y)
+        it += 1
+        if it % cfg.val_freq and it != N:
+            continue
+
+        # ---- every val_freq iterations: train/val/test metrics, the best model, a checkpoint ----
+        train_seconds = timer.lap()
+        lr_now = scheduler.get_last_lr()[0]
+        metrics = {'train': dict(zip(names, (sums / seen).tolist())),
+                   'val': evaluate(net, val, **evaluate_kw), 'test': evaluate(net, test, **evaluate_kw)}
+        for split, values in metrics.items():
+            log.print(line(it, split, values))
+        if best is None or metrics['val']['single_acc'] > best['val_single_acc']:
+            best = {'iteration': it, 'val_single_acc': metrics['val']['single_acc'],
+                    'test_single_acc': metrics['test']['single_acc'], 'test_agg_acc': metrics['test'].get('agg_acc')}
+            save_checkpoint(os.path.join(run.dir, 'best.pt'), model=net.state_dict(), iteration=it,
+                            val=metrics['val'], test=metrics['test'], config=vars(cfg))
+            log.print(f'[iteration {it}] [BEST] [val {best["val_single_acc"]:.4f}] [test {best["test_single_acc"]:.4f}]'
+                      + ('' if best['test_agg_acc'] is None else f' [test agg {best["test_agg_acc"]:.4f}]'))
+        eval_seconds = timer.lap()
+        log.print(f'[iteration {it}] [lr {lr_now:g}] [{train_seconds / seen * cfg.batchsize:.3f} s/iteration] '
+                  f'[eval {eval_seconds:.1f} s]')
+        log.metrics({'iteration': it, 'lr': lr_now, 'seconds_per_iteration': train_seconds / seen * cfg.batchsize,
+                     **{f'{s}_{k}': v for s, values in metrics.items() for k, v in values.items()},
+                     'best_val_single_acc': best['val_single_acc'], 'best_test_single_acc': best['test_single_acc']})
+        run.save(objects, iteration=it, best=best, data_rng=data_rng.get_state(), num_iterations=N)
+        sums.zero_()
+        seen = 0
+        timer.lap()
+
+    if best is not None:
+        log.print(f'done: best val single_acc {best["val_single_acc"]:.4f} at iteration {best["iteration"]}, '
+                  f'test single_acc {best["test_single_acc"]:.4f}'
+                  + ('' if best['test_agg_acc'] is None else f', test agg_acc {best["test_agg_acc"]:.4f}'))
+
+
+if __name__ == '__main__':
+    run_main(main, sys.argv[1:])
