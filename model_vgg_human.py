@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import UserError, Run, Timer, VGG16, accuracy_count, evaluate_heads, focal_loss, hyperparameters, run_main
+from utils import (UserError, Run, Timer, VGG16, accuracy_count, evaluate_heads, fast_module, focal_loss,
+                   hyperparameters, run_main)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -24,6 +25,9 @@ aux_level = 3              # must refine primary_level (every auxiliary class in
 width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
 seed = 0
 device = 'auto'            # auto, cpu, cuda, cuda:N, mps
+amp = False                # fast path: bf16 autocast (off: the papers' float32)
+channels_last = False      # fast path: channels-last memory format
+compile = False            # fast path: torch.compile the forward passes
 synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
 download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
 data_root = 'dataset'
@@ -79,6 +83,7 @@ def main(argv=None):
 
     net = VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri], 'classifier2': create_dataset.LEVEL_CLASSES[aux]},
                 cfg.width).to(dev)
+    fast_module(net, dev, cfg.amp, cfg.channels_last, cfg.compile)      # opt-in; off: untouched
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     objects = dict(net=net, optimizer=optimizer, scheduler=scheduler)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, entropy_loss, evaluate_heads,
-                   flat_norm, focal_loss, forward_with, head_parameter_names, hyperparameters, masked_softmax,
-                   psi_mask, run_main, virtual_sgd_step)
+from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, eager, entropy_loss, evaluate_heads,
+                   fast_module, flat_norm, focal_loss, forward_with, head_parameter_names, hyperparameters,
+                   masked_softmax, psi_mask, run_main, virtual_sgd_step)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -35,6 +35,9 @@ cos_every = 10             # log the primary/auxiliary gradient cosine every N t
 width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
 seed = 0
 device = 'auto'            # auto, cpu, cuda, cuda:N, mps
+amp = False                # fast path: bf16 autocast (off: the papers' float32)
+channels_last = False      # fast path: channels-last memory format
+compile = False            # fast path: torch.compile the forward passes
 synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
 download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
 data_root = 'dataset'
@@ -173,6 +176,8 @@ def main(argv=None):
 
     gen = label_generator(cfg.psi, cfg.width).to(dev)
     net = multi_task_network(cfg.psi, cfg.width).to(dev)
+    for m in (gen, net):                                   # opt-in fast paths; off: untouched
+        fast_module(m, dev, cfg.amp, cfg.channels_last, cfg.compile)
     gen_optimizer = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     gen_scheduler = torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -207,7 +212,9 @@ def main(argv=None):
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             y = labels[:, level]
             if cfg.meta_order == 2:
-                gen_grads, stats = meta_gradient_second_order(net, gen, x, y, mask, optimizer, cfg.entropy_weight)
+                with eager(net, gen):                      # a double backward: never compiled
+                    gen_grads, stats = meta_gradient_second_order(net, gen, x, y, mask, optimizer,
+                                                                  cfg.entropy_weight)
             else:
                 gen_grads, stats = meta_gradient_first_order(net, gen, x, y, mask, optimizer,
                                                              cfg.entropy_weight, cfg.fd_eps)

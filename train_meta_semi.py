@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import UserError, Run, forward_with, hyperparameters, run_main, semi_network
+from utils import UserError, Run, fast_module, forward_with, hyperparameters, run_main, semi_network
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100 or svhn
@@ -48,6 +48,9 @@ width = 1.0                    # channel multiplier (1 = the paper's network)
 seed = 1234                    # seeds the label split, the data streams, the weights
 gpu = False                    # train on the CUDA GPU (as the original's --gpu); --device chooses explicitly
 device = 'auto'                # auto, cpu, cuda, cuda:N, mps
+amp = False                    # fast path: bf16 autocast (off: the papers' float32)
+channels_last = False          # fast path: channels-last memory format
+compile = False                # fast path: torch.compile the forward passes
 synthetic = False              # train on the synthetic stand-in (dataset/synthetic)
 download = False               # fetch the official files (md5-checked) if they are missing
 data_path = 'dataset'          # data root (the official files, or synthetic/ under it)
@@ -161,6 +164,39 @@ def correct(logits, y):
     return (logits.argmax(1) == y).sum().to(logits.dtype)
 
 
+def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, num_classes, baseline=False):
+    """One training step. Returns [labeled loss, unlabeled loss, labeled hits, unlabeled hits] on the device.
+    x_u / y_u: the unlabeled batch (its labels only count Uacc), None for the labeled-only baseline;
+    lam: per-sample mixup coefficients [B, 1], None without mixup."""
+    if not baseline:
+        # 1) meta step (eval mode): pseudo-labels moved by the finite-difference meta-gradient
+        probs_u, grad_u, logits_l_eval, loss_l_eval = pseudo_label_gradient(model, x_l, y_l, x_u, epsilon)
+        targets_u = update_pseudo_labels(probs_u, grad_u, lr_now)
+        # 2) model update (train mode): labeled or mixup loss + w * consistency with the pseudo-labels
+        model.train()
+        loss_sup, logits_sup = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
+        logits_u = model(x_u)
+        loss_u = consistency_loss(logits_u, targets_u)
+        sgd_step(optimizer, loss_sup + w * loss_u)
+        # logged as the original: with mixup the labeled loss/accuracy are the eval-mode ones of step 1
+        loss_l, logits_l = (loss_l_eval, logits_l_eval) if lam is not None else (loss_sup.detach(), logits_sup)
+        return torch.stack([loss_l, loss_u.detach(), correct(logits_l, y_l), correct(logits_u, y_u)])
+    if lam is not None:
+        # mixup baseline: plain eval-mode pseudo-labels, no meta update, no consistency term
+        with torch.no_grad():
+            model.eval()
+            logits_l, logits_u = model(x_l), model(x_u)
+            targets_u = F.softmax(logits_u, dim=1)
+        model.train()
+        loss, _ = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
+        sgd_step(optimizer, loss)
+        return torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l, y_l), correct(logits_u, y_u)])
+    model.train()
+    loss, logits_l = supervised_loss(model, x_l, y_l, None, None, None, num_classes)
+    sgd_step(optimizer, loss)
+    return torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l.detach(), y_l), torch.zeros_like(loss)])
+
+
 @torch.no_grad()
 def evaluate(model, test):
     """Eval mode over the whole test set: (mean cross-entropy, accuracy in percent)."""
@@ -220,6 +256,7 @@ def main(argv=None):
     use_unlabeled = not cfg.baseline or cfg.mix_up
 
     model = semi_network(cfg.architecture, num_classes, cfg.width).to(dev)
+    fast_module(model, dev, cfg.amp, cfg.channels_last, cfg.compile)      # opt-in; off: untouched
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     beta = torch.distributions.Beta(torch.tensor(float(cfg.alpha), device=dev), torch.tensor(float(cfg.alpha), device=dev))
     log.print(f'{cfg.architecture} (width {cfg.width}): {sum(p.numel() for p in model.parameters()):,} parameters')
@@ -246,41 +283,13 @@ def main(argv=None):
 
         tic = time.perf_counter()
         x_l, y_l = train.get(labeled.next(), augment_rng, augment=True, flip=flip)
-        if use_unlabeled:
-            x_u, y_u = train.get(unlabeled.next(), augment_rng, augment=True, flip=flip)   # y_u: for Uacc only
+        x_u, y_u = (train.get(unlabeled.next(), augment_rng, augment=True, flip=flip)   # y_u: for Uacc only
+                    if use_unlabeled else (None, None))
         lam = beta.sample((B, 1)) if cfg.mix_up else None
         toc = time.perf_counter()
 
-        if not cfg.baseline:
-            # 1) meta step (eval mode): pseudo-labels moved by the finite-difference meta-gradient
-            probs_u, grad_u, logits_l_eval, loss_l_eval = pseudo_label_gradient(model, x_l, y_l, x_u, cfg.epsilon)
-            targets_u = update_pseudo_labels(probs_u, grad_u, lr_now)
-            # 2) model update (train mode): labeled or mixup loss + w * consistency with the pseudo-labels
-            model.train()
-            loss_sup, logits_sup = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
-            logits_u = model(x_u)
-            loss_u = consistency_loss(logits_u, targets_u)
-            sgd_step(optimizer, loss_sup + w * loss_u)
-            # logged as the original: with mixup the labeled loss/accuracy are the eval-mode ones of step 1
-            loss_l, logits_l = (loss_l_eval, logits_l_eval) if cfg.mix_up else (loss_sup.detach(), logits_sup)
-            step_stats = torch.stack([loss_l, loss_u.detach(), correct(logits_l, y_l), correct(logits_u, y_u)])
-        elif cfg.mix_up:
-            # mixup baseline: plain eval-mode pseudo-labels, no meta update, no consistency term
-            with torch.no_grad():
-                model.eval()
-                logits_l, logits_u = model(x_l), model(x_u)
-                targets_u = F.softmax(logits_u, dim=1)
-            model.train()
-            loss, _ = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
-            sgd_step(optimizer, loss)
-            step_stats = torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l, y_l),
-                                      correct(logits_u, y_u)])
-        else:
-            model.train()
-            loss, logits_l = supervised_loss(model, x_l, y_l, None, None, None, num_classes)
-            sgd_step(optimizer, loss)
-            step_stats = torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l.detach(), y_l),
-                                      torch.zeros_like(loss)])
+        step_stats = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
+                                cfg.baseline)
         meters += step_stats * per_batch
         seen += B
         data_time, batch_time, timed = data_time + toc - tic, batch_time + time.perf_counter() - toc, timed + 1

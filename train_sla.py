@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, Run, Timer, UserError, cifar_resnet, hyperparameters, load_checkpoint, run_main, \
-    save_checkpoint
+from utils import CRESNET_DEPTHS, Run, Timer, UserError, cifar_resnet, fast_module, hyperparameters, load_checkpoint, \
+    run_main, save_checkpoint
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10 or cifar100
@@ -43,6 +43,9 @@ val_indices = ''             # a file of validation indices to use instead of dr
 width = 1.0                  # channel multiplier of the ResNet (1 = the paper's)
 seed = 0
 device = 'auto'              # auto, cpu, cuda, cuda:N, mps
+amp = False                  # fast path: bf16 autocast (off: the papers' float32)
+channels_last = False        # fast path: channels-last memory format
+compile = False              # fast path: torch.compile the forward passes
 synthetic = False            # train on the synthetic stand-in instead of real CIFAR
 download = False             # fetch the dataset (md5-checked) if it is not in datadir
 eval_only = False            # with --resume RUN: print the test metrics of the run's best checkpoint, no training
@@ -207,6 +210,21 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
     return loss, m
 
 
+def sample_batch(train, batchsize, generator):
+    """A batch of distinct training images (i.i.d. across iterations), cropped (4-pixel padding) and flipped."""
+    index = torch.randperm(len(train), device=train.device, generator=generator)[:batchsize]
+    return train.get(index, generator, augment=True)
+
+
+def train_step(model, optimizer, x, y, mode, tf, T=1.0, large_loss=False):
+    """One SGD step on the objective of `mode`; returns its metrics (sums over the batch, on the device)."""
+    loss, m = objective(model, x, y, mode, tf, T, large_loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return m
+
+
 @torch.no_grad()
 def evaluate(model, data, mode, tf, batch_size, T=1.0, large_loss=False):
     """Eval-mode pass over a split (every test image under all M transformations); metric means per image."""
@@ -294,6 +312,7 @@ def main(argv=None):
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
     net = build_model(cfg.model, cfg.mode, n_classes, M, cfg.width).to(dev)
+    fast_module(net, dev, cfg.amp, cfg.channels_last, cfg.compile, methods=('forward', 'features'))   # opt-in
     evaluate_kw = dict(mode=cfg.mode, tf=tf, batch_size=cfg.batchsize, T=cfg.T, large_loss=cfg.with_large_loss)
     test_x, test_y = load_split(cfg, train=False)
     test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)
@@ -348,12 +367,8 @@ def main(argv=None):
     timer = Timer(dev)
     net.train()
     while it < N:
-        index = torch.randperm(len(train), device=dev, generator=data_rng)[:cfg.batchsize]
-        x, y = train.get(index, data_rng, augment=True)                       # crop (4-pixel padding) + flip
-        loss, m = objective(net, x, y, cfg.mode, tf, cfg.T, cfg.with_large_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        x, y = sample_batch(train, cfg.batchsize, data_rng)
+        m = train_step(net, optimizer, x, y, cfg.mode, tf, cfg.T, cfg.with_large_loss)
         scheduler.step()
         sums += torch.stack([m[k] for k in names])
         seen += len(y)

@@ -533,6 +533,75 @@ def cosine_per_filter(grads_a, grads_b):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Fast paths (opt-in; all off by default, so a default run is the papers' plain float32 eager run)
+# ----------------------------------------------------------------------------------------------------
+
+FAST_PATHS = {           # hyperparameter -> --help text; every script has these three, default False
+    'amp': "bf16 autocast for the networks' forward passes (CPU and CUDA); weights, optimiser and losses "
+           "stay float32",
+    'channels_last': "channels-last memory format for the networks' weights and inputs",
+    'compile': "torch.compile the networks' forward passes (never the double backward of second-order MAXL)",
+}
+
+
+def _float32(out):
+    if torch.is_tensor(out):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float32(o) for o in out)
+    return out
+
+
+def _fast_method(inner, device, amp, channels_last):
+    def method(x, *args, **kwargs):
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = inner(x, *args, **kwargs)
+        return _float32(out) if amp else out
+    return method
+
+
+def fast_module(net, device, amp=False, channels_last=False, compile=False, methods=('forward',)):
+    """Apply the opt-in fast paths to `net` in place; its parameters, names, state_dict and the
+    meta-gradient code (forward_with) are unchanged. Each of `methods` (a batch of images first) gets
+    channels-last inputs and runs under bf16 autocast with its floating outputs cast back to float32,
+    so every loss is computed in float32; with `compile` it is torch.compile'd (wrap code that must run
+    uncompiled, such as a double backward, in `eager(net)`). With every flag off, `net` is untouched."""
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    for name in methods:
+        method = getattr(net, name)
+        if amp or channels_last:
+            method = _fast_method(method, device, amp, channels_last)
+        if compile:
+            net.__dict__.setdefault('_eager_methods', {})[name] = method
+            method = torch.compile(method)
+        if amp or channels_last or compile:
+            setattr(net, name, method)
+    return net
+
+
+class eager:
+    """Context manager: inside it the given modules run their uncompiled methods (second-order MAXL
+    differentiates through a gradient, which torch.compile cannot do)."""
+
+    def __init__(self, *nets):
+        self.nets = [n for n in nets if '_eager_methods' in n.__dict__]
+
+    def __enter__(self):
+        self.saved = [{k: n.__dict__[k] for k in n.__dict__['_eager_methods']} for n in self.nets]
+        for n in self.nets:
+            n.__dict__.update(n.__dict__['_eager_methods'])
+        return self
+
+    def __exit__(self, *exc):
+        for n, saved in zip(self.nets, self.saved):
+            n.__dict__.update(saved)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
 # Run folders, logging, checkpoints
 # ----------------------------------------------------------------------------------------------------
 
@@ -665,6 +734,7 @@ class Run:
     def __init__(self, script, defaults, argv=None, description='', validate=None, dir_key=None, **parse_kw):
         # dir_key (optional): name of a hyperparameter that, when non-empty, is the run folder itself
         # instead of logs/<script>/<run> (MetaSemi's --save-path).
+        parse_kw['helps'] = {**FAST_PATHS, **(parse_kw.get('helps') or {})}
         cfg, given = parse_config(defaults, argv, description, **parse_kw)
         self.resuming = bool(cfg.resume)
         if self.resuming:

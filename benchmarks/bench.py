@@ -1,0 +1,279 @@
+"""Seconds per training step of every method, measured on the scripts' own step functions.
+
+For each row: median (and mean) seconds per step after warm-up, images per second, peak memory, and the
+ratio to the bare forward + backward + SGD step of the same backbone at the same batch (cross-entropy,
+plain SGD, a batch already on the device). A script step includes what its loop does per step: drawing
+and augmenting the batch on the device, the step function, the optimiser. Full widths and the originals'
+batch sizes, on the synthetic stand-in. Each row runs in its own process (clean peak memory and
+compile caches).
+
+    python benchmarks/bench.py                                  # float32 on the CPU (about 8 minutes)
+    python benchmarks/bench.py --amp --channels-last            # the fast paths
+    python benchmarks/bench.py --device cuda --amp --channels-last --compile
+    python benchmarks/bench.py --only single,maxl_train --steps 10
+
+Writes the table to stdout and everything to benchmarks/results/<device>-<flags>.json (or --json).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name: (backbone of the bare step it is compared with, images per step, the original's s/step on the
+# 2-core CPU of issue 5, goal as (reference row, largest ratio) or None)
+ROWS = {
+    'bare_vgg':            ('bare_vgg', 100, None, None),
+    'single':              ('bare_vgg', 100, 1.15, ('bare_vgg', 1.1)),
+    'bare_vgg_mt':         ('bare_vgg_mt', 100, None, None),
+    'human':               ('bare_vgg_mt', 100, 1.10, ('bare_vgg_mt', 1.1)),
+    'maxl_train':          ('bare_vgg_mt', 100, 3.47, ('bare_vgg_mt', 1.2)),
+    'maxl_meta2':          ('bare_vgg_mt', 100, 5.65, ('bare_vgg_mt', 4.0)),
+    'maxl_meta1':          ('bare_vgg_mt', 100, 5.33, ('bare_vgg_mt', 4.0)),
+    'bare_resnet32':       ('bare_resnet32', 128, None, None),
+    'sla_baseline':        ('bare_resnet32', 128, 0.41, None),
+    'sla_rotation':        ('bare_resnet32', 128, 2.04, ('sla_baseline', 4.4)),
+    'bare_convlarge':      ('bare_convlarge', 128, None, None),
+    'semi_baseline_mixup': ('bare_convlarge', 256, 6.40, None),
+    'semi_meta_mixup':     ('bare_convlarge', 256, 16.2, ('semi_baseline_mixup', 2.5)),
+}
+
+
+# ---- one row, in a child process ---------------------------------------------------------------------
+
+def build(name, dev, fast, data_root):
+    """Returns step(): one training step of row `name` as its script runs it."""
+    import torch
+    import torch.nn.functional as F
+    import create_dataset
+    import model_vgg_human
+    import model_vgg_maxl
+    import model_vgg_single
+    import train_meta_semi
+    import train_sla
+    from utils import VGG16, cifar_resnet, eager, fast_module, psi_mask, semi_network
+
+    def fast_net(net, methods=('forward',)):
+        return fast_module(net.to(dev), dev, methods=methods, **fast)
+
+    def bare(net, x, ys):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+
+        def step():
+            out = net(x)
+            out = (out,) if torch.is_tensor(out) else out
+            loss = sum(F.cross_entropy(o, y) for o, y in zip(out, ys))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    rng = create_dataset.device_generator(dev, 0)
+    if name in ('bare_vgg', 'single', 'bare_vgg_mt', 'human') or name.startswith('maxl'):
+        train = create_dataset.DeviceData(*create_dataset.load_cifar100(data_root, True, synthetic=True), dev,
+                                          model_vgg_single.MEAN, model_vgg_single.STD)
+
+        def batch():
+            return train.get(torch.randint(len(train), (100,), device=dev, generator=rng), rng, augment=True)
+        x, labels = batch()
+        if name == 'bare_vgg':
+            return bare(fast_net(VGG16({'classifier': 20})), x, [labels[:, 2]])
+        if name == 'bare_vgg_mt':
+            return bare(fast_net(VGG16({'classifier1': 20, 'classifier2': 100})), x, [labels[:, 2], labels[:, 3]])
+        if name == 'single':
+            net = fast_net(VGG16({'classifier': 20}))
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+
+            def step():
+                x, labels = batch()
+                model_vgg_single.train_step(net, x, labels[:, 2], optimizer)
+            return step
+        if name == 'human':
+            net = fast_net(VGG16({'classifier1': 20, 'classifier2': 100}))
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+
+            def step():
+                x, labels = batch()
+                model_vgg_human.train_step(net, x, labels[:, 2], labels[:, 3], optimizer)
+            return step
+        psi = [5] * 20
+        gen = fast_net(model_vgg_maxl.label_generator(psi, 1.0))
+        net = fast_net(model_vgg_maxl.multi_task_network(psi, 1.0))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        gen_optimizer = torch.optim.SGD(gen.parameters(), lr=1e-3, weight_decay=5e-4)
+        mask, heads = psi_mask(psi, dev), model_vgg_maxl.head_parameter_names(net)
+        counter = [0]
+        cos_every = model_vgg_maxl.cos_every
+
+        def step():
+            x, labels = batch()
+            y = labels[:, 2]
+            if name == 'maxl_train':
+                model_vgg_maxl.train_step(net, gen, x, y, mask, optimizer, heads, counter[0] % cos_every == 0)
+                counter[0] += 1
+                return
+            if name == 'maxl_meta2':
+                with eager(net, gen):
+                    grads, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer, 0.2)
+            else:
+                grads, _ = model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, mask, optimizer, 0.2, 0.01)
+            for p, g in zip(gen.parameters(), grads):
+                p.grad = g
+            gen_optimizer.step()
+        return step
+
+    if name in ('bare_resnet32', 'sla_baseline', 'sla_rotation'):
+        train = create_dataset.DeviceData(*create_dataset.load('cifar10', data_root, True, synthetic=True), dev,
+                                          train_sla.MEAN, train_sla.STD)
+        if name == 'bare_resnet32':
+            x, y = train_sla.sample_batch(train, 128, rng)
+            return bare(fast_net(cifar_resnet('cresnet32', [10]), ('forward', 'features')), x, [y])
+        mode = 'baseline' if name == 'sla_baseline' else 'sla'
+        tf = None if mode == 'baseline' else train_sla.Transformations('rotation', dev)
+        net = fast_net(train_sla.build_model('cresnet32', mode, 10, tf.M if tf else 1, 1.0), ('forward', 'features'))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            x, y = train_sla.sample_batch(train, 128, rng)
+            train_sla.train_step(net, optimizer, x, y, mode, tf)
+        return step
+
+    train_x, train_y, _, _ = create_dataset.load_semi('cifar10', data_root, synthetic=True)
+    mean, std = create_dataset.SEMI_NORMALISATION['cifar10']
+    train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
+    if name == 'bare_convlarge':
+        x, y = train.get(torch.randint(len(train), (128,), device=dev, generator=rng), rng, augment=True)
+        return bare(fast_net(semi_network('convlarge', 10)), x, [y])
+    model = fast_net(semi_network('convlarge', 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    beta = torch.distributions.Beta(torch.tensor(1.0, device=dev), torch.tensor(1.0, device=dev))
+    labeled = create_dataset.EndlessBatches(torch.arange(1000, device=dev), 128, 0)
+    unlabeled = create_dataset.EndlessBatches(torch.arange(1000, len(train), device=dev), 128, 1)
+
+    def step():
+        x_l, y_l = train.get(labeled.next(), rng, augment=True)
+        x_u, y_u = train.get(unlabeled.next(), rng, augment=True)
+        lam = beta.sample((128, 1))
+        train_meta_semi.train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, 0.1, 1.0, 1e-2, 10,
+                                   baseline=name == 'semi_baseline_mixup')
+    return step
+
+
+def measure(name, device, fast, warmup, steps, data_root):
+    import torch
+    from utils import pick_device
+    torch.manual_seed(0)
+    dev = pick_device(device)
+    step = build(name, dev, fast, data_root)
+
+    def sync():
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
+    if name == 'maxl_train':              # whole cycles of the sampled cosine, so the mean is honest
+        import model_vgg_maxl
+        steps = max(steps, model_vgg_maxl.cos_every)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda'
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(row=name, device=str(dev), median_s=statistics.median(times), mean_s=statistics.mean(times),
+                times_s=times, warmup_s=warm_s, peak_mb=peak,
+                peak_kind='max allocated (CUDA)' if dev.type == 'cuda' else 'peak RSS of the process')
+
+
+# ---- the table -------------------------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N (default cpu)')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast (as the scripts\' --amp)')
+    p.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    p.add_argument('--compile', action='store_true', help='torch.compile the forward passes')
+    p.add_argument('--warmup', type=int, default=2, help='steps before timing (more with --compile)')
+    p.add_argument('--steps', type=int, default=5, help='timed steps per row (maxl_train: at least cos_every)')
+    p.add_argument('--only', default='', help='comma-separated rows (default all): ' + ', '.join(ROWS))
+    p.add_argument('--data-root', default=os.path.join(ROOT, 'dataset'))
+    p.add_argument('--json', default='', help='output file (default benchmarks/results/<device>-<flags>.json)')
+    p.add_argument('--row', default='', help=argparse.SUPPRESS)       # internal: measure one row here
+    args = p.parse_args()
+    fast = dict(amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+    if args.row:
+        print(json.dumps(measure(args.row, args.device, fast, args.warmup, args.steps, args.data_root)))
+        return
+    names = [n for n in args.only.split(',') if n] or list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.exit(2, f'error: unknown rows {unknown}; choose from {", ".join(ROWS)}\n')
+    # the bare and reference rows the ratios need
+    needed = set(names) | {ROWS[n][0] for n in names} | {ROWS[n][3][0] for n in names if ROWS[n][3]}
+    names = [n for n in ROWS if n in needed]
+    flags = [f for f in ('amp', 'channels_last', 'compile') if fast[f]]
+    print(f'device {args.device}, {"float32" if not flags else "+".join(flags)}, torch threads: default; '
+          f'{args.warmup} warm-up + {args.steps} timed steps per row', flush=True)
+    results = {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), '--row', name, '--device', args.device,
+               '--warmup', str(args.warmup), '--steps', str(args.steps), '--data-root', args.data_root]
+        cmd += [f'--{f.replace("_", "-")}' for f in flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            print(f'{name}: failed\n{proc.stderr[-3000:]}', flush=True)
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(f'  {name}: median {r["median_s"]:.3f} s/step', flush=True)
+
+    header = ('| row | images/step | median s/step | mean s/step | images/s | peak MB | x bare step | goal | '
+              'original s/step (2-core CPU) |')
+    lines = [header, '|' + '---|' * 9]
+    for name, r in results.items():
+        bare_row, images, original, goal = ROWS[name]
+        base = results.get(bare_row)
+        use = 'mean_s' if name == 'maxl_train' else 'median_s'
+        r['images_per_s'] = images / r['median_s']
+        r['x_bare'] = r[use] / base['median_s'] if base and bare_row != name else None
+        goal_text = ''
+        if goal:
+            ref = results.get(goal[0])
+            if ref:
+                ratio = r[use] / ref['median_s']
+                r['goal'] = dict(versus=goal[0], ratio=ratio, at_most=goal[1], met=ratio <= goal[1])
+                goal_text = f'{ratio:.2f}x {goal[0]} (goal <= {goal[1]}x: {"met" if ratio <= goal[1] else "MISSED"})'
+        lines.append(f'| {name} | {images} | {r["median_s"]:.3f} | {r["mean_s"]:.3f} | {r["images_per_s"]:.0f} | '
+                     f'{r["peak_mb"]:.0f} | {"" if r["x_bare"] is None else format(r["x_bare"], ".2f")} | '
+                     f'{goal_text} | {"" if original is None else original} |')
+    table = '\n'.join(lines)
+    print(table)
+    import torch
+    info = dict(device=args.device, flags=flags, torch=torch.__version__, python=platform.python_version(),
+                machine=platform.machine(), cpus=os.cpu_count(),
+                gpu=torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else None,
+                warmup=args.warmup, steps=args.steps, rows=results, table=table)
+    out = args.json or os.path.join(ROOT, 'benchmarks', 'results',
+                                    f'{args.device.replace(":", "")}-{"-".join(flags) or "float32"}.json')
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(info, f, indent=1)
+    print(f'written to {out}')
+
+
+if __name__ == '__main__':
+    main()
