@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import random
+import re
 import sys
 import time
 
@@ -69,14 +70,16 @@ def parse_config(defaults, argv=None, description='', aliases=None, helps=None, 
     '[2,3,4]' or '5x20'. Returns (config namespace, set of names given on the command line).
     """
     aliases, helps, choices = aliases or {}, helps or {}, choices or {}
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     for name, default in defaults.items():
         flags = [f'--{name}']
         if '_' in name:
             flags.append(f'--{name.replace("_", "-")}')
         flags += aliases.get(name, [])
-        kw = dict(dest=name, default=default, help=helps.get(name, ' '))
+        text = helps.get(name, '')
+        if '(default' not in text:
+            text = (text + ' ' if text else '') + '(default: %(default)s)'
+        kw = dict(dest=name, default=default, help=text)
         if name in choices:
             kw['choices'] = choices[name]
         if isinstance(default, bool):
@@ -101,11 +104,28 @@ def parse_config(defaults, argv=None, description='', aliases=None, helps=None, 
     return args, given
 
 
+class Hyperparameters(dict):
+    """name -> default value, plus .helps: name -> the comment written after it in the script."""
+    helps = {}
+
+
 def hyperparameters(namespace, first, last):
-    """The plain values defined in a script between the names `first` and `last` (inclusive)."""
+    """The plain values defined in a script between the names `first` and `last` (inclusive), with the
+    comments that follow them on their lines (shown by --help)."""
     keys = list(namespace)
     block = keys[keys.index(first):keys.index(last) + 1]
-    return {k: namespace[k] for k in block if not k.startswith('_')}
+    out = Hyperparameters((k, namespace[k]) for k in block if not k.startswith('_'))
+    helps = {}
+    try:
+        with open(namespace['__file__']) as f:
+            for line in f:
+                m = re.match(r'^([A-Za-z_]\w*)\s*=.*?#\s*(.+)$', line.rstrip())
+                if m and m.group(1) in out:
+                    helps[m.group(1)] = m.group(2).replace('%', '%%')
+    except (KeyError, OSError):
+        pass
+    out.helps = helps
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -540,7 +560,7 @@ FAST_PATHS = {           # hyperparameter -> --help text; every script has these
     'amp': "bf16 autocast for the networks' forward passes (CPU and CUDA); weights, optimiser and losses "
            "stay float32",
     'channels_last': "channels-last memory format for the networks' weights and inputs",
-    'compile': "torch.compile the networks' forward passes (never the double backward of second-order MAXL)",
+    'compile': "torch.compile the networks' forward passes (never second-order MAXL's meta step)",
 }
 
 
@@ -734,7 +754,7 @@ class Run:
     def __init__(self, script, defaults, argv=None, description='', validate=None, dir_key=None, **parse_kw):
         # dir_key (optional): name of a hyperparameter that, when non-empty, is the run folder itself
         # instead of logs/<script>/<run> (MetaSemi's --save-path).
-        parse_kw['helps'] = {**FAST_PATHS, **(parse_kw.get('helps') or {})}
+        parse_kw['helps'] = {**getattr(defaults, 'helps', {}), **FAST_PATHS, **(parse_kw.get('helps') or {})}
         cfg, given = parse_config(defaults, argv, description, **parse_kw)
         self.resuming = bool(cfg.resume)
         if self.resuming:

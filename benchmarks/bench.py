@@ -36,6 +36,7 @@ ROWS = {
     'human':               ('bare_vgg_mt', 100, 1.10, ('bare_vgg_mt', 1.1)),
     'maxl_train':          ('bare_vgg_mt', 100, 3.47, ('bare_vgg_mt', 1.2)),
     'maxl_meta2':          ('bare_vgg_mt', 100, 5.65, ('bare_vgg_mt', 4.0)),
+    'maxl_meta2_dbl':      ('bare_vgg_mt', 100, 5.65, ('bare_vgg_mt', 4.0)),   # second_order='double_backward'
     'maxl_meta1':          ('bare_vgg_mt', 100, 5.33, ('bare_vgg_mt', 4.0)),
     'bare_resnet32':       ('bare_resnet32', 128, None, None),
     'sla_baseline':        ('bare_resnet32', 128, 0.41, None),
@@ -119,9 +120,11 @@ def build(name, dev, fast, data_root):
                 model_vgg_maxl.train_step(net, gen, x, y, mask, optimizer, heads, counter[0] % cos_every == 0)
                 counter[0] += 1
                 return
-            if name == 'maxl_meta2':
+            if name.startswith('maxl_meta2'):
+                method = 'double_backward' if name == 'maxl_meta2_dbl' else model_vgg_maxl.second_order
                 with eager(net, gen):
-                    grads, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer, 0.2)
+                    grads, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer, 0.2,
+                                                                         method)
             else:
                 grads, _ = model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, mask, optimizer, 0.2, 0.01)
             for p, g in zip(gen.parameters(), grads):

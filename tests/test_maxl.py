@@ -82,10 +82,12 @@ def flat(ts):
     return torch.cat([t.reshape(-1) for t in ts])
 
 
-def test_second_order_equals_unrolled_reference(tiny):
+@pytest.mark.parametrize('method', ['jvp', 'double_backward'])
+def test_second_order_equals_unrolled_reference(tiny, method):
     net, gen, opt, x, y = tiny
     ref = flat(reference_meta_gradient(net, gen, opt, x, y))
-    got = flat(maxl.meta_gradient_second_order(net, gen, x, y, psi_mask(PSI, dtype=torch.float64), opt, ENTROPY_W)[0])
+    got = flat(maxl.meta_gradient_second_order(net, gen, x, y, psi_mask(PSI, dtype=torch.float64), opt, ENTROPY_W,
+                                               method)[0])
     assert ref.norm() > 0
     assert ((got - ref).norm() / ref.norm()).item() < 1e-6
 
@@ -114,7 +116,8 @@ def test_meta_steps_leave_weights_and_buffers_bit_identical(tiny):
     net.train(), gen.train()
     before = {k: v.clone() for k, v in list(net.state_dict().items()) + [('g.' + k, v) for k, v in gen.state_dict().items()]}
     mask = psi_mask(PSI, dtype=torch.float64)
-    maxl.meta_gradient_second_order(net, gen, x, y, mask, opt, ENTROPY_W)
+    maxl.meta_gradient_second_order(net, gen, x, y, mask, opt, ENTROPY_W, 'jvp')
+    maxl.meta_gradient_second_order(net, gen, x, y, mask, opt, ENTROPY_W, 'double_backward')
     maxl.meta_gradient_first_order(net, gen, x, y, mask, opt, ENTROPY_W, 0.01)
     after = dict(list(net.state_dict().items()) + [('g.' + k, v) for k, v in gen.state_dict().items()])
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -136,7 +139,8 @@ def test_virtual_step_is_the_optimisers_next_step(tiny):
 def test_entropy_term_reaches_the_generator_in_both_orders(tiny):
     net, gen, opt, x, y = tiny
     mask = psi_mask(PSI, dtype=torch.float64)
-    for fn in (lambda w: maxl.meta_gradient_second_order(net, gen, x, y, mask, opt, w),
+    for fn in (lambda w: maxl.meta_gradient_second_order(net, gen, x, y, mask, opt, w, 'jvp'),
+               lambda w: maxl.meta_gradient_second_order(net, gen, x, y, mask, opt, w, 'double_backward'),
                lambda w: maxl.meta_gradient_first_order(net, gen, x, y, mask, opt, w, 0.01)):
         with_entropy, without = flat(fn(1.0)[0]), flat(fn(0.0)[0])
         aux = masked_softmax(gen(x), y, mask)
