@@ -2,7 +2,8 @@
 
 For each row: median (and mean) seconds per step after warm-up, images per second, peak memory, and the
 ratio to the bare forward + backward + SGD step of the same backbone at the same batch (cross-entropy,
-plain SGD, a batch already on the device). A script step includes what its loop does per step: drawing
+plain SGD, a batch already on the device; for sla_rotation the 4 x 128 images it runs, for the MetaSemi rows
+128 images, half of their 128 + 128). A script step includes what its loop does per step: drawing
 and augmenting the batch on the device, the step function, the optimiser. Full widths and the originals'
 batch sizes, on the synthetic stand-in. Each row runs in its own process (clean peak memory and
 compile caches).
@@ -40,7 +41,8 @@ ROWS = {
     'maxl_meta1':          ('bare_vgg_mt', 100, 5.33, ('bare_vgg_mt', 4.0)),
     'bare_resnet32':       ('bare_resnet32', 128, None, None),
     'sla_baseline':        ('bare_resnet32', 128, 0.41, None),
-    'sla_rotation':        ('bare_resnet32', 128, 2.04, ('sla_baseline', 4.4)),
+    'bare_resnet32_x4':    ('bare_resnet32_x4', 512, None, None),     # the 4 x 128 images a rotation step runs
+    'sla_rotation':        ('bare_resnet32_x4', 128, 2.04, ('sla_baseline', 4.4)),
     'bare_convlarge':      ('bare_convlarge', 128, None, None),
     'semi_baseline_mixup': ('bare_convlarge', 256, 6.40, None),
     'semi_meta_mixup':     ('bare_convlarge', 256, 16.2, ('semi_baseline_mixup', 2.5)),
@@ -132,12 +134,15 @@ def build(name, dev, fast, data_root):
             gen_optimizer.step()
         return step
 
-    if name in ('bare_resnet32', 'sla_baseline', 'sla_rotation'):
+    if name in ('bare_resnet32', 'bare_resnet32_x4', 'sla_baseline', 'sla_rotation'):
         train = create_dataset.DeviceData(*create_dataset.load('cifar10', data_root, True, synthetic=True), dev,
                                           train_sla.MEAN, train_sla.STD)
         if name == 'bare_resnet32':
             x, y = train_sla.sample_batch(train, 128, rng)
             return bare(fast_net(cifar_resnet('cresnet32', [10]), ('forward', 'features')), x, [y])
+        if name == 'bare_resnet32_x4':
+            x, y = train_sla.sample_batch(train, 512, rng)
+            return bare(fast_net(cifar_resnet('cresnet32', [40]), ('forward', 'features')), x, [y])
         mode = 'baseline' if name == 'sla_baseline' else 'sla'
         tf = None if mode == 'baseline' else train_sla.Transformations('rotation', dev)
         net = fast_net(train_sla.build_model('cresnet32', mode, 10, tf.M if tf else 1, 1.0), ('forward', 'features'))
