@@ -146,3 +146,16 @@ def test_a_script_runs_with_the_fast_paths(data_root):
                    '--amp', '--channels_last', '--logdir', data_root + '/logs_fast')
     assert r.returncode == 0, r.stderr
     assert 'EPOCH: 0000' in r.stdout
+
+
+def test_benchmark_runs_and_writes_its_table(tmp_path, data_root):
+    """The benchmark's plumbing (not its timings): a row and its bare reference, one step each."""
+    import json
+    out = tmp_path / 'bench.json'
+    r = run_script('benchmarks/bench.py', '--only', 'sla_baseline', '--warmup', 0, '--steps', 1,
+                   '--data-root', data_root, '--json', out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(out.read_text())
+    assert set(info['rows']) == {'sla_baseline', 'bare_resnet32'}
+    assert all(row['median_s'] > 0 for row in info['rows'].values())
+    assert '| sla_baseline | 128 |' in r.stdout
