@@ -383,9 +383,9 @@ def device_generator(device, seed):
 
 # ---- label splits for SLA (validation split, samples per class) ----
 
-def sla_check_data(name, root, synthetic, download_missing):
-    """Cheap presence check (no md5) so a missing dataset stops a run before its folder is made; the
-    md5 check proper happens when the data is loaded."""
+def check_data_present(name, root, synthetic, download_missing):
+    """Cheap presence check (no md5) that the scripts run in their validation, so a missing dataset stops
+    a run before its folder is made; the md5 check proper happens when the data is loaded."""
     if synthetic or download_missing or name not in ARCHIVES:
         return
     folder = os.path.join(root, ARCHIVES[name]['folder'])
@@ -409,7 +409,8 @@ def sla_draw_val_indices(n_train, n_val, seed):
     return np.sort(np.random.default_rng([seed, 0]).permutation(n_train)[:n_val]).astype(np.int64)
 
 
-def sla_save_indices(path, indices):
+def write_indices(path, indices):
+    """One integer a line, written atomically (the splits a run keeps in its folder)."""
     atomic = path + '.tmp'
     with open(atomic, 'w') as f:
         f.write(''.join(f'{int(i)}\n' for i in indices))
@@ -417,7 +418,7 @@ def sla_save_indices(path, indices):
 
 
 def sla_load_indices(path, n_train):
-    """Indices from a text file (one integer a line, as sla_save_indices writes) or a .npy file (the
+    """Indices from a text file (one integer a line, as write_indices writes) or a .npy file (the
     original code's splits/<dataset>_val_idx.npy); checked: integers, distinct, within the training file."""
     try:
         if path.endswith('.npy'):
@@ -518,11 +519,6 @@ def balanced_label_split(labels, num_label, seed):
     for c in range(num_classes):
         take[np.flatnonzero(shuffled == c)[:num_label // num_classes]] = True
     return order[take], np.sort(order[~take])       # unlabeled in index order, as read_label_indices gives it
-
-
-def write_label_indices(path, labeled):
-    with open(path, 'w') as f:
-        f.write(''.join(f'{i}\n' for i in labeled))
 
 
 def read_label_indices(path, n_train):

@@ -49,6 +49,7 @@ def validate(cfg):
                         f'--primary_level 2 --aux_level 3.')
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
         raise UserError('epochs, batch_size and width must be positive.')
+    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 
 def check_refines(labels, primary_level, aux_level):
@@ -66,8 +67,8 @@ def train_step(net, x, y1, y2, optimizer):
     optimizer.zero_grad(set_to_none=True)
     (loss1 + loss2).backward()
     optimizer.step()
-    return torch.stack([loss1.detach(), accuracy_count(logits1, y1).float() / len(x),
-                        loss2.detach(), accuracy_count(logits2, y2).float() / len(x)])
+    return torch.stack([loss1.detach(), accuracy_count(logits1, y1) / len(x),
+                        loss2.detach(), accuracy_count(logits2, y2) / len(x)])
 
 
 def main(argv=None):

@@ -39,7 +39,7 @@ seed = 0
 device = 'auto'            # auto, cpu, cuda, cuda:N, mps
 amp = False                # fast path: bf16 autocast (off: the papers' float32)
 channels_last = False      # fast path: channels-last memory format
-compile = False            # fast path: torch.compile the forward passes
+compile = False            # fast path: torch.compile the forward passes (the second-order meta step stays eager)
 synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
 download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
 data_root = 'dataset'
@@ -64,6 +64,7 @@ def validate(cfg):
         raise UserError(f'meta_order must be 1 (finite differences) or 2 (exact), got {cfg.meta_order}.')
     if cfg.cos_every < 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
         raise UserError('epochs, batch_size and width must be positive and cos_every >= 0 (0 = never).')
+    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 
 # ---- the two networks ------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def main(argv=None):
             y = labels[:, level]
             with_cos = cfg.cos_every > 0 and step % cfg.cos_every == 0
             loss1, correct, cosine = train_step(net, gen, x, y, mask, optimizer, heads, with_cos)
-            sums += torch.stack([loss1 * len(x), correct.float()])
+            sums += torch.stack([loss1 * len(x), correct])
             n_seen += len(x)
             if cosine is not None:
                 cos_sum, cos_n = cos_sum + cosine, cos_n + 1
@@ -250,7 +251,7 @@ def main(argv=None):
             for p, g in zip(gen.parameters(), gen_grads):
                 p.grad = g
             gen_optimizer.step()
-            meta += torch.stack([stats[0] * len(x), stats[1].float(), stats[2] * len(x), stats[3].float()])
+            meta += torch.stack([stats[0] * len(x), stats[1], stats[2] * len(x), stats[3]])
 
         # 3) test
         test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)

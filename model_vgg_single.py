@@ -42,6 +42,7 @@ def validate(cfg):
         raise UserError(f'primary_level must be 0, 1, 2 or 3 (3, 10, 20, 100 classes), got {cfg.primary_level}.')
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
         raise UserError('epochs, batch_size and width must be positive.')
+    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 
 def train_step(net, x, y, optimizer):
@@ -78,7 +79,7 @@ def main(argv=None):
         sums, n_seen = torch.zeros(2, device=dev), 0
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             loss, correct = train_step(net, x, labels[:, level], optimizer)
-            sums += torch.stack([loss * len(x), correct.float()])
+            sums += torch.stack([loss * len(x), correct])
             n_seen += len(x)
             step += 1
         test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import UserError, Run, fast_module, forward_with, hyperparameters, run_main, semi_network
+from utils import UserError, Run, accuracy_count, fast_module, forward_with, hyperparameters, run_main, semi_network
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100 or svhn
@@ -62,14 +62,6 @@ resume = ''                    # a run folder to continue (the --save-path, or l
 HYPERPARAMETERS = hyperparameters(globals(), first='dataset', last='resume')
 
 TEST_BATCH = 100
-
-
-def comment_helps():
-    """--help texts: the comment beside each hyperparameter above."""
-    with open(os.path.abspath(__file__)) as f:
-        pairs = (line.split('#', 1) for line in f if '#' in line and ' = ' in line.split('#', 1)[0])
-        return {code.split(' = ')[0].strip(): text.strip() for code, text in pairs
-                if code.split(' = ')[0].strip() in HYPERPARAMETERS}
 
 
 def validate(cfg):
@@ -160,10 +152,6 @@ def sgd_step(optimizer, loss):
     optimizer.step()
 
 
-def correct(logits, y):
-    return (logits.argmax(1) == y).sum().to(logits.dtype)
-
-
 def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, num_classes, baseline=False):
     """One training step. Returns [labeled loss, unlabeled loss, labeled hits, unlabeled hits] on the device.
     x_u / y_u: the unlabeled batch (its labels only count Uacc), None for the labeled-only baseline;
@@ -180,7 +168,7 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, nu
         sgd_step(optimizer, loss_sup + w * loss_u)
         # logged as the original: with mixup the labeled loss/accuracy are the eval-mode ones of step 1
         loss_l, logits_l = (loss_l_eval, logits_l_eval) if lam is not None else (loss_sup.detach(), logits_sup)
-        return torch.stack([loss_l, loss_u.detach(), correct(logits_l, y_l), correct(logits_u, y_u)])
+        return torch.stack([loss_l, loss_u.detach(), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u)])
     if lam is not None:
         # mixup baseline: plain eval-mode pseudo-labels, no meta update, no consistency term
         with torch.no_grad():
@@ -190,11 +178,11 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, nu
         model.train()
         loss, _ = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
         sgd_step(optimizer, loss)
-        return torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l, y_l), correct(logits_u, y_u)])
+        return torch.stack([loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u)])
     model.train()
     loss, logits_l = supervised_loss(model, x_l, y_l, None, None, None, num_classes)
     sgd_step(optimizer, loss)
-    return torch.stack([loss.detach(), torch.zeros_like(loss), correct(logits_l.detach(), y_l), torch.zeros_like(loss)])
+    return torch.stack([loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l.detach(), y_l), torch.zeros_like(loss)])
 
 
 @torch.no_grad()
@@ -204,7 +192,7 @@ def evaluate(model, test):
     sums = torch.zeros(2, device=test.device)
     for x, y in test.batches(TEST_BATCH):
         logits = model(x)
-        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), correct(logits, y)])
+        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), accuracy_count(logits, y)])
     loss, acc = (sums / len(test)).tolist()
     return loss, 100 * acc
 
@@ -226,7 +214,7 @@ def main(argv=None):
         create_dataset.check_label_budget(data['arrays'][1], cfg.num_label, create_dataset.NUM_CLASSES[cfg.dataset])
 
     run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check,
-              dir_key='save_path', aliases={'architecture': ['-a']}, helps=comment_helps(),
+              dir_key='save_path', aliases={'architecture': ['-a']},
               choices={'dataset': sorted(create_dataset.SEMI_NORMALISATION),
                        'architecture': ['convlarge', 'shakeshake']})
     cfg, dev, log = run.cfg, run.device, run.log
@@ -245,7 +233,7 @@ def main(argv=None):
         labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))
     else:
         labeled_idx, unlabeled_idx = create_dataset.balanced_label_split(train_y, cfg.num_label, cfg.seed)
-        create_dataset.write_label_indices(index_file, labeled_idx)
+        create_dataset.write_indices(index_file, labeled_idx)
     log.print(f'{cfg.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test)} test '
               f'images; labeled indices in {index_file}')
     # Two independent endless streams (the labeled one cycles its small set many times more often).

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, Run, Timer, UserError, cifar_resnet, fast_module, hyperparameters, load_checkpoint, \
-    run_main, save_checkpoint
+from utils import CRESNET_DEPTHS, Run, Timer, UserError, accuracy_count, cifar_resnet, fast_module, hyperparameters, \
+    load_checkpoint, run_main, save_checkpoint
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10 or cifar100
@@ -36,7 +36,7 @@ lr = 0.1
 momentum = 0.9
 wd = 1e-4                    # weight decay on every parameter (batch norm and biases included, as the original)
 T = 1.0                      # self-distillation temperature (sla+sd)
-with_large_loss = False      # multiply the transformation-averaged loss by M (the original recommends it for ImageNet)
+with_large_loss = False      # multiply the joint (da/mt: transformation-averaged) loss by M (the original: for ImageNet)
 num_samples_per_class = 0    # > 0: train on this many images per class (limited-data setting); 0: all
 val_size = 5000              # validation images held out of the training file (synthetic: at most a tenth of it)
 val_indices = ''             # a file of validation indices to use instead of drawing them (.txt or the original's .npy)
@@ -58,16 +58,10 @@ HYPERPARAMETERS = hyperparameters(globals(), first='dataset', last='resume')
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)     # the original normalisation: pixels in [-1, 1]
 MODES = ['baseline', 'da', 'mt', 'sla', 'sla+sd']
 
-HELPS = {
+HELPS = {        # --help texts longer than the comments above
     'mode': 'baseline: plain; da: transformed copies as extra data; mt: class head + transformation head; '
             'sla: one head over (class, transformation); sla+sd: sla plus a class head self-distilled from the aggregate',
     'aug': 'the self-supervised transformation set (t=0 is always the identity)',
-    'with_large_loss': 'multiply the joint (da/mt: transformation-averaged) loss by M',
-    'val_size': 'validation images held out of the training file; with --synthetic at most a tenth of it',
-    'val_indices': 'load the validation indices from this file (one index a line, or a .npy array) instead of '
-                   'drawing them with the seed',
-    'eval_only': 'with --resume RUN: evaluate the best checkpoint of RUN on the test set and stop',
-    'resume': 'run folder (or run name) to continue from its latest checkpoint',
 }
 
 
@@ -156,10 +150,6 @@ METRICS = {        # per mode, in print order; total_* are over the B*M copies (
 }
 
 
-def hits(logits, target):
-    return (logits.argmax(1) == target).sum().float()
-
-
 def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
     """The loss of `mode` on B images and its metrics as sums over the B images (a metric = sum / images).
 
@@ -175,7 +165,7 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
     if mode == 'baseline':
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        return loss, {'single_loss': loss.detach() * B, 'single_acc': hits(logits, y)}
+        return loss, {'single_loss': loss.detach() * B, 'single_acc': accuracy_count(logits, y)}
     M = tf.M
     scale = M if large_loss else 1
     h = model.features(tf(x))                                  # features of the B*M copies, image-major
@@ -184,19 +174,19 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
         logits = model.classifiers[0](h)                       # class head on every copy
         y_copies = y.repeat_interleave(M)
         loss = F.cross_entropy(logits, y_copies) * scale
-        m['total_acc'] = hits(logits, y_copies) / M
+        m['total_acc'] = accuracy_count(logits, y_copies) / M
         if mode == 'mt':
             t = torch.arange(M, device=y.device).repeat(B)
             trans_logits = model.classifiers[1](h)             # transformation head on every copy
             trans_loss = F.cross_entropy(trans_logits, t) * scale
             loss = loss + trans_loss
-            m['trans_loss'], m['trans_acc'] = trans_loss.detach() * B, hits(trans_logits, t) / M
+            m['trans_loss'], m['trans_acc'] = trans_loss.detach() * B, accuracy_count(trans_logits, t) / M
         single, agg = logits[0::M], logits.view(B, M, -1).mean(1)
     else:
         joint = model.classifiers[0](h)                        # [B*M, C*M]
         target = joint_labels(y, M)
         loss = F.cross_entropy(joint, target) * scale
-        m['total_acc'] = hits(joint, target) / M
+        m['total_acc'] = accuracy_count(joint, target) / M
         single, agg = single_logits(joint, M), aggregated_logits(joint, M)
         if mode == 'sla+sd':
             single = model.classifiers[1](h[0::M])             # C-way head on the untransformed copy
@@ -204,9 +194,9 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
     single, agg = single.detach(), agg.detach()
     m['total_loss'] = loss.detach() * B
     m['single_loss'] = F.cross_entropy(single, y, reduction='sum')
-    m['single_acc'] = hits(single, y)
+    m['single_acc'] = accuracy_count(single, y)
     m['agg_loss'] = F.cross_entropy(agg, y, reduction='sum')
-    m['agg_acc'] = hits(agg, y)
+    m['agg_acc'] = accuracy_count(agg, y)
     return loss, m
 
 
@@ -267,7 +257,7 @@ def validate(cfg):
                         f'{cfg.batchsize} (a batch holds distinct images): lower --batchsize.')
     if cfg.val_indices and not os.path.isfile(cfg.val_indices):
         raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
-    create_dataset.sla_check_data(cfg.dataset, cfg.datadir, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present(cfg.dataset, cfg.datadir, cfg.synthetic, cfg.download)
 
 
 def load_split(cfg, train):
@@ -292,9 +282,9 @@ def split_indices(cfg, run_dir, labels):
     train, val = create_dataset.sla_splits(labels, len(val), cfg.seed, cfg.num_samples_per_class, val)
     if os.path.isfile(train_file):
         train = create_dataset.sla_load_indices(train_file, n)
-    create_dataset.sla_save_indices(val_file, val)
+    create_dataset.write_indices(val_file, val)
     if cfg.num_samples_per_class:
-        create_dataset.sla_save_indices(train_file, train)
+        create_dataset.write_indices(train_file, train)
     return train, val
 
 

@@ -485,7 +485,8 @@ def masked_softmax(logits, primary, psi_mask_):
 
 
 def accuracy_count(logits_or_probs, target):
-    return (logits_or_probs.argmax(1) == target).sum()
+    """Number of rows whose argmax is the target, as a float32 tensor (summed on the device)."""
+    return (logits_or_probs.argmax(1) == target).sum().float()
 
 
 @torch.no_grad()
@@ -555,14 +556,6 @@ def cosine_per_filter(grads_a, grads_b):
 # ----------------------------------------------------------------------------------------------------
 # Fast paths (opt-in; all off by default, so a default run is the papers' plain float32 eager run)
 # ----------------------------------------------------------------------------------------------------
-
-FAST_PATHS = {           # hyperparameter -> --help text; every script has these three, default False
-    'amp': "bf16 autocast for the networks' forward passes (CPU and CUDA); weights, optimiser and losses "
-           "stay float32",
-    'channels_last': "channels-last memory format for the networks' weights and inputs",
-    'compile': "torch.compile the networks' forward passes (never second-order MAXL's meta step)",
-}
-
 
 def _float32(out):
     if torch.is_tensor(out):
@@ -754,7 +747,7 @@ class Run:
     def __init__(self, script, defaults, argv=None, description='', validate=None, dir_key=None, **parse_kw):
         # dir_key (optional): name of a hyperparameter that, when non-empty, is the run folder itself
         # instead of logs/<script>/<run> (MetaSemi's --save-path).
-        parse_kw['helps'] = {**getattr(defaults, 'helps', {}), **FAST_PATHS, **(parse_kw.get('helps') or {})}
+        parse_kw['helps'] = {**getattr(defaults, 'helps', {}), **(parse_kw.get('helps') or {})}
         cfg, given = parse_config(defaults, argv, description, **parse_kw)
         self.resuming = bool(cfg.resume)
         if self.resuming:

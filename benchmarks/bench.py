@@ -174,6 +174,14 @@ def build(name, dev, fast, data_root):
     return step
 
 
+def timed_steps(name, steps):
+    """maxl_train: at least a whole cycle of its sampled gradient cosine, so its mean is the average step."""
+    if name == 'maxl_train':
+        import model_vgg_maxl
+        return max(steps, model_vgg_maxl.cos_every)
+    return steps
+
+
 def measure(name, device, fast, warmup, steps, data_root):
     import torch
     from utils import pick_device
@@ -184,9 +192,7 @@ def measure(name, device, fast, warmup, steps, data_root):
     def sync():
         if dev.type == 'cuda':
             torch.cuda.synchronize()
-    if name == 'maxl_train':              # whole cycles of the sampled cosine, so the mean is honest
-        import model_vgg_maxl
-        steps = max(steps, model_vgg_maxl.cos_every)
+    steps = timed_steps(name, steps)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()

@@ -42,28 +42,28 @@ def main():
         fast.update(amp=True, channels_last=True)
     flags = '+'.join(k for k, v in fast.items() if v) or 'float32'
     f32 = dict(amp=False, channels_last=False, compile=False)
+    names = [r for r in args.rows.split(',') if r]
+    bad = [n for n in names if n not in bench.ROWS or (args.goals and not bench.ROWS[n][3])]
+    if bad:
+        p.exit(2, f'error: rows {bad} are unknown{" or have no goal" if args.goals else ""}; choose from '
+                  f'{", ".join(n for n, row in bench.ROWS.items() if row[3] or not args.goals)}\n')
     if args.goals:
-        names = [r for r in args.rows.split(',') if r] or [n for n, row in bench.ROWS.items() if row[3]]
+        names = names or [n for n, row in bench.ROWS.items() if row[3]]
         pairs = [(n, fast, bench.ROWS[n][3][0], fast) for n in names]
         print(f'{flags}: each row against its goal\'s reference row, alternating\n')
         print('| row | s/step | reference | s/step | ratio (paired) | goal |')
         print('|---|---|---|---|---|---|')
     else:
-        names = [r for r in args.rows.split(',') if r] or ['bare_vgg', 'single', 'bare_vgg_mt', 'bare_convlarge']
+        names = names or ['bare_vgg', 'single', 'bare_vgg_mt', 'bare_convlarge']
         pairs = [(n, f32, n, fast) for n in names]
         print(f'| row | float32 s/step | {flags} s/step | speed-up (paired) |')
         print('|---|---|---|---|')
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     out = {}
     for a, fast_a, b, fast_b in pairs:
-        if a not in bench.ROWS or b not in bench.ROWS:
-            p.exit(2, f'error: unknown row {a!r}; choose from {", ".join(bench.ROWS)}\n')
         torch.manual_seed(0)
         steps = [bench.build(a, dev, fast_a, args.data_root), bench.build(b, dev, fast_b, args.data_root)]
-        n = args.pairs
-        if a == 'maxl_train':
-            import model_vgg_maxl
-            n = max(n, model_vgg_maxl.cos_every)
+        n = bench.timed_steps(a, args.pairs)
         times = [[], []]
         for i in range(n + 2):
             for k, step in enumerate(steps):

@@ -73,6 +73,7 @@ def test_script_without_data_exits_2_without_traceback(tmp_path):
     p = run_script('model_vgg_single.py', '--data_root', tmp_path / 'none', '--logdir', tmp_path / 'logs')
     assert p.returncode == 2
     assert 'Traceback' not in p.stderr and 'cifar-100-python.tar.gz' in p.stderr
+    assert not (tmp_path / 'logs').exists()              # stopped before a run folder was made
 
 
 def test_unwritable_logdir_is_a_clear_error(tmp_path, data_root):

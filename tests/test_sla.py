@@ -203,7 +203,7 @@ def test_validation_split_and_samples_per_class(tmp_path):
     assert len(val) == 100 and len(train) == 900 and not set(train) & set(val)
     assert np.array_equal(val, cd.sla_splits(labels, n_val, seed=3)[1])         # seeded
     assert not np.array_equal(val, cd.sla_splits(labels, n_val, seed=4)[1])
-    cd.sla_save_indices(str(tmp_path / 'v.txt'), val)
+    cd.write_indices(str(tmp_path / 'v.txt'), val)
     np.save(tmp_path / 'v.npy', val[::-1])
     assert np.array_equal(cd.sla_load_indices(str(tmp_path / 'v.txt'), 1000), val)
     assert np.array_equal(cd.sla_load_indices(str(tmp_path / 'v.npy'), 1000), val)
