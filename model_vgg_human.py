@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Run, Timer, VGG16, accuracy_count, evaluate_heads, fast_module, focal_loss,
-                   hyperparameters, run_main)
+from utils import Meters, Run, UserError, VGG16, accuracy_count, evaluate_heads, fast_module, focal_loss, \
+    hyperparameters, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -23,26 +23,14 @@ lr_gamma = 0.5
 primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 aux_level = 3              # must refine primary_level (every auxiliary class inside one primary class)
 width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
-seed = 0
-device = 'auto'            # auto, cpu, cuda, cuda:N, mps
-amp = False                # fast path: bf16 autocast (off: the papers' float32)
-channels_last = False      # fast path: channels-last memory format
-compile = False            # fast path: torch.compile the forward passes
-synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
-download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
-data_root = 'dataset'
-logdir = 'logs'
-run_name = ''
-resume = ''                # a run folder (logs/model_vgg_human/<run>) to continue
-# ---------------------------------------------------------------------------------------------------
-HYPERPARAMETERS = hyperparameters(globals(), first='epochs', last='resume')
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+HYPERPARAMETERS = hyperparameters(globals())
+CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3]}
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
 
 
 def validate(cfg):
-    if cfg.primary_level not in range(4) or cfg.aux_level not in range(4):
-        raise UserError('primary_level and aux_level must be 0, 1, 2 or 3 (3, 10, 20, 100 classes).')
     if cfg.aux_level <= cfg.primary_level:
         raise UserError(f'aux_level {cfg.aux_level} does not refine primary_level {cfg.primary_level}: the auxiliary '
                         f'labels must be a finer level of the hierarchy (a larger level number), e.g. '
@@ -61,19 +49,20 @@ def check_refines(labels, primary_level, aux_level):
 
 
 def train_step(net, x, y1, y2, optimizer):
+    """One SGD step on the sum of the two focal losses; returns sums over the batch."""
     logits1, logits2 = net(x)
     loss1 = focal_loss(F.softmax(logits1, dim=1), y1).mean()
     loss2 = focal_loss(F.softmax(logits2, dim=1), y2).mean()
     optimizer.zero_grad(set_to_none=True)
     (loss1 + loss2).backward()
     optimizer.step()
-    return torch.stack([loss1.detach(), accuracy_count(logits1, y1) / len(x),
-                        loss2.detach(), accuracy_count(logits2, y2) / len(x)])
+    return {'loss': loss1.detach() * len(x), 'acc': accuracy_count(logits1, y1),
+            'aux_loss': loss2.detach() * len(x), 'aux_acc': accuracy_count(logits2, y2)}
 
 
 def main(argv=None):
-    run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate)
-    cfg, dev, log = run.cfg, run.device, run.log
+    run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
+    cfg, dev = run.cfg, run.device
     pri, aux = cfg.primary_level, cfg.aux_level
 
     train_x, train_y = create_dataset.load_cifar100(cfg.data_root, True, cfg.synthetic, cfg.download)
@@ -88,35 +77,28 @@ def main(argv=None):
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     objects = dict(net=net, optimizer=optimizer, scheduler=scheduler)
-    state = run.restore(objects) or {'epoch': -1, 'best_test_acc': 0.0, 'step': 0}
+    state = run.restore(objects, epoch=-1, step=0)
     step = state['step']
 
-    for epoch in range(state['epoch'] + 1, cfg.epochs):
-        timer = Timer(dev)
-        data_rng = create_dataset.device_generator(dev, cfg.seed * 1_000_003 + epoch)   # the epoch's stream
+    for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train()
-        sums, n_seen = torch.zeros(4, device=dev), 0
+        meters = Meters()
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
-            sums += train_step(net, x, labels[:, pri], labels[:, aux], optimizer) * len(x)
-            n_seen += len(x)
+            meters.add(len(x), **train_step(net, x, labels[:, pri], labels[:, aux], optimizer))
             step += 1
-        test_metrics = evaluate_heads(net, test, (pri, aux), cfg.batch_size)
+        test_loss, test_acc, test_aux_loss, test_aux_acc = evaluate_heads(net, test, (pri, aux), cfg.batch_size)
         scheduler.step()
-        seconds = timer.lap()
+        seconds = run.timer.lap()
 
-        tr = (sums / n_seen).tolist()
-        best = max(state['best_test_acc'], test_metrics[1])
-        log.print(f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr[0]:.4f} {tr[1]:.4f} '
-                  f'AUX {tr[2]:.4f} {tr[3]:.4f} || TEST [LOSS|ACC.]: PRI {test_metrics[0]:.4f} {test_metrics[1]:.4f} '
-                  f'AUX {test_metrics[2]:.4f} {test_metrics[3]:.4f} | {seconds:.1f}s')
-        log.metrics(dict(epoch=epoch, step=step, train_loss=tr[0], train_acc=tr[1], train_aux_loss=tr[2],
-                         train_aux_acc=tr[3], test_loss=test_metrics[0], test_acc=test_metrics[1],
-                         test_aux_loss=test_metrics[2], test_aux_acc=test_metrics[3], best_test_acc=best,
-                         seconds=seconds))
-        state = {'epoch': epoch, 'best_test_acc': best, 'step': step, 'test_acc': test_metrics[1]}
-        run.save(objects, **state)
-    log.print(f'done after {state["epoch"] + 1} epochs: test accuracy {state.get("test_acc", float("nan")):.4f}, '
-              f'best {state["best_test_acc"]:.4f}')
+        tr = meters.means()
+        row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'], train_aux_loss=tr['aux_loss'],
+                   train_aux_acc=tr['aux_acc'], test_loss=test_loss, test_acc=test_acc, test_aux_loss=test_aux_loss,
+                   test_aux_acc=test_aux_acc, seconds=seconds)
+        run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
+            f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} '
+            f'AUX {tr["aux_loss"]:.4f} {tr["aux_acc"]:.4f} || TEST [LOSS|ACC.]: PRI {test_loss:.4f} {test_acc:.4f} '
+            f'AUX {test_aux_loss:.4f} {test_aux_acc:.4f} | {seconds:.1f}s'], epoch=epoch, step=step)
+    run.finish_epochs()
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, eager, entropy_loss, evaluate_heads,
+from utils import (UserError, Meters, Run, VGG16, accuracy_count, cosine_per_filter, eager, entropy_loss, evaluate_heads,
                    fast_module, flat_norm, focal_loss, forward_with, head_parameter_names, hyperparameters,
                    masked_softmax, psi_mask, run_main, virtual_sgd_step)
 
@@ -35,33 +35,19 @@ second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode)
 fd_eps = 0.01              # first order: the step is fd_eps / ||d||
 cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
 width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
-seed = 0
-device = 'auto'            # auto, cpu, cuda, cuda:N, mps
-amp = False                # fast path: bf16 autocast (off: the papers' float32)
-channels_last = False      # fast path: channels-last memory format
-compile = False            # fast path: torch.compile the forward passes (the second-order meta step stays eager)
-synthetic = False          # train on the synthetic stand-in (dataset/synthetic) instead of CIFAR-100
-download = False           # fetch CIFAR-100 (md5-checked) if it is not in data_root
-data_root = 'dataset'
-logdir = 'logs'
-run_name = ''
-resume = ''                # a run folder (logs/model_vgg_maxl/<run>) to continue
-# ---------------------------------------------------------------------------------------------------
-HYPERPARAMETERS = hyperparameters(globals(), first='epochs', last='resume')
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+HYPERPARAMETERS = hyperparameters(globals())
+CHOICES = {'primary_level': [0, 1, 2, 3], 'meta_order': [1, 2], 'second_order': ['jvp', 'double_backward']}
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
 
 
 def validate(cfg):
-    n_primary = create_dataset.LEVEL_CLASSES[cfg.primary_level] if cfg.primary_level in range(4) else None
-    if n_primary is None:
-        raise UserError(f'primary_level must be 0, 1, 2 or 3 (3, 10, 20, 100 classes), got {cfg.primary_level}.')
+    n_primary = create_dataset.LEVEL_CLASSES[cfg.primary_level]
     if len(cfg.psi) != n_primary or min(cfg.psi) < 1:
         raise UserError(f'bad psi {cfg.psi}: it needs one positive entry per primary class, i.e. {n_primary} '
                         f'entries for primary level {cfg.primary_level}; sum(psi) is then the number of '
                         f'auxiliary classes. Example: --psi 5x{n_primary} (5 auxiliary classes per primary class).')
-    if cfg.meta_order not in (1, 2):
-        raise UserError(f'meta_order must be 1 (finite differences) or 2 (exact), got {cfg.meta_order}.')
     if cfg.cos_every < 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
         raise UserError('epochs, batch_size and width must be positive and cos_every >= 0 (0 = never).')
     create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
@@ -193,15 +179,13 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
 # ---- the run -----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    run = Run('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate,
-              choices={'meta_order': [1, 2], 'second_order': ['jvp', 'double_backward']})
-    cfg, dev, log = run.cfg, run.device, run.log
+    run = Run('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
+    cfg, dev = run.cfg, run.device
 
     # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.
-    train_x, train_y = create_dataset.load_cifar100(cfg.data_root, True, cfg.synthetic, cfg.download)
-    test_x, test_y = create_dataset.load_cifar100(cfg.data_root, False, cfg.synthetic, cfg.download)
-    train = create_dataset.DeviceData(train_x, train_y, dev, MEAN, STD)
-    test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)
+    train, test = (create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, split, cfg.synthetic,
+                                                                           cfg.download), dev, MEAN, STD)
+                   for split in (True, False))
     level = cfg.primary_level
 
     gen = label_generator(cfg.psi, cfg.width).to(dev)
@@ -216,29 +200,26 @@ def main(argv=None):
     heads = head_parameter_names(net)
     objects = dict(net=net, gen=gen, optimizer=optimizer, gen_optimizer=gen_optimizer,
                    scheduler=scheduler, gen_scheduler=gen_scheduler)
-    state = run.restore(objects) or {'epoch': -1, 'best_test_acc': 0.0, 'step': 0}
+    state = run.restore(objects, epoch=-1, step=0)
     step = state['step']
 
-    for epoch in range(state['epoch'] + 1, cfg.epochs):
-        timer = Timer(dev)
-        data_rng = create_dataset.device_generator(dev, cfg.seed * 1_000_003 + epoch)   # the epoch's stream
+    for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train(), gen.train()
 
         # 1) a pass of training steps on the multi-task network
-        sums = torch.zeros(2, device=dev)          # summed on the device: no host sync inside the loop
-        n_seen, cos_sum, cos_n = 0, torch.zeros((), device=dev), 0
+        train_meters = Meters()                    # summed on the device: no host sync inside the loop
+        cos_sum, cos_n = torch.zeros((), device=dev), 0
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             y = labels[:, level]
             with_cos = cfg.cos_every > 0 and step % cfg.cos_every == 0
             loss1, correct, cosine = train_step(net, gen, x, y, mask, optimizer, heads, with_cos)
-            sums += torch.stack([loss1 * len(x), correct])
-            n_seen += len(x)
+            train_meters.add(len(x), loss=loss1 * len(x), acc=correct)
             if cosine is not None:
                 cos_sum, cos_n = cos_sum + cosine, cos_n + 1
             step += 1
 
         # 2) a pass of meta steps on the label generator
-        meta = torch.zeros(4, device=dev)
+        meta_meters = Meters()
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             y = labels[:, level]
             if cfg.meta_order == 2:
@@ -251,28 +232,25 @@ def main(argv=None):
             for p, g in zip(gen.parameters(), gen_grads):
                 p.grad = g
             gen_optimizer.step()
-            meta += torch.stack([stats[0] * len(x), stats[1], stats[2] * len(x), stats[3]])
+            meta_meters.add(len(x), pre_loss=stats[0] * len(x), pre_acc=stats[1], post_loss=stats[2] * len(x),
+                            post_acc=stats[3])
 
         # 3) test
         test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)
         scheduler.step(), gen_scheduler.step()
-        seconds = timer.lap()
+        seconds = run.timer.lap()
 
-        train_loss, train_acc = (sums / n_seen).tolist()
+        tr, meta = train_meters.means(), meta_meters.means()
         cos = float(cos_sum) / cos_n if cos_n else float('nan')
-        pre_loss, pre_acc, post_loss, post_acc = (meta / n_seen).tolist()
-        best = max(state['best_test_acc'], test_acc)
-        log.print(f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {train_loss:.4f} {train_acc:.4f} '
-                  f'COSSIM {cos:.4f} || META [LOSS|ACC.]: PRE {pre_loss:.4f} {pre_acc:.4f} '
-                  f'AFTER {post_loss:.4f} {post_acc:.4f} || TEST: {test_loss:.4f} {test_acc:.4f} | {seconds:.1f}s')
-        log.metrics(dict(epoch=epoch, step=step, train_loss=train_loss, train_acc=train_acc, cosine=cos,
-                         meta_pre_loss=pre_loss, meta_pre_acc=pre_acc, meta_post_loss=post_loss,
-                         meta_post_acc=post_acc, test_loss=test_loss, test_acc=test_acc, best_test_acc=best,
-                         seconds=seconds))
-        state = {'epoch': epoch, 'best_test_acc': best, 'step': step, 'test_acc': test_acc}
-        run.save(objects, **state)
-    log.print(f'done after {state["epoch"] + 1} epochs: test accuracy {state.get("test_acc", float("nan")):.4f}, '
-              f'best {state["best_test_acc"]:.4f}')
+        row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'], cosine=cos,
+                   **{f'meta_{k}': v for k, v in meta.items()}, test_loss=test_loss, test_acc=test_acc,
+                   seconds=seconds)
+        run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
+            f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} '
+            f'COSSIM {cos:.4f} || META [LOSS|ACC.]: PRE {meta["pre_loss"]:.4f} {meta["pre_acc"]:.4f} '
+            f'AFTER {meta["post_loss"]:.4f} {meta["post_acc"]:.4f} || TEST: {test_loss:.4f} {test_acc:.4f} '
+            f'| {seconds:.1f}s'], epoch=epoch, step=step)
+    run.finish_epochs()
 
 
 if __name__ == '__main__':

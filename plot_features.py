@@ -6,7 +6,7 @@ labeled red on top). The 2-D points are also saved next to the PNG (.npz).
 Optional extra, never needed for training: pip install matplotlib scikit-learn (t-SNE; --method pca
 needs matplotlib only).
 
-    python plot_features.py results/svhn                                   # model_best.pt, t-SNE
+    python plot_features.py results/svhn                                   # best.pt, t-SNE
     python plot_features.py logs/train_meta_semi/RUN --checkpoint checkpoint.pt --method pca --num-point 1000
 """
 import argparse
@@ -58,7 +58,7 @@ def embed(points, method, tsne, seed):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('run', help='the run folder (its --save-path, or logs/train_meta_semi/<run>)')
-    p.add_argument('--checkpoint', default='model_best.pt', help='file in the run folder: model_best.pt or checkpoint.pt')
+    p.add_argument('--checkpoint', default='best.pt', help='file in the run folder: best.pt or checkpoint.pt')
     p.add_argument('--num-point', type=int, default=5000, help='unlabeled and test points kept (0: all); '
                    'every labeled point is kept')
     p.add_argument('--method', choices=['tsne', 'pca'], default='tsne')
@@ -76,7 +76,7 @@ def main(argv=None):
         cfg = json.load(f)
     device = pick_device(args.device)
 
-    train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_path'],
+    train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_root'],
                                                                cfg['synthetic'])
     mean, std = create_dataset.SEMI_NORMALISATION[cfg['dataset']]
     train = create_dataset.DeviceData(train_x, train_y, device, mean, std)

@@ -15,7 +15,6 @@ Then one SGD step (train mode) on  L_labeled (or the mixup KL loss) + w * mean |
         --warmup 50 --test-freq 100 --width 0.25
 """
 import os
-import shutil
 import sys
 import time
 
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import UserError, Run, accuracy_count, fast_module, forward_with, hyperparameters, run_main, semi_network
+from utils import Meters, Run, UserError, accuracy_count, device_generator, fast_module, forward_with, \
+    hyperparameters, run_main, semi_network
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100 or svhn
@@ -43,33 +43,19 @@ weight_decay = 1e-4            # the paper uses 5e-5 for SVHN
 momentum = 0.9                 # SGD momentum (weight decay applies to every parameter)
 baseline = False               # labeled data only (the original train_baseline.py)
 print_freq = 100               # print a training line every N steps
-test_freq = 400                # test, keep the best accuracy and save a checkpoint every N steps
+eval_every = 400               # test, keep the best accuracy and save a checkpoint every N steps (--test-freq)
 width = 1.0                    # channel multiplier (1 = the paper's network)
 seed = 1234                    # seeds the label split, the data streams, the weights
-gpu = False                    # train on the CUDA GPU (as the original's --gpu); --device chooses explicitly
-device = 'auto'                # auto, cpu, cuda, cuda:N, mps
-amp = False                    # fast path: bf16 autocast (off: the papers' float32)
-channels_last = False          # fast path: channels-last memory format
-compile = False                # fast path: torch.compile the forward passes
-synthetic = False              # train on the synthetic stand-in (dataset/synthetic)
-download = False               # fetch the official files (md5-checked) if they are missing
-data_path = 'dataset'          # data root (the official files, or synthetic/ under it)
-save_path = ''                 # the run folder; empty: logs/train_meta_semi/<date-time>
-logdir = 'logs'                # runs without --save-path go to logs/train_meta_semi/
-run_name = ''                  # name of that run folder (default: date-time)
-resume = ''                    # a run folder to continue (the --save-path, or logs/train_meta_semi/<run>)
-# ---------------------------------------------------------------------------------------------------
-HYPERPARAMETERS = hyperparameters(globals(), first='dataset', last='resume')
+# ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see utils.RUN_OPTIONS)
+HYPERPARAMETERS = hyperparameters(globals())
+CHOICES = {'dataset': sorted(create_dataset.SEMI_NORMALISATION), 'architecture': ['convlarge', 'shakeshake']}
 
 TEST_BATCH = 100
 
 
 def validate(cfg):
-    if cfg.gpu and cfg.device in ('', 'auto') and not torch.cuda.is_available():
-        raise UserError('--gpu asks for a CUDA GPU, but this PyTorch sees none: drop --gpu (the device is then '
-                        'chosen automatically) or add --device cpu.')
-    if min(cfg.total_steps, cfg.batch_size, cfg.print_freq, cfg.test_freq) < 1 or cfg.warmup < 0:
-        raise UserError('total_steps, batch_size, print_freq and test_freq must be positive and warmup >= 0.')
+    if min(cfg.total_steps, cfg.batch_size, cfg.print_freq, cfg.eval_every) < 1 or cfg.warmup < 0:
+        raise UserError('total_steps, batch_size, print_freq and eval_every must be positive and warmup >= 0.')
     if cfg.lr <= 0 or cfg.width <= 0 or cfg.epsilon <= 0 or cfg.weight < 0 or cfg.gamma <= 0:
         raise UserError('lr, width, epsilon and gamma must be positive and weight >= 0.')
     if cfg.mix_up and cfg.alpha <= 0:
@@ -153,7 +139,8 @@ def sgd_step(optimizer, loss):
 
 
 def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, num_classes, baseline=False):
-    """One training step. Returns [labeled loss, unlabeled loss, labeled hits, unlabeled hits] on the device.
+    """One training step. Returns sums over the batch on the device: label_loss, unlabel_loss, label_acc
+    (hits), unlabel_acc (hits).
     x_u / y_u: the unlabeled batch (its labels only count Uacc), None for the labeled-only baseline;
     lam: per-sample mixup coefficients [B, 1], None without mixup."""
     if not baseline:
@@ -168,7 +155,7 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, nu
         sgd_step(optimizer, loss_sup + w * loss_u)
         # logged as the original: with mixup the labeled loss/accuracy are the eval-mode ones of step 1
         loss_l, logits_l = (loss_l_eval, logits_l_eval) if lam is not None else (loss_sup.detach(), logits_sup)
-        return torch.stack([loss_l, loss_u.detach(), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u)])
+        return sums(loss_l, loss_u.detach(), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u), len(x_l))
     if lam is not None:
         # mixup baseline: plain eval-mode pseudo-labels, no meta update, no consistency term
         with torch.no_grad():
@@ -178,29 +165,30 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, nu
         model.train()
         loss, _ = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
         sgd_step(optimizer, loss)
-        return torch.stack([loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u)])
+        return sums(loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u),
+                    len(x_l))
     model.train()
     loss, logits_l = supervised_loss(model, x_l, y_l, None, None, None, num_classes)
     sgd_step(optimizer, loss)
-    return torch.stack([loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l.detach(), y_l), torch.zeros_like(loss)])
+    return sums(loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l.detach(), y_l), torch.zeros_like(loss),
+                len(x_l))
+
+
+def sums(label_loss, unlabel_loss, label_hits, unlabel_hits, batch):
+    return {'label_loss': label_loss * batch, 'unlabel_loss': unlabel_loss * batch, 'label_acc': label_hits,
+            'unlabel_acc': unlabel_hits}
 
 
 @torch.no_grad()
 def evaluate(model, test):
-    """Eval mode over the whole test set: (mean cross-entropy, accuracy in percent)."""
+    """Eval mode over the whole test set: (mean cross-entropy, accuracy as a fraction)."""
     model.eval()
     sums = torch.zeros(2, device=test.device)
     for x, y in test.batches(TEST_BATCH):
         logits = model(x)
         sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), accuracy_count(logits, y)])
     loss, acc = (sums / len(test)).tolist()
-    return loss, 100 * acc
-
-
-def save_best(run):
-    best = os.path.join(run.dir, 'model_best.pt')
-    shutil.copyfile(run.checkpoint_path, best + '.tmp')
-    os.replace(best + '.tmp', best)
+    return loss, acc
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -210,13 +198,10 @@ def main(argv=None):
 
     def check(cfg):                       # values, then the data files and the label budget: before any writing
         validate(cfg)
-        data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_path, cfg.synthetic, cfg.download)
+        data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.download)
         create_dataset.check_label_budget(data['arrays'][1], cfg.num_label, create_dataset.NUM_CLASSES[cfg.dataset])
 
-    run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check,
-              dir_key='save_path', aliases={'architecture': ['-a']},
-              choices={'dataset': sorted(create_dataset.SEMI_NORMALISATION),
-                       'architecture': ['convlarge', 'shakeshake']})
+    run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES)
     cfg, dev, log = run.cfg, run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
     log.print(f'MetaSemi ({mode}) with {cfg}')
@@ -240,7 +225,7 @@ def main(argv=None):
     labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), cfg.batch_size, 2 * cfg.seed)
     unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), cfg.batch_size,
                                               2 * cfg.seed + 1)
-    augment_rng = create_dataset.device_generator(dev, cfg.seed)
+    augment_rng = device_generator(dev, cfg.seed)
     use_unlabeled = not cfg.baseline or cfg.mix_up
 
     model = semi_network(cfg.architecture, num_classes, cfg.width).to(dev)
@@ -250,19 +235,17 @@ def main(argv=None):
     log.print(f'{cfg.architecture} (width {cfg.width}): {sum(p.numel() for p in model.parameters()):,} parameters')
 
     objects = dict(model=model, optimizer=optimizer)
-    state = run.restore(objects)
-    start, best = 0, 0.0
-    if state:
-        start, best = state['step'], state['best_acc']
+    state = run.restore(objects, step=0)
+    start = state['step']
+    if run.resuming:
         labeled.load_state_dict(state['labeled'])
         unlabeled.load_state_dict(state['unlabeled'])
         augment_rng.set_state(state['augment_rng'].cpu())
-        log.print(f'resumed at step {start}, best accuracy so far {best:.5f}')
+        log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
     B = cfg.batch_size
-    meters = torch.zeros(4, device=dev)       # sums since the last test: Lloss, Uloss, Lcorrect, Ucorrect
-    per_batch = torch.tensor([B, B, 1, 1], dtype=torch.float32, device=dev)   # losses are means: times B
-    seen, data_time, batch_time, timed = 0, 0.0, 0.0, 0
+    meters = Meters()                         # sums since the last test, on the device
+    data_time, batch_time, timed = 0.0, 0.0, 0
     for t in range(start, cfg.total_steps):
         lr_now = learning_rate(t, cfg.lr, cfg.warmup, cfg.milestones, cfg.gamma)
         for group in optimizer.param_groups:
@@ -276,41 +259,36 @@ def main(argv=None):
         lam = beta.sample((B, 1)) if cfg.mix_up else None
         toc = time.perf_counter()
 
-        step_stats = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
-                                cfg.baseline)
-        meters += step_stats * per_batch
-        seen += B
+        step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
+                               cfg.baseline)
+        meters.add(B, **step_sums)
         data_time, batch_time, timed = data_time + toc - tic, batch_time + time.perf_counter() - toc, timed + 1
 
         if t % cfg.print_freq == 0:          # the only host reads of the loop, besides testing
-            val = step_stats.tolist()
-            avg = (meters / seen).tolist()
-            val[2:], avg[2:] = [100 * v / B for v in val[2:]], [100 * v for v in avg[2:]]
+            val = {k: v / B for k, v in zip(step_sums, torch.stack(list(step_sums.values())).tolist())}
+            avg = meters.means()
+            pct = lambda d, k: 100 * d[k] if k.endswith('acc') else d[k]        # noqa: E731 (printed in percent)
+            val, avg = ({k: pct(d, k) for k in d} for d in (val, avg))
             times = f'Dtime: {data_time / timed:.3f} Btime: {batch_time / timed:.3f}'
             if cfg.baseline:
-                line = (f'Step: [{t:05d}/{cfg.total_steps:05d}] {times} loss: {val[0]:.3f} (avg {avg[0]:.3f}) '
-                        f'Lacc: {val[2]:.3f} (avg {avg[2]:.3f})')
+                line = (f'Step: [{t:05d}/{cfg.total_steps:05d}] {times} loss: {val["label_loss"]:.3f} '
+                        f'(avg {avg["label_loss"]:.3f}) Lacc: {val["label_acc"]:.3f} (avg {avg["label_acc"]:.3f})')
             else:
-                line = (f'Step {t:05d} {times} Lloss: {val[0]:.3f} (avg {avg[0]:.3f}) Uloss: {val[1]:.3f} '
-                        f'(avg {avg[1]:.3f}) Lacc: {val[2]:.3f} (avg {avg[2]:.3f}) Uacc: {val[3]:.3f} (avg {avg[3]:.3f})')
+                line = (f'Step {t:05d} {times} Lloss: {val["label_loss"]:.3f} (avg {avg["label_loss"]:.3f}) '
+                        f'Uloss: {val["unlabel_loss"]:.3f} (avg {avg["unlabel_loss"]:.3f}) Lacc: {val["label_acc"]:.3f} '
+                        f'(avg {avg["label_acc"]:.3f}) Uacc: {val["unlabel_acc"]:.3f} (avg {avg["unlabel_acc"]:.3f})')
             log.print(f'{line} LR: {lr_now:.4f}')
 
-        if (t + 1) % cfg.test_freq == 0 or t + 1 == cfg.total_steps:
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.total_steps:
             test_loss, acc = evaluate(model, test)
-            improved = acc > best
-            best = max(best, acc)
-            log.print(f' * Accuracy {acc:.5f}')
-            log.print(f'Best Accuracy: {best:.5f}')
-            avg = (meters / seen).tolist()
-            log.metrics(dict(step=t + 1, lr=lr_now, weight=w, label_loss=avg[0], unlabel_loss=avg[1],
-                             label_acc=100 * avg[2], unlabel_acc=100 * avg[3], test_loss=test_loss, test_acc=acc,
-                             best_acc=best, data_time=data_time / timed, batch_time=batch_time / timed))
-            run.save(objects, step=t + 1, best_acc=best, test_acc=acc, labeled=labeled.state_dict(),
-                     unlabeled=unlabeled.state_dict(), augment_rng=augment_rng.get_state())
-            if improved:
-                save_best(run)
-            meters.zero_()
-            seen = 0
+            row = dict(step=t + 1, lr=lr_now, weight=w, **meters.means(), test_loss=test_loss, test_acc=acc,
+                       data_time=data_time / timed, batch_time=batch_time / timed)
+            run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
+                f' * Accuracy {100 * acc:.5f}', f'Best Accuracy: {100 * run.best["test_acc"]:.5f}'],
+                step=t + 1, labeled=labeled.state_dict(), unlabeled=unlabeled.state_dict(),
+                augment_rng=augment_rng.get_state())
+            meters = Meters()
+    best = 100 * run.best['test_acc']
     log.print(f'done: {cfg.total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%)')
 
 

@@ -20,49 +20,32 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, Run, Timer, UserError, accuracy_count, cifar_resnet, fast_module, hyperparameters, \
-    load_checkpoint, run_main, save_checkpoint
+from utils import CRESNET_DEPTHS, Meters, Run, UserError, accuracy_count, cifar_resnet, device_generator, fast_module, \
+    hyperparameters, load_checkpoint, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10 or cifar100
-datadir = 'dataset'          # data root (CIFAR python pickles); the synthetic stand-in lives in <datadir>/synthetic
-batchsize = 128              # original images per iteration; the network sees batchsize * M transformed copies
-num_iterations = 80000       # SGD steps; the learning rate drops x0.1 at 1/2 and 3/4 of them
-val_freq = 1000              # evaluate (train/val/test metrics), keep the best, checkpoint every val_freq steps
+batch_size = 128             # original images per iteration (--batchsize); the network sees batch_size * M copies
+total_steps = 80000          # SGD iterations (--num-iterations); the learning rate drops x0.1 at 1/2 and 3/4 of them
+eval_every = 1000            # evaluate (train/val/test metrics), keep the best, checkpoint every N iterations (--val-freq)
 model = 'cresnet32'          # cresnet20, cresnet32, cresnet44, cresnet56, cresnet110
-mode = 'sla'                 # baseline, da, mt, sla, sla+sd
-aug = 'rotation'             # the self-supervised transformations (see AUGMENTATIONS); ignored by baseline
+mode = 'sla'                 # baseline: plain; da: transformed copies as extra data; mt: class head + transformation head; sla: one head over (class, transformation); sla+sd: sla plus a class head self-distilled from the aggregate
+aug = 'rotation'             # the self-supervised transformation set (see AUGMENTATIONS; t=0 is always the identity); ignored by baseline
 lr = 0.1
 momentum = 0.9
-wd = 1e-4                    # weight decay on every parameter (batch norm and biases included, as the original)
-T = 1.0                      # self-distillation temperature (sla+sd)
+weight_decay = 1e-4          # on every parameter, batch norm and biases included, as the original (--wd)
+temperature = 1.0            # self-distillation temperature T (sla+sd; the original's --T)
 with_large_loss = False      # multiply the joint (da/mt: transformation-averaged) loss by M (the original: for ImageNet)
 num_samples_per_class = 0    # > 0: train on this many images per class (limited-data setting); 0: all
 val_size = 5000              # validation images held out of the training file (synthetic: at most a tenth of it)
 val_indices = ''             # a file of validation indices to use instead of drawing them (.txt or the original's .npy)
 width = 1.0                  # channel multiplier of the ResNet (1 = the paper's)
-seed = 0
-device = 'auto'              # auto, cpu, cuda, cuda:N, mps
-amp = False                  # fast path: bf16 autocast (off: the papers' float32)
-channels_last = False        # fast path: channels-last memory format
-compile = False              # fast path: torch.compile the forward passes
-synthetic = False            # train on the synthetic stand-in instead of real CIFAR
-download = False             # fetch the dataset (md5-checked) if it is not in datadir
 eval_only = False            # with --resume RUN: print the test metrics of the run's best checkpoint, no training
-logdir = 'logs'              # runs go to <logdir>/train_sla/<run>/
-run_name = ''
-resume = ''                  # a run folder (logs/train_sla/<run>) to continue from its latest checkpoint
-# ----------------------------------------------------------------------------------------------------------
-HYPERPARAMETERS = hyperparameters(globals(), first='dataset', last='resume')
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+HYPERPARAMETERS = hyperparameters(globals())
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)     # the original normalisation: pixels in [-1, 1]
 MODES = ['baseline', 'da', 'mt', 'sla', 'sla+sd']
-
-HELPS = {        # --help texts longer than the comments above
-    'mode': 'baseline: plain; da: transformed copies as extra data; mt: class head + transformation head; '
-            'sla: one head over (class, transformation); sla+sd: sla plus a class head self-distilled from the aggregate',
-    'aug': 'the self-supervised transformation set (t=0 is always the identity)',
-}
 
 
 # ---- the self-supervised transformations ---------------------------------------------------------------
@@ -130,6 +113,10 @@ def self_distillation_loss(student_logits, teacher_logits, T):
     aggregated joint prediction) is detached: this term trains the student head only."""
     return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits.detach() / T, dim=1),
                     reduction='batchmean') * T * T
+
+
+CHOICES = {'dataset': ['cifar10', 'cifar100'], 'mode': MODES, 'model': list(CRESNET_DEPTHS),
+           'aug': list(AUGMENTATIONS) + ['none']}
 
 
 # ---- the network and the five objectives -----------------------------------------------------------------
@@ -200,9 +187,9 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
     return loss, m
 
 
-def sample_batch(train, batchsize, generator):
+def sample_batch(train, batch_size, generator):
     """A batch of distinct training images (i.i.d. across iterations), cropped (4-pixel padding) and flipped."""
-    index = torch.randperm(len(train), device=train.device, generator=generator)[:batchsize]
+    index = torch.randperm(len(train), device=train.device, generator=generator)[:batch_size]
     return train.get(index, generator, augment=True)
 
 
@@ -235,33 +222,27 @@ def line(iteration, split, metrics):
 # ---- the run ---------------------------------------------------------------------------------------------
 
 def validate(cfg):
-    if cfg.dataset not in ('cifar10', 'cifar100'):
-        raise UserError(f'unknown dataset {cfg.dataset!r}: this script trains on cifar10 or cifar100.')
-    if cfg.mode not in MODES:
-        raise UserError(f'unknown mode {cfg.mode!r}: choose one of {", ".join(MODES)}.')
     if cfg.mode != 'baseline' and cfg.aug not in AUGMENTATIONS:
         raise UserError(f'--mode {cfg.mode} needs a transformation set: --aug {" | ".join(AUGMENTATIONS)}.')
-    if cfg.model not in CRESNET_DEPTHS:
-        raise UserError(f'unknown model {cfg.model!r}: choose one of {", ".join(CRESNET_DEPTHS)}.')
-    if min(cfg.batchsize, cfg.num_iterations, cfg.val_freq, cfg.val_size) < 1 or cfg.num_samples_per_class < 0:
-        raise UserError('batchsize, num_iterations, val_freq and val_size must be positive, '
+    if min(cfg.batch_size, cfg.total_steps, cfg.eval_every, cfg.val_size) < 1 or cfg.num_samples_per_class < 0:
+        raise UserError('batch_size, total_steps, eval_every and val_size must be positive, '
                         'num_samples_per_class >= 0 (0 = all images).')
-    if cfg.lr <= 0 or cfg.wd < 0 or cfg.T <= 0 or cfg.width <= 0 or not 0 <= cfg.momentum < 1:
-        raise UserError('need lr > 0, wd >= 0, T > 0, width > 0 and 0 <= momentum < 1.')
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.temperature <= 0 or cfg.width <= 0 or not 0 <= cfg.momentum < 1:
+        raise UserError('need lr > 0, weight_decay >= 0, temperature > 0, width > 0 and 0 <= momentum < 1.')
     if cfg.eval_only and not cfg.resume:
         raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
     n_classes = create_dataset.NUM_CLASSES[cfg.dataset]
-    if cfg.num_samples_per_class and cfg.num_samples_per_class * n_classes < cfg.batchsize:
+    if cfg.num_samples_per_class and cfg.num_samples_per_class * n_classes < cfg.batch_size:
         raise UserError(f'--num-samples-per-class {cfg.num_samples_per_class} leaves '
-                        f'{cfg.num_samples_per_class * n_classes} training images, fewer than --batchsize '
-                        f'{cfg.batchsize} (a batch holds distinct images): lower --batchsize.')
+                        f'{cfg.num_samples_per_class * n_classes} training images, fewer than --batch-size '
+                        f'{cfg.batch_size} (a batch holds distinct images): lower --batch-size.')
     if cfg.val_indices and not os.path.isfile(cfg.val_indices):
         raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
-    create_dataset.check_data_present(cfg.dataset, cfg.datadir, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.download)
 
 
 def load_split(cfg, train):
-    images, labels = create_dataset.load(cfg.dataset, cfg.datadir, train, cfg.synthetic, cfg.download)
+    images, labels = create_dataset.load(cfg.dataset, cfg.data_root, train, cfg.synthetic, cfg.download)
     return images, (labels[:, 3] if cfg.dataset == 'cifar100' else labels)     # CIFAR-100: the 100 fine classes
 
 
@@ -289,12 +270,8 @@ def split_indices(cfg, run_dir, labels):
 
 
 def main(argv=None):
-    run = Run('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, helps=HELPS,
-              choices={'dataset': ['cifar10', 'cifar100'], 'mode': MODES, 'model': list(CRESNET_DEPTHS),
-                       'aug': list(AUGMENTATIONS) + ['none']})
+    run = Run('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
     cfg, dev, log = run.cfg, run.device, run.log
-    if cfg.eval_only:     # keep the flag out of the saved config, or a later --resume would only evaluate
-        log.save_config({k: v for k, v in vars(cfg).items() if k != 'resume'} | {'eval_only': False})
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
@@ -303,21 +280,22 @@ def main(argv=None):
     M = tf.M if tf else 1
     net = build_model(cfg.model, cfg.mode, n_classes, M, cfg.width).to(dev)
     fast_module(net, dev, cfg.amp, cfg.channels_last, cfg.compile, methods=('forward', 'features'))   # opt-in
-    evaluate_kw = dict(mode=cfg.mode, tf=tf, batch_size=cfg.batchsize, T=cfg.T, large_loss=cfg.with_large_loss)
+    evaluate_kw = dict(mode=cfg.mode, tf=tf, batch_size=cfg.batch_size, T=cfg.temperature, large_loss=cfg.with_large_loss)
     test_x, test_y = load_split(cfg, train=False)
     test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)
 
     # ---- evaluation only: the role of the original test.py ----
     if cfg.eval_only:
-        path = os.path.join(run.dir, 'best.pt')
+        path = os.path.join(run.dir, run.BEST)
         if not os.path.isfile(path):
             raise UserError(f'{path} does not exist: the run has not evaluated a checkpoint yet '
                             '(it is written at the first validation, after --val-freq iterations).')
         best = load_checkpoint(path, dev)
-        net.load_state_dict(best['model'])
+        net.load_state_dict(best['state']['model'])
         metrics = evaluate(net, test, **evaluate_kw)
-        log.print(line(best['iteration'], 'test', metrics) + ' (best checkpoint, eval-only)')
-        differ = {k: (v, best['test'][k]) for k, v in metrics.items() if abs(v - best['test'][k]) > 1e-4}
+        log.print(line(best['best']['iteration'], 'test', metrics) + ' (best checkpoint, eval-only)')
+        then = {k: best['row'][f'test_{k}'] for k in metrics}
+        differ = {k: (v, then[k]) for k, v in metrics.items() if abs(v - then[k]) > 1e-4}
         log.print('the same test metrics as logged at that iteration' if not differ else
                   f'differs from the metrics logged at that iteration (now, then): {differ}')
         return
@@ -327,74 +305,72 @@ def main(argv=None):
     train_idx, val_idx = split_indices(cfg, run.dir, train_y)
     train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD)
     val = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD)
-    if cfg.batchsize > len(train):
-        raise UserError(f'--batchsize {cfg.batchsize} exceeds the {len(train)} training images: lower it.')
+    if cfg.batch_size > len(train):
+        raise UserError(f'--batch-size {cfg.batch_size} exceeds the {len(train)} training images: lower it.')
 
     # ---- optimiser: SGD, lr x0.1 at 1/2 and 3/4 of the iterations (stepped every iteration) ----
-    N = cfg.num_iterations
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    N = cfg.total_steps
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[N // 2, 3 * N // 4], gamma=0.1)
-    data_rng = create_dataset.device_generator(dev, cfg.seed)        # batch indices, crops and flips
+    data_rng = device_generator(dev, cfg.seed)        # batch indices, crops and flips
     objects = dict(model=net, optimizer=optimizer, scheduler=scheduler)
-    state = run.restore(objects) or {'iteration': 0, 'best': None, 'num_iterations': N}
+    state = run.restore(objects, iteration=0, total_steps=N)
     if 'data_rng' in state:
         data_rng.set_state(state['data_rng'].cpu())
-    for group in optimizer.param_groups:       # --wd / --momentum typed with --resume take effect (lr: the schedule)
-        group['weight_decay'], group['momentum'] = cfg.wd, cfg.momentum
-    if state['num_iterations'] != N:
+    for group in optimizer.param_groups:    # --weight-decay / --momentum typed with --resume take effect (lr: the schedule)
+        group['weight_decay'], group['momentum'] = cfg.weight_decay, cfg.momentum
+    if state['total_steps'] != N:
         log.print(f'note: training now runs to {N} iterations; the learning-rate milestones stay those of the '
                   f'saved run ({sorted(scheduler.milestones)})')
-    it, best = state['iteration'], state['best']
+    it = state['iteration']
     names = METRICS[cfg.mode]
     n_params = sum(p.numel() for p in net.parameters())
     log.print(f'{cfg.mode} on {cfg.dataset}{" (synthetic)" if cfg.synthetic else ""}: {cfg.model} width {cfg.width} '
               f'({n_params:,} parameters), {"no transformations" if tf is None else f"{cfg.aug} (M={M})"}, '
-              f'{len(train)} train / {len(val)} val / {len(test)} test images, {N} iterations of {cfg.batchsize}')
+              f'{len(train)} train / {len(val)} val / {len(test)} test images, {N} iterations of {cfg.batch_size}')
 
     # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
-    sums = torch.zeros(len(names), device=dev)
-    seen = 0
-    timer = Timer(dev)
+    meters = Meters()
     net.train()
+    run.timer.lap()
     while it < N:
-        x, y = sample_batch(train, cfg.batchsize, data_rng)
-        m = train_step(net, optimizer, x, y, cfg.mode, tf, cfg.T, cfg.with_large_loss)
+        x, y = sample_batch(train, cfg.batch_size, data_rng)
+        meters.add(len(y), **train_step(net, optimizer, x, y, cfg.mode, tf, cfg.temperature, cfg.with_large_loss))
         scheduler.step()
-        sums += torch.stack([m[k] for k in names])
-        seen += len(y)
         it += 1
-        if it % cfg.val_freq and it != N:
+        if it % cfg.eval_every and it != N:
             continue
 
-        # ---- every val_freq iterations: train/val/test metrics, the best model, a checkpoint ----
-        train_seconds = timer.lap()
+        # ---- every eval_every iterations: train/val/test metrics, the best model, a checkpoint ----
+        seconds_per_iteration = run.timer.lap() / meters.counts[names[0]] * cfg.batch_size
         lr_now = scheduler.get_last_lr()[0]
-        metrics = {'train': dict(zip(names, (sums / seen).tolist())),
-                   'val': evaluate(net, val, **evaluate_kw), 'test': evaluate(net, test, **evaluate_kw)}
-        for split, values in metrics.items():
-            log.print(line(it, split, values))
-        if best is None or metrics['val']['single_acc'] > best['val_single_acc']:
-            best = {'iteration': it, 'val_single_acc': metrics['val']['single_acc'],
-                    'test_single_acc': metrics['test']['single_acc'], 'test_agg_acc': metrics['test'].get('agg_acc')}
-            save_checkpoint(os.path.join(run.dir, 'best.pt'), model=net.state_dict(), iteration=it,
-                            val=metrics['val'], test=metrics['test'], config=vars(cfg))
-            log.print(f'[iteration {it}] [BEST] [val {best["val_single_acc"]:.4f}] [test {best["test_single_acc"]:.4f}]'
-                      + ('' if best['test_agg_acc'] is None else f' [test agg {best["test_agg_acc"]:.4f}]'))
-        eval_seconds = timer.lap()
-        log.print(f'[iteration {it}] [lr {lr_now:g}] [{train_seconds / seen * cfg.batchsize:.3f} s/iteration] '
-                  f'[eval {eval_seconds:.1f} s]')
-        log.metrics({'iteration': it, 'lr': lr_now, 'seconds_per_iteration': train_seconds / seen * cfg.batchsize,
-                     **{f'{s}_{k}': v for s, values in metrics.items() for k, v in values.items()},
-                     'best_val_single_acc': best['val_single_acc'], 'best_test_single_acc': best['test_single_acc']})
-        run.save(objects, iteration=it, best=best, data_rng=data_rng.get_state(), num_iterations=N)
-        sums.zero_()
-        seen = 0
-        timer.lap()
+        train_means = meters.means()
+        metrics = {'train': {k: train_means[k] for k in names}, 'val': evaluate(net, val, **evaluate_kw),
+                   'test': evaluate(net, test, **evaluate_kw)}
+        eval_seconds = run.timer.lap()
+        row = {'iteration': it, 'lr': lr_now, 'seconds_per_iteration': seconds_per_iteration,
+               **{f'{s}_{k}': v for s, values in metrics.items() for k, v in values.items()}}
 
+        def lines(improved):
+            out = [line(it, split, values) for split, values in metrics.items()]
+            if improved:
+                out.append(f'[iteration {it}] [BEST] [val {row["val_single_acc"]:.4f}] '
+                           f'[test {row["test_single_acc"]:.4f}]'
+                           + (f' [test agg {row["test_agg_acc"]:.4f}]' if 'test_agg_acc' in row else ''))
+            return out + [f'[iteration {it}] [lr {lr_now:g}] [{seconds_per_iteration:.3f} s/iteration] '
+                          f'[eval {eval_seconds:.1f} s]']
+
+        run.evaluate_and_save(objects, row, 'val_single_acc', keep=[k for k in ('test_single_acc', 'test_agg_acc')
+                                                                    if k in row],
+                              lines=lines, iteration=it, data_rng=data_rng.get_state(), total_steps=N)
+        meters = Meters()
+        run.timer.lap()
+
+    best = run.best
     if best is not None:
         log.print(f'done: best val single_acc {best["val_single_acc"]:.4f} at iteration {best["iteration"]}, '
                   f'test single_acc {best["test_single_acc"]:.4f}'
-                  + ('' if best['test_agg_acc'] is None else f', test agg_acc {best["test_agg_acc"]:.4f}'))
+                  + (f', test agg_acc {best["test_agg_acc"]:.4f}' if 'test_agg_acc' in best else ''))
 
 
 if __name__ == '__main__':

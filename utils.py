@@ -41,8 +41,43 @@ def run_main(main, argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hyperparameters: plain values at the top of each script, each overridable from the command line
+# Hyperparameters: plain values at the top of each script, and the run options every script shares
 # ----------------------------------------------------------------------------------------------------
+
+# The run options of every script, declared once: name -> (default, help). A script gives one another
+# default by assigning it at its top with its hyperparameters (train_sla.py: `batch_size = 128`).
+RUN_OPTIONS = {
+    'data_root': ('dataset', 'data root: the official files (the synthetic stand-in lives in <data_root>/synthetic)'),
+    'batch_size': (100, 'images per step'),
+    'seed': (0, 'seeds the weights, the data splits and the data streams'),
+    'device': ('auto', "auto, cpu, cuda, cuda:N or mps (the original's --gpu means cuda)"),
+    'amp': (False, "fast path: bf16 autocast (off: the papers' float32)"),
+    'channels_last': (False, 'fast path: channels-last memory format'),
+    'compile': (False, 'fast path: torch.compile the forward passes'),
+    'synthetic': (False, 'train on the synthetic stand-in instead of the real dataset'),
+    'download': (False, 'fetch the official files (md5-checked) if they are not in data_root'),
+    'logdir': ('logs', 'runs go to <logdir>/<script>/<run_name>/'),
+    'run_name': ('', 'name of the run folder (default: the date and time)'),
+    'run_dir': ('', 'the run folder itself, instead of <logdir>/<script>/<run_name>'),
+    'resume': ('', 'a run folder (or a run name under <logdir>/<script>/) to continue from its checkpoint'),
+}
+
+# The originals' spellings of one setting, accepted wherever a script has that setting, so their
+# command lines run unchanged. `--name-with-dashes` is accepted for every name anyway.
+ALIASES = {
+    'data_root': ['--datadir', '--data-path', '--data_path'],
+    'batch_size': ['--batchsize'],
+    'weight_decay': ['--wd'],
+    'total_steps': ['--num-iterations', '--num_iterations'],
+    'eval_every': ['--val-freq', '--val_freq', '--test-freq', '--test_freq'],
+    'run_dir': ['--save-path', '--save_path'],
+    'architecture': ['-a'],
+    'temperature': ['--T'],
+}
+
+# Options that act on one invocation only: never saved in config.json, so never inherited by --resume.
+TRANSIENT = ('resume', 'eval_only')
+
 
 def _parse_int_list(text):
     """'5,5,5', '[2, 3, 4]' or '5x20' (twenty fives) -> list of ints."""
@@ -62,59 +97,21 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
-def parse_config(defaults, argv=None, description='', aliases=None, helps=None, choices=None):
-    """Build a command line from a dict of hyperparameters (name -> default value).
-
-    Each name becomes `--name` (and `--name-with-dashes`). A boolean that defaults to False is a plain
-    flag (`--synthetic`); any boolean also accepts `--name true|false`. Lists of ints accept '5,5,5',
-    '[2,3,4]' or '5x20'. Returns (config namespace, set of names given on the command line).
-    """
-    aliases, helps, choices = aliases or {}, helps or {}, choices or {}
-    parser = argparse.ArgumentParser(description=description)
-    for name, default in defaults.items():
-        flags = [f'--{name}']
-        if '_' in name:
-            flags.append(f'--{name.replace("_", "-")}')
-        flags += aliases.get(name, [])
-        text = helps.get(name, '')
-        if '(default' not in text:
-            text = (text + ' ' if text else '') + '(default: %(default)s)'
-        kw = dict(dest=name, default=default, help=text)
-        if name in choices:
-            kw['choices'] = choices[name]
-        if isinstance(default, bool):
-            kw.update(type=_parse_bool, nargs='?', const=True, metavar='BOOL')
-        elif isinstance(default, list):
-            kw.update(type=_parse_int_list, metavar='LIST')
-        elif isinstance(default, int):
-            kw.update(type=int)
-        elif isinstance(default, float):
-            kw.update(type=float)
-        else:
-            kw.update(type=str)
-        parser.add_argument(*flags, **kw)
-    args = parser.parse_args(argv)
-    # Which names did the user type? Parse again with every default suppressed.
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.dest != 'help':
-            probe.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
-                               type=action.type, nargs=action.nargs, const=action.const)
-    given = set(vars(probe.parse_known_args(argv)[0]))
-    return args, given
-
-
 class Hyperparameters(dict):
     """name -> default value, plus .helps: name -> the comment written after it in the script."""
     helps = {}
 
 
-def hyperparameters(namespace, first, last):
-    """The plain values defined in a script between the names `first` and `last` (inclusive), with the
-    comments that follow them on their lines (shown by --help)."""
-    keys = list(namespace)
-    block = keys[keys.index(first):keys.index(last) + 1]
-    out = Hyperparameters((k, namespace[k]) for k in block if not k.startswith('_'))
+def _is_hyperparameter(name, value):
+    return (name.islower() and not name.startswith('_') and type(value) in (bool, int, float, str, list)
+            and all(type(v) is int for v in (value if type(value) is list else [])))
+
+
+def hyperparameters(namespace):
+    """A script's hyperparameters: every plain lowercase value (bool, int, float, str, list of ints)
+    defined in `namespace` (the script's globals() right after its block of values), with the comment
+    that follows each on its line as its --help text."""
+    out = Hyperparameters((k, v) for k, v in namespace.items() if _is_hyperparameter(k, v))
     helps = {}
     try:
         with open(namespace['__file__']) as f:
@@ -126,6 +123,51 @@ def hyperparameters(namespace, first, last):
         pass
     out.helps = helps
     return out
+
+
+def parse_config(hyper, argv=None, description='', choices=None):
+    """The command line of a script: its hyperparameters (name -> default, from `hyperparameters()`)
+    and the shared RUN_OPTIONS (a script's own value of one of those is its default there).
+
+    Each name is `--name` and `--name-with-dashes`, plus its ALIASES. A boolean that defaults to False
+    is a plain flag (`--synthetic`); every boolean also takes `--name true|false`. Lists of ints take
+    '5,5,5', '[2,3,4]' or '5x20'. `choices`: name -> allowed values. Returns (namespace, the set of names
+    given on this command line)."""
+    choices = choices or {}
+    helps = getattr(hyper, 'helps', {})
+    parser = argparse.ArgumentParser(description=description)
+    groups = {'method': parser.add_argument_group('hyperparameters'),
+              'run': parser.add_argument_group('run options (shared by every script)')}
+    values = {k: v for k, v in hyper.items() if k not in RUN_OPTIONS}
+    values.update({k: hyper.get(k, default) for k, (default, _) in RUN_OPTIONS.items()})
+    for name, default in values.items():
+        flags = [f'--{name}'] + ([f'--{name.replace("_", "-")}'] if '_' in name else []) + ALIASES.get(name, [])
+        text = helps.get(name) or RUN_OPTIONS.get(name, (None, ''))[1]
+        kw = dict(dest=name, default=default, help=(text + ' ' if text else '') + '(default: %(default)s)')
+        if name in choices:
+            kw['choices'] = choices[name]
+        if isinstance(default, bool):
+            kw.update(type=_parse_bool, nargs='?', const=True, metavar='BOOL')
+        elif isinstance(default, list):
+            kw.update(type=_parse_int_list, metavar='LIST')
+        else:
+            kw.update(type=type(default))
+        groups['run' if name in RUN_OPTIONS else 'method'].add_argument(*flags, **kw)
+    groups['run'].add_argument('--gpu', dest='device', action='store_const', const='cuda',
+                               help="the original's flag: the same as --device cuda")
+    args = parser.parse_args(argv)
+    # Which names did the user type? Parse again with every default suppressed.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(argv)))
+    return args, given
+
+
+def check_choices(cfg, choices):
+    """Every value in its allowed list (also for values a resumed run brings from its config.json)."""
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f'--{name} {getattr(cfg, name)!r} is not one of: {", ".join(map(str, allowed))}.')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,8 +193,8 @@ def pick_device(name='auto'):
     except RuntimeError:
         raise UserError(f'unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'device {name!r} was asked for but this PyTorch sees no CUDA GPU; '
-                        'use --device cpu (or auto).')
+        raise UserError(f'device {name!r} was asked for (--device cuda, or the original\'s --gpu) but this '
+                        'PyTorch sees no CUDA GPU: drop --gpu, or use --device cpu (or auto).')
     if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise UserError(f'device {name!r} was asked for but MPS is not available here; use --device cpu.')
     return device
@@ -615,8 +657,25 @@ class eager:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run folders, logging, checkpoints
+# Runs: folder, log, metrics, best and latest checkpoints, resume
 # ----------------------------------------------------------------------------------------------------
+
+# Data streams: stream k of a run (epoch k, or pass k over a pool) draws from a generator seeded with
+# seed * STREAM_STRIDE + k. The stride is a prime above any epoch or pass count a run reaches, so two
+# (seed, k) pairs never share a stream; a resumed run rebuilds stream k from these two integers alone.
+# Changing it changes every run's data order (tests/test_pinned_runs.py would say so).
+STREAM_STRIDE = 1_000_003
+
+
+def stream_seed(seed, k):
+    return int(seed) * STREAM_STRIDE + int(k)
+
+
+def device_generator(device, seed):
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
 
 def make_run_dir(logdir, script, run_name=''):
     """A new, never reused folder logs/<script>/<run>/; an unwritable place is a UserError."""
@@ -652,15 +711,28 @@ def open_run_dir(path):
 def resolve_run_dir(resume, logdir, script):
     """--resume takes a run folder path or a run name under logs/<script>/."""
     for path in (resume, os.path.join(logdir, script, resume)):
-        if os.path.isfile(os.path.join(path, 'checkpoint.pt')):
+        if os.path.isfile(os.path.join(path, Run.CHECKPOINT)):
             return path
-    raise UserError(f'cannot resume {resume!r}: no checkpoint.pt in {resume!r} nor in '
+    raise UserError(f'cannot resume {resume!r}: no {Run.CHECKPOINT} in {resume!r} nor in '
                     f'{os.path.join(logdir, script, resume)!r}. Give the run folder printed when the run '
                     'started (logs/<script>/<run>).')
 
 
+def atomic_write(path, write):
+    """write(f) into a temporary file, then rename it over `path`: readers see the old or the new file,
+    never half of one."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 class RunLog:
-    """Prints lines and appends them to log.txt; writes per-epoch metrics to metrics.csv."""
+    """Prints lines and appends them to log.txt; appends rows to metrics.csv."""
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -684,13 +756,6 @@ class RunLog:
         atomic_write_text(os.path.join(self.run_dir, 'config.json'), json.dumps(config, indent=2, sort_keys=True))
 
 
-def atomic_write_text(path, text):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def rng_state():
     state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -707,10 +772,7 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    """Atomic: written to a temporary file, then renamed over the old one (never a half-written file)."""
-    tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, device='cpu'):
@@ -734,59 +796,135 @@ class Timer:
         return elapsed
 
 
-class Run:
-    """One training run: resolved hyperparameters, device, run folder, log, checkpoint and resume.
+class Meters:
+    """Named running sums kept on the device (no host read inside a training loop). add(n, name=sum
+    over n samples, ...); means() divides each by its sample count and reads them all at once."""
 
-    A new run gets a new folder logs/<script>/<run>/ (config.json, log.txt, metrics.csv, checkpoint.pt).
-    `--resume RUN` reopens that folder: the saved hyperparameters are used, except those typed on this
-    command line (so `--resume RUN --epochs 300` extends a run), and restore() hands back the state.
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, n, **sums):
+        for k, v in sums.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + n
+
+    def means(self):
+        if not self.sums:
+            return {}
+        return dict(zip(self.sums, torch.stack([v / self.counts[k] for k, v in self.sums.items()]).tolist()))
+
+
+class Run:
+    """One training run: its configuration, device, folder, log, checkpoints and resume.
+
+    A new run gets a new folder <logdir>/<script>/<run>/ (or --run_dir) holding config.json, log.txt,
+    metrics.csv, checkpoint.pt (the latest state) and best.pt (the networks at the best evaluation).
+    `--resume RUN` reopens a folder: the saved configuration is used, except the values typed on this
+    command line (so `--resume RUN --epochs 300` extends a run), and restore() brings back every state.
     """
 
-    CHECKPOINT = 'checkpoint.pt'
+    CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'
+    FORMAT = 2        # checkpoint layout; 1 (no 'format' key) is the layout before the shared skeleton
 
-    def __init__(self, script, defaults, argv=None, description='', validate=None, dir_key=None, **parse_kw):
-        # dir_key (optional): name of a hyperparameter that, when non-empty, is the run folder itself
-        # instead of logs/<script>/<run> (MetaSemi's --save-path).
-        parse_kw['helps'] = {**getattr(defaults, 'helps', {}), **(parse_kw.get('helps') or {})}
-        cfg, given = parse_config(defaults, argv, description, **parse_kw)
+    def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None):
+        self.script = script
+        cfg, given = parse_config(hyper, argv, description, choices)
         self.resuming = bool(cfg.resume)
         if self.resuming:
             self.dir = resolve_run_dir(cfg.resume, cfg.logdir, script)
+            self._check_written_by_us(os.path.join(self.dir, self.CHECKPOINT))
             with open(os.path.join(self.dir, 'config.json')) as f:
                 saved = json.load(f)
             merged = {k: saved.get(k, v) for k, v in vars(cfg).items()}
             merged.update({k: getattr(cfg, k) for k in given})
             cfg = argparse.Namespace(**merged)
+        check_choices(cfg, choices)
         if validate is not None:
             validate(cfg)                       # bad values stop here, before anything is written
         self.device = pick_device(cfg.device)
         if not self.resuming:
-            chosen = getattr(cfg, dir_key, '') if dir_key else ''
-            self.dir = (open_run_dir(chosen) if chosen else
-                        make_run_dir(cfg.logdir, script, getattr(cfg, 'run_name', '')))
+            self.dir = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, script, cfg.run_name)
         self.cfg = cfg
         self.log = RunLog(self.dir)
-        self.log.save_config({k: v for k, v in vars(cfg).items() if k != 'resume'})
+        self.log.save_config({k: v for k, v in vars(cfg).items() if k not in TRANSIENT} | {'script': script})
         seed_everything(cfg.seed)
+        self.best = None                        # the best evaluation so far: {position, score, kept columns}
+        self.last = None                        # the latest metrics row
+        self.timer = Timer(self.device)
         self.log.print(f'{"resuming" if self.resuming else "run"} {self.dir} on {self.device}')
+
+    def _check_written_by_us(self, path):
+        ckpt = load_checkpoint(path)
+        if ckpt.get('format') != self.FORMAT:
+            raise UserError(f'{path} was written by an earlier version of this code (checkpoint format '
+                            f'{ckpt.get("format", 1)}, now {self.FORMAT}): resume it with that version '
+                            '(git checkout ff31508) or start a new run.')
+        if ckpt.get('script') != self.script:
+            raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {self.script}.py: resume it '
+                            f'with python {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
+
+    # ---- data streams and time ----
+
+    def stream(self, k):
+        """A device generator for stream k of this run (epoch k's shuffles, crops and flips)."""
+        return device_generator(self.device, stream_seed(self.cfg.seed, k))
+
+    def epochs(self, last_done, total):
+        """Epochs last_done + 1 .. total - 1, each with its data stream; the timer restarts at each."""
+        for epoch in range(last_done + 1, total):
+            self.timer = Timer(self.device)
+            yield epoch, self.stream(epoch)
+
+    # ---- checkpoints ----
 
     @property
     def checkpoint_path(self):
         return os.path.join(self.dir, self.CHECKPOINT)
 
     def save(self, objects, **extra):
-        """Atomically save the state_dicts of `objects` (name -> module/optimiser/scheduler), the RNG
-        states and `extra` (epoch or step, best metric, data-stream state, ...)."""
-        save_checkpoint(self.checkpoint_path, state={k: v.state_dict() for k, v in objects.items()},
-                        rng=rng_state(), **extra)
+        """Atomically save the state_dicts of `objects` (name -> network/optimiser/scheduler), the RNG
+        states, the best evaluation and `extra` (position, data-stream state, ...)."""
+        save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
+                        state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
+                        last=self.last, **extra)
 
-    def restore(self, objects):
-        """On --resume: load the state_dicts into `objects` and the RNG states; return the extras.
-        On a new run: return None."""
+    def restore(self, objects, **defaults):
+        """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
+        return `defaults` updated with the saved extras. On a new run: return `defaults`."""
         if not self.resuming:
-            return None
+            return defaults
         ckpt = load_checkpoint(self.checkpoint_path, self.device)
         for k, obj in objects.items():
             obj.load_state_dict(ckpt['state'][k])
         set_rng_state(ckpt['rng'])
-        return {k: v for k, v in ckpt.items() if k not in ('state', 'rng')}
+        self.best, self.last = ckpt['best'], ckpt['last']
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last')
+        return defaults | {k: v for k, v in ckpt.items() if k not in skip}
+
+    def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
+        """The end of an epoch or evaluation interval. `row`: the metrics (plain numbers, accuracies as
+        fractions), its first column the position (epoch, iteration or step). The best evaluation is
+        kept on row[score] (higher is better) with the columns `keep`; then the lines of
+        `lines(improved)` are printed, the row is appended to metrics.csv with best_<score> and
+        best_<kept> columns, best.pt is written when the score improved (the networks among `objects`),
+        and checkpoint.pt always (every object, RNG states, the best, `extra`). Returns `improved`."""
+        position = next(iter(row))
+        self.last = row
+        improved = self.best is None or row[score] > self.best[score]
+        if improved:
+            self.best = {k: row[k] for k in (position, score, *keep)}
+        for line in (lines(improved) if lines else ()):
+            self.log.print(line)
+        self.log.metrics(row | {f'best_{k}': self.best[k] for k in (score, *keep)})
+        if improved:
+            nets = {k: v.state_dict() for k, v in objects.items() if isinstance(v, nn.Module)}
+            save_checkpoint(os.path.join(self.dir, self.BEST), format=self.FORMAT, script=self.script, state=nets,
+                            best=self.best, row=row, config=vars(self.cfg))
+        self.save(objects, **extra)
+        return improved
+
+    def finish_epochs(self, score='test_acc'):
+        """The closing line of an epoch-based run."""
+        if self.last is not None:
+            self.log.print(f'done after {self.last["epoch"] + 1} epochs: test accuracy {self.last[score]:.4f}, '
+                           f'best {self.best[score]:.4f}')

@@ -209,7 +209,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, data_root):
         for k in sa:
             assert (sa[k] is None and sb[k] is None) or torch.equal(sa[k], sb[k]), (part, k)
     assert len(rows_b) == 2 and rows_a[-1]['test_acc'] == rows_b[-1]['test_acc']
-    assert a['best_test_acc'] == b['best_test_acc']
+    assert a['best'] == b['best']
 
 
 def test_width_one_has_the_original_parameter_names_and_shapes():
