@@ -15,9 +15,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Run, Timer, VGG16, accuracy_count, cosine_per_filter, eager, entropy_loss, evaluate_heads,
-                   fast_module, flat_norm, focal_loss, forward_with, head_parameter_names, hyperparameters,
-                   masked_softmax, psi_mask, run_main, virtual_sgd_step)
+from utils import (UserError, Run, Timer, VGG16, accuracy_count, eager, evaluate_heads, fast_module, focal_loss,
+                   forward_with, hyperparameters, run_main)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -83,6 +82,70 @@ def multi_task_losses(pri_logits, aux_logits, y, aux_target):
     """Mean focal losses of the primary task (true labels) and the auxiliary task (generated soft labels)."""
     p1, p2 = F.softmax(pri_logits, dim=1), F.softmax(aux_logits, dim=1)
     return focal_loss(p1, y).mean(), focal_loss(p2, aux_target).mean()
+
+
+# ---- MAXL's math: generated labels, the entropy regulariser, the virtual step, the gradient cosine ----
+
+def psi_mask(psi, device=None, dtype=torch.float32):
+    """[len(psi), sum(psi)] mask: 1 on each primary class's auxiliary group, 1e-8 elsewhere (as the original)."""
+    mask = torch.full((len(psi), int(sum(psi))), 1e-8, dtype=dtype, device=device)
+    start = 0
+    for i, n in enumerate(psi):
+        mask[i, start:start + n] = 1.0
+        start += n
+    return mask
+
+
+def masked_softmax(logits, primary, psi_mask_):
+    """MAXL's masked softmax exp(x) m / sum(exp(x) m), m = psi_mask[primary], computed stably as
+    softmax(x + log m): equal to the original formula, but without overflow for large logits."""
+    log_mask = torch.log(psi_mask_.to(logits.dtype))[primary]
+    return torch.softmax(logits + log_mask, dim=1)
+
+
+def entropy_loss(probs):
+    """Negative entropy of the batch-mean prediction, sum_c pbar_c log(pbar_c + 1e-20) (MAXL's regulariser;
+    minimising it spreads the generated labels over all auxiliary classes)."""
+    mean = probs.mean(dim=0)
+    return torch.sum(mean * torch.log(mean + 1e-20))
+
+
+def virtual_sgd_step(params, grads, optimizer):
+    """theta' = theta - lr * (momentum * buf + g + weight_decay * theta): the step the (torch.optim.SGD)
+    optimiser would take next, as new tensors (differentiable if the grads are). Nesterov and dampening
+    are not supported, as in the original MAXL code."""
+    group = optimizer.param_groups[0]
+    lr, momentum, wd = group['lr'], group.get('momentum', 0.0), group.get('weight_decay', 0.0)
+    if group.get('nesterov', False) or group.get('dampening', 0.0):
+        raise UserError('the virtual step supports plain SGD with momentum only (no nesterov, no dampening).')
+    new = {}
+    for (name, p), g in zip(params.items(), grads):
+        step = g if wd == 0 else g + wd * p
+        if momentum:
+            buf = optimizer.state.get(p, {}).get('momentum_buffer')
+            if buf is not None:
+                step = step + momentum * buf
+        new[name] = p - lr * step
+    return new
+
+
+def flat_norm(tensors):
+    """Euclidean norm of a list of tensors taken as one vector (summed in float64)."""
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).to(tensors[0].dtype)
+
+
+def cosine_per_filter(grads_a, grads_b):
+    """Mean over layers of the mean cosine similarity between two gradients, taken per output filter
+    (each parameter viewed as [out, -1]), as MAXL's first-order script logs it."""
+    total = 0.0
+    for a, b in zip(grads_a, grads_b):
+        total = total + F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1).mean()
+    return total / len(grads_a)
+
+
+def head_parameter_names(model):
+    """Names of the task-specific (head) parameters of a VGG16; the rest is the shared trunk."""
+    return {n for n, _ in model.named_parameters() if n.split('.')[0] in model.head_names}
 
 
 # ---- training step: update the multi-task network on primary + generated auxiliary labels --------

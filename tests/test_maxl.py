@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import model_vgg_maxl as maxl
 from conftest import run_script
-from utils import entropy_loss, masked_softmax, psi_mask, virtual_sgd_step
+from model_vgg_maxl import entropy_loss, masked_softmax, psi_mask, virtual_sgd_step
 
 PSI = [2, 3]
 LR, MOMENTUM, WD, ENTROPY_W = 0.05, 0.9, 1e-3, 0.2
