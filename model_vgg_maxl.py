@@ -9,6 +9,7 @@ network: exact (second order, --meta_order 2) or by finite differences (first or
     python model_vgg_maxl.py --synthetic --epochs 3 --width 0.125
 """
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -175,11 +176,47 @@ def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
 
 # ---- meta step: the generator's gradient through one virtual SGD step of the multi-task network ----
 
+class Lookahead(NamedTuple):
+    """What the meta-gradients need from one virtual step theta -> theta+ (see lookahead)."""
+    params: dict               # theta: the multi-task network's own parameters, by name
+    aux_target: torch.Tensor   # generated labels t(phi), differentiable in the generator's parameters phi
+    loss_fast: torch.Tensor    # L_pri(theta+), the primary loss after the virtual step
+    v: tuple                   # dL_pri(theta+)/dtheta+, one tensor per parameter (None with create_graph)
+    stats: tuple               # detached (L_pri(theta), correct(theta), L_pri(theta+), correct(theta+))
+
+
+def lookahead(net, gen, x, y, mask, optimizer, create_graph=False):
+    """theta+ = the optimiser's next step from theta on L_mt(theta, phi) = L_pri + L_aux(generated labels),
+    and the primary loss there. Batch norm uses batch statistics; the running statistics are never touched.
+
+    create_graph=True: theta+ keeps the graph back to phi (through dL_mt/dtheta, with the generated
+        labels not detached), so L_pri(theta+) can be differentiated in phi directly; v is not computed.
+    create_graph=False: theta+ is built without a graph from detached generated labels, as fresh leaves,
+        and v = dL_pri(theta+)/dtheta+ is returned."""
+    params = dict(net.named_parameters())
+    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
+    pri_logits, aux_logits = forward_with(net, params, x)
+    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target if create_graph else aux_target.detach())
+    grads = torch.autograd.grad(loss1 + loss2, list(params.values()), create_graph=create_graph)
+    if create_graph:
+        fast = virtual_sgd_step(params, grads, optimizer)              # theta+ (keeps the graph)
+    else:
+        with torch.no_grad():
+            fast = virtual_sgd_step(params, grads, optimizer)          # theta+
+        fast = {k: p.requires_grad_() for k, p in fast.items()}
+    pri_fast, _ = forward_with(net, fast, x)
+    loss_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
+    v = None if create_graph else torch.autograd.grad(loss_fast, list(fast.values()), allow_unused=True,
+                                                      materialize_grads=True)
+    stats = (loss1.detach(), accuracy_count(pri_logits, y), loss_fast.detach(), accuracy_count(pri_fast, y))
+    return Lookahead(params, aux_target, loss_fast, v, stats)
+
+
 def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, method='jvp'):
     """Exact: d/dphi [ L_pri(theta+) + w * entropy(phi) ], theta+ = the optimiser's next step from theta
-    on L_mt(theta, phi) = L_pri + L_aux(generated labels). Batch norm uses batch statistics; the running
-    statistics are never touched. Two ways to the same number (tests check both against an explicit
-    unrolled step differentiated by autograd):
+    on L_mt(theta, phi) = L_pri + L_aux(generated labels) (see lookahead). Batch norm uses batch
+    statistics; the running statistics are never touched. Two ways to the same number (tests check both
+    against an explicit unrolled step differentiated by autograd):
 
     'double_backward': build theta+ with create_graph=True and differentiate L_pri(theta+) back through it.
     'jvp' (default, ~1.2x faster, less memory): theta+ depends on phi only through g = dL_mt/dtheta
@@ -187,36 +224,21 @@ def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, 
             dL_pri(theta+)/dphi = -lr * d/dphi [ v . dL_mt(theta, phi)/dtheta ],  v = dL_pri/dtheta at theta+,
         with v held fixed. v . dL_mt/dtheta is the directional derivative of L_mt along v: one forward-mode
         pass (torch.autograd.forward_ad), still differentiable in the generated labels. No double backward."""
-    params = dict(net.named_parameters())
-    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
-    pri_logits, aux_logits = forward_with(net, params, x)
-    if method == 'double_backward':
-        loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target)
-        grads = torch.autograd.grad(loss1 + loss2, list(params.values()), create_graph=True)
-        fast = virtual_sgd_step(params, grads, optimizer)              # theta+ (keeps the graph)
-        pri_fast, _ = forward_with(net, fast, x)
-        loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-        meta_loss = loss1_fast + entropy_weight * entropy_loss(aux_target)
-    elif method == 'jvp':
-        loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target.detach())
-        grads = torch.autograd.grad(loss1 + loss2, list(params.values()))
-        with torch.no_grad():
-            fast = virtual_sgd_step(params, grads, optimizer)         # theta+
-        fast = {k: p.requires_grad_() for k, p in fast.items()}
-        pri_fast, _ = forward_with(net, fast, x)
-        loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-        v = torch.autograd.grad(loss1_fast, list(fast.values()), allow_unused=True, materialize_grads=True)
-        with fwAD.dual_level():
-            dual = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(params.items(), v)}
-            pri_d, aux_d = forward_with(net, dual, x)
-            directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, aux_target))).tangent
-        lr_now = optimizer.param_groups[0]['lr']
-        meta_loss = -lr_now * directional + entropy_weight * entropy_loss(aux_target)
-    else:
+    if method not in ('jvp', 'double_backward'):
         raise UserError(f"second_order must be 'jvp' or 'double_backward', got {method!r}.")
+    ahead = lookahead(net, gen, x, y, mask, optimizer, create_graph=method == 'double_backward')
+    entropy = entropy_weight * entropy_loss(ahead.aux_target)
+    if method == 'double_backward':
+        meta_loss = ahead.loss_fast + entropy
+    else:
+        with fwAD.dual_level():
+            dual = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(ahead.params.items(), ahead.v)}
+            pri_d, aux_d = forward_with(net, dual, x)
+            directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, ahead.aux_target))).tangent
+        lr_now = optimizer.param_groups[0]['lr']
+        meta_loss = -lr_now * directional + entropy
     gen_grads = torch.autograd.grad(meta_loss, list(gen.parameters()))
-    return gen_grads, (loss1.detach(), accuracy_count(pri_logits, y), loss1_fast.detach(),
-                       accuracy_count(pri_fast, y))
+    return gen_grads, ahead.stats
 
 
 def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, fd_eps):
@@ -224,33 +246,25 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
         d   = dL_pri(theta^+)/dtheta^+,  eps = fd_eps / ||d||
         g   = -lr * [dL_mt(theta + eps d, phi)/dphi - dL_mt(theta - eps d, phi)/dphi] / (2 eps)
               + w * d entropy / dphi            (the original drops this entropy term)
-    The perturbed weights are new tensors, so the network's weights and buffers are never modified.
-    L_mt depends on phi only through the generated labels t, so the difference is taken on dL_mt/dt
-    (two forward passes, no backward) and sent through the generator in a single backward pass."""
-    params = dict(net.named_parameters())
-    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
-    pri_logits, aux_logits = forward_with(net, params, x)
-    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target.detach())
-    grads = torch.autograd.grad(loss1 + loss2, list(params.values()))
-    with torch.no_grad():
-        fast = virtual_sgd_step(params, grads, optimizer)
-    fast = {k: v.requires_grad_() for k, v in fast.items()}
-    pri_fast, _ = forward_with(net, fast, x)
-    loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-    d = torch.autograd.grad(loss1_fast, list(fast.values()), allow_unused=True, materialize_grads=True)
+    theta^+ and d come from lookahead. The perturbed weights are new tensors, so the network's weights
+    and buffers are never modified. L_mt depends on phi only through the generated labels t, so the
+    difference is taken on dL_mt/dt (two forward passes, no backward) and sent through the generator in
+    a single backward pass."""
+    ahead = lookahead(net, gen, x, y, mask, optimizer)
+    d = ahead.v
     eps = fd_eps / flat_norm(d)
     with torch.no_grad():
         dldt = []                                            # dL_mt/dt at theta +/- eps d
         for sign in (1.0, -1.0):
-            shifted = {k: p + sign * eps * dk for (k, p), dk in zip(params.items(), d)}
+            shifted = {k: p + sign * eps * dk for (k, p), dk in zip(ahead.params.items(), d)}
             p2 = F.softmax(forward_with(net, shifted, x)[1], dim=1)
             dldt.append(-(1 - p2) ** 2 * torch.log(p2 + 1e-20) / len(x))
         lr_now = optimizer.param_groups[0]['lr']
         target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
+    aux_target = ahead.aux_target
     surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(aux_target)
     gen_grads = torch.autograd.grad(surrogate, list(gen.parameters()))
-    return gen_grads, (loss1.detach(), accuracy_count(pri_logits, y), loss1_fast.detach(),
-                       accuracy_count(pri_fast, y))
+    return gen_grads, ahead.stats
 
 
 # ---- the run -----------------------------------------------------------------------------------------
