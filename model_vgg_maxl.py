@@ -241,6 +241,22 @@ def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, 
     return gen_grads, ahead.stats
 
 
+def focal_loss_target_grad(probs):
+    """d/dt of mean_i focal_loss(probs_i, t_i) for a soft target t: the auxiliary loss's gradient in the
+    generated labels, -(1 - p)^2 log(p + 1e-20) / B (B = len(probs)), taken by autograd of focal_loss itself."""
+    # Bit for bit the closed form above (the pinned runs were recorded with it). Autograd of .mean()
+    # would scale by fl(1/B), giving fl(fl(1/B) * X), which can differ in the last bit from fl(X / B).
+    # Autograd of .sum() hands every element a gradient of exactly 1, so it returns X itself:
+    # focal_loss computes ((-t) * (1 - p)^2) * log(p + 1e-20), whose t-gradient autograd forms as
+    # -(log(p + 1e-20) * (1 - p)^2); negation is exact and IEEE multiplication commutes, so that is
+    # -(1 - p)^2 * log(p + 1e-20) to the bit, and dividing by B afterwards is the closed form's one
+    # rounding. focal_loss is linear in t, so where the gradient is taken does not matter: at t = 0.
+    t = torch.zeros_like(probs).requires_grad_()
+    with torch.enable_grad():                                # callers may be under no_grad
+        (grad,) = torch.autograd.grad(focal_loss(probs, t).sum(), t)
+    return grad / len(probs)
+
+
 def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, fd_eps):
     """Finite differences (DARTS-style), as the original first-order script:
         d   = dL_pri(theta^+)/dtheta^+,  eps = fd_eps / ||d||
@@ -248,8 +264,8 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
               + w * d entropy / dphi            (the original drops this entropy term)
     theta^+ and d come from lookahead. The perturbed weights are new tensors, so the network's weights
     and buffers are never modified. L_mt depends on phi only through the generated labels t, so the
-    difference is taken on dL_mt/dt (two forward passes, no backward) and sent through the generator in
-    a single backward pass."""
+    difference is taken on dL_mt/dt (two forward passes of the network, and focal_loss_target_grad, no
+    backward through the network) and sent through the generator in a single backward pass."""
     ahead = lookahead(net, gen, x, y, mask, optimizer)
     d = ahead.v
     eps = fd_eps / flat_norm(d)
@@ -258,7 +274,7 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
         for sign in (1.0, -1.0):
             shifted = {k: p + sign * eps * dk for (k, p), dk in zip(ahead.params.items(), d)}
             p2 = F.softmax(forward_with(net, shifted, x)[1], dim=1)
-            dldt.append(-(1 - p2) ** 2 * torch.log(p2 + 1e-20) / len(x))
+            dldt.append(focal_loss_target_grad(p2))
         lr_now = optimizer.param_groups[0]['lr']
         target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
     aux_target = ahead.aux_target
