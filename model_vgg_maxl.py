@@ -9,15 +9,15 @@ network: exact (second order, --meta_order 2) or by finite differences (first or
     python model_vgg_maxl.py --synthetic --epochs 3 --width 0.125
 """
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Meters, Run, VGG16, accuracy_count, cosine_per_filter, eager, entropy_loss, evaluate_heads,
-                   fast_module, flat_norm, focal_loss, forward_with, head_parameter_names, hyperparameters,
-                   masked_softmax, psi_mask, run_main, virtual_sgd_step)
+from utils import (UserError, Meters, Run, VGG16, accuracy_count, eager, evaluate_heads, fast_module, focal_loss,
+                   forward_with, hyperparameters, run_main)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -71,6 +71,70 @@ def multi_task_losses(pri_logits, aux_logits, y, aux_target):
     return focal_loss(p1, y).mean(), focal_loss(p2, aux_target).mean()
 
 
+# ---- MAXL's math: generated labels, the entropy regulariser, the virtual step, the gradient cosine ----
+
+def psi_mask(psi, device=None, dtype=torch.float32):
+    """[len(psi), sum(psi)] mask: 1 on each primary class's auxiliary group, 1e-8 elsewhere (as the original)."""
+    mask = torch.full((len(psi), int(sum(psi))), 1e-8, dtype=dtype, device=device)
+    start = 0
+    for i, n in enumerate(psi):
+        mask[i, start:start + n] = 1.0
+        start += n
+    return mask
+
+
+def masked_softmax(logits, primary, psi_mask_):
+    """MAXL's masked softmax exp(x) m / sum(exp(x) m), m = psi_mask[primary], computed stably as
+    softmax(x + log m): equal to the original formula, but without overflow for large logits."""
+    log_mask = torch.log(psi_mask_.to(logits.dtype))[primary]
+    return torch.softmax(logits + log_mask, dim=1)
+
+
+def entropy_loss(probs):
+    """Negative entropy of the batch-mean prediction, sum_c pbar_c log(pbar_c + 1e-20) (MAXL's regulariser;
+    minimising it spreads the generated labels over all auxiliary classes)."""
+    mean = probs.mean(dim=0)
+    return torch.sum(mean * torch.log(mean + 1e-20))
+
+
+def virtual_sgd_step(params, grads, optimizer):
+    """theta' = theta - lr * (momentum * buf + g + weight_decay * theta): the step the (torch.optim.SGD)
+    optimiser would take next, as new tensors (differentiable if the grads are). Nesterov and dampening
+    are not supported, as in the original MAXL code."""
+    group = optimizer.param_groups[0]
+    lr, momentum, wd = group['lr'], group.get('momentum', 0.0), group.get('weight_decay', 0.0)
+    if group.get('nesterov', False) or group.get('dampening', 0.0):
+        raise UserError('the virtual step supports plain SGD with momentum only (no nesterov, no dampening).')
+    new = {}
+    for (name, p), g in zip(params.items(), grads):
+        step = g if wd == 0 else g + wd * p
+        if momentum:
+            buf = optimizer.state.get(p, {}).get('momentum_buffer')
+            if buf is not None:
+                step = step + momentum * buf
+        new[name] = p - lr * step
+    return new
+
+
+def flat_norm(tensors):
+    """Euclidean norm of a list of tensors taken as one vector (summed in float64)."""
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).to(tensors[0].dtype)
+
+
+def cosine_per_filter(grads_a, grads_b):
+    """Mean over layers of the mean cosine similarity between two gradients, taken per output filter
+    (each parameter viewed as [out, -1]), as MAXL's first-order script logs it."""
+    total = 0.0
+    for a, b in zip(grads_a, grads_b):
+        total = total + F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1).mean()
+    return total / len(grads_a)
+
+
+def head_parameter_names(model):
+    """Names of the task-specific (head) parameters of a VGG16; the rest is the shared trunk."""
+    return {n for n, _ in model.named_parameters() if n.split('.')[0] in model.head_names}
+
+
 # ---- training step: update the multi-task network on primary + generated auxiliary labels --------
 
 def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
@@ -98,11 +162,47 @@ def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
 
 # ---- meta step: the generator's gradient through one virtual SGD step of the multi-task network ----
 
+class Lookahead(NamedTuple):
+    """What the meta-gradients need from one virtual step theta -> theta+ (see lookahead)."""
+    params: dict               # theta: the multi-task network's own parameters, by name
+    aux_target: torch.Tensor   # generated labels t(phi), differentiable in the generator's parameters phi
+    loss_fast: torch.Tensor    # L_pri(theta+), the primary loss after the virtual step
+    v: tuple                   # dL_pri(theta+)/dtheta+, one tensor per parameter (None with create_graph)
+    stats: tuple               # detached (L_pri(theta), correct(theta), L_pri(theta+), correct(theta+))
+
+
+def lookahead(net, gen, x, y, mask, optimizer, create_graph=False):
+    """theta+ = the optimiser's next step from theta on L_mt(theta, phi) = L_pri + L_aux(generated labels),
+    and the primary loss there. Batch norm uses batch statistics; the running statistics are never touched.
+
+    create_graph=True: theta+ keeps the graph back to phi (through dL_mt/dtheta, with the generated
+        labels not detached), so L_pri(theta+) can be differentiated in phi directly; v is not computed.
+    create_graph=False: theta+ is built without a graph from detached generated labels, as fresh leaves,
+        and v = dL_pri(theta+)/dtheta+ is returned."""
+    params = dict(net.named_parameters())
+    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
+    pri_logits, aux_logits = forward_with(net, params, x)
+    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target if create_graph else aux_target.detach())
+    grads = torch.autograd.grad(loss1 + loss2, list(params.values()), create_graph=create_graph)
+    if create_graph:
+        fast = virtual_sgd_step(params, grads, optimizer)              # theta+ (keeps the graph)
+    else:
+        with torch.no_grad():
+            fast = virtual_sgd_step(params, grads, optimizer)          # theta+
+        fast = {k: p.requires_grad_() for k, p in fast.items()}
+    pri_fast, _ = forward_with(net, fast, x)
+    loss_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
+    v = None if create_graph else torch.autograd.grad(loss_fast, list(fast.values()), allow_unused=True,
+                                                      materialize_grads=True)
+    stats = (loss1.detach(), accuracy_count(pri_logits, y), loss_fast.detach(), accuracy_count(pri_fast, y))
+    return Lookahead(params, aux_target, loss_fast, v, stats)
+
+
 def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, method='jvp'):
     """Exact: d/dphi [ L_pri(theta+) + w * entropy(phi) ], theta+ = the optimiser's next step from theta
-    on L_mt(theta, phi) = L_pri + L_aux(generated labels). Batch norm uses batch statistics; the running
-    statistics are never touched. Two ways to the same number (tests check both against an explicit
-    unrolled step differentiated by autograd):
+    on L_mt(theta, phi) = L_pri + L_aux(generated labels) (see lookahead). Batch norm uses batch
+    statistics; the running statistics are never touched. Two ways to the same number (tests check both
+    against an explicit unrolled step differentiated by autograd):
 
     'double_backward': build theta+ with create_graph=True and differentiate L_pri(theta+) back through it.
     'jvp' (default, ~1.2x faster, less memory): theta+ depends on phi only through g = dL_mt/dtheta
@@ -110,36 +210,37 @@ def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, 
             dL_pri(theta+)/dphi = -lr * d/dphi [ v . dL_mt(theta, phi)/dtheta ],  v = dL_pri/dtheta at theta+,
         with v held fixed. v . dL_mt/dtheta is the directional derivative of L_mt along v: one forward-mode
         pass (torch.autograd.forward_ad), still differentiable in the generated labels. No double backward."""
-    params = dict(net.named_parameters())
-    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
-    pri_logits, aux_logits = forward_with(net, params, x)
-    if method == 'double_backward':
-        loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target)
-        grads = torch.autograd.grad(loss1 + loss2, list(params.values()), create_graph=True)
-        fast = virtual_sgd_step(params, grads, optimizer)              # theta+ (keeps the graph)
-        pri_fast, _ = forward_with(net, fast, x)
-        loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-        meta_loss = loss1_fast + entropy_weight * entropy_loss(aux_target)
-    elif method == 'jvp':
-        loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target.detach())
-        grads = torch.autograd.grad(loss1 + loss2, list(params.values()))
-        with torch.no_grad():
-            fast = virtual_sgd_step(params, grads, optimizer)         # theta+
-        fast = {k: p.requires_grad_() for k, p in fast.items()}
-        pri_fast, _ = forward_with(net, fast, x)
-        loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-        v = torch.autograd.grad(loss1_fast, list(fast.values()), allow_unused=True, materialize_grads=True)
-        with fwAD.dual_level():
-            dual = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(params.items(), v)}
-            pri_d, aux_d = forward_with(net, dual, x)
-            directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, aux_target))).tangent
-        lr_now = optimizer.param_groups[0]['lr']
-        meta_loss = -lr_now * directional + entropy_weight * entropy_loss(aux_target)
-    else:
+    if method not in ('jvp', 'double_backward'):
         raise UserError(f"second_order must be 'jvp' or 'double_backward', got {method!r}.")
+    ahead = lookahead(net, gen, x, y, mask, optimizer, create_graph=method == 'double_backward')
+    entropy = entropy_weight * entropy_loss(ahead.aux_target)
+    if method == 'double_backward':
+        meta_loss = ahead.loss_fast + entropy
+    else:
+        with fwAD.dual_level():
+            dual = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(ahead.params.items(), ahead.v)}
+            pri_d, aux_d = forward_with(net, dual, x)
+            directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, ahead.aux_target))).tangent
+        lr_now = optimizer.param_groups[0]['lr']
+        meta_loss = -lr_now * directional + entropy
     gen_grads = torch.autograd.grad(meta_loss, list(gen.parameters()))
-    return gen_grads, (loss1.detach(), accuracy_count(pri_logits, y), loss1_fast.detach(),
-                       accuracy_count(pri_fast, y))
+    return gen_grads, ahead.stats
+
+
+def focal_loss_target_grad(probs):
+    """d/dt of mean_i focal_loss(probs_i, t_i) for a soft target t: the auxiliary loss's gradient in the
+    generated labels, -(1 - p)^2 log(p + 1e-20) / B (B = len(probs)), taken by autograd of focal_loss itself."""
+    # Bit for bit the closed form above (the pinned runs were recorded with it). Autograd of .mean()
+    # would scale by fl(1/B), giving fl(fl(1/B) * X), which can differ in the last bit from fl(X / B).
+    # Autograd of .sum() hands every element a gradient of exactly 1, so it returns X itself:
+    # focal_loss computes ((-t) * (1 - p)^2) * log(p + 1e-20), whose t-gradient autograd forms as
+    # -(log(p + 1e-20) * (1 - p)^2); negation is exact and IEEE multiplication commutes, so that is
+    # -(1 - p)^2 * log(p + 1e-20) to the bit, and dividing by B afterwards is the closed form's one
+    # rounding. focal_loss is linear in t, so where the gradient is taken does not matter: at t = 0.
+    t = torch.zeros_like(probs).requires_grad_()
+    with torch.enable_grad():                                # callers may be under no_grad
+        (grad,) = torch.autograd.grad(focal_loss(probs, t).sum(), t)
+    return grad / len(probs)
 
 
 def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, fd_eps):
@@ -147,33 +248,25 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
         d   = dL_pri(theta^+)/dtheta^+,  eps = fd_eps / ||d||
         g   = -lr * [dL_mt(theta + eps d, phi)/dphi - dL_mt(theta - eps d, phi)/dphi] / (2 eps)
               + w * d entropy / dphi            (the original drops this entropy term)
-    The perturbed weights are new tensors, so the network's weights and buffers are never modified.
-    L_mt depends on phi only through the generated labels t, so the difference is taken on dL_mt/dt
-    (two forward passes, no backward) and sent through the generator in a single backward pass."""
-    params = dict(net.named_parameters())
-    aux_target = masked_softmax(forward_with(gen, dict(gen.named_parameters()), x), y, mask)
-    pri_logits, aux_logits = forward_with(net, params, x)
-    loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target.detach())
-    grads = torch.autograd.grad(loss1 + loss2, list(params.values()))
-    with torch.no_grad():
-        fast = virtual_sgd_step(params, grads, optimizer)
-    fast = {k: v.requires_grad_() for k, v in fast.items()}
-    pri_fast, _ = forward_with(net, fast, x)
-    loss1_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-    d = torch.autograd.grad(loss1_fast, list(fast.values()), allow_unused=True, materialize_grads=True)
+    theta^+ and d come from lookahead. The perturbed weights are new tensors, so the network's weights
+    and buffers are never modified. L_mt depends on phi only through the generated labels t, so the
+    difference is taken on dL_mt/dt (two forward passes of the network, and focal_loss_target_grad, no
+    backward through the network) and sent through the generator in a single backward pass."""
+    ahead = lookahead(net, gen, x, y, mask, optimizer)
+    d = ahead.v
     eps = fd_eps / flat_norm(d)
     with torch.no_grad():
         dldt = []                                            # dL_mt/dt at theta +/- eps d
         for sign in (1.0, -1.0):
-            shifted = {k: p + sign * eps * dk for (k, p), dk in zip(params.items(), d)}
+            shifted = {k: p + sign * eps * dk for (k, p), dk in zip(ahead.params.items(), d)}
             p2 = F.softmax(forward_with(net, shifted, x)[1], dim=1)
-            dldt.append(-(1 - p2) ** 2 * torch.log(p2 + 1e-20) / len(x))
+            dldt.append(focal_loss_target_grad(p2))
         lr_now = optimizer.param_groups[0]['lr']
         target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
+    aux_target = ahead.aux_target
     surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(aux_target)
     gen_grads = torch.autograd.grad(surrogate, list(gen.parameters()))
-    return gen_grads, (loss1.detach(), accuracy_count(pri_logits, y), loss1_fast.detach(),
-                       accuracy_count(pri_fast, y))
+    return gen_grads, ahead.stats
 
 
 # ---- the run -----------------------------------------------------------------------------------------

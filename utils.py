@@ -257,11 +257,6 @@ class VGG16(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
-def head_parameter_names(model):
-    """Names of the task-specific (head) parameters of a VGG16; the rest is the shared trunk."""
-    return {n for n, _ in model.named_parameters() if n.split('.')[0] in model.head_names}
-
-
 # ---- CIFAR ResNets (SLA) ----
 
 class DownsampleA(nn.Module):
@@ -502,30 +497,6 @@ def focal_loss(probs, target):
     return torch.sum(-target * (1 - probs) ** 2 * torch.log(probs + 1e-20), dim=1)
 
 
-def entropy_loss(probs):
-    """Negative entropy of the batch-mean prediction, sum_c pbar_c log(pbar_c + 1e-20) (MAXL's regulariser;
-    minimising it spreads the generated labels over all auxiliary classes)."""
-    mean = probs.mean(dim=0)
-    return torch.sum(mean * torch.log(mean + 1e-20))
-
-
-def psi_mask(psi, device=None, dtype=torch.float32):
-    """[len(psi), sum(psi)] mask: 1 on each primary class's auxiliary group, 1e-8 elsewhere (as the original)."""
-    mask = torch.full((len(psi), int(sum(psi))), 1e-8, dtype=dtype, device=device)
-    start = 0
-    for i, n in enumerate(psi):
-        mask[i, start:start + n] = 1.0
-        start += n
-    return mask
-
-
-def masked_softmax(logits, primary, psi_mask_):
-    """MAXL's masked softmax exp(x) m / sum(exp(x) m), m = psi_mask[primary], computed stably as
-    softmax(x + log m): equal to the original formula, but without overflow for large logits."""
-    log_mask = torch.log(psi_mask_.to(logits.dtype))[primary]
-    return torch.softmax(logits + log_mask, dim=1)
-
-
 def accuracy_count(logits_or_probs, target):
     """Number of rows whose argmax is the target, as a float32 tensor (summed on the device)."""
     return (logits_or_probs.argmax(1) == target).sum().float()
@@ -561,38 +532,6 @@ def forward_with(model, params, x, buffers=None):
     if buffers is None:
         buffers = {k: v.clone() for k, v in model.named_buffers()}
     return functional_call(model, (params, buffers), (x,))
-
-
-def virtual_sgd_step(params, grads, optimizer):
-    """theta' = theta - lr * (momentum * buf + g + weight_decay * theta): the step the (torch.optim.SGD)
-    optimiser would take next, as new tensors (differentiable if the grads are). Nesterov and dampening
-    are not supported, as in the original MAXL code."""
-    group = optimizer.param_groups[0]
-    lr, momentum, wd = group['lr'], group.get('momentum', 0.0), group.get('weight_decay', 0.0)
-    if group.get('nesterov', False) or group.get('dampening', 0.0):
-        raise UserError('the virtual step supports plain SGD with momentum only (no nesterov, no dampening).')
-    new = {}
-    for (name, p), g in zip(params.items(), grads):
-        step = g if wd == 0 else g + wd * p
-        if momentum:
-            buf = optimizer.state.get(p, {}).get('momentum_buffer')
-            if buf is not None:
-                step = step + momentum * buf
-        new[name] = p - lr * step
-    return new
-
-
-def flat_norm(tensors):
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).to(tensors[0].dtype)
-
-
-def cosine_per_filter(grads_a, grads_b):
-    """Mean over layers of the mean cosine similarity between two gradients, taken per output filter
-    (each parameter viewed as [out, -1]), as MAXL's first-order script logs it."""
-    total = 0.0
-    for a, b in zip(grads_a, grads_b):
-        total = total + F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1).mean()
-    return total / len(grads_a)
 
 
 # ----------------------------------------------------------------------------------------------------

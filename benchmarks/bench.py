@@ -61,7 +61,7 @@ def build(name, dev, fast, data_root):
     import model_vgg_single
     import train_meta_semi
     import train_sla
-    from utils import VGG16, cifar_resnet, eager, fast_module, psi_mask, semi_network
+    from utils import VGG16, cifar_resnet, eager, fast_module, semi_network
 
     def fast_net(net, methods=('forward',)):
         return fast_module(net.to(dev), dev, methods=methods, **fast)
@@ -111,7 +111,7 @@ def build(name, dev, fast, data_root):
         net = fast_net(model_vgg_maxl.multi_task_network(psi, 1.0))
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
         gen_optimizer = torch.optim.SGD(gen.parameters(), lr=1e-3, weight_decay=5e-4)
-        mask, heads = psi_mask(psi, dev), model_vgg_maxl.head_parameter_names(net)
+        mask, heads = model_vgg_maxl.psi_mask(psi, dev), model_vgg_maxl.head_parameter_names(net)
         counter = [0]
         cos_every = model_vgg_maxl.cos_every
 

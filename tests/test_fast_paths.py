@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import model_vgg_maxl
 import train_meta_semi
 from conftest import run_script
-from utils import VGG16, cifar_resnet, eager, fast_module, forward_with, psi_mask, semi_network
+from utils import VGG16, cifar_resnet, eager, fast_module, forward_with, semi_network
 
 CPU = torch.device('cpu')
 
@@ -103,7 +103,7 @@ def test_sampled_cosine_equals_the_every_step_value_where_taken():
         net0 = model_vgg_maxl.multi_task_network(psi, 0.0625)
         xs = torch.randn(6, 8, 3, 32, 32)
         ys = torch.randint(0, 2, (6, 8))
-        mask = psi_mask(psi, dtype=torch.float64)
+        mask = model_vgg_maxl.psi_mask(psi, dtype=torch.float64)
         runs = {}
         for every in (1, 3):
             gen, net = copy.deepcopy(gen0), copy.deepcopy(net0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import model_vgg_maxl as maxl
 from conftest import run_script
-from utils import entropy_loss, masked_softmax, psi_mask, virtual_sgd_step
+from model_vgg_maxl import entropy_loss, masked_softmax, psi_mask, virtual_sgd_step
 
 PSI = [2, 3]
 LR, MOMENTUM, WD, ENTROPY_W = 0.05, 0.9, 1e-3, 0.2
@@ -109,6 +109,22 @@ def test_first_order_matches_direction_and_scale(width, fd_eps, min_cosine, max_
     cosine = torch.dot(got, ref) / (got.norm() * ref.norm())
     assert cosine.item() > min_cosine
     assert abs(got.norm().item() / ref.norm().item() - 1) < max_scale_error
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_focal_target_gradient_is_the_closed_form_to_the_bit(dtype):
+    """The first order's dL_aux/dt, by autograd of focal_loss, is -(1 - p)^2 log(p + 1e-20) / B exactly
+    (float32 too: the pinned runs were recorded with the closed form)."""
+    torch.manual_seed(0)
+    logits = torch.randn(100, 7, dtype=torch.float64) * 4
+    logits[0, 0], logits[1, 1] = 60, -60                  # p ~ 1 and p ~ 0 (log(p + 1e-20) stays finite)
+    p = torch.softmax(logits, dim=1).to(dtype)
+    closed_form = -(1 - p) ** 2 * torch.log(p + 1e-20) / len(p)
+    got = maxl.focal_loss_target_grad(p)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert torch.equal(got, closed_form)
+    with torch.no_grad():                                  # as the first order calls it
+        assert torch.equal(maxl.focal_loss_target_grad(p), closed_form)
 
 
 def test_meta_steps_leave_weights_and_buffers_bit_identical(tiny):
