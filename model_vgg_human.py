@@ -7,28 +7,24 @@
 import sys
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, VGG16, accuracy_count, evaluate_heads, fast_module, focal_loss, \
-    hyperparameters, run_main
+from model_vgg_single import MEAN, STD, fit
+from utils import Run, UserError, VGG16, accuracy_count, focal_loss, hyperparameters, run_main
 
-# ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
+# ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
+primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+aux_level = 3              # must refine primary_level (every auxiliary class inside one primary class)
+width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
 epochs = 200
 batch_size = 100
 lr = 0.01                  # plain SGD
 lr_step = 50               # the learning rate is halved every lr_step epochs
 lr_gamma = 0.5
-primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
-aux_level = 3              # must refine primary_level (every auxiliary class inside one primary class)
-width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3]}
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
-
 
 def validate(cfg):
     if cfg.aux_level <= cfg.primary_level:
@@ -62,43 +58,18 @@ def train_step(net, x, y1, y2, optimizer):
 
 def main(argv=None):
     run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
-    cfg, dev = run.cfg, run.device
+    cfg = run.cfg
     pri, aux = cfg.primary_level, cfg.aux_level
-
     train_x, train_y = create_dataset.load_cifar100(cfg.data_root, True, cfg.synthetic, cfg.download)
     check_refines(train_y, pri, aux)
-    train = create_dataset.DeviceData(train_x, train_y, dev, MEAN, STD)
+    train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD)
     test = create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, False, cfg.synthetic, cfg.download),
-                                     dev, MEAN, STD)
-
-    net = VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri], 'classifier2': create_dataset.LEVEL_CLASSES[aux]},
-                cfg.width).to(dev)
-    fast_module(net, dev, cfg.amp, cfg.channels_last, cfg.compile)      # opt-in; off: untouched
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    objects = dict(net=net, optimizer=optimizer, scheduler=scheduler)
-    state = run.restore(objects, epoch=-1, step=0)
-    step = state['step']
-
-    for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
-        net.train()
-        meters = Meters()
-        for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
-            meters.add(len(x), **train_step(net, x, labels[:, pri], labels[:, aux], optimizer))
-            step += 1
-        test_loss, test_acc, test_aux_loss, test_aux_acc = evaluate_heads(net, test, (pri, aux), cfg.batch_size)
-        scheduler.step()
-        seconds = run.timer.lap()
-
-        tr = meters.means()
-        row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'], train_aux_loss=tr['aux_loss'],
-                   train_aux_acc=tr['aux_acc'], test_loss=test_loss, test_acc=test_acc, test_aux_loss=test_aux_loss,
-                   test_aux_acc=test_aux_acc, seconds=seconds)
-        run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
-            f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} '
-            f'AUX {tr["aux_loss"]:.4f} {tr["aux_acc"]:.4f} || TEST [LOSS|ACC.]: PRI {test_loss:.4f} {test_acc:.4f} '
-            f'AUX {test_aux_loss:.4f} {test_aux_acc:.4f} | {seconds:.1f}s'], epoch=epoch, step=step)
-    run.finish_epochs()
+                                     run.device, MEAN, STD)
+    net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
+                             'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))
+    # trained exactly as Single, with the second head's loss added to every step
+    fit(run, net, train, test, (pri, aux), lambda net, x, labels, optimizer: train_step(net, x, labels[:, pri],
+                                                                                         labels[:, aux], optimizer))
 
 
 if __name__ == '__main__':

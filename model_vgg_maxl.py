@@ -16,7 +16,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Meters, Run, VGG16, accuracy_count, eager, evaluate_heads, fast_module, focal_loss,
+from utils import (UserError, Meters, Run, VGG16, accuracy_count, eager, evaluate_heads, focal_loss,
                    forward_with, hyperparameters, run_main)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -281,10 +281,8 @@ def main(argv=None):
                    for split in (True, False))
     level = cfg.primary_level
 
-    gen = label_generator(cfg.psi, cfg.width).to(dev)
-    net = multi_task_network(cfg.psi, cfg.width).to(dev)
-    for m in (gen, net):                                   # opt-in fast paths; off: untouched
-        fast_module(m, dev, cfg.amp, cfg.channels_last, cfg.compile)
+    gen = run.network(label_generator(cfg.psi, cfg.width))
+    net = run.network(multi_task_network(cfg.psi, cfg.width))
     gen_optimizer = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     gen_scheduler = torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -338,11 +336,10 @@ def main(argv=None):
         row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'], cosine=cos,
                    **{f'meta_{k}': v for k, v in meta.items()}, test_loss=test_loss, test_acc=test_acc,
                    seconds=seconds)
-        run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
-            f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} '
-            f'COSSIM {cos:.4f} || META [LOSS|ACC.]: PRE {meta["pre_loss"]:.4f} {meta["pre_acc"]:.4f} '
-            f'AFTER {meta["post_loss"]:.4f} {meta["post_acc"]:.4f} || TEST: {test_loss:.4f} {test_acc:.4f} '
-            f'| {seconds:.1f}s'], epoch=epoch, step=step)
+        run.end_epoch(objects, row, f'TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} COSSIM {cos:.4f} '
+                                    f'|| META [LOSS|ACC.]: PRE {meta["pre_loss"]:.4f} {meta["pre_acc"]:.4f} '
+                                    f'AFTER {meta["post_loss"]:.4f} {meta["post_acc"]:.4f} '
+                                    f'|| TEST: {test_loss:.4f} {test_acc:.4f}')
     run.finish_epochs()
 
 

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, VGG16, accuracy_count, evaluate_heads, fast_module, focal_loss, \
-    hyperparameters, run_main
+from utils import Meters, Run, UserError, VGG16, accuracy_count, evaluate_heads, focal_loss, hyperparameters, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -43,39 +42,49 @@ def train_step(net, x, y, optimizer):
     return {'loss': loss.detach() * len(x), 'acc': accuracy_count(logits, y)}
 
 
-def main(argv=None):
-    run = Run('model_vgg_single', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
-    cfg, dev = run.cfg, run.device
-    level = cfg.primary_level
-    train, test = (create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, split, cfg.synthetic,
-                                                                           cfg.download), dev, MEAN, STD)
-                   for split in (True, False))
-
-    net = VGG16({'classifier': create_dataset.LEVEL_CLASSES[level]}, cfg.width).to(dev)
-    fast_module(net, dev, cfg.amp, cfg.channels_last, cfg.compile)      # opt-in; off: untouched
+def fit(run, net, train, test, levels, step):
+    """Train `net` as the MAXL code trains its baselines (Human reuses this with a second head): plain
+    SGD, its learning rate multiplied by lr_gamma every lr_step epochs; each epoch one shuffled pass of
+    augmented batches through step(net, x, labels, optimizer) -> sums over the batch (loss, acc and, for
+    a second head, aux_loss, aux_acc), then one test of head k against label level levels[k]."""
+    cfg = run.cfg
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     objects = dict(net=net, optimizer=optimizer, scheduler=scheduler)
     state = run.restore(objects, epoch=-1, step=0)
-    step = state['step']
+    n_steps, heads = state['step'], [('PRI', ''), ('AUX', 'aux_')][:len(levels)]
 
     for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train()
         meters = Meters()
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
-            meters.add(len(x), **train_step(net, x, labels[:, level], optimizer))
-            step += 1
-        test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)
+            meters.add(len(x), **step(net, x, labels, optimizer))
+            n_steps += 1
+        tested = evaluate_heads(net, test, levels, cfg.batch_size)     # [loss, acc] per head
         scheduler.step()
         seconds = run.timer.lap()
 
         tr = meters.means()
-        row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'], test_loss=test_loss,
-                   test_acc=test_acc, seconds=seconds)
-        run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
-            f'EPOCH: {epoch:04d} ITER: {step:06d} | TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} '
-            f'|| TEST [LOSS|ACC.]: PRI {test_loss:.4f} {test_acc:.4f} | {seconds:.1f}s'], epoch=epoch, step=step)
+        row = dict(epoch=epoch, step=n_steps, **{f'train_{p}{k}': tr[p + k] for _, p in heads for k in ('loss', 'acc')},
+                   **{f'test_{p}{k}': v for (_, p), pair in zip(heads, zip(tested[0::2], tested[1::2]))
+                      for k, v in zip(('loss', 'acc'), pair)}, seconds=seconds)
+        text = ' || '.join(f'{split} [LOSS|ACC.]: ' + ' '.join(
+            f'{head} {row[f"{prefix}_{p}loss"]:.4f} {row[f"{prefix}_{p}acc"]:.4f}' for head, p in heads)
+            for split, prefix in (('TRAIN', 'train'), ('TEST', 'test')))
+        run.end_epoch(objects, row, text)
     run.finish_epochs()
+
+
+def main(argv=None):
+    run = Run('model_vgg_single', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
+    cfg = run.cfg
+    level = cfg.primary_level
+    train, test = (create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, split, cfg.synthetic,
+                                                                           cfg.download), run.device, MEAN, STD)
+                   for split in (True, False))
+    net = run.network(VGG16({'classifier': create_dataset.LEVEL_CLASSES[level]}, cfg.width))
+    fit(run, net, train, test, (level,), lambda net, x, labels, optimizer: train_step(net, x, labels[:, level],
+                                                                                       optimizer))
 
 
 if __name__ == '__main__':

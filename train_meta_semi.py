@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, accuracy_count, device_generator, fast_module, forward_with, \
+from utils import Meters, Run, UserError, accuracy_count, device_generator, forward_with, \
     hyperparameters, run_main, semi_network
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
@@ -228,8 +228,7 @@ def main(argv=None):
     augment_rng = device_generator(dev, cfg.seed)
     use_unlabeled = not cfg.baseline or cfg.mix_up
 
-    model = semi_network(cfg.architecture, num_classes, cfg.width).to(dev)
-    fast_module(model, dev, cfg.amp, cfg.channels_last, cfg.compile)      # opt-in; off: untouched
+    model = run.network(semi_network(cfg.architecture, num_classes, cfg.width))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     beta = torch.distributions.Beta(torch.tensor(float(cfg.alpha), device=dev), torch.tensor(float(cfg.alpha), device=dev))
     log.print(f'{cfg.architecture} (width {cfg.width}): {sum(p.numel() for p in model.parameters()):,} parameters')

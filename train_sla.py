@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, Meters, Run, UserError, accuracy_count, cifar_resnet, device_generator, fast_module, \
+from utils import CRESNET_DEPTHS, Meters, Run, UserError, accuracy_count, cifar_resnet, device_generator, \
     hyperparameters, load_checkpoint, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
@@ -278,8 +278,7 @@ def main(argv=None):
     n_classes = create_dataset.NUM_CLASSES[cfg.dataset]
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
-    net = build_model(cfg.model, cfg.mode, n_classes, M, cfg.width).to(dev)
-    fast_module(net, dev, cfg.amp, cfg.channels_last, cfg.compile, methods=('forward', 'features'))   # opt-in
+    net = run.network(build_model(cfg.model, cfg.mode, n_classes, M, cfg.width), methods=('forward', 'features'))
     evaluate_kw = dict(mode=cfg.mode, tf=tf, batch_size=cfg.batch_size, T=cfg.temperature, large_loss=cfg.with_large_loss)
     test_x, test_y = load_split(cfg, train=False)
     test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)

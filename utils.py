@@ -802,6 +802,12 @@ class Run:
             raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {self.script}.py: resume it '
                             f'with python {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
 
+    def network(self, net, methods=('forward',)):
+        """`net` on the run's device, with the opt-in fast paths of the run (--amp, --channels_last,
+        --compile) applied to `methods`; with all of them off it is only moved."""
+        net.to(self.device)
+        return fast_module(net, self.device, self.cfg.amp, self.cfg.channels_last, self.cfg.compile, methods)
+
     # ---- data streams and time ----
 
     def stream(self, k):
@@ -861,6 +867,14 @@ class Run:
                             best=self.best, row=row, config=vars(self.cfg))
         self.save(objects, **extra)
         return improved
+
+    def end_epoch(self, objects, row, text):
+        """evaluate_and_save for the epoch-based scripts (the MAXL paper's three): the best is kept on
+        test_acc, the printed line is the original's 'EPOCH: e ITER: s | <text> | <seconds>s', and the
+        position (epoch, step) is saved with the checkpoint."""
+        return self.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
+            f'EPOCH: {row["epoch"]:04d} ITER: {row["step"]:06d} | {text} | {row["seconds"]:.1f}s'],
+            epoch=row['epoch'], step=row['step'])
 
     def finish_epochs(self, score='test_acc'):
         """The closing line of an epoch-based run."""

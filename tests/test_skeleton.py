@@ -13,7 +13,7 @@ import model_vgg_single
 import train_meta_semi
 import train_sla
 import utils
-from utils import Meters, Run, UserError, hyperparameters, parse_config
+from utils import Meters, UserError, hyperparameters, parse_config
 
 SCRIPTS = [model_vgg_single, model_vgg_human, model_vgg_maxl, train_sla, train_meta_semi]
 
