@@ -28,25 +28,36 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# name: (backbone of the bare step it is compared with, images per step, the original's s/step on the
-# 2-core CPU of issue 5, goal as (reference row, largest ratio) or None)
+# name: (backbone of the bare step it is compared with, what one step's images are counted in (see
+# images_per_step), the original's s/step on the 2-core CPU of issue 5, goal as (reference row, largest
+# ratio) or None)
 ROWS = {
-    'bare_vgg':            ('bare_vgg', 100, None, None),
-    'single':              ('bare_vgg', 100, 1.15, ('bare_vgg', 1.1)),
-    'bare_vgg_mt':         ('bare_vgg_mt', 100, None, None),
-    'human':               ('bare_vgg_mt', 100, 1.10, ('bare_vgg_mt', 1.1)),
-    'maxl_train':          ('bare_vgg_mt', 100, 3.47, ('bare_vgg_mt', 1.2)),
-    'maxl_meta2':          ('bare_vgg_mt', 100, 5.65, ('bare_vgg_mt', 4.0)),
-    'maxl_meta2_dbl':      ('bare_vgg_mt', 100, 5.65, ('bare_vgg_mt', 4.0)),   # second_order='double_backward'
-    'maxl_meta1':          ('bare_vgg_mt', 100, 5.33, ('bare_vgg_mt', 4.0)),
-    'bare_resnet32':       ('bare_resnet32', 128, None, None),
-    'sla_baseline':        ('bare_resnet32', 128, 0.41, None),
-    'bare_resnet32_x4':    ('bare_resnet32_x4', 512, None, None),     # the 4 x 128 images a rotation step runs
-    'sla_rotation':        ('bare_resnet32_x4', 128, 2.04, ('sla_baseline', 4.4)),
-    'bare_convlarge':      ('bare_convlarge', 128, None, None),
-    'semi_baseline_mixup': ('bare_convlarge', 256, 6.40, None),
-    'semi_meta_mixup':     ('bare_convlarge', 256, 16.2, ('semi_baseline_mixup', 2.5)),
+    'bare_vgg':            ('bare_vgg', 'maxl', None, None),
+    'single':              ('bare_vgg', 'maxl', 1.15, ('bare_vgg', 1.1)),
+    'bare_vgg_mt':         ('bare_vgg_mt', 'maxl', None, None),
+    'human':               ('bare_vgg_mt', 'maxl', 1.10, ('bare_vgg_mt', 1.1)),
+    'maxl_train':          ('bare_vgg_mt', 'maxl', 3.47, ('bare_vgg_mt', 1.4)),
+    'maxl_meta2':          ('bare_vgg_mt', 'maxl', 5.65, ('bare_vgg_mt', 4.0)),
+    'maxl_meta2_dbl':      ('bare_vgg_mt', 'maxl', 5.65, ('bare_vgg_mt', 4.0)),   # second_order='double_backward'
+    'maxl_meta1':          ('bare_vgg_mt', 'maxl', 5.33, ('bare_vgg_mt', 4.0)),
+    'bare_resnet32':       ('bare_resnet32', 'sla', None, None),
+    'sla_baseline':        ('bare_resnet32', 'sla', 0.41, None),
+    'bare_resnet32_x4':    ('bare_resnet32_x4', 'sla_x4', None, None),     # the 4 x 128 images a rotation step runs
+    'sla_rotation':        ('bare_resnet32_x4', 'sla', 2.04, ('sla_baseline', 4.4)),
+    'bare_convlarge':      ('bare_convlarge', 'semi', None, None),
+    'semi_baseline_mixup': ('bare_convlarge', 'semi_pair', 6.40, None),
+    'semi_meta_mixup':     ('bare_convlarge', 'semi_pair', 16.2, ('semi_baseline_mixup', 2.5)),
 }
+
+
+def images_per_step(kind):
+    """Images of one step, from the scripts' own batch sizes: MAXL's batch, SLA's source images (x4: the
+    rotated copies a rotation step runs), MetaSemi's labeled batch (pair: labeled + unlabeled)."""
+    import model_vgg_maxl
+    import train_meta_semi
+    import train_sla
+    maxl, sla, semi = (m.HYPERPARAMETERS['batch_size'] for m in (model_vgg_maxl, train_sla, train_meta_semi))
+    return {'maxl': maxl, 'sla': sla, 'sla_x4': 4 * sla, 'semi': semi, 'semi_pair': 2 * semi}[kind]
 
 
 # ---- one row, in a child process ---------------------------------------------------------------------
@@ -61,7 +72,12 @@ def build(name, dev, fast, data_root):
     import model_vgg_single
     import train_meta_semi
     import train_sla
-    from utils import VGG16, cifar_resnet, eager, fast_module, semi_network
+    from utils import VGG16, cifar_resnet, device_generator, eager, fast_module, parse_config, semi_network
+
+    def defaults(module):       # a script's hyperparameters and run options, as a run without flags has them
+        return parse_config(module.HYPERPARAMETERS, [])[0]
+    single, human, maxl = defaults(model_vgg_single), defaults(model_vgg_human), defaults(model_vgg_maxl)
+    sla, semi = defaults(train_sla), defaults(train_meta_semi)
 
     def fast_net(net, methods=('forward',)):
         return fast_module(net.to(dev), dev, methods=methods, **fast)
@@ -78,99 +94,109 @@ def build(name, dev, fast, data_root):
             optimizer.step()
         return step
 
-    rng = create_dataset.device_generator(dev, 0)
+    rng = device_generator(dev, 0)
     if name in ('bare_vgg', 'single', 'bare_vgg_mt', 'human') or name.startswith('maxl'):
         train = create_dataset.DeviceData(*create_dataset.load_cifar100(data_root, True, synthetic=True), dev,
                                           model_vgg_single.MEAN, model_vgg_single.STD)
 
+        levels = create_dataset.LEVEL_CLASSES
+        pri, aux = human.primary_level, human.aux_level
+
         def batch():
-            return train.get(torch.randint(len(train), (100,), device=dev, generator=rng), rng, augment=True)
+            return train.get(torch.randint(len(train), (maxl.batch_size,), device=dev, generator=rng), rng,
+                             augment=True)
         x, labels = batch()
         if name == 'bare_vgg':
-            return bare(fast_net(VGG16({'classifier': 20})), x, [labels[:, 2]])
+            return bare(fast_net(VGG16({'classifier': levels[pri]})), x, [labels[:, pri]])
         if name == 'bare_vgg_mt':
-            return bare(fast_net(VGG16({'classifier1': 20, 'classifier2': 100})), x, [labels[:, 2], labels[:, 3]])
+            return bare(fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]})), x,
+                        [labels[:, pri], labels[:, aux]])
         if name == 'single':
-            net = fast_net(VGG16({'classifier': 20}))
-            optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+            net = fast_net(VGG16({'classifier': levels[single.primary_level]}))
+            optimizer = torch.optim.SGD(net.parameters(), lr=single.lr)
 
             def step():
                 x, labels = batch()
-                model_vgg_single.train_step(net, x, labels[:, 2], optimizer)
+                model_vgg_single.train_step(net, x, labels[:, single.primary_level], optimizer)
             return step
         if name == 'human':
-            net = fast_net(VGG16({'classifier1': 20, 'classifier2': 100}))
-            optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+            net = fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]}))
+            optimizer = torch.optim.SGD(net.parameters(), lr=human.lr)
 
             def step():
                 x, labels = batch()
-                model_vgg_human.train_step(net, x, labels[:, 2], labels[:, 3], optimizer)
+                model_vgg_human.train_step(net, x, labels[:, pri], labels[:, aux], optimizer)
             return step
-        psi = [5] * 20
-        gen = fast_net(model_vgg_maxl.label_generator(psi, 1.0))
-        net = fast_net(model_vgg_maxl.multi_task_network(psi, 1.0))
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-        gen_optimizer = torch.optim.SGD(gen.parameters(), lr=1e-3, weight_decay=5e-4)
-        mask, heads = model_vgg_maxl.psi_mask(psi, dev), model_vgg_maxl.head_parameter_names(net)
+        gen = fast_net(model_vgg_maxl.label_generator(maxl.psi, maxl.width))
+        net = fast_net(model_vgg_maxl.multi_task_network(maxl.psi, maxl.width))
+        optimizer = torch.optim.SGD(net.parameters(), lr=maxl.lr)
+        gen_optimizer = torch.optim.SGD(gen.parameters(), lr=maxl.gen_lr, weight_decay=maxl.gen_weight_decay)
+        mask, heads = model_vgg_maxl.psi_mask(maxl.psi, dev), model_vgg_maxl.head_parameter_names(net)
         counter = [0]
-        cos_every = model_vgg_maxl.cos_every
+        cos_every = maxl.cos_every
 
         def step():
             x, labels = batch()
-            y = labels[:, 2]
+            y = labels[:, maxl.primary_level]
             if name == 'maxl_train':
                 model_vgg_maxl.train_step(net, gen, x, y, mask, optimizer, heads, counter[0] % cos_every == 0)
                 counter[0] += 1
                 return
             if name.startswith('maxl_meta2'):
-                method = 'double_backward' if name == 'maxl_meta2_dbl' else model_vgg_maxl.second_order
+                method = 'double_backward' if name == 'maxl_meta2_dbl' else maxl.second_order
                 with eager(net, gen):
-                    grads, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer, 0.2,
-                                                                         method)
+                    grads, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer,
+                                                                         maxl.entropy_weight, method)
             else:
-                grads, _ = model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, mask, optimizer, 0.2, 0.01)
+                grads, _ = model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, mask, optimizer,
+                                                                    maxl.entropy_weight, maxl.fd_eps)
             for p, g in zip(gen.parameters(), grads):
                 p.grad = g
             gen_optimizer.step()
         return step
 
     if name in ('bare_resnet32', 'bare_resnet32_x4', 'sla_baseline', 'sla_rotation'):
-        train = create_dataset.DeviceData(*create_dataset.load('cifar10', data_root, True, synthetic=True), dev,
+        train = create_dataset.DeviceData(*create_dataset.load(sla.dataset, data_root, True, synthetic=True), dev,
                                           train_sla.MEAN, train_sla.STD)
+        classes, rotation = create_dataset.NUM_CLASSES[sla.dataset], train_sla.Transformations('rotation', dev)
         if name == 'bare_resnet32':
-            x, y = train_sla.sample_batch(train, 128, rng)
-            return bare(fast_net(cifar_resnet('cresnet32', [10]), ('forward', 'features')), x, [y])
+            x, y = train_sla.sample_batch(train, sla.batch_size, rng)
+            return bare(fast_net(cifar_resnet(sla.model, [classes]), ('forward', 'features')), x, [y])
         if name == 'bare_resnet32_x4':
-            x, y = train_sla.sample_batch(train, 512, rng)
-            return bare(fast_net(cifar_resnet('cresnet32', [40]), ('forward', 'features')), x, [y])
+            x, y = train_sla.sample_batch(train, sla.batch_size * rotation.M, rng)
+            return bare(fast_net(cifar_resnet(sla.model, [classes * rotation.M]), ('forward', 'features')), x, [y])
         mode = 'baseline' if name == 'sla_baseline' else 'sla'
-        tf = None if mode == 'baseline' else train_sla.Transformations('rotation', dev)
-        net = fast_net(train_sla.build_model('cresnet32', mode, 10, tf.M if tf else 1, 1.0), ('forward', 'features'))
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        tf = None if mode == 'baseline' else rotation
+        net = fast_net(train_sla.build_model(sla.model, mode, classes, tf.M if tf else 1, sla.width),
+                       ('forward', 'features'))
+        optimizer = torch.optim.SGD(net.parameters(), lr=sla.lr, momentum=sla.momentum, weight_decay=sla.weight_decay)
 
         def step():
-            x, y = train_sla.sample_batch(train, 128, rng)
-            train_sla.train_step(net, optimizer, x, y, mode, tf)
+            x, y = train_sla.sample_batch(train, sla.batch_size, rng)
+            train_sla.train_step(net, optimizer, x, y, mode, tf, sla.temperature, sla.with_large_loss)
         return step
 
-    train_x, train_y, _, _ = create_dataset.load_semi('cifar10', data_root, synthetic=True)
-    mean, std = create_dataset.SEMI_NORMALISATION['cifar10']
+    train_x, train_y, _, _ = create_dataset.load_semi(semi.dataset, data_root, synthetic=True)
+    mean, std = create_dataset.SEMI_NORMALISATION[semi.dataset]
     train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
+    classes, B = create_dataset.NUM_CLASSES[semi.dataset], semi.batch_size
     if name == 'bare_convlarge':
-        x, y = train.get(torch.randint(len(train), (128,), device=dev, generator=rng), rng, augment=True)
-        return bare(fast_net(semi_network('convlarge', 10)), x, [y])
-    model = fast_net(semi_network('convlarge', 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    beta = torch.distributions.Beta(torch.tensor(1.0, device=dev), torch.tensor(1.0, device=dev))
-    labeled = create_dataset.EndlessBatches(torch.arange(1000, device=dev), 128, 0)
-    unlabeled = create_dataset.EndlessBatches(torch.arange(1000, len(train), device=dev), 128, 1)
+        x, y = train.get(torch.randint(len(train), (B,), device=dev, generator=rng), rng, augment=True)
+        return bare(fast_net(semi_network(semi.architecture, classes, semi.width)), x, [y])
+    model = fast_net(semi_network(semi.architecture, classes, semi.width))
+    optimizer = torch.optim.SGD(model.parameters(), lr=semi.lr, momentum=semi.momentum, weight_decay=semi.weight_decay)
+    alpha = torch.tensor(float(semi.alpha), device=dev)
+    beta = torch.distributions.Beta(alpha, alpha)
+    n_labeled = len(train) // 5         # which images count as labeled does not change a step's cost
+    labeled = create_dataset.EndlessBatches(torch.arange(n_labeled, device=dev), B, 0)
+    unlabeled = create_dataset.EndlessBatches(torch.arange(n_labeled, len(train), device=dev), B, 1)
 
     def step():
         x_l, y_l = train.get(labeled.next(), rng, augment=True)
         x_u, y_u = train.get(unlabeled.next(), rng, augment=True)
-        lam = beta.sample((128, 1))
-        train_meta_semi.train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, 0.1, 1.0, 1e-2, 10,
-                                   baseline=name == 'semi_baseline_mixup')
+        lam = beta.sample((B, 1))
+        train_meta_semi.train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, semi.lr, semi.weight, semi.epsilon,
+                                   classes, baseline=name == 'semi_baseline_mixup')      # the peak lr, full weight
     return step
 
 
@@ -178,7 +204,7 @@ def timed_steps(name, steps):
     """maxl_train: at least a whole cycle of its sampled gradient cosine, so its mean is the average step."""
     if name == 'maxl_train':
         import model_vgg_maxl
-        return max(steps, model_vgg_maxl.cos_every)
+        return max(steps, model_vgg_maxl.HYPERPARAMETERS['cos_every'])
     return steps
 
 
@@ -268,7 +294,8 @@ def main():
               'original s/step (2-core CPU) |')
     lines = [header, '|' + '---|' * 9]
     for name, r in results.items():
-        bare_row, images, original, goal = ROWS[name]
+        bare_row, kind, original, goal = ROWS[name]
+        images = images_per_step(kind)
         base = results.get(bare_row)
         use = 'mean_s' if name == 'maxl_train' else 'median_s'
         r['images_per_s'] = images / r['median_s']
