@@ -211,11 +211,11 @@ def main(argv=None):
     def check(cfg):                       # values, then the data files and the label budget: before any writing
         validate(cfg)
         data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_path, cfg.synthetic, cfg.download)
-        create_dataset.check_label_budget(data['arrays'][1], cfg.num_label, create_dataset.NUM_CLASSES[cfg.dataset])
+        create_dataset.check_label_budget(data['arrays'][1], cfg.num_label, create_dataset.DATASETS[cfg.dataset].num_classes)
 
     run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check,
               dir_key='save_path', aliases={'architecture': ['-a']},
-              choices={'dataset': sorted(create_dataset.SEMI_NORMALISATION),
+              choices={'dataset': sorted(create_dataset.DATASETS),
                        'architecture': ['convlarge', 'shakeshake']})
     cfg, dev, log = run.cfg, run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
@@ -223,11 +223,11 @@ def main(argv=None):
 
     # Data: the whole uint8 training and test sets on the device; crop (and flip, not for SVHN) per batch.
     train_x, train_y, test_x, test_y = data.pop('arrays')
-    num_classes = create_dataset.NUM_CLASSES[cfg.dataset]
-    mean, std = create_dataset.SEMI_NORMALISATION[cfg.dataset]
+    num_classes = create_dataset.DATASETS[cfg.dataset].num_classes
+    mean, std = create_dataset.DATASETS[cfg.dataset].normalisation
     train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
     test = create_dataset.DeviceData(test_x, test_y, dev, mean, std)
-    flip = cfg.dataset != 'svhn'
+    flip = create_dataset.DATASETS[cfg.dataset].flip
     index_file = os.path.join(run.dir, 'label_indices.txt')
     if run.resuming:
         labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))

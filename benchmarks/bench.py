@@ -154,7 +154,7 @@ def build(name, dev, fast, data_root):
         return step
 
     train_x, train_y, _, _ = create_dataset.load_semi('cifar10', data_root, synthetic=True)
-    mean, std = create_dataset.SEMI_NORMALISATION['cifar10']
+    mean, std = create_dataset.DATASETS['cifar10'].normalisation
     train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
     if name == 'bare_convlarge':
         x, y = train.get(torch.randint(len(train), (128,), device=dev, generator=rng), rng, augment=True)

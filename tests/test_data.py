@@ -1,4 +1,5 @@
 """Data: hierarchy maps, md5 and missing-file errors, the pickle reader, the batched augmentation."""
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -47,8 +48,9 @@ def _write_cifar100(folder, n=7):
 
 def test_pickle_reader_on_generated_files(tmp_path, monkeypatch):
     sums = _write_cifar100(tmp_path / 'cifar-100-python')
-    monkeypatch.setitem(cd.ARCHIVES['cifar100'], 'files', sums)     # our files stand in for the official ones
-    images, labels = cd.load_cifar100(str(tmp_path), train=True)
+    official = dataclasses.replace(cd.DATASETS['cifar100'], files=sums)   # our files stand in for the official
+    monkeypatch.setitem(cd.DATASETS, 'cifar100', official)
+    images, labels = cd.load('cifar100', str(tmp_path), train=True)
     assert images.dtype == np.uint8 and images.shape == (7, 3, 32, 32)
     assert images[3, 2, 5, 9] == (3 + 14 + 5 + 9) % 256                 # channel-major rows, as CIFAR stores them
     assert labels[:, 3].tolist() == list(range(7)) and labels[:, 2].tolist() == [f % 20 for f in range(7)]
@@ -57,14 +59,14 @@ def test_pickle_reader_on_generated_files(tmp_path, monkeypatch):
 def test_md5_mismatch_names_the_file_and_the_fix(tmp_path):
     _write_cifar100(tmp_path / 'cifar-100-python')          # right names, wrong content for the official md5
     with pytest.raises(UserError) as e:
-        cd.load_cifar100(str(tmp_path))
+        cd.load('cifar100', str(tmp_path))
     msg = str(e.value)
     assert 'md5' in msg and '16019d7e3df5f24257cddd939b257f8d' in msg and '--download' in msg
 
 
 def test_missing_data_names_archive_and_folder(tmp_path):
     with pytest.raises(UserError) as e:
-        cd.load_cifar100(str(tmp_path))
+        cd.load('cifar100', str(tmp_path))
     msg = str(e.value)
     assert 'cifar-100-python.tar.gz' in msg and str(tmp_path) in msg and '--synthetic' in msg
 
@@ -84,13 +86,13 @@ def test_unwritable_logdir_is_a_clear_error(tmp_path, data_root):
 
 
 def test_synthetic_standin_has_the_real_format(data_root):
-    images, labels = cd.load_cifar100(data_root, train=True, synthetic=True)
+    images, labels = cd.load('cifar100', data_root, train=True, synthetic=True)
     assert images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32)
     assert sorted(np.unique(labels[:, 3])) == list(range(100)) and sorted(np.unique(labels[:, 2])) == list(range(20))
     # fine classes inside a coarse class share it: every fine class maps to one coarse class
     pairs = np.unique(labels[:, [3, 2]], axis=0)
     assert len(pairs) == 100
-    x10, y10 = cd.load_cifar10(data_root, train=False, synthetic=True)
+    x10, y10 = cd.load('cifar10', data_root, train=False, synthetic=True)
     assert x10.shape[1:] == (3, 32, 32) and sorted(np.unique(y10)) == list(range(10))
 
 
