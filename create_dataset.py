@@ -464,11 +464,13 @@ def random_crop_flip(x, offsets, flips, pad=4):
 class DeviceData:
     """A whole split as one uint8 tensor on the training device, with its labels.
 
-    batches() yields normalised float batches; with augment=True each batch gets random crop
-    (4-pixel zero padding) and horizontal flip from `generator` (a torch.Generator on the device).
+    batches() yields normalised float batches; with augment=True each batch gets random crop (`pad`
+    pixels of zero padding) and, when `flip`, horizontal flip from `generator` (a torch.Generator on the
+    device). pad and flip are the defaults of every call; a dataset's own are DATASETS[name].pad / .flip.
     """
 
-    def __init__(self, images, labels, device, mean, std):
+    def __init__(self, images, labels, device, mean, std, pad=4, flip=True):
+        self.pad, self.flip = pad, flip
         self.images = torch.as_tensor(images).to(device)
         self.labels = torch.as_tensor(labels).to(device)
         self.device = device
@@ -481,22 +483,24 @@ class DeviceData:
     def normalise(self, x_uint8):
         return (x_uint8.float() - self.mean) / self.std
 
-    def augment(self, x_uint8, generator, pad=4, flip=True):
+    def augment(self, x_uint8, generator, pad=None, flip=None):
+        pad = self.pad if pad is None else pad
+        flip = self.flip if flip is None else flip
         b = len(x_uint8)
         offsets = torch.randint(0, 2 * pad + 1, (b, 2), device=self.device, generator=generator)
-        flips = torch.rand(b, device=self.device, generator=generator) < 0.5
+        flips = torch.rand(b, device=self.device, generator=generator) < 0.5     # drawn either way: same stream
         if not flip:
             flips = torch.zeros_like(flips)
         return random_crop_flip(x_uint8, offsets, flips, pad)
 
-    def get(self, index, generator=None, augment=False, flip=True):
+    def get(self, index, generator=None, augment=False, flip=None):
         """Images `index` (normalised float, augmented if asked) and their labels."""
         x = self.images[index]
         if augment:
             x = self.augment(x, generator, flip=flip)
         return self.normalise(x), self.labels[index]
 
-    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=True):
+    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=None):
         """One pass over the split (a fresh permutation from `generator` when shuffle=True)."""
         n = len(self)
         order = (torch.randperm(n, device=self.device, generator=generator) if shuffle

@@ -119,3 +119,15 @@ def test_device_data_normalises_like_totensor_normalize():
     data = cd.DeviceData(x, torch.zeros(4, dtype=torch.long), torch.device('cpu'), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     got, _ = data.get(torch.arange(4))
     assert torch.allclose(got, (x.float() / 255 - 0.5) / 0.2, atol=1e-5)
+
+
+def test_device_data_takes_its_augmentation_defaults_at_construction():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    args = (x, torch.arange(16), torch.device('cpu'), (0.5,) * 3, (0.2,) * 3)
+
+    def draw(data, **kw):                                # the same generator state for every draw
+        return data.get(torch.arange(16), torch.Generator().manual_seed(5), augment=True, **kw)[0]
+    no_flip = cd.DeviceData(*args, flip=False)
+    assert torch.equal(draw(no_flip), draw(cd.DeviceData(*args), flip=False))
+    assert not torch.equal(draw(no_flip), draw(cd.DeviceData(*args)))           # the default flips some images
+    assert torch.equal(draw(no_flip, flip=True), draw(cd.DeviceData(*args)))    # a call's flip wins
