@@ -1,11 +1,12 @@
-"""Data for every script: CIFAR-100 with its 4-level label hierarchy, CIFAR-10, SVHN, the synthetic
-stand-in, and the device-resident batch pipeline (augmentation done per batch with tensor ops).
-
-Files are read in their official formats (CIFAR python pickles, SVHN .mat) and checked by md5.
-`python create_dataset.py --synthetic` writes the synthetic stand-ins; `--download NAME` fetches an
-official archive (md5-checked) into the data root.
+"""Data for every script (CIFAR-100 with its 4-level label hierarchy, CIFAR-10, SVHN), their synthetic
+stand-ins, and the device-resident batch pipeline. Each dataset is one `Dataset` record in `DATASETS`, and
+the download, the md5 checks, the missing-data message, loading, the stand-ins and the command line all read
+it; to add a dataset, write a reader `(folder, train) -> (uint8 images [N,3,32,32], int64 labels)` for its
+on-disk format (and a synthetic writer if the format is new), then add one `Dataset(...)` to `DATASETS`
+with its folder, files and md5 sums, where to fetch them, label columns, normalisation and augmentation.
 """
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -15,51 +16,21 @@ import shutil
 import sys
 import tarfile
 import urllib.request
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 
-from utils import UserError, run_main
+from utils import UserError, device_generator, run_main, stream_seed
 
 DATA_ROOT = 'dataset'
 SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
-
-# Official files and their md5 sums (the values torchvision checks).
-ARCHIVES = {
-    'cifar100': dict(
-        url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
-        filename='cifar-100-python.tar.gz', md5='eb9058c3a382ffc7106e4002c42a8d85',
-        folder='cifar-100-python',
-        files={'train': '16019d7e3df5f24257cddd939b257f8d', 'test': 'f0ef6b0ae62326f3e7ffdfab6717acfc',
-               'meta': '7973b15100ade9c7d40fb424638fde48'}),
-    'cifar10': dict(
-        url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
-        filename='cifar-10-python.tar.gz', md5='c58f30108f718f92721af3b95e74349a',
-        folder='cifar-10-batches-py',
-        files={'data_batch_1': 'c99cafc152244af753f735de768cd75f',
-               'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
-               'data_batch_3': '54ebc095f3ab1f0389bbae665268c751',
-               'data_batch_4': '634d18415352ddfa80567beed471001a',
-               'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb',
-               'test_batch': '40351d587109b95175f43aff81a1287e',
-               'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'}),
-    'svhn': dict(
-        url='http://ufldl.stanford.edu/housenumbers/',
-        folder='svhn',
-        files={'train_32x32.mat': 'e26dedcc434d2e4c54c9b2d4a06d8373',
-               'test_32x32.mat': 'eb5a983be6a315427106f1b164d9cef3'}),
-}
-NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn': 10}
 
 # CIFAR-100's 4-level hierarchy (MAXL, Appendix A): 20 coarse classes -> 10 -> 3.
 COARSE20_TO_10 = [1, 2, 5, 6, 5, 6, 6, 3, 0, 7, 8, 0, 1, 3, 4, 0, 2, 5, 9, 9]
 LEVEL10_TO_3 = [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
 LEVEL_CLASSES = [3, 10, 20, 100]      # label level k = 0, 1, 2, 3
 
-
-# ----------------------------------------------------------------------------------------------------
-# md5, download, missing files
-# ----------------------------------------------------------------------------------------------------
 
 def md5sum(path, chunk=1 << 20):
     h = hashlib.md5()
@@ -69,69 +40,92 @@ def md5sum(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def _missing_message(name, root, missing):
-    a = ARCHIVES[name]
-    folder = os.path.join(root, a['folder'])
-    if name == 'svhn':
-        fetch = ', '.join(a['url'] + f for f in a['files'])
-        how = f'download {fetch} into {folder}/'
-    else:
-        how = (f'download {a["url"]} (md5 {a["md5"]}) into {root}/ and unpack it there '
-               f'(tar xzf {os.path.join(root, a["filename"])} -C {root})')
-    return (f'{name} data not found: {", ".join(missing)} missing in {folder}/. Either {how}, or rerun with '
-            f'--download to fetch and check it automatically, or use --synthetic to train on the small '
-            f'synthetic stand-in instead.')
+# ----------------------------------------------------------------------------------------------------
+# The record: what a dataset is, and the two ways its official files are fetched
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    """The files come in one gzipped tarball that unpacks into the data root (holding the folder)."""
+    url: str
+    filename: str
+    md5: str
+
+    def downloads(self, ds, root):
+        """(url, destination, md5) of everything to fetch."""
+        return [(self.url, os.path.join(root, self.filename), self.md5)]
+
+    def unpack(self, path, root):
+        with tarfile.open(path, 'r:gz') as tar:
+            tar.extractall(root, filter='data')
+
+    def instructions(self, ds, root):
+        return (f'download {self.url} (md5 {self.md5}) into {root}/ and unpack it there '
+                f'(tar xzf {os.path.join(root, self.filename)} -C {root})')
 
 
-def download(name, root=DATA_ROOT):
-    """Fetch the official archive (or .mat files) of `name` into `root`, check md5, unpack."""
-    a = ARCHIVES[name]
-    os.makedirs(root, exist_ok=True)
-    items = ([(a['url'] + f, os.path.join(root, a['folder'], f), md5) for f, md5 in a['files'].items()]
-             if name == 'svhn' else [(a['url'], os.path.join(root, a['filename']), a['md5'])])
-    for url, dest, md5 in items:
-        if os.path.isfile(dest) and md5sum(dest) == md5:
-            continue
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        part = dest + '.part'
-        print(f'downloading {url} -> {dest}', flush=True)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(part, 'wb') as f:
-                shutil.copyfileobj(r, f)
-        except OSError as e:
-            if os.path.exists(part):
-                os.remove(part)
-            raise UserError(f'could not download {url} ({e}). This machine may have no internet access: '
-                            f'fetch the file elsewhere and place it at {dest}, or use --synthetic.') from None
-        got = md5sum(part)
-        if got != md5:
-            os.remove(part)
-            raise UserError(f'the download of {url} has md5 {got}, expected {md5}: the file is corrupt or '
-                            f'not the official one. Try again, or place the official file at {dest}.')
-        os.replace(part, dest)
-        if dest.endswith('.tar.gz'):
-            with tarfile.open(dest, 'r:gz') as tar:
-                tar.extractall(root, filter='data')
+@dataclasses.dataclass(frozen=True)
+class FileUrls:
+    """Each file is fetched on its own, from base_url + its name, straight into the folder."""
+    base_url: str
+
+    def downloads(self, ds, root):
+        return [(self.base_url + f, os.path.join(root, ds.folder, f), md5) for f, md5 in ds.files.items()]
+
+    def unpack(self, path, root):
+        pass
+
+    def instructions(self, ds, root):
+        return f'download {", ".join(self.base_url + f for f in ds.files)} into {os.path.join(root, ds.folder)}/'
 
 
-def check_files(name, root, expected=None):
-    """Every file of `name` present with its md5; else a UserError naming the archive and the folder."""
-    a = ARCHIVES[name]
-    expected = expected or a['files']
-    folder = os.path.join(root, a['folder'])
-    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise UserError(_missing_message(name, root, missing))
-    for f, md5 in expected.items():
-        got = md5sum(os.path.join(folder, f))
-        if got != md5:
-            raise UserError(f'{os.path.join(folder, f)} has md5 {got}, expected {md5}: the file is corrupt or '
-                            f'not the official one. Delete {folder}/ and unpack the official archive again, '
-                            f'or rerun with --download.')
+@dataclasses.dataclass(frozen=True)
+class Synthetic:
+    """How the stand-in is written: writer(folder, {'train': (images, labels), 'test': ...}) puts the
+    generated uint8 images and class labels into the real on-disk format; sizes = (train, test) images;
+    groups = how many colour/orientation groups the classes share (default: one per class)."""
+    writer: Callable
+    sizes: tuple
+    groups: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Everything about one dataset. `files` (name in the folder -> md5) may be empty for a dataset whose
+    files are not checked one by one. Labels are [N] for one label column, [N, k] for k columns;
+    `primary` is the column the single-label scripts (SLA, MetaSemi) train on."""
+    name: str
+    folder: str                          # under the data root (or its synthetic/ folder)
+    reader: Callable                     # (folder, train) -> (uint8 images [N,3,32,32], int64 labels)
+    source: object                       # Archive or FileUrls: how the official files are fetched
+    label_classes: tuple                 # classes of each label column
+    mean: tuple                          # per-channel mean and std of the training set, in [0, 1] units
+    std: tuple
+    files: Mapping = dataclasses.field(default_factory=dict)
+    primary: int = 0
+    pad: int = 4                         # training augmentation: random crop with this zero padding,
+    flip: bool = True                    # and random horizontal flip
+    synthetic: Optional[Synthetic] = None
+    requires: tuple = ()                 # modules its reader and synthetic writer import
+
+    @property
+    def num_classes(self):
+        return self.label_classes[self.primary]
+
+    @property
+    def normalisation(self):
+        return self.mean, self.std
+
+    def primary_labels(self, labels):
+        """The primary column of `labels` as load() returns them (a single column as it is)."""
+        return labels if len(self.label_classes) == 1 else labels[:, self.primary]
+
+    def missing_modules(self):
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Readers: uint8 images [N, 3, 32, 32] and integer labels
+# Readers: uint8 images [N, 3, 32, 32] and integer labels from a dataset's folder
 # ----------------------------------------------------------------------------------------------------
 
 def _unpickle(path):
@@ -147,44 +141,15 @@ def cifar100_hierarchy(coarse, fine):
     return np.stack([c3, c10, coarse, np.asarray(fine, dtype=np.int64)], axis=1)
 
 
-def dataset_root(root, synthetic):
-    return os.path.join(root, SYNTHETIC_DIR) if synthetic else root
-
-
-def _expected_md5(name, root, synthetic):
-    if not synthetic:
-        return None
-    path = os.path.join(root, ARCHIVES[name]['folder'], 'md5.json')
-    if not os.path.isfile(path):
-        raise UserError(f'the synthetic {name} stand-in is not in {os.path.dirname(path)}/: '
-                        f'write it with `python create_dataset.py --synthetic` (the scripts do this '
-                        f'themselves with --synthetic).')
-    with open(path) as f:
-        return json.load(f)
-
-
-def _checked_folder(name, root, synthetic, download_missing):
-    """The folder of `name`'s files, after writing the stand-in or downloading where asked, md5-checked."""
-    root = dataset_root(root, synthetic)
-    if synthetic:
-        ensure_synthetic(root, [name])
-    elif download_missing:
-        download(name, root)
-    check_files(name, root, _expected_md5(name, root, synthetic))
-    return os.path.join(root, ARCHIVES[name]['folder'])
-
-
-def load_cifar100(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
-    """(images uint8 [N,3,32,32], labels int64 [N,4]) from the official python pickles."""
-    folder = _checked_folder('cifar100', root, synthetic, download_missing)
+def read_cifar100(folder, train):
+    """The official python pickle; labels [N, 4] (the hierarchy levels)."""
     d = _unpickle(os.path.join(folder, 'train' if train else 'test'))
     images = np.asarray(d['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return images, cifar100_hierarchy(d['coarse_labels'], d['fine_labels'])
 
 
-def load_cifar10(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
-    """(images uint8 [N,3,32,32], labels int64 [N]) from the official python pickles."""
-    folder = _checked_folder('cifar10', root, synthetic, download_missing)
+def read_cifar10(folder, train):
+    """The official python pickles (five training batches); labels [N]."""
     names = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
     batches = [_unpickle(os.path.join(folder, n)) for n in names]
     images = np.concatenate([np.asarray(b['data'], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
@@ -192,13 +157,9 @@ def load_cifar10(root=DATA_ROOT, train=True, synthetic=False, download_missing=F
     return images, labels
 
 
-def load_svhn(root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
-    """(images uint8 [N,3,32,32], labels int64 [N], digit 0 labelled 0) from the official .mat files."""
-    folder = _checked_folder('svhn', root, synthetic, download_missing)
-    try:
-        import scipy.io
-    except ImportError:
-        raise UserError('reading SVHN needs scipy: pip install scipy') from None
+def read_svhn(folder, train):
+    """The official .mat files; labels [N] with digit 0 labelled 0 (the files label it 10)."""
+    import scipy.io
     m = scipy.io.loadmat(os.path.join(folder, 'train_32x32.mat' if train else 'test_32x32.mat'))
     images = np.ascontiguousarray(np.transpose(m['X'], (3, 2, 0, 1))).astype(np.uint8)
     labels = m['y'].astype(np.int64).reshape(-1)
@@ -206,21 +167,9 @@ def load_svhn(root=DATA_ROOT, train=True, synthetic=False, download_missing=Fals
     return images, labels
 
 
-LOADERS = {'cifar100': load_cifar100, 'cifar10': load_cifar10, 'svhn': load_svhn}
-
-
-def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
-    if name not in LOADERS:
-        raise UserError(f'unknown dataset {name!r}: choose one of {", ".join(LOADERS)}.')
-    return LOADERS[name](root, train=train, synthetic=synthetic, download_missing=download_missing)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The synthetic stand-in: same files, keys and dtypes as the real data, with learnable structure
 # ----------------------------------------------------------------------------------------------------
-
-SYNTHETIC_SIZES = {'cifar100': (10000, 2000), 'cifar10': (5000, 1000), 'svhn': (5000, 1000)}
-
 
 def synthetic_images(fine, n_fine, n_coarse, seed):
     """uint8 [N,3,32,32] images whose class shows: the coarse class (fine % n_coarse) sets the colour of
@@ -259,54 +208,231 @@ def _write_pickle(path, obj):
         pickle.dump(obj, f, protocol=2)
 
 
+def write_cifar100_files(folder, splits):
+    """CIFAR-100's pickles; the coarse class of fine class f is f % 20 (as the images draw it)."""
+    for split, (x, fine) in splits.items():
+        _write_pickle(os.path.join(folder, split), {
+            'filenames': [f'synthetic_{i}.png' for i in range(len(fine))], 'batch_label': f'synthetic {split}',
+            'fine_labels': fine.tolist(), 'coarse_labels': (fine % 20).tolist(),
+            'data': x.reshape(len(x), -1)})
+    _write_pickle(os.path.join(folder, 'meta'), {
+        'fine_label_names': [f'fine_{i}' for i in range(100)],
+        'coarse_label_names': [f'coarse_{i}' for i in range(20)]})
+
+
+def write_cifar10_files(folder, splits):
+    """CIFAR-10's pickles: the training images in five batches, the test images in one."""
+    x, y = splits['train']
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
+        _write_pickle(os.path.join(folder, f'data_batch_{i}'), {
+            'batch_label': f'synthetic batch {i}', 'labels': y[part].tolist(),
+            'data': x[part].reshape(len(part), -1), 'filenames': [f'synthetic_{j}.png' for j in part]})
+    x, y = splits['test']
+    _write_pickle(os.path.join(folder, 'test_batch'), {
+        'batch_label': 'synthetic test', 'labels': y.tolist(), 'data': x.reshape(len(x), -1),
+        'filenames': [f'synthetic_{j}.png' for j in range(len(y))]})
+    _write_pickle(os.path.join(folder, 'batches.meta'), {
+        'label_names': [f'class_{i}' for i in range(10)], 'num_cases_per_batch': len(y), 'num_vis': 3072})
+
+
+def write_svhn_files(folder, splits):
+    """SVHN's .mat files: images [32, 32, 3, N], labels [N, 1] with digit 0 as 10."""
+    import scipy.io
+    for split, (x, y) in splits.items():
+        mat_y = np.where(y == 0, 10, y).astype(np.uint8)[:, None]
+        scipy.io.savemat(os.path.join(folder, f'{split}_32x32.mat'),
+                         {'X': np.transpose(x, (2, 3, 1, 0)), 'y': mat_y})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry (files and md5 sums: the values torchvision checks; mean/std: the MetaSemi code's)
+# ----------------------------------------------------------------------------------------------------
+
+DATASETS = {d.name: d for d in [
+    Dataset(
+        'cifar100', folder='cifar-100-python', reader=read_cifar100,
+        source=Archive('https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz', 'cifar-100-python.tar.gz',
+                       'eb9058c3a382ffc7106e4002c42a8d85'),
+        files={'train': '16019d7e3df5f24257cddd939b257f8d', 'test': 'f0ef6b0ae62326f3e7ffdfab6717acfc',
+               'meta': '7973b15100ade9c7d40fb424638fde48'},
+        label_classes=tuple(LEVEL_CLASSES), primary=3,
+        mean=(0.50707516, 0.48654887, 0.44091784), std=(0.26733429, 0.25643846, 0.27615047),
+        synthetic=Synthetic(write_cifar100_files, sizes=(10000, 2000), groups=20)),
+    Dataset(
+        'cifar10', folder='cifar-10-batches-py', reader=read_cifar10,
+        source=Archive('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', 'cifar-10-python.tar.gz',
+                       'c58f30108f718f92721af3b95e74349a'),
+        files={'data_batch_1': 'c99cafc152244af753f735de768cd75f',
+               'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+               'data_batch_3': '54ebc095f3ab1f0389bbae665268c751',
+               'data_batch_4': '634d18415352ddfa80567beed471001a',
+               'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb',
+               'test_batch': '40351d587109b95175f43aff81a1287e',
+               'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'},
+        label_classes=(10,),
+        mean=(0.49139968, 0.48215841, 0.44653091), std=(0.24703223, 0.24348513, 0.26158784),
+        synthetic=Synthetic(write_cifar10_files, sizes=(5000, 1000))),
+    Dataset(
+        'svhn', folder='svhn', reader=read_svhn, source=FileUrls('http://ufldl.stanford.edu/housenumbers/'),
+        files={'train_32x32.mat': 'e26dedcc434d2e4c54c9b2d4a06d8373',
+               'test_32x32.mat': 'eb5a983be6a315427106f1b164d9cef3'},
+        label_classes=(10,),
+        mean=(0.4376821, 0.4437697, 0.47280442), std=(0.19803012, 0.20101562, 0.19703614),
+        flip=False,                      # digits: MetaSemi crops SVHN without flipping
+        synthetic=Synthetic(write_svhn_files, sizes=(5000, 1000)), requires=('scipy',)),
+]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# What reads the records: lookup, download, md5 checks, missing-data messages, loading, the stand-ins
+# ----------------------------------------------------------------------------------------------------
+
+def record(name):
+    """The Dataset record of `name`, or a UserError listing the known ones."""
+    if name not in DATASETS:
+        raise UserError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}.')
+    return DATASETS[name]
+
+
+def _require(ds, doing):
+    missing = ds.missing_modules()
+    if missing:
+        raise UserError(f'{doing} {ds.name} needs {", ".join(missing)}: pip install {" ".join(missing)}')
+
+
+def _missing_message(ds, root, missing):
+    return (f'{ds.name} data not found: {", ".join(missing)} missing in {os.path.join(root, ds.folder)}/. '
+            f'Either {ds.source.instructions(ds, root)}, or rerun with --download to fetch and check it '
+            f'automatically, or use --synthetic to train on the small synthetic stand-in instead.')
+
+
+def download(name, root=DATA_ROOT):
+    """Fetch the official files of `name` into `root` (as its source says), check their md5, unpack."""
+    ds = record(name)
+    os.makedirs(root, exist_ok=True)
+    for url, dest, md5 in ds.source.downloads(ds, root):
+        if os.path.isfile(dest) and md5sum(dest) == md5:
+            continue
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        part = dest + '.part'
+        print(f'downloading {url} -> {dest}', flush=True)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(part, 'wb') as f:
+                shutil.copyfileobj(r, f)
+        except OSError as e:
+            if os.path.exists(part):
+                os.remove(part)
+            raise UserError(f'could not download {url} ({e}). This machine may have no internet access: '
+                            f'fetch the file elsewhere and place it at {dest}, or use --synthetic.') from None
+        got = md5sum(part)
+        if got != md5:
+            os.remove(part)
+            raise UserError(f'the download of {url} has md5 {got}, expected {md5}: the file is corrupt or '
+                            f'not the official one. Try again, or place the official file at {dest}.')
+        os.replace(part, dest)
+        ds.source.unpack(dest, root)
+
+
+def _missing_files(ds, root, names):
+    return [f for f in names if not os.path.isfile(os.path.join(root, ds.folder, f))]
+
+
+def check_files(name, root, expected=None):
+    """Every file of `name` (or of `expected`: name -> md5) present with its md5; else a UserError
+    naming the source and the folder."""
+    ds = record(name)
+    expected = ds.files if expected is None else expected
+    folder = os.path.join(root, ds.folder)
+    missing = _missing_files(ds, root, expected)
+    if missing:
+        raise UserError(_missing_message(ds, root, missing))
+    for f, md5 in expected.items():
+        got = md5sum(os.path.join(folder, f))
+        if got != md5:
+            raise UserError(f'{os.path.join(folder, f)} has md5 {got}, expected {md5}: the file is corrupt or '
+                            f'not the official one. Delete {folder}/ and unpack the official archive again, '
+                            f'or rerun with --download.')
+
+
+def check_data_present(name, root, synthetic, download_missing):
+    """Cheap presence check (no md5) that the scripts run in their validation, so a missing dataset stops
+    a run before its folder is made; the md5 check proper happens when the data is loaded."""
+    ds = record(name)
+    if synthetic or download_missing:
+        return
+    missing = _missing_files(ds, root, ds.files)
+    if missing:
+        raise UserError(_missing_message(ds, root, missing))
+
+
+def dataset_root(root, synthetic):
+    return os.path.join(root, SYNTHETIC_DIR) if synthetic else root
+
+
+def _synthetic_md5(ds, root):
+    """The md5 sums the stand-in's writer recorded (its files' own, not the official ones)."""
+    path = os.path.join(root, ds.folder, 'md5.json')
+    if not os.path.isfile(path):
+        raise UserError(f'the synthetic {ds.name} stand-in is not in {os.path.dirname(path)}/: '
+                        f'write it with `python create_dataset.py --synthetic` (the scripts do this '
+                        f'themselves with --synthetic).')
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
+    """(uint8 images [N,3,32,32], int64 labels [N] or [N, label columns]) of the training or test split,
+    md5-checked; the stand-in is written first when missing, the official files fetched when asked."""
+    ds = record(name)
+    _require(ds, 'reading')
+    root = dataset_root(root, synthetic)
+    if synthetic:
+        ensure_synthetic(root, [name])
+    elif download_missing:
+        download(name, root)
+    check_files(name, root, _synthetic_md5(ds, root) if synthetic else None)
+    return ds.reader(os.path.join(root, ds.folder), train)
+
+
+def load_semi(name, root=DATA_ROOT, synthetic=False, download_missing=False):
+    """(train images, train labels, test images, test labels) with one label per image, the record's
+    primary column (CIFAR-100: the 100 fine classes). SVHN is its `train` split only (73,257 images), as
+    the MetaSemi code."""
+    ds = record(name)
+    out = []
+    for train in (True, False):
+        x, y = load(name, root, train, synthetic, download_missing)
+        out += [x, ds.primary_labels(y)]
+    return tuple(out)
+
+
 def write_synthetic(name, root, seed=0, sizes=None):
-    """Write the stand-in of `name` in its real on-disk format under `root` (a synthetic folder)."""
-    n_train, n_test = sizes or SYNTHETIC_SIZES[name]
+    """Write the stand-in of `name` in its real on-disk format under `root` (a synthetic folder), with
+    the md5 sums of its files in md5.json. sizes = (train, test) images, the record's by default."""
+    ds = record(name)
+    if ds.synthetic is None:
+        raise UserError(f'{name} has no synthetic stand-in: train on the official files.')
+    _require(ds, 'writing the synthetic')
+    n_train, n_test = sizes or ds.synthetic.sizes
     rng = np.random.default_rng(seed)
-    folder = os.path.join(root, ARCHIVES[name]['folder'])
+    folder = os.path.join(root, ds.folder)
     os.makedirs(folder, exist_ok=True)
-    n_cls = NUM_CLASSES[name]
+    n_cls = ds.num_classes
     splits = {}
     for split, n in (('train', n_train), ('test', n_test)):
         fine = _balanced_labels(n, n_cls, rng)
-        splits[split] = (synthetic_images(fine, n_cls, 20 if name == 'cifar100' else n_cls,
+        splits[split] = (synthetic_images(fine, n_cls, ds.synthetic.groups or n_cls,
                                           seed + (1 if split == 'train' else 2)), fine)
-    if name == 'cifar100':
-        for split, (x, fine) in splits.items():
-            _write_pickle(os.path.join(folder, split), {
-                'filenames': [f'synthetic_{i}.png' for i in range(len(fine))], 'batch_label': f'synthetic {split}',
-                'fine_labels': fine.tolist(), 'coarse_labels': (fine % 20).tolist(),
-                'data': x.reshape(len(x), -1)})
-        _write_pickle(os.path.join(folder, 'meta'), {
-            'fine_label_names': [f'fine_{i}' for i in range(100)],
-            'coarse_label_names': [f'coarse_{i}' for i in range(20)]})
-    elif name == 'cifar10':
-        x, y = splits['train']
-        for i, part in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
-            _write_pickle(os.path.join(folder, f'data_batch_{i}'), {
-                'batch_label': f'synthetic batch {i}', 'labels': y[part].tolist(),
-                'data': x[part].reshape(len(part), -1), 'filenames': [f'synthetic_{j}.png' for j in part]})
-        x, y = splits['test']
-        _write_pickle(os.path.join(folder, 'test_batch'), {
-            'batch_label': 'synthetic test', 'labels': y.tolist(), 'data': x.reshape(len(x), -1),
-            'filenames': [f'synthetic_{j}.png' for j in range(len(y))]})
-        _write_pickle(os.path.join(folder, 'batches.meta'), {
-            'label_names': [f'class_{i}' for i in range(10)], 'num_cases_per_batch': len(y), 'num_vis': 3072})
-    elif name == 'svhn':
-        import scipy.io
-        for split, (x, y) in splits.items():
-            mat_y = np.where(y == 0, 10, y).astype(np.uint8)[:, None]       # SVHN labels digit 0 as 10
-            scipy.io.savemat(os.path.join(folder, f'{split}_32x32.mat'),
-                             {'X': np.transpose(x, (2, 3, 1, 0)), 'y': mat_y})
+    ds.synthetic.writer(folder, splits)
     sums = {f: md5sum(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != 'md5.json'}
     with open(os.path.join(folder, 'md5.json'), 'w') as f:
         json.dump(sums, f, indent=1)
 
 
-def ensure_synthetic(synthetic_root, names=None):
-    """Write any missing synthetic stand-in (cheap: a few seconds)."""
-    for name in names or ('cifar100', 'cifar10'):
-        if not os.path.isfile(os.path.join(synthetic_root, ARCHIVES[name]['folder'], 'md5.json')):
+def ensure_synthetic(synthetic_root, names):
+    """Write any missing synthetic stand-in of `names` (cheap: a few seconds)."""
+    for name in names:
+        if not os.path.isfile(os.path.join(synthetic_root, record(name).folder, 'md5.json')):
             write_synthetic(name, synthetic_root)
 
 
@@ -333,11 +459,13 @@ def random_crop_flip(x, offsets, flips, pad=4):
 class DeviceData:
     """A whole split as one uint8 tensor on the training device, with its labels.
 
-    batches() yields normalised float batches; with augment=True each batch gets random crop
-    (4-pixel zero padding) and horizontal flip from `generator` (a torch.Generator on the device).
+    batches() yields normalised float batches; with augment=True each batch gets random crop (`pad`
+    pixels of zero padding) and, when `flip`, horizontal flip from `generator` (a torch.Generator on the
+    device). pad and flip are the defaults of every call; a dataset's own are DATASETS[name].pad / .flip.
     """
 
-    def __init__(self, images, labels, device, mean, std):
+    def __init__(self, images, labels, device, mean, std, pad=4, flip=True):
+        self.pad, self.flip = pad, flip
         self.images = torch.as_tensor(images).to(device)
         self.labels = torch.as_tensor(labels).to(device)
         self.device = device
@@ -350,22 +478,24 @@ class DeviceData:
     def normalise(self, x_uint8):
         return (x_uint8.float() - self.mean) / self.std
 
-    def augment(self, x_uint8, generator, pad=4, flip=True):
+    def augment(self, x_uint8, generator, pad=None, flip=None):
+        pad = self.pad if pad is None else pad
+        flip = self.flip if flip is None else flip
         b = len(x_uint8)
         offsets = torch.randint(0, 2 * pad + 1, (b, 2), device=self.device, generator=generator)
-        flips = torch.rand(b, device=self.device, generator=generator) < 0.5
+        flips = torch.rand(b, device=self.device, generator=generator) < 0.5     # drawn either way: same stream
         if not flip:
             flips = torch.zeros_like(flips)
         return random_crop_flip(x_uint8, offsets, flips, pad)
 
-    def get(self, index, generator=None, augment=False, flip=True):
+    def get(self, index, generator=None, augment=False, flip=None):
         """Images `index` (normalised float, augmented if asked) and their labels."""
         x = self.images[index]
         if augment:
             x = self.augment(x, generator, flip=flip)
         return self.normalise(x), self.labels[index]
 
-    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=True):
+    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=None):
         """One pass over the split (a fresh permutation from `generator` when shuffle=True)."""
         n = len(self)
         order = (torch.randperm(n, device=self.device, generator=generator) if shuffle
@@ -375,24 +505,7 @@ class DeviceData:
             yield self.get(order[start:start + batch_size], generator, augment, flip)
 
 
-def device_generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
-
-
 # ---- label splits for SLA (validation split, samples per class) ----
-
-def check_data_present(name, root, synthetic, download_missing):
-    """Cheap presence check (no md5) that the scripts run in their validation, so a missing dataset stops
-    a run before its folder is made; the md5 check proper happens when the data is loaded."""
-    if synthetic or download_missing or name not in ARCHIVES:
-        return
-    folder = os.path.join(root, ARCHIVES[name]['folder'])
-    missing = [f for f in ARCHIVES[name]['files'] if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise UserError(_missing_message(name, root, missing))
-
 
 def sla_val_size(n_train, val_size, synthetic):
     """Images held out for validation: val_size (the original: 5,000 of CIFAR's 50,000); the synthetic
@@ -467,27 +580,6 @@ def sla_splits(labels, n_val, seed, num_samples_per_class=0, val_indices=None):
 
 
 # ---- label splits for MetaSemi (class-balanced labeled / unlabeled) ----
-
-# The MetaSemi code's normalisation (per-channel mean and std of each training set, in [0, 1] units).
-SEMI_NORMALISATION = {
-    'cifar10': ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
-    'cifar100': ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
-    'svhn': ((0.4376821, 0.4437697, 0.47280442), (0.19803012, 0.20101562, 0.19703614)),
-}
-
-
-def load_semi(name, root=DATA_ROOT, synthetic=False, download_missing=False):
-    """(train images, train labels, test images, test labels) with one label per image (CIFAR-100: the
-    100 fine classes). SVHN is its `train` split only (73,257 images), as the MetaSemi code."""
-    if synthetic and name == 'svhn':
-        ensure_synthetic(dataset_root(root, True), ['svhn'])      # needs scipy, as reading SVHN does
-    out = []
-    for train in (True, False):
-        x, y = load(name, root, train, synthetic, download_missing)
-        out += [x, y[:, 3] if name == 'cifar100' else y]
-    return tuple(out)
-
-
 def check_label_budget(labels, num_label, num_classes):
     """A UserError unless num_label is a positive multiple of num_classes that leaves every class with at
     least one unlabeled image."""
@@ -542,7 +634,7 @@ class EndlessBatches:
         self.load_state_dict({'passes': 0, 'position': 0})
 
     def _permutation(self):
-        g = device_generator(self.pool.device, self.seed * 1_000_003 + self.passes)
+        g = device_generator(self.pool.device, stream_seed(self.seed, self.passes))
         return self.pool[torch.randperm(len(self.pool), generator=g, device=self.pool.device)]
 
     def next(self):
@@ -570,23 +662,25 @@ class EndlessBatches:
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description='Write the synthetic stand-ins, or download and md5-check the '
+                                            'official files of a dataset.')
     p.add_argument('--root', default=DATA_ROOT, help='data root')
     p.add_argument('--synthetic', action='store_true', help='write the synthetic stand-ins into ROOT/synthetic/')
-    p.add_argument('--download', choices=sorted(ARCHIVES), action='append', default=[],
+    p.add_argument('--download', choices=sorted(DATASETS), action='append', default=[],
                    help='download and check an official dataset into ROOT')
     args = p.parse_args(argv)
     if not args.synthetic and not args.download:
         p.error('nothing to do: give --synthetic and/or --download NAME')
     if args.synthetic:
         root = os.path.join(args.root, SYNTHETIC_DIR)
-        for name in ('cifar100', 'cifar10', 'svhn'):
-            if name == 'svhn':
-                if importlib.util.find_spec('scipy') is None:
-                    print('skipping the synthetic svhn (needs scipy)')
-                    continue
+        for name, ds in DATASETS.items():
+            if ds.synthetic is None:
+                continue
+            if ds.missing_modules():
+                print(f'skipping the synthetic {name} (needs {", ".join(ds.missing_modules())})')
+                continue
             write_synthetic(name, root)
-            print(f'wrote synthetic {name} into {os.path.join(root, ARCHIVES[name]["folder"])}')
+            print(f'wrote synthetic {name} into {os.path.join(root, ds.folder)}')
     for name in args.download:
         download(name, args.root)
         check_files(name, args.root)

@@ -60,11 +60,11 @@ def main(argv=None):
     run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
     cfg = run.cfg
     pri, aux = cfg.primary_level, cfg.aux_level
-    train_x, train_y = create_dataset.load_cifar100(cfg.data_root, True, cfg.synthetic, cfg.download)
+    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, cfg.synthetic, cfg.download)
     check_refines(train_y, pri, aux)
     train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD)
-    test = create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, False, cfg.synthetic, cfg.download),
-                                     run.device, MEAN, STD)
+    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, cfg.synthetic, cfg.download)
+    test = create_dataset.DeviceData(test_x, test_y, run.device, MEAN, STD)
     net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
                              'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))
     # trained exactly as Single, with the second head's loss added to every step

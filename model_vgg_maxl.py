@@ -276,7 +276,7 @@ def main(argv=None):
     cfg, dev = run.cfg, run.device
 
     # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.
-    train, test = (create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, split, cfg.synthetic,
+    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, cfg.synthetic,
                                                                            cfg.download), dev, MEAN, STD)
                    for split in (True, False))
     level = cfg.primary_level

@@ -79,7 +79,7 @@ def main(argv=None):
     run = Run('model_vgg_single', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
     cfg = run.cfg
     level = cfg.primary_level
-    train, test = (create_dataset.DeviceData(*create_dataset.load_cifar100(cfg.data_root, split, cfg.synthetic,
+    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, cfg.synthetic,
                                                                            cfg.download), run.device, MEAN, STD)
                    for split in (True, False))
     net = run.network(VGG16({'classifier': create_dataset.LEVEL_CLASSES[level]}, cfg.width))

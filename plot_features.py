@@ -78,7 +78,7 @@ def main(argv=None):
 
     train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_root'],
                                                                cfg['synthetic'])
-    mean, std = create_dataset.SEMI_NORMALISATION[cfg['dataset']]
+    mean, std = create_dataset.DATASETS[cfg['dataset']].normalisation
     train = create_dataset.DeviceData(train_x, train_y, device, mean, std)
     test = create_dataset.DeviceData(test_x, test_y, device, mean, std)
     labeled, unlabeled = create_dataset.read_label_indices(paths['label_indices.txt'], len(train))
@@ -88,7 +88,7 @@ def main(argv=None):
     print(f'# data: {len(train)}, labeled: {len(labeled)}, unlabeled: {len(unlabeled)}; embedding '
           + ', '.join(f'{len(v)} {k}' for k, v in splits.items()), flush=True)
 
-    num_classes = create_dataset.NUM_CLASSES[cfg['dataset']]
+    num_classes = create_dataset.DATASETS[cfg['dataset']].num_classes
     model = semi_network(cfg['architecture'], num_classes, cfg['width']).to(device)
     model.load_state_dict(load_checkpoint(paths[args.checkpoint], device)['state']['model'])
     model.eval()

@@ -48,7 +48,7 @@ width = 1.0                    # channel multiplier (1 = the paper's network)
 seed = 1234                    # seeds the label split, the data streams, the weights
 # ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see utils.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'dataset': sorted(create_dataset.SEMI_NORMALISATION), 'architecture': ['convlarge', 'shakeshake']}
+CHOICES = {'dataset': sorted(create_dataset.DATASETS), 'architecture': ['convlarge', 'shakeshake']}
 
 TEST_BATCH = 100
 
@@ -199,7 +199,8 @@ def main(argv=None):
     def check(cfg):                       # values, then the data files and the label budget: before any writing
         validate(cfg)
         data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.download)
-        create_dataset.check_label_budget(data['arrays'][1], cfg.num_label, create_dataset.NUM_CLASSES[cfg.dataset])
+        create_dataset.check_label_budget(data['arrays'][1], cfg.num_label,
+                                          create_dataset.DATASETS[cfg.dataset].num_classes)
 
     run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES)
     cfg, dev, log = run.cfg, run.device, run.log
@@ -208,11 +209,10 @@ def main(argv=None):
 
     # Data: the whole uint8 training and test sets on the device; crop (and flip, not for SVHN) per batch.
     train_x, train_y, test_x, test_y = data.pop('arrays')
-    num_classes = create_dataset.NUM_CLASSES[cfg.dataset]
-    mean, std = create_dataset.SEMI_NORMALISATION[cfg.dataset]
+    record = create_dataset.DATASETS[cfg.dataset]
+    num_classes, (mean, std), flip = record.num_classes, record.normalisation, record.flip
     train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
     test = create_dataset.DeviceData(test_x, test_y, dev, mean, std)
-    flip = cfg.dataset != 'svhn'
     index_file = os.path.join(run.dir, 'label_indices.txt')
     if run.resuming:
         labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))
@@ -230,7 +230,8 @@ def main(argv=None):
 
     model = run.network(semi_network(cfg.architecture, num_classes, cfg.width))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    beta = torch.distributions.Beta(torch.tensor(float(cfg.alpha), device=dev), torch.tensor(float(cfg.alpha), device=dev))
+    alpha = torch.tensor(float(cfg.alpha), device=dev)
+    beta = torch.distributions.Beta(alpha, alpha)
     log.print(f'{cfg.architecture} (width {cfg.width}): {sum(p.numel() for p in model.parameters()):,} parameters')
 
     objects = dict(model=model, optimizer=optimizer)

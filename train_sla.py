@@ -231,7 +231,7 @@ def validate(cfg):
         raise UserError('need lr > 0, weight_decay >= 0, temperature > 0, width > 0 and 0 <= momentum < 1.')
     if cfg.eval_only and not cfg.resume:
         raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
-    n_classes = create_dataset.NUM_CLASSES[cfg.dataset]
+    n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
     if cfg.num_samples_per_class and cfg.num_samples_per_class * n_classes < cfg.batch_size:
         raise UserError(f'--num-samples-per-class {cfg.num_samples_per_class} leaves '
                         f'{cfg.num_samples_per_class * n_classes} training images, fewer than --batch-size '
@@ -243,7 +243,7 @@ def validate(cfg):
 
 def load_split(cfg, train):
     images, labels = create_dataset.load(cfg.dataset, cfg.data_root, train, cfg.synthetic, cfg.download)
-    return images, (labels[:, 3] if cfg.dataset == 'cifar100' else labels)     # CIFAR-100: the 100 fine classes
+    return images, create_dataset.DATASETS[cfg.dataset].primary_labels(labels)     # CIFAR-100: the 100 fine classes
 
 
 def split_indices(cfg, run_dir, labels):
@@ -275,7 +275,7 @@ def main(argv=None):
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
-    n_classes = create_dataset.NUM_CLASSES[cfg.dataset]
+    n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
     net = run.network(build_model(cfg.model, cfg.mode, n_classes, M, cfg.width), methods=('forward', 'features'))

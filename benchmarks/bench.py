@@ -96,7 +96,7 @@ def build(name, dev, fast, data_root):
 
     rng = device_generator(dev, 0)
     if name in ('bare_vgg', 'single', 'bare_vgg_mt', 'human') or name.startswith('maxl'):
-        train = create_dataset.DeviceData(*create_dataset.load_cifar100(data_root, True, synthetic=True), dev,
+        train = create_dataset.DeviceData(*create_dataset.load('cifar100', data_root, True, synthetic=True), dev,
                                           model_vgg_single.MEAN, model_vgg_single.STD)
 
         levels = create_dataset.LEVEL_CLASSES
@@ -158,7 +158,7 @@ def build(name, dev, fast, data_root):
     if name in ('bare_resnet32', 'bare_resnet32_x4', 'sla_baseline', 'sla_rotation'):
         train = create_dataset.DeviceData(*create_dataset.load(sla.dataset, data_root, True, synthetic=True), dev,
                                           train_sla.MEAN, train_sla.STD)
-        classes, rotation = create_dataset.NUM_CLASSES[sla.dataset], train_sla.Transformations('rotation', dev)
+        classes, rotation = create_dataset.DATASETS[sla.dataset].num_classes, train_sla.Transformations('rotation', dev)
         if name == 'bare_resnet32':
             x, y = train_sla.sample_batch(train, sla.batch_size, rng)
             return bare(fast_net(cifar_resnet(sla.model, [classes]), ('forward', 'features')), x, [y])
@@ -177,9 +177,9 @@ def build(name, dev, fast, data_root):
         return step
 
     train_x, train_y, _, _ = create_dataset.load_semi(semi.dataset, data_root, synthetic=True)
-    mean, std = create_dataset.SEMI_NORMALISATION[semi.dataset]
+    mean, std = create_dataset.DATASETS[semi.dataset].normalisation
     train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
-    classes, B = create_dataset.NUM_CLASSES[semi.dataset], semi.batch_size
+    classes, B = create_dataset.DATASETS[semi.dataset].num_classes, semi.batch_size
     if name == 'bare_convlarge':
         x, y = train.get(torch.randint(len(train), (B,), device=dev, generator=rng), rng, augment=True)
         return bare(fast_net(semi_network(semi.architecture, classes, semi.width)), x, [y])

@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,9 +17,8 @@ def data_root(tmp_path_factory):
     """A data root whose synthetic/ folder holds small stand-ins (real on-disk formats) for quick runs."""
     root = tmp_path_factory.mktemp('data')
     for name, sizes in SMALL.items():
-        if name == 'svhn':
-            if importlib.util.find_spec('scipy') is None:
-                continue         # SVHN tests skip themselves without scipy
+        if create_dataset.DATASETS[name].missing_modules():
+            continue             # SVHN needs scipy; its tests skip themselves without it
         create_dataset.write_synthetic(name, str(root / 'synthetic'), seed=0, sizes=sizes)
     return str(root)
 

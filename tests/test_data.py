@@ -1,7 +1,12 @@
-"""Data: hierarchy maps, md5 and missing-file errors, the pickle reader, the batched augmentation."""
+"""Data: hierarchy maps, md5 and missing-file errors, the pickle reader, the batched augmentation, and
+the dataset records (a dataset known only to a test works through its record alone)."""
+import dataclasses
 import hashlib
+import json
 import os
 import pickle
+import tarfile
+import types
 
 import numpy as np
 import pytest
@@ -47,8 +52,9 @@ def _write_cifar100(folder, n=7):
 
 def test_pickle_reader_on_generated_files(tmp_path, monkeypatch):
     sums = _write_cifar100(tmp_path / 'cifar-100-python')
-    monkeypatch.setitem(cd.ARCHIVES['cifar100'], 'files', sums)     # our files stand in for the official ones
-    images, labels = cd.load_cifar100(str(tmp_path), train=True)
+    official = dataclasses.replace(cd.DATASETS['cifar100'], files=sums)   # our files stand in for the official
+    monkeypatch.setitem(cd.DATASETS, 'cifar100', official)
+    images, labels = cd.load('cifar100', str(tmp_path), train=True)
     assert images.dtype == np.uint8 and images.shape == (7, 3, 32, 32)
     assert images[3, 2, 5, 9] == (3 + 14 + 5 + 9) % 256                 # channel-major rows, as CIFAR stores them
     assert labels[:, 3].tolist() == list(range(7)) and labels[:, 2].tolist() == [f % 20 for f in range(7)]
@@ -57,14 +63,14 @@ def test_pickle_reader_on_generated_files(tmp_path, monkeypatch):
 def test_md5_mismatch_names_the_file_and_the_fix(tmp_path):
     _write_cifar100(tmp_path / 'cifar-100-python')          # right names, wrong content for the official md5
     with pytest.raises(UserError) as e:
-        cd.load_cifar100(str(tmp_path))
+        cd.load('cifar100', str(tmp_path))
     msg = str(e.value)
     assert 'md5' in msg and '16019d7e3df5f24257cddd939b257f8d' in msg and '--download' in msg
 
 
 def test_missing_data_names_archive_and_folder(tmp_path):
     with pytest.raises(UserError) as e:
-        cd.load_cifar100(str(tmp_path))
+        cd.load('cifar100', str(tmp_path))
     msg = str(e.value)
     assert 'cifar-100-python.tar.gz' in msg and str(tmp_path) in msg and '--synthetic' in msg
 
@@ -84,13 +90,13 @@ def test_unwritable_logdir_is_a_clear_error(tmp_path, data_root):
 
 
 def test_synthetic_standin_has_the_real_format(data_root):
-    images, labels = cd.load_cifar100(data_root, train=True, synthetic=True)
+    images, labels = cd.load('cifar100', data_root, train=True, synthetic=True)
     assert images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32)
     assert sorted(np.unique(labels[:, 3])) == list(range(100)) and sorted(np.unique(labels[:, 2])) == list(range(20))
     # fine classes inside a coarse class share it: every fine class maps to one coarse class
     pairs = np.unique(labels[:, [3, 2]], axis=0)
     assert len(pairs) == 100
-    x10, y10 = cd.load_cifar10(data_root, train=False, synthetic=True)
+    x10, y10 = cd.load('cifar10', data_root, train=False, synthetic=True)
     assert x10.shape[1:] == (3, 32, 32) and sorted(np.unique(y10)) == list(range(10))
 
 
@@ -117,3 +123,108 @@ def test_device_data_normalises_like_totensor_normalize():
     data = cd.DeviceData(x, torch.zeros(4, dtype=torch.long), torch.device('cpu'), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     got, _ = data.get(torch.arange(4))
     assert torch.allclose(got, (x.float() / 255 - 0.5) / 0.2, atol=1e-5)
+
+
+def test_device_data_takes_its_augmentation_defaults_at_construction():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    args = (x, torch.arange(16), torch.device('cpu'), (0.5,) * 3, (0.2,) * 3)
+
+    def draw(data, **kw):                                # the same generator state for every draw
+        return data.get(torch.arange(16), torch.Generator().manual_seed(5), augment=True, **kw)[0]
+    no_flip = cd.DeviceData(*args, flip=False)
+    assert torch.equal(draw(no_flip), draw(cd.DeviceData(*args), flip=False))
+    assert not torch.equal(draw(no_flip), draw(cd.DeviceData(*args)))           # the default flips some images
+    assert torch.equal(draw(no_flip, flip=True), draw(cd.DeviceData(*args)))    # a call's flip wins
+
+
+# ---- the records ----
+
+def test_records_hold_what_the_scripts_read():
+    c100, c10, svhn = cd.DATASETS['cifar100'], cd.DATASETS['cifar10'], cd.DATASETS['svhn']
+    assert c100.label_classes == tuple(cd.LEVEL_CLASSES) and c100.num_classes == 100
+    assert c10.num_classes == svhn.num_classes == 10
+    hierarchy = cd.cifar100_hierarchy(np.arange(20).repeat(5), np.arange(100))
+    assert np.array_equal(c100.primary_labels(hierarchy), np.arange(100))        # SLA / MetaSemi: the fine level
+    assert np.array_equal(c10.primary_labels(np.arange(10) % 7), np.arange(10) % 7)
+    assert c100.flip and c10.flip and not svhn.flip                              # MetaSemi: no flips for digits
+    assert c100.pad == c10.pad == svhn.pad == 4
+    assert svhn.normalisation == ((0.4376821, 0.4437697, 0.47280442), (0.19803012, 0.20101562, 0.19703614))
+
+
+def test_per_file_source_message_names_every_url_and_unknown_names_are_refused(tmp_path):
+    with pytest.raises(UserError) as e:
+        cd.check_data_present('svhn', str(tmp_path), synthetic=False, download_missing=False)
+    msg = str(e.value)
+    assert f'train_32x32.mat, test_32x32.mat missing in {tmp_path / "svhn"}/' in msg
+    assert ('download http://ufldl.stanford.edu/housenumbers/train_32x32.mat, '
+            'http://ufldl.stanford.edu/housenumbers/test_32x32.mat into') in msg
+    cd.check_data_present('svhn', str(tmp_path), synthetic=True, download_missing=False)      # nothing to check
+    with pytest.raises(UserError, match="unknown dataset 'imagenet': choose one of cifar100, cifar10, svhn"):
+        cd.load('imagenet', str(tmp_path))
+
+
+def _read_tiny(folder, train):
+    split = 'train' if train else 'test'
+    return np.load(os.path.join(folder, f'{split}_x.npy')), np.load(os.path.join(folder, f'{split}_y.npy'))
+
+
+def _write_tiny(folder, splits):
+    for split, (x, y) in splits.items():
+        np.save(os.path.join(folder, f'{split}_x.npy'), x)
+        np.save(os.path.join(folder, f'{split}_y.npy'), np.asarray(y, dtype=np.int64))
+
+
+@pytest.fixture(params=['file_urls', 'archive'])
+def tiny(request, tmp_path, monkeypatch):
+    """A dataset known only to this test: one record (with its reader and writer above) registered in
+    DATASETS, nothing else touched. Its 'official' files are served through file:// URLs, one by one or
+    as a tarball."""
+    rng = np.random.default_rng(0)
+    arrays = {'train': (rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8), np.arange(6) % 3),
+              'test': (rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8), np.arange(3))}
+    served = tmp_path / 'server' / 'tiny-data'
+    served.mkdir(parents=True)
+    _write_tiny(str(served), arrays)
+    sums = {f: cd.md5sum(str(served / f)) for f in sorted(os.listdir(served))}
+    if request.param == 'file_urls':
+        source = cd.FileUrls(served.as_uri() + '/')
+        url = ', '.join(source.base_url + f for f in sums)        # each file from its own url
+    else:
+        tarball = tmp_path / 'server' / 'tiny.tar.gz'
+        with tarfile.open(tarball, 'w:gz') as tar:
+            tar.add(served, arcname='tiny-data')
+        source = cd.Archive(tarball.as_uri(), 'tiny.tar.gz', cd.md5sum(str(tarball)))
+        url = f'{source.url} (md5 {source.md5})'
+    ds = cd.Dataset('tiny', folder='tiny-data', reader=_read_tiny, source=source, files=sums, label_classes=(3,),
+                    mean=(0.5,) * 3, std=(0.25,) * 3, flip=False, synthetic=cd.Synthetic(_write_tiny, sizes=(12, 6)))
+    monkeypatch.setitem(cd.DATASETS, 'tiny', ds)
+    return types.SimpleNamespace(ds=ds, arrays=arrays, url=url, root=str(tmp_path / 'root'))
+
+
+def test_a_new_record_is_checked_fetched_and_loaded(tiny):
+    with pytest.raises(UserError) as e:
+        cd.check_data_present('tiny', tiny.root, synthetic=False, download_missing=False)
+    msg = str(e.value)
+    assert msg.startswith('tiny data not found: test_x.npy, test_y.npy, train_x.npy, train_y.npy missing in '
+                          f'{os.path.join(tiny.root, "tiny-data")}/. Either download {tiny.url}')
+    assert '--download' in msg and '--synthetic' in msg
+    with pytest.raises(UserError, match='tiny data not found'):
+        cd.load('tiny', tiny.root)
+    cd.main(['--root', tiny.root, '--download', 'tiny'])       # the download code, its md5 checks, the unpacking
+    cd.check_data_present('tiny', tiny.root, synthetic=False, download_missing=False)
+    for train, split in ((True, 'train'), (False, 'test')):
+        x, y = cd.load('tiny', tiny.root, train=train)
+        assert np.array_equal(x, tiny.arrays[split][0]) and np.array_equal(y, tiny.arrays[split][1])
+    np.save(os.path.join(tiny.root, 'tiny-data', 'test_y.npy'), np.zeros(3, dtype=np.int64))   # not the official file
+    with pytest.raises(UserError, match=r'test_y.npy has md5 \w+, expected ' + tiny.ds.files['test_y.npy']):
+        cd.load('tiny', tiny.root, train=False)
+
+
+def test_a_new_record_gets_a_synthetic_standin_and_one_label_column(tiny):
+    x, y = cd.load('tiny', tiny.root, train=True, synthetic=True)           # written on first use, record's sizes
+    assert x.shape == (12, 3, 32, 32) and x.dtype == np.uint8 and np.bincount(y).tolist() == [4, 4, 4]
+    with open(os.path.join(tiny.root, 'synthetic', 'tiny-data', 'md5.json')) as f:
+        assert sorted(json.load(f)) == sorted(tiny.ds.files)                 # the writer wrote the real file names
+    train_x, train_y, test_x, test_y = cd.load_semi('tiny', tiny.root, synthetic=True)
+    assert np.array_equal(train_x, x) and test_x.shape == (6, 3, 32, 32) and test_y.shape == (6,)
+    assert not os.path.exists(os.path.join(tiny.root, 'tiny-data'))         # never beside the real data
