@@ -89,11 +89,6 @@ def joint_labels(y, M):
     return (y[:, None] * M + torch.arange(M, device=y.device)).flatten()
 
 
-def split_joint(joint, M):
-    """Inverse of joint_labels: (class, transformation) = (joint // M, joint % M)."""
-    return joint // M, joint % M
-
-
 # ---- reading class predictions off the joint head --------------------------------------------------------
 
 def single_logits(joint_logits, M):

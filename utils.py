@@ -1,5 +1,17 @@
-"""What the training scripts share: command line, errors, seeding, devices, backbones, losses,
-meta-gradient helpers, run folders, logging and checkpoints.
+"""What the training scripts share. Map of the sections, and who uses them:
+
+  errors          UserError, run_main                          every script (exit code 2, no traceback)
+  hyperparameters RUN_OPTIONS, ALIASES, hyperparameters,      every script: the command line
+                  parse_config, check_choices
+  seeding         seed_everything, pick_device                 every script
+  backbones       VGG16                                        model_vgg_single / _human / _maxl
+                  CifarResNet, cifar_resnet                    train_sla
+                  ConvLarge, ShakeShake26, semi_network        train_meta_semi, plot_features
+  losses          focal_loss, accuracy_count, evaluate_heads   the three MAXL-paper scripts (accuracy_count: all)
+  meta-gradients  forward_with                                 model_vgg_maxl, train_meta_semi
+  fast paths      fast_module, eager                           every script (through Run.network), bench
+  runs            Run, Meters, stream_seed, device_generator,  every script: run folder, log, metrics,
+                  checkpoints, Timer                           best.pt / checkpoint.pt, resume
 
 Everything here is plain PyTorch (>= 2.11) and numpy; nothing imports torchvision.
 """

