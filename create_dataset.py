@@ -462,10 +462,17 @@ class DeviceData:
     batches() yields normalised float batches; with augment=True each batch gets random crop (`pad`
     pixels of zero padding) and, when `flip`, horizontal flip from `generator` (a torch.Generator on the
     device). pad and flip are the defaults of every call; a dataset's own are DATASETS[name].pad / .flip.
+
+    Under torchrun, `shard=(rank, world size)`: every index batch given to get() is a global batch, the
+    same on every process (drawn from the same seeded stream); its crops and flips are drawn for the whole
+    global batch, and this process keeps rows [rank * n // world, (rank + 1) * n // world). So the
+    processes together see exactly what one process would see with the global batch, and the stream
+    does not depend on the number of processes. batches(batch_size) takes batch_size per process.
     """
 
-    def __init__(self, images, labels, device, mean, std, pad=4, flip=True):
+    def __init__(self, images, labels, device, mean, std, pad=4, flip=True, shard=(0, 1)):
         self.pad, self.flip = pad, flip
+        self.rank, self.world = shard
         self.images = torch.as_tensor(images).to(device)
         self.labels = torch.as_tensor(labels).to(device)
         self.device = device
@@ -475,34 +482,48 @@ class DeviceData:
     def __len__(self):
         return len(self.images)
 
+    def share(self, rows):
+        """This process's rows of a tensor holding one row per image of a global batch."""
+        n = len(rows)
+        return rows[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
     def normalise(self, x_uint8):
         return (x_uint8.float() - self.mean) / self.std
 
-    def augment(self, x_uint8, generator, pad=None, flip=None):
+    def augment(self, x_uint8, generator, pad=None, flip=None, draws=None):
+        """Crop (and flip) x; the random draws are made for `draws` images (default len(x)), this
+        process's share of them applied to x."""
         pad = self.pad if pad is None else pad
         flip = self.flip if flip is None else flip
-        b = len(x_uint8)
+        b = len(x_uint8) if draws is None else draws
         offsets = torch.randint(0, 2 * pad + 1, (b, 2), device=self.device, generator=generator)
         flips = torch.rand(b, device=self.device, generator=generator) < 0.5     # drawn either way: same stream
         if not flip:
             flips = torch.zeros_like(flips)
+        if draws is not None:
+            offsets, flips = self.share(offsets), self.share(flips)
         return random_crop_flip(x_uint8, offsets, flips, pad)
 
     def get(self, index, generator=None, augment=False, flip=None):
-        """Images `index` (normalised float, augmented if asked) and their labels."""
-        x = self.images[index]
+        """This process's share of the images `index` (normalised float, augmented if asked), with labels."""
+        mine = self.share(index)
+        x = self.images[mine]
         if augment:
-            x = self.augment(x, generator, flip=flip)
-        return self.normalise(x), self.labels[index]
+            x = self.augment(x, generator, flip=flip, draws=len(index) if self.world > 1 else None)
+        return self.normalise(x), self.labels[mine]
 
     def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=None):
-        """One pass over the split (a fresh permutation from `generator` when shuffle=True)."""
-        n = len(self)
+        """One pass over the split (a fresh permutation from `generator` when shuffle=True), in global
+        batches of batch_size * world images; a last global batch smaller than the number of processes is
+        left out (on every process alike)."""
+        n, step = len(self), batch_size * self.world
         order = (torch.randperm(n, device=self.device, generator=generator) if shuffle
                  else torch.arange(n, device=self.device))
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield self.get(order[start:start + batch_size], generator, augment, flip)
+        stop = n - n % step if drop_last else n
+        for start in range(0, stop, step):
+            if min(step, stop - start) < self.world:
+                break
+            yield self.get(order[start:start + step], generator, augment, flip)
 
 
 # ---- label splits for SLA (validation split, samples per class) ----

@@ -62,9 +62,9 @@ def main(argv=None):
     pri, aux = cfg.primary_level, cfg.aux_level
     train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, cfg.synthetic, cfg.download)
     check_refines(train_y, pri, aux)
-    train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD)
+    train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)
     test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, cfg.synthetic, cfg.download)
-    test = create_dataset.DeviceData(test_x, test_y, run.device, MEAN, STD)
+    test = create_dataset.DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
     net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
                              'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))
     # trained exactly as Single, with the second head's loss added to every step

@@ -13,11 +13,12 @@ from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Meters, Run, VGG16, accuracy_count, eager, evaluate_heads, focal_loss,
-                   forward_with, hyperparameters, run_main)
+from utils import (UserError, Meters, Run, VGG16, accuracy_count, all_reduce, all_reduce_mean, differentiable_sum,
+                   distributed, eager, evaluate_heads, focal_loss, forward_with, hyperparameters, run_main)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -137,10 +138,14 @@ def head_parameter_names(model):
 
 # ---- training step: update the multi-task network on primary + generated auxiliary labels --------
 
-def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
+def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine, forward=None):
+    """One SGD step of the multi-task network on the primary labels and the generated auxiliary labels.
+    `forward`: the network's training forward (run.wrap: under torchrun it averages the gradients of the
+    backward); with_cosine takes the two losses' gradients separately, averaged over processes by hand
+    (torch.autograd.grad bypasses DistributedDataParallel). Returns (primary loss, correct, cosine)."""
     with torch.no_grad():
         aux_target = masked_softmax(gen(x), y, mask)         # generated labels (generator in train mode)
-    pri_logits, aux_logits = net(x)
+    pri_logits, aux_logits = net(x) if with_cosine or forward is None else forward(x)
     loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target)
     params = list(net.parameters())
     optimizer.zero_grad(set_to_none=True)
@@ -148,8 +153,8 @@ def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
     if with_cosine:
         # The two losses' gradients separately; their sum is the step's gradient, so this costs one
         # extra backward pass, not two.
-        g1 = torch.autograd.grad(loss1, params, retain_graph=True, materialize_grads=True)
-        g2 = torch.autograd.grad(loss2, params, materialize_grads=True)
+        g1 = all_reduce_mean(torch.autograd.grad(loss1, params, retain_graph=True, materialize_grads=True))
+        g2 = all_reduce_mean(torch.autograd.grad(loss2, params, materialize_grads=True))
         shared = [i for i, (n, _) in enumerate(net.named_parameters()) if n not in heads]   # the trunk
         cosine = cosine_per_filter([g1[i] for i in shared], [g2[i] for i in shared]).detach()
         for p, a, b in zip(params, g1, g2):
@@ -161,6 +166,46 @@ def train_step(net, gen, x, y, mask, optimizer, heads, with_cosine):
 
 
 # ---- meta step: the generator's gradient through one virtual SGD step of the multi-task network ----
+
+# Under torchrun each process holds its share of the global batch. The meta-gradient is the global batch's:
+# the virtual step uses the gradient averaged over processes (global_mean), the entropy is that of the
+# global mean prediction (global_rows gathers the rows' sum differentiably), and each process's meta
+# loss, a 1/world share of the global one, is differentiated in phi and summed over processes
+# (generator_gradient). With SyncBatchNorm (--sync_bn) this equals one process on the global batch;
+# in one process every step below is the plain single-device computation.
+
+def global_mean(tensors, differentiable=False):
+    """The gradients of the global batch's mean loss: the mean over processes of each process's."""
+    if not distributed():
+        return tensors
+    if differentiable:
+        world = dist.get_world_size()
+        return tuple(differentiable_sum(t) / world for t in tensors)
+    return tuple(all_reduce_mean([t.clone() for t in tensors]))
+
+
+class _GlobalRows:
+    """Stands for the global batch's rows where only their mean is used (entropy_loss)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def mean(self, dim):
+        return differentiable_sum(self.rows.sum(dim)) / differentiable_sum(self.rows.new_tensor(float(len(self.rows))))
+
+
+def global_rows(rows):
+    return _GlobalRows(rows) if distributed() else rows
+
+
+def generator_gradient(meta_loss, gen):
+    """d meta_loss / d phi; under torchrun the global meta loss's: this process's 1/world share of it,
+    differentiated, then summed over processes."""
+    if not distributed():
+        return torch.autograd.grad(meta_loss, list(gen.parameters()))
+    grads = torch.autograd.grad(meta_loss / dist.get_world_size(), list(gen.parameters()))
+    return tuple(all_reduce(list(grads)))
+
 
 class Lookahead(NamedTuple):
     """What the meta-gradients need from one virtual step theta -> theta+ (see lookahead)."""
@@ -184,6 +229,7 @@ def lookahead(net, gen, x, y, mask, optimizer, create_graph=False):
     pri_logits, aux_logits = forward_with(net, params, x)
     loss1, loss2 = multi_task_losses(pri_logits, aux_logits, y, aux_target if create_graph else aux_target.detach())
     grads = torch.autograd.grad(loss1 + loss2, list(params.values()), create_graph=create_graph)
+    grads = global_mean(grads, differentiable=create_graph)          # under torchrun: the global batch's
     if create_graph:
         fast = virtual_sgd_step(params, grads, optimizer)              # theta+ (keeps the graph)
     else:
@@ -192,8 +238,8 @@ def lookahead(net, gen, x, y, mask, optimizer, create_graph=False):
         fast = {k: p.requires_grad_() for k, p in fast.items()}
     pri_fast, _ = forward_with(net, fast, x)
     loss_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
-    v = None if create_graph else torch.autograd.grad(loss_fast, list(fast.values()), allow_unused=True,
-                                                      materialize_grads=True)
+    v = None if create_graph else global_mean(torch.autograd.grad(loss_fast, list(fast.values()), allow_unused=True,
+                                                                  materialize_grads=True))
     stats = (loss1.detach(), accuracy_count(pri_logits, y), loss_fast.detach(), accuracy_count(pri_fast, y))
     return Lookahead(params, aux_target, loss_fast, v, stats)
 
@@ -213,7 +259,7 @@ def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, 
     if method not in ('jvp', 'double_backward'):
         raise UserError(f"second_order must be 'jvp' or 'double_backward', got {method!r}.")
     ahead = lookahead(net, gen, x, y, mask, optimizer, create_graph=method == 'double_backward')
-    entropy = entropy_weight * entropy_loss(ahead.aux_target)
+    entropy = entropy_weight * entropy_loss(global_rows(ahead.aux_target))
     if method == 'double_backward':
         meta_loss = ahead.loss_fast + entropy
     else:
@@ -223,8 +269,7 @@ def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, 
             directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, ahead.aux_target))).tangent
         lr_now = optimizer.param_groups[0]['lr']
         meta_loss = -lr_now * directional + entropy
-    gen_grads = torch.autograd.grad(meta_loss, list(gen.parameters()))
-    return gen_grads, ahead.stats
+    return generator_gradient(meta_loss, gen), ahead.stats
 
 
 def focal_loss_target_grad(probs):
@@ -264,9 +309,8 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
         lr_now = optimizer.param_groups[0]['lr']
         target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
     aux_target = ahead.aux_target
-    surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(aux_target)
-    gen_grads = torch.autograd.grad(surrogate, list(gen.parameters()))
-    return gen_grads, ahead.stats
+    surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(global_rows(aux_target))
+    return generator_gradient(surrogate, gen), ahead.stats
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -277,12 +321,14 @@ def main(argv=None):
 
     # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.
     train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, cfg.synthetic,
-                                                                           cfg.download), dev, MEAN, STD)
+                                                                           cfg.download), dev, MEAN, STD,
+                                             shard=run.shard)
                    for split in (True, False))
     level = cfg.primary_level
 
     gen = run.network(label_generator(cfg.psi, cfg.width))
     net = run.network(multi_task_network(cfg.psi, cfg.width))
+    forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     gen_optimizer = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     gen_scheduler = torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -303,7 +349,7 @@ def main(argv=None):
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             y = labels[:, level]
             with_cos = cfg.cos_every > 0 and step % cfg.cos_every == 0
-            loss1, correct, cosine = train_step(net, gen, x, y, mask, optimizer, heads, with_cos)
+            loss1, correct, cosine = train_step(net, gen, x, y, mask, optimizer, heads, with_cos, forward)
             train_meters.add(len(x), loss=loss1 * len(x), acc=correct)
             if cosine is not None:
                 cos_sum, cos_n = cos_sum + cosine, cos_n + 1

@@ -45,20 +45,21 @@ def train_step(net, x, y, optimizer):
 def fit(run, net, train, test, levels, step):
     """Train `net` as the MAXL code trains its baselines (Human reuses this with a second head): plain
     SGD, its learning rate multiplied by lr_gamma every lr_step epochs; each epoch one shuffled pass of
-    augmented batches through step(net, x, labels, optimizer) -> sums over the batch (loss, acc and, for
+    augmented batches through step(forward, x, labels, optimizer) (forward: run.wrap(net)) -> sums over the batch (loss, acc and, for
     a second head, aux_loss, aux_acc), then one test of head k against label level levels[k]."""
     cfg = run.cfg
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     objects = dict(net=net, optimizer=optimizer, scheduler=scheduler)
     state = run.restore(objects, epoch=-1, step=0)
+    forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     n_steps, heads = state['step'], [('PRI', ''), ('AUX', 'aux_')][:len(levels)]
 
     for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train()
         meters = Meters()
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
-            meters.add(len(x), **step(net, x, labels, optimizer))
+            meters.add(len(x), **step(forward, x, labels, optimizer))
             n_steps += 1
         tested = evaluate_heads(net, test, levels, cfg.batch_size)     # [loss, acc] per head
         scheduler.step()
@@ -80,7 +81,8 @@ def main(argv=None):
     cfg = run.cfg
     level = cfg.primary_level
     train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, cfg.synthetic,
-                                                                           cfg.download), run.device, MEAN, STD)
+                                                                           cfg.download), run.device, MEAN, STD,
+                                             shard=run.shard)
                    for split in (True, False))
     net = run.network(VGG16({'classifier': create_dataset.LEVEL_CLASSES[level]}, cfg.width))
     fit(run, net, train, test, (level,), lambda net, x, labels, optimizer: train_step(net, x, labels[:, level],

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, accuracy_count, device_generator, forward_with, \
-    hyperparameters, run_main, semi_network
+from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, device_generator, \
+    forward_with, hyperparameters, run_main, semi_network
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100 or svhn
@@ -46,6 +46,7 @@ print_freq = 100               # print a training line every N steps
 eval_every = 400               # test, keep the best accuracy and save a checkpoint every N steps (--test-freq)
 width = 1.0                    # channel multiplier (1 = the paper's network)
 seed = 1234                    # seeds the label split, the data streams, the weights
+global_meta_gradient = False   # torchrun: the meta step from the global labeled batch (default: per process, as the original)
 # ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see utils.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'dataset': sorted(create_dataset.DATASETS), 'architecture': ['convlarge', 'shakeshake']}
@@ -80,7 +81,7 @@ def unlabeled_weight(t, weight, warmup):
 
 # ---- the meta step: pseudo-labels by the meta-gradient (first order, finite differences) ----
 
-def pseudo_label_gradient(model, x_l, y_l, x_u, epsilon):
+def pseudo_label_gradient(model, x_l, y_l, x_u, epsilon, global_d=False):
     """In eval mode: the unlabeled softmax P = softmax f(x_u; theta) and G = (P(theta + eps d) -
     P(theta - eps d)) / eps, d = dL_labeled/dtheta over all parameters, eps = epsilon / ||d||.
 
@@ -88,12 +89,18 @@ def pseudo_label_gradient(model, x_l, y_l, x_u, epsilon):
     of the squared-distance loss, so lr * G is the gradient of the labeled loss after a virtual SGD step
     of size lr on the unlabeled loss sum_b ||P_b - y_b||^2, taken with respect to the pseudo-labels y.
     The perturbed networks are new tensors run through forward_with, so the model's weights and
-    batch-norm buffers are never modified. Also returns the eval-mode labeled logits and loss."""
+    batch-norm buffers are never modified. Also returns the eval-mode labeled logits and loss.
+
+    Under torchrun d is this process's labeled batch's, as the original computes it per GPU (its norm
+    too); with global_d it is averaged over the processes first (the global labeled batch's), and the
+    weights are never perturbed in place, so the processes' weights stay identical either way."""
     model.eval()
     params = dict(model.named_parameters())
     logits_l = model(x_l)
     loss_l = F.cross_entropy(logits_l, y_l)
     d = torch.autograd.grad(loss_l, list(params.values()))
+    if global_d:
+        d = all_reduce_mean(d)
     with torch.no_grad():
         probs_u = F.softmax(model(x_u), dim=1)
         eps = epsilon / torch.stack([g.norm() for g in d]).norm().clamp_min(1e-12)
@@ -138,19 +145,23 @@ def sgd_step(optimizer, loss):
     optimizer.step()
 
 
-def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, num_classes, baseline=False):
+def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, num_classes, baseline=False,
+               forward=None, global_d=False):
     """One training step. Returns sums over the batch on the device: label_loss, unlabel_loss, label_acc
     (hits), unlabel_acc (hits).
     x_u / y_u: the unlabeled batch (its labels only count Uacc), None for the labeled-only baseline;
-    lam: per-sample mixup coefficients [B, 1], None without mixup."""
+    lam: per-sample mixup coefficients [B, 1], None without mixup; forward: the training forward
+    (run.wrap(model); under torchrun the update's gradients are averaged over processes); global_d: see
+    pseudo_label_gradient."""
+    forward = forward or model
     if not baseline:
         # 1) meta step (eval mode): pseudo-labels moved by the finite-difference meta-gradient
-        probs_u, grad_u, logits_l_eval, loss_l_eval = pseudo_label_gradient(model, x_l, y_l, x_u, epsilon)
+        probs_u, grad_u, logits_l_eval, loss_l_eval = pseudo_label_gradient(model, x_l, y_l, x_u, epsilon, global_d)
         targets_u = update_pseudo_labels(probs_u, grad_u, lr_now)
         # 2) model update (train mode): labeled or mixup loss + w * consistency with the pseudo-labels
         model.train()
-        loss_sup, logits_sup = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
-        logits_u = model(x_u)
+        loss_sup, logits_sup = supervised_loss(forward, x_l, y_l, x_u, targets_u, lam, num_classes)
+        logits_u = forward(x_u)
         loss_u = consistency_loss(logits_u, targets_u)
         sgd_step(optimizer, loss_sup + w * loss_u)
         # logged as the original: with mixup the labeled loss/accuracy are the eval-mode ones of step 1
@@ -163,12 +174,12 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, epsilon, nu
             logits_l, logits_u = model(x_l), model(x_u)
             targets_u = F.softmax(logits_u, dim=1)
         model.train()
-        loss, _ = supervised_loss(model, x_l, y_l, x_u, targets_u, lam, num_classes)
+        loss, _ = supervised_loss(forward, x_l, y_l, x_u, targets_u, lam, num_classes)
         sgd_step(optimizer, loss)
         return sums(loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l, y_l), accuracy_count(logits_u, y_u),
                     len(x_l))
     model.train()
-    loss, logits_l = supervised_loss(model, x_l, y_l, None, None, None, num_classes)
+    loss, logits_l = supervised_loss(forward, x_l, y_l, None, None, None, num_classes)
     sgd_step(optimizer, loss)
     return sums(loss.detach(), torch.zeros_like(loss), accuracy_count(logits_l.detach(), y_l), torch.zeros_like(loss),
                 len(x_l))
@@ -187,7 +198,7 @@ def evaluate(model, test):
     for x, y in test.batches(TEST_BATCH):
         logits = model(x)
         sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), accuracy_count(logits, y)])
-    loss, acc = (sums / len(test)).tolist()
+    loss, acc = (all_reduce_sum(sums) / len(test)).tolist()          # over every process's share
     return loss, acc
 
 
@@ -211,8 +222,8 @@ def main(argv=None):
     train_x, train_y, test_x, test_y = data.pop('arrays')
     record = create_dataset.DATASETS[cfg.dataset]
     num_classes, (mean, std), flip = record.num_classes, record.normalisation, record.flip
-    train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
-    test = create_dataset.DeviceData(test_x, test_y, dev, mean, std)
+    train = create_dataset.DeviceData(train_x, train_y, dev, mean, std, shard=run.shard)
+    test = create_dataset.DeviceData(test_x, test_y, dev, mean, std, shard=run.shard)
     index_file = os.path.join(run.dir, 'label_indices.txt')
     if run.resuming:
         labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))
@@ -221,14 +232,16 @@ def main(argv=None):
         create_dataset.write_indices(index_file, labeled_idx)
     log.print(f'{cfg.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test)} test '
               f'images; labeled indices in {index_file}')
-    # Two independent endless streams (the labeled one cycles its small set many times more often).
-    labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), cfg.batch_size, 2 * cfg.seed)
-    unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), cfg.batch_size,
-                                              2 * cfg.seed + 1)
+    # Two independent endless streams (the labeled one cycles its small set many times more often), of
+    # global batches: under torchrun each process takes its share of each (batch_size per process).
+    B, W = cfg.batch_size, run.world
+    labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), B * W, 2 * cfg.seed)
+    unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), B * W, 2 * cfg.seed + 1)
     augment_rng = device_generator(dev, cfg.seed)
     use_unlabeled = not cfg.baseline or cfg.mix_up
 
     model = run.network(semi_network(cfg.architecture, num_classes, cfg.width))
+    forward = run.wrap(model)                             # under torchrun: gradients averaged in backward
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     alpha = torch.tensor(float(cfg.alpha), device=dev)
     beta = torch.distributions.Beta(alpha, alpha)
@@ -243,7 +256,6 @@ def main(argv=None):
         augment_rng.set_state(state['augment_rng'].cpu())
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
-    B = cfg.batch_size
     meters = Meters()                         # sums since the last test, on the device
     data_time, batch_time, timed = 0.0, 0.0, 0
     for t in range(start, cfg.total_steps):
@@ -256,11 +268,11 @@ def main(argv=None):
         x_l, y_l = train.get(labeled.next(), augment_rng, augment=True, flip=flip)
         x_u, y_u = (train.get(unlabeled.next(), augment_rng, augment=True, flip=flip)   # y_u: for Uacc only
                     if use_unlabeled else (None, None))
-        lam = beta.sample((B, 1)) if cfg.mix_up else None
+        lam = train.share(beta.sample((B * W, 1))) if cfg.mix_up else None      # drawn for the global batch
         toc = time.perf_counter()
 
         step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
-                               cfg.baseline)
+                               cfg.baseline, forward, cfg.global_meta_gradient)
         meters.add(B, **step_sums)
         data_time, batch_time, timed = data_time + toc - tic, batch_time + time.perf_counter() - toc, timed + 1
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, Meters, Run, UserError, accuracy_count, cifar_resnet, device_generator, \
-    hyperparameters, load_checkpoint, run_main
+from utils import CRESNET_DEPTHS, Meters, Run, UserError, Wrapped, accuracy_count, all_reduce_sum, cifar_resnet, \
+    device_generator, hyperparameters, load_checkpoint, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10 or cifar100
@@ -183,14 +183,17 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
 
 
 def sample_batch(train, batch_size, generator):
-    """A batch of distinct training images (i.i.d. across iterations), cropped (4-pixel padding) and flipped."""
+    """A batch of distinct training images (i.i.d. across iterations), cropped (4-pixel padding) and flipped;
+    under torchrun batch_size is the global batch, of which this process gets its share."""
     index = torch.randperm(len(train), device=train.device, generator=generator)[:batch_size]
     return train.get(index, generator, augment=True)
 
 
 def train_step(model, optimizer, x, y, mode, tf, T=1.0, large_loss=False):
-    """One SGD step on the objective of `mode`; returns its metrics (sums over the batch, on the device)."""
-    loss, m = objective(model, x, y, mode, tf, T, large_loss)
+    """One SGD step on the objective of `mode`; returns its metrics (sums over the batch, on the device).
+    `model`: the network, or run.wrap(network) (under torchrun: gradients averaged over processes)."""
+    forward = model if isinstance(model, Wrapped) else Wrapped(model)
+    loss, m = forward.call(objective, x, y, mode, tf, T, large_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -207,7 +210,7 @@ def evaluate(model, data, mode, tf, batch_size, T=1.0, large_loss=False):
         _, m = objective(model, x, y, mode, tf, T, large_loss)
         sums += torch.stack([m[k] for k in names])
     model.train()
-    return dict(zip(names, (sums / len(data)).tolist()))
+    return dict(zip(names, (all_reduce_sum(sums) / len(data)).tolist()))     # over every process's share
 
 
 def line(iteration, split, metrics):
@@ -274,9 +277,10 @@ def main(argv=None):
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
     net = run.network(build_model(cfg.model, cfg.mode, n_classes, M, cfg.width), methods=('forward', 'features'))
+    forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     evaluate_kw = dict(mode=cfg.mode, tf=tf, batch_size=cfg.batch_size, T=cfg.temperature, large_loss=cfg.with_large_loss)
     test_x, test_y = load_split(cfg, train=False)
-    test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD)
+    test = create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD, shard=run.shard)
 
     # ---- evaluation only: the role of the original test.py ----
     if cfg.eval_only:
@@ -297,10 +301,12 @@ def main(argv=None):
     # ---- data: 45,000 train / 5,000 val from the training file, the official test set ----
     train_x, train_y = load_split(cfg, train=True)
     train_idx, val_idx = split_indices(cfg, run.dir, train_y)
-    train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD)
-    val = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD)
-    if cfg.batch_size > len(train):
-        raise UserError(f'--batch-size {cfg.batch_size} exceeds the {len(train)} training images: lower it.')
+    train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD, shard=run.shard)
+    val = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD, shard=run.shard)
+    global_batch = cfg.batch_size * run.world              # batch_size per process, as the original's per GPU
+    if global_batch > len(train):
+        raise UserError(f'--batch-size {cfg.batch_size} x {run.world} process(es) exceeds the {len(train)} training '
+                        'images (a batch holds distinct images): lower it.')
 
     # ---- optimiser: SGD, lr x0.1 at 1/2 and 3/4 of the iterations (stepped every iteration) ----
     N = cfg.total_steps
@@ -328,8 +334,8 @@ def main(argv=None):
     net.train()
     run.timer.lap()
     while it < N:
-        x, y = sample_batch(train, cfg.batch_size, data_rng)
-        meters.add(len(y), **train_step(net, optimizer, x, y, cfg.mode, tf, cfg.temperature, cfg.with_large_loss))
+        x, y = sample_batch(train, global_batch, data_rng)
+        meters.add(len(y), **train_step(forward, optimizer, x, y, cfg.mode, tf, cfg.temperature, cfg.with_large_loss))
         scheduler.step()
         it += 1
         if it % cfg.eval_every and it != N:

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -42,14 +43,20 @@ class UserError(Exception):
 
 def run_main(main, argv=None):
     """Run `main(argv)`; a UserError becomes a one-paragraph message on stderr and exit code 2."""
+    first = os.environ.get('RANK', '0') == '0'        # under torchrun, only the first process speaks
     try:
         main(argv)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        if first:
+            print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print('interrupted: the last checkpoint written is intact; continue with --resume RUN', file=sys.stderr)
+        if first:
+            print('interrupted: the last checkpoint written is intact; continue with --resume RUN', file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -72,6 +79,10 @@ RUN_OPTIONS = {
     'run_name': ('', 'name of the run folder (default: the date and time)'),
     'run_dir': ('', 'the run folder itself, instead of <logdir>/<script>/<run_name>'),
     'resume': ('', 'a run folder (or a run name under <logdir>/<script>/) to continue from its checkpoint'),
+    'sync_bn': (False, 'under torchrun: batch norm over the global batch (SyncBatchNorm) instead of each process\'s'),
+    'dist_backend': ('auto', 'under torchrun: auto (nccl on CUDA, gloo on CPU), nccl or gloo'),
+    'dist_timeout': (30, 'under torchrun: minutes a collective may wait for the other processes before the job stops'),
+    'local_rank': (-1, 'set by torch.distributed.launch (--local-rank=K); read from LOCAL_RANK otherwise'),
 }
 
 # The originals' spellings of one setting, accepted wherever a script has that setting, so their
@@ -88,7 +99,7 @@ ALIASES = {
 }
 
 # Options that act on one invocation only: never saved in config.json, so never inherited by --resume.
-TRANSIENT = ('resume', 'eval_only')
+TRANSIENT = ('resume', 'eval_only', 'local_rank')
 
 
 def _parse_int_list(text):
@@ -528,7 +539,7 @@ def evaluate_heads(net, data, levels, batch_size):
             sums[2 * k] += focal_loss(F.softmax(outs[k], dim=1), y).sum()
             sums[2 * k + 1] += accuracy_count(outs[k], y)
     net.train()
-    return (sums / len(data)).tolist()
+    return (all_reduce_sum(sums) / len(data)).tolist()          # under torchrun: over every process's share
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -608,6 +619,138 @@ class eager:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Several processes: torchrun (or torch.distributed.launch) with DistributedDataParallel
+# ----------------------------------------------------------------------------------------------------
+
+def dist_env():
+    """(rank, local rank, world size) from the variables torchrun sets; (0, 0, 1) for a plain run."""
+    return (int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0')),
+            int(os.environ.get('WORLD_SIZE', '1')))
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t):
+    """The sum over processes, in place (returned); a no-op in a single process."""
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce(tensors, mean=False):
+    """Each tensor replaced in place by its sum (or mean) over processes, in one collective; returned.
+    A no-op in a single process."""
+    tensors = list(tensors)
+    if distributed() and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        if mean:
+            flat /= dist.get_world_size()
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+    return tensors
+
+
+def all_reduce_mean(tensors):
+    return all_reduce(tensors, mean=True)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes, in both modes: the gradient with respect to one process's input
+    is the sum of every process's output gradient, and a tangent is summed like a value. (Built on
+    dist.all_reduce; used by SyncBatchNorm and MAXL's meta-gradient, which need double backward and
+    forward-mode AD through it.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        tangent = tangent.clone()
+        dist.all_reduce(tangent)
+        return tangent
+
+
+def differentiable_sum(x):
+    """Sum of x over processes with gradients (and tangents) flowing back to every process."""
+    return _AllReduceSum.apply(x) if distributed() else x
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training-mode statistics are those of the global batch (all processes): mean and
+    biased variance from sums all-reduced with differentiable_sum, so it supports backward, double
+    backward and forward-mode AD (torch.nn.SyncBatchNorm supports only a first backward, and MAXL's
+    meta-gradient needs more). The same parameters, buffers and names as BatchNorm2d; in eval mode, or in
+    a single process, it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and distributed()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = differentiable_sum(x.new_tensor(float(x.numel() // x.shape[1])))
+        mean = differentiable_sum(x.sum(dims)) / count
+        centred = x - mean.view(1, -1, *[1] * (x.dim() - 2))
+        var = differentiable_sum((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_sync_bn(net):
+    """Every BatchNorm2d of `net` replaced by a SyncBatchNorm holding the same tensors (same names)."""
+    for name, child in net.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                 child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            setattr(net, name, sync.to(child.weight.device if child.affine else child.running_mean.device))
+        else:
+            convert_sync_bn(child)
+    return net
+
+
+class Call(nn.Module):
+    """Holds a network so that DistributedDataParallel sees one forward for any computation on it:
+    Call(net)(*args, fn=f) is f(net, *args); without fn, net(*args)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, fn=None):
+        return self.net(*args) if fn is None else fn(self.net, *args)
+
+
+class Wrapped:
+    """What run.wrap returns: w(x) is net(x), w.call(fn, *args) is fn(net, *args); under torchrun both go
+    through DistributedDataParallel, so the next backward averages the gradients over processes."""
+
+    def __init__(self, net, ddp=None):
+        self.net, self.ddp = net, ddp
+
+    def __call__(self, *args):
+        return self.net(*args) if self.ddp is None else self.ddp(*args)
+
+    def call(self, fn, *args):
+        return fn(self.net, *args) if self.ddp is None else self.ddp(*args, fn=fn)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Runs: folder, log, metrics, best and latest checkpoints, resume
 # ----------------------------------------------------------------------------------------------------
 
@@ -683,19 +826,24 @@ def atomic_write_text(path, text):
 
 
 class RunLog:
-    """Prints lines and appends them to log.txt; appends rows to metrics.csv."""
+    """Prints lines and appends them to log.txt; appends rows to metrics.csv. Disabled (silent, writes
+    nothing) in every process but the first of a torchrun job."""
 
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
+    def __init__(self, run_dir, enabled=True):
+        self.run_dir, self.enabled = run_dir, enabled
         self.log_path = os.path.join(run_dir, 'log.txt')
         self.csv_path = os.path.join(run_dir, 'metrics.csv')
 
     def print(self, line):
+        if not self.enabled:
+            return
         print(line, flush=True)
         with open(self.log_path, 'a') as f:
             f.write(line + '\n')
 
     def metrics(self, row):
+        if not self.enabled:
+            return
         new = not os.path.exists(self.csv_path)
         with open(self.csv_path, 'a', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
@@ -704,7 +852,8 @@ class RunLog:
             writer.writerow(row)
 
     def save_config(self, config):
-        atomic_write_text(os.path.join(self.run_dir, 'config.json'), json.dumps(config, indent=2, sort_keys=True))
+        if self.enabled:
+            atomic_write_text(os.path.join(self.run_dir, 'config.json'), json.dumps(config, indent=2, sort_keys=True))
 
 
 def rng_state():
@@ -760,8 +909,14 @@ class Meters:
             self.counts[k] = self.counts.get(k, 0) + n
 
     def means(self):
+        """Under torchrun, over every process's samples (the same numbers on every process)."""
         if not self.sums:
             return {}
+        if distributed():
+            sums = all_reduce_sum(torch.stack([v.float() for v in self.sums.values()]))
+            counts = all_reduce_sum(torch.tensor([float(c) for c in self.counts.values()], device=sums.device,
+                                                 dtype=sums.dtype))
+            return dict(zip(self.sums, (sums / counts).tolist()))
         return dict(zip(self.sums, torch.stack([v / self.counts[k] for k, v in self.sums.items()]).tolist()))
 
 
@@ -792,17 +947,82 @@ class Run:
         check_choices(cfg, choices)
         if validate is not None:
             validate(cfg)                       # bad values stop here, before anything is written
-        self.device = pick_device(cfg.device)
-        if not self.resuming:
-            self.dir = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, script, cfg.run_name)
         self.cfg = cfg
-        self.log = RunLog(self.dir)
+        self.device = self._start_processes(cfg)
+        if not self.resuming:                   # the first process makes the folder and tells the others
+            if self.rank == 0:
+                self.dir = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, script,
+                                                                                       cfg.run_name)
+            if self.world > 1:
+                shared = [getattr(self, 'dir', None)]
+                dist.broadcast_object_list(shared, src=0)
+                self.dir = shared[0]
+        self.log = RunLog(self.dir, enabled=self.rank == 0)
         self.log.save_config({k: v for k, v in vars(cfg).items() if k not in TRANSIENT} | {'script': script})
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
         self.last = None                        # the latest metrics row
         self.timer = Timer(self.device)
-        self.log.print(f'{"resuming" if self.resuming else "run"} {self.dir} on {self.device}')
+        where = f'{self.dir} on {self.device}'
+        if self.world > 1:
+            where += (f', {self.world} processes ({self.backend}), batch {cfg.batch_size} per process = '
+                      f'{cfg.batch_size * self.world} in all' + (', SyncBatchNorm' if cfg.sync_bn else ''))
+        self.log.print(f'{"resuming" if self.resuming else "run"} {where}')
+
+    def _start_processes(self, cfg):
+        """The device of this process; under torchrun also the process group (one process per device,
+        nccl on CUDA, gloo on CPU). A setup that cannot work is refused here, before anything is written."""
+        self.rank, self.local_rank, self.world = dist_env()
+        if cfg.local_rank >= 0 and 'LOCAL_RANK' not in os.environ:      # an old launcher's --local_rank=K
+            self.local_rank = cfg.local_rank
+        self.shard = (self.rank, self.world)
+        device = pick_device(cfg.device)
+        self.backend = cfg.dist_backend if cfg.dist_backend != 'auto' else ('nccl' if device.type == 'cuda' else 'gloo')
+        if self.world == 1:
+            return device
+        if self.backend == 'nccl' and device.type != 'cuda':
+            raise UserError(f'--dist_backend nccl needs CUDA GPUs, but this process runs on {device}: use '
+                            '--dist_backend gloo (or auto) on CPUs.')
+        if device.type == 'cuda':
+            visible = torch.cuda.device_count()
+            if self.local_rank >= visible:
+                raise UserError(f'this is local process {self.local_rank}, but only {visible} CUDA GPU(s) are '
+                                f'visible: start at most --nproc_per_node {visible} processes per machine.')
+            device = torch.device('cuda', self.local_rank)
+            torch.cuda.set_device(device)
+        if cfg.dist_timeout <= 0:
+            raise UserError(f'--dist_timeout must be a positive number of minutes, got {cfg.dist_timeout}.')
+        dist.init_process_group(self.backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
+        return device
+
+    # ---- networks under several processes ----
+
+    def network(self, net, methods=('forward',)):
+        """`net` on the run's device (with --sync_bn its batch norms synchronised across processes), with
+        the opt-in fast paths of the run (--amp, --channels_last, --compile) applied to `methods`; with all
+        of them off it is only moved. Under torchrun every process starts from the first one's tensors."""
+        net.to(self.device)
+        if self.cfg.sync_bn:
+            convert_sync_bn(net)
+        if self.world > 1:
+            for t in net.state_dict().values():
+                dist.broadcast(t, src=0)
+        return fast_module(net, self.device, self.cfg.amp, self.cfg.channels_last, self.cfg.compile, methods)
+
+    def wrap(self, net):
+        """The training forward of `net` (see Wrapped): under torchrun through DistributedDataParallel,
+        which averages the gradients of the next backward over the processes. Buffers (batch-norm
+        statistics) are broadcast from the first process at each forward, unless --sync_bn keeps them
+        equal anyway."""
+        if self.world == 1:
+            return Wrapped(net)
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [self.device.index] if self.device.type == 'cuda' else None
+        import inspect
+        sync = not self.cfg.sync_bn
+        buffers = ({'forward_sync_buffers': sync} if 'forward_sync_buffers' in
+                   inspect.signature(DistributedDataParallel).parameters else {'broadcast_buffers': sync})  # torch < 2.13
+        return Wrapped(net, DistributedDataParallel(Call(net), device_ids=ids, **buffers))
 
     def _check_written_by_us(self, path):
         ckpt = load_checkpoint(path)
@@ -813,12 +1033,6 @@ class Run:
         if ckpt.get('script') != self.script:
             raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {self.script}.py: resume it '
                             f'with python {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
-
-    def network(self, net, methods=('forward',)):
-        """`net` on the run's device, with the opt-in fast paths of the run (--amp, --channels_last,
-        --compile) applied to `methods`; with all of them off it is only moved."""
-        net.to(self.device)
-        return fast_module(net, self.device, self.cfg.amp, self.cfg.channels_last, self.cfg.compile, methods)
 
     # ---- data streams and time ----
 
@@ -840,7 +1054,10 @@ class Run:
 
     def save(self, objects, **extra):
         """Atomically save the state_dicts of `objects` (name -> network/optimiser/scheduler), the RNG
-        states, the best evaluation and `extra` (position, data-stream state, ...)."""
+        states, the best evaluation and `extra` (position, data-stream state, ...). Only the first process
+        writes (every process holds the same state)."""
+        if self.rank != 0:
+            return
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
                         last=self.last, **extra)
@@ -873,7 +1090,7 @@ class Run:
         for line in (lines(improved) if lines else ()):
             self.log.print(line)
         self.log.metrics(row | {f'best_{k}': self.best[k] for k in (score, *keep)})
-        if improved:
+        if improved and self.rank == 0:
             nets = {k: v.state_dict() for k, v in objects.items() if isinstance(v, nn.Module)}
             save_checkpoint(os.path.join(self.dir, self.BEST), format=self.FORMAT, script=self.script, state=nets,
                             best=self.best, row=row, config=vars(self.cfg))
