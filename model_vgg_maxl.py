@@ -373,6 +373,7 @@ def main(argv=None):
                             post_acc=stats[3])
 
         # 3) test
+        run.sync_buffers(net)
         test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)
         scheduler.step(), gen_scheduler.step()
         seconds = run.timer.lap()

@@ -61,6 +61,7 @@ def fit(run, net, train, test, levels, step):
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             meters.add(len(x), **step(forward, x, labels, optimizer))
             n_steps += 1
+        run.sync_buffers(net)
         tested = evaluate_heads(net, test, levels, cfg.batch_size)     # [loss, acc] per head
         scheduler.step()
         seconds = run.timer.lap()

@@ -229,7 +229,8 @@ def main(argv=None):
         labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))
     else:
         labeled_idx, unlabeled_idx = create_dataset.balanced_label_split(train_y, cfg.num_label, cfg.seed)
-        create_dataset.write_indices(index_file, labeled_idx)
+        if run.rank == 0:                         # under torchrun every process drew the same split
+            create_dataset.write_indices(index_file, labeled_idx)
     log.print(f'{cfg.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test)} test '
               f'images; labeled indices in {index_file}')
     # Two independent endless streams (the labeled one cycles its small set many times more often), of
@@ -271,6 +272,7 @@ def main(argv=None):
         lam = train.share(beta.sample((B * W, 1))) if cfg.mix_up else None      # drawn for the global batch
         toc = time.perf_counter()
 
+        run.sync_buffers(model)                   # the eval-mode meta step reads the statistics
         step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
                                cfg.baseline, forward, cfg.global_meta_gradient)
         meters.add(B, **step_sums)
@@ -292,6 +294,7 @@ def main(argv=None):
             log.print(f'{line} LR: {lr_now:.4f}')
 
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.total_steps:
+            run.sync_buffers(model)
             test_loss, acc = evaluate(model, test)
             row = dict(step=t + 1, lr=lr_now, weight=w, **meters.means(), test_loss=test_loss, test_acc=acc,
                        data_time=data_time / timed, batch_time=batch_time / timed)

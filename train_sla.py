@@ -244,7 +244,7 @@ def load_split(cfg, train):
     return images, create_dataset.DATASETS[cfg.dataset].primary_labels(labels)     # CIFAR-100: the 100 fine classes
 
 
-def split_indices(cfg, run_dir, labels):
+def split_indices(cfg, run_dir, labels, write=True):
     """Train / val indices into the training file. A new run draws the validation images with the seed
     (or loads --val-indices) and writes them to the run folder; a resumed run reads them back from there."""
     n = len(labels)
@@ -261,9 +261,10 @@ def split_indices(cfg, run_dir, labels):
     train, val = create_dataset.sla_splits(labels, len(val), cfg.seed, cfg.num_samples_per_class, val)
     if os.path.isfile(train_file):
         train = create_dataset.sla_load_indices(train_file, n)
-    create_dataset.write_indices(val_file, val)
-    if cfg.num_samples_per_class:
-        create_dataset.write_indices(train_file, train)
+    if write:                                   # under torchrun: the first process; all drew the same
+        create_dataset.write_indices(val_file, val)
+        if cfg.num_samples_per_class:
+            create_dataset.write_indices(train_file, train)
     return train, val
 
 
@@ -300,7 +301,7 @@ def main(argv=None):
 
     # ---- data: 45,000 train / 5,000 val from the training file, the official test set ----
     train_x, train_y = load_split(cfg, train=True)
-    train_idx, val_idx = split_indices(cfg, run.dir, train_y)
+    train_idx, val_idx = split_indices(cfg, run.dir, train_y, write=run.rank == 0)
     train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD, shard=run.shard)
     val = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD, shard=run.shard)
     global_batch = cfg.batch_size * run.world              # batch_size per process, as the original's per GPU
@@ -345,6 +346,7 @@ def main(argv=None):
         seconds_per_iteration = run.timer.lap() / meters.counts[names[0]] * cfg.batch_size
         lr_now = scheduler.get_last_lr()[0]
         train_means = meters.means()
+        run.sync_buffers(net)
         metrics = {'train': {k: train_means[k] for k in names}, 'val': evaluate(net, val, **evaluate_kw),
                    'test': evaluate(net, test, **evaluate_kw)}
         eval_seconds = run.timer.lap()

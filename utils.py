@@ -46,6 +46,8 @@ def run_main(main, argv=None):
     first = os.environ.get('RANK', '0') == '0'        # under torchrun, only the first process speaks
     try:
         main(argv)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()                # leave together: a group torn down under a peer can abort it
     except UserError as e:
         if first:
             print(f'error: {e}', file=sys.stderr)
@@ -715,10 +717,12 @@ def convert_sync_bn(net):
     """Every BatchNorm2d of `net` replaced by a SyncBatchNorm holding the same tensors (same names)."""
     for name, child in net.named_children():
         if type(child) is nn.BatchNorm2d:
+            like = child.weight if child.affine else child.running_mean
             sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                 child.track_running_stats)
+                                 child.track_running_stats, device=like.device, dtype=like.dtype)
             sync.load_state_dict(child.state_dict())
-            setattr(net, name, sync.to(child.weight.device if child.affine else child.running_mean.device))
+            sync.train(child.training)
+            setattr(net, name, sync)
         else:
             convert_sync_bn(child)
     return net
@@ -1008,6 +1012,20 @@ class Run:
             for t in net.state_dict().values():
                 dist.broadcast(t, src=0)
         return fast_module(net, self.device, self.cfg.amp, self.cfg.channels_last, self.cfg.compile, methods)
+
+    def sync_buffers(self, *nets):
+        """Under torchrun without --sync_bn, each process's batch-norm statistics follow its own batches
+        between the forwards through DistributedDataParallel (which copies the first process's at each
+        forward): copy the first process's to all before anything that uses them (an evaluation,
+        MetaSemi's eval-mode meta step), so every process computes with the same ones and a resumed run
+        (which has the first process's) continues exactly."""
+        if self.world > 1 and not self.cfg.sync_bn:
+            buffers = [b for net in nets for b in net.buffers() if b.is_floating_point()]
+            if buffers:
+                flat = torch.cat([b.reshape(-1) for b in buffers])
+                dist.broadcast(flat, src=0)
+                for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+                    b.copy_(part.view_as(b))
 
     def wrap(self, net):
         """The training forward of `net` (see Wrapped): under torchrun through DistributedDataParallel,

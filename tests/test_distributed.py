@@ -1,0 +1,123 @@
+"""Several processes (torchrun, gloo on CPU): one step of every method on two processes, each with half
+of the global batch, equals one process on the whole batch (float64, SyncBatchNorm, to 1e-10); the
+processes' parameters stay bit-identical over steps; every script runs end to end under torchrun; a
+2-process run stopped and resumed ends as an uninterrupted one; the seed's torch.distributed.launch line
+works; a bad setup is refused before anything is written."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ddp_cases
+from conftest import ROOT, run_script
+from test_pinned_runs import TIMING_COLUMNS
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+
+
+def torchrun(*args, launcher=TORCHRUN, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope='module')
+def worker_result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('ddp')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = {name: ddp_cases.run_case(name) for name in ddp_cases.CASES}     # one process, whole batch
+    finally:
+        torch.set_num_threads(threads)
+    torch.save(reference, tmp / 'reference.pt')
+    p = torchrun(os.path.join(ROOT, 'tests', 'ddp_worker.py'), tmp / 'reference.pt', tmp / 'out.json')
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((tmp / 'out.json').read_text())
+
+
+@pytest.mark.parametrize('name', ddp_cases.CASES)
+def test_two_processes_apply_the_global_batch_update(worker_result, name):
+    r = worker_result['union'][name]
+    assert r['compared'] > 10
+    assert r['max_relative_error'] < 1e-10, r
+
+
+@pytest.mark.parametrize('name', ddp_cases.CASES)
+def test_parameters_stay_bit_identical_across_processes(worker_result, name):
+    assert worker_result['identical'][name] is True
+
+
+def test_the_reference_is_not_trivially_equal_to_one_process_on_half_the_batch():
+    """The union test can fail: one process on its half of the batch gives another update."""
+    whole = ddp_cases.run_case('maxl_meta_jvp')
+    half = ddp_cases.run_case('maxl_meta_jvp', share=lambda t: t[:len(t) // 2])
+    k = 'gen_grad.0'
+    assert ((whole[k] - half[k]).norm() / whole[k].norm()).item() > 1e-3
+
+
+SEMI = ['train_meta_semi.py', '--synthetic', '--num-label', 100, '--warmup', 2, '--test-freq', 3, '--print-freq', 2,
+        '--width', 0.0625, '--batch-size', 8, '--mix-up']
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
+
+
+def test_stopped_and_resumed_two_process_run_ends_as_an_uninterrupted_one(tmp_path, data_root):
+    full = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 9, '--save-path', tmp_path / 'a')
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert 'global batch' not in full.stderr and '2 processes (gloo), batch 8 per process = 16 in all' in full.stdout
+    part = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 3, '--save-path', tmp_path / 'b')
+    assert part.returncode == 0, part.stderr[-3000:]
+    rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b', '--total-steps', 9)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a, b = rows(tmp_path / 'a'), rows(tmp_path / 'b')
+    assert len(a) == 3 and a == b
+    ca = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=False)
+    cb = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=False)
+    for k, v in ca['state']['model'].items():
+        assert torch.equal(v, cb['state']['model'][k]), k
+
+
+@pytest.mark.parametrize('script,args', [
+    ('model_vgg_single.py', ['--epochs', 1, '--batch_size', 50]),
+    ('model_vgg_human.py', ['--epochs', 1, '--batch_size', 50]),
+    ('model_vgg_maxl.py', ['--epochs', 1, '--batch_size', 50, '--meta_order', 1, '--sync_bn']),
+    ('train_sla.py', ['--num-iterations', 4, '--val-freq', 2, '--batchsize', 8, '--mode', 'sla+sd', '--model',
+                      'cresnet20', '--sync_bn']),
+])
+def test_each_script_runs_under_torchrun(tmp_path, data_root, script, args):
+    p = torchrun(script, '--synthetic', '--data_root', data_root, '--width', 0.0625, '--logdir', tmp_path, *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = [os.path.join(r, d) for r, ds, _ in os.walk(tmp_path) for d in ds if d[0].isdigit()]
+    assert {'config.json', 'log.txt', 'metrics.csv', 'checkpoint.pt', 'best.pt'} <= set(os.listdir(run_dir))
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert '2 processes (gloo)' in log and log.count('\nrun ') + log.startswith('run ') == 1    # one writer
+
+
+def test_the_seeds_torch_distributed_launch_line_works(tmp_path, data_root):
+    launch = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2']
+    p = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 3, '--save-path', tmp_path / 'run',
+                 launcher=launch)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(rows(tmp_path / 'run')) == 1 and ' * Accuracy' in p.stdout
+
+
+def test_nccl_on_cpu_is_refused_before_anything_is_written(tmp_path, data_root):
+    env = {'WORLD_SIZE': '2', 'RANK': '0', 'LOCAL_RANK': '0'}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        p = run_script(*SEMI, '--data-path', data_root, '--total-steps', 3, '--dist_backend', 'nccl',
+                       '--device', 'cpu', '--save-path', tmp_path / 'run')
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert p.returncode == 2 and 'nccl needs CUDA' in p.stderr and 'Traceback' not in p.stderr
+    assert not os.path.exists(tmp_path / 'run')
