@@ -72,7 +72,8 @@ def build(name, dev, fast, data_root):
     import model_vgg_single
     import train_meta_semi
     import train_sla
-    from utils import VGG16, cifar_resnet, device_generator, eager, fast_module, parse_config, semi_network
+    from utils import (VGG16, Call, Wrapped, cifar_resnet, device_generator, distributed, eager, fast_module,
+                       parse_config, semi_network)
 
     def defaults(module):       # a script's hyperparameters and run options, as a run without flags has them
         return parse_config(module.HYPERPARAMETERS, [])[0]
@@ -82,11 +83,18 @@ def build(name, dev, fast, data_root):
     def fast_net(net, methods=('forward',)):
         return fast_module(net.to(dev), dev, methods=methods, **fast)
 
+    def wrap(net):              # the training forward: under torchrun through DistributedDataParallel
+        if not distributed():
+            return Wrapped(net)
+        from torch.nn.parallel import DistributedDataParallel
+        return Wrapped(net, DistributedDataParallel(Call(net)))
+
     def bare(net, x, ys):
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        forward = wrap(net)
 
         def step():
-            out = net(x)
+            out = forward(x)
             out = (out,) if torch.is_tensor(out) else out
             loss = sum(F.cross_entropy(o, y) for o, y in zip(out, ys))
             optimizer.zero_grad(set_to_none=True)
@@ -113,22 +121,23 @@ def build(name, dev, fast, data_root):
                         [labels[:, pri], labels[:, aux]])
         if name == 'single':
             net = fast_net(VGG16({'classifier': levels[single.primary_level]}))
-            optimizer = torch.optim.SGD(net.parameters(), lr=single.lr)
+            optimizer, forward = torch.optim.SGD(net.parameters(), lr=single.lr), wrap(net)
 
             def step():
                 x, labels = batch()
-                model_vgg_single.train_step(net, x, labels[:, single.primary_level], optimizer)
+                model_vgg_single.train_step(forward, x, labels[:, single.primary_level], optimizer)
             return step
         if name == 'human':
             net = fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]}))
-            optimizer = torch.optim.SGD(net.parameters(), lr=human.lr)
+            optimizer, forward = torch.optim.SGD(net.parameters(), lr=human.lr), wrap(net)
 
             def step():
                 x, labels = batch()
-                model_vgg_human.train_step(net, x, labels[:, pri], labels[:, aux], optimizer)
+                model_vgg_human.train_step(forward, x, labels[:, pri], labels[:, aux], optimizer)
             return step
         gen = fast_net(model_vgg_maxl.label_generator(maxl.psi, maxl.width))
         net = fast_net(model_vgg_maxl.multi_task_network(maxl.psi, maxl.width))
+        forward = wrap(net)
         optimizer = torch.optim.SGD(net.parameters(), lr=maxl.lr)
         gen_optimizer = torch.optim.SGD(gen.parameters(), lr=maxl.gen_lr, weight_decay=maxl.gen_weight_decay)
         mask, heads = model_vgg_maxl.psi_mask(maxl.psi, dev), model_vgg_maxl.head_parameter_names(net)
@@ -139,7 +148,8 @@ def build(name, dev, fast, data_root):
             x, labels = batch()
             y = labels[:, maxl.primary_level]
             if name == 'maxl_train':
-                model_vgg_maxl.train_step(net, gen, x, y, mask, optimizer, heads, counter[0] % cos_every == 0)
+                model_vgg_maxl.train_step(net, gen, x, y, mask, optimizer, heads, counter[0] % cos_every == 0,
+                                          forward)
                 counter[0] += 1
                 return
             if name.startswith('maxl_meta2'):
@@ -170,10 +180,11 @@ def build(name, dev, fast, data_root):
         net = fast_net(train_sla.build_model(sla.model, mode, classes, tf.M if tf else 1, sla.width),
                        ('forward', 'features'))
         optimizer = torch.optim.SGD(net.parameters(), lr=sla.lr, momentum=sla.momentum, weight_decay=sla.weight_decay)
+        forward = wrap(net)
 
         def step():
             x, y = train_sla.sample_batch(train, sla.batch_size, rng)
-            train_sla.train_step(net, optimizer, x, y, mode, tf, sla.temperature, sla.with_large_loss)
+            train_sla.train_step(forward, optimizer, x, y, mode, tf, sla.temperature, sla.with_large_loss)
         return step
 
     train_x, train_y, _, _ = create_dataset.load_semi(semi.dataset, data_root, synthetic=True)
@@ -184,6 +195,7 @@ def build(name, dev, fast, data_root):
         x, y = train.get(torch.randint(len(train), (B,), device=dev, generator=rng), rng, augment=True)
         return bare(fast_net(semi_network(semi.architecture, classes, semi.width)), x, [y])
     model = fast_net(semi_network(semi.architecture, classes, semi.width))
+    forward = wrap(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=semi.lr, momentum=semi.momentum, weight_decay=semi.weight_decay)
     alpha = torch.tensor(float(semi.alpha), device=dev)
     beta = torch.distributions.Beta(alpha, alpha)
@@ -196,7 +208,7 @@ def build(name, dev, fast, data_root):
         x_u, y_u = train.get(unlabeled.next(), rng, augment=True)
         lam = beta.sample((B, 1))
         train_meta_semi.train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, semi.lr, semi.weight, semi.epsilon,
-                                   classes, baseline=name == 'semi_baseline_mixup')      # the peak lr, full weight
+                                   classes, baseline=name == 'semi_baseline_mixup', forward=forward)   # peak lr, full weight
     return step
 
 
@@ -210,9 +222,16 @@ def timed_steps(name, steps):
 
 def measure(name, device, fast, warmup, steps, data_root):
     import torch
+    import torch.distributed as dist
     from utils import pick_device
     torch.manual_seed(0)
     dev = pick_device(device)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1:                        # under torchrun (--processes): one process per device, as the scripts
+        if dev.type == 'cuda':
+            dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     step = build(name, dev, fast, data_root)
 
     def sync():
@@ -234,8 +253,11 @@ def measure(name, device, fast, warmup, steps, data_root):
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return dict(row=name, device=str(dev), median_s=statistics.median(times), mean_s=statistics.mean(times),
-                times_s=times, warmup_s=warm_s, peak_mb=peak,
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return dict(row=name, device=str(dev), processes=world, median_s=statistics.median(times),
+                mean_s=statistics.mean(times), times_s=times, warmup_s=warm_s, peak_mb=peak,
                 peak_kind='max allocated (CUDA)' if dev.type == 'cuda' else 'peak RSS of the process')
 
 
@@ -252,6 +274,9 @@ def main():
     p.add_argument('--rounds', type=int, default=1,
                    help='run every row this many times, in turn, and keep the fastest round of each (the '
                         'machine\'s speed drifts over minutes; the best round is the least disturbed)')
+    p.add_argument('--processes', type=int, default=1,
+                   help='run each row under torchrun with this many processes (per-process batch as the scripts; '
+                        'images/s counts all processes)')
     p.add_argument('--only', default='', help='comma-separated rows (default all): ' + ', '.join(ROWS))
     p.add_argument('--data-root', default=os.path.join(ROOT, 'dataset'))
     p.add_argument('--json', default='', help='output file (default benchmarks/results/<device>-<flags>.json)')
@@ -259,7 +284,9 @@ def main():
     args = p.parse_args()
     fast = dict(amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     if args.row:
-        print(json.dumps(measure(args.row, args.device, fast, args.warmup, args.steps, args.data_root)))
+        r = measure(args.row, args.device, fast, args.warmup, args.steps, args.data_root)
+        if os.environ.get('RANK', '0') == '0':
+            print(json.dumps(r))
         return
     names = [n for n in args.only.split(',') if n] or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
@@ -269,12 +296,15 @@ def main():
     needed = set(names) | {ROWS[n][0] for n in names} | {ROWS[n][3][0] for n in names if ROWS[n][3]}
     names = [n for n in ROWS if n in needed]
     flags = [f for f in ('amp', 'channels_last', 'compile') if fast[f]]
-    print(f'device {args.device}, {"float32" if not flags else "+".join(flags)}, torch threads: default; '
+    print(f'device {args.device}, {"float32" if not flags else "+".join(flags)}, {args.processes} process(es), '
+          f'torch threads: default{" (torchrun: 1 per process)" if args.processes > 1 else ""}; '
           f'{args.warmup} warm-up + {args.steps} timed steps per row, best of {args.rounds} round(s)', flush=True)
     results = {}
     for round_ in range(args.rounds):
         for name in names:
-            cmd = [sys.executable, os.path.abspath(__file__), '--row', name, '--device', args.device,
+            launch = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                       str(args.processes)] if args.processes > 1 else [sys.executable])
+            cmd = launch + [os.path.abspath(__file__), '--row', name, '--device', args.device,
                    '--warmup', str(args.warmup), '--steps', str(args.steps), '--data-root', args.data_root]
             cmd += [f'--{f.replace("_", "-")}' for f in flags]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -298,7 +328,7 @@ def main():
         images = images_per_step(kind)
         base = results.get(bare_row)
         use = 'mean_s' if name == 'maxl_train' else 'median_s'
-        r['images_per_s'] = images / r['median_s']
+        r['images_per_s'] = images * args.processes / r['median_s']
         r['x_bare'] = r[use] / base['median_s'] if base and bare_row != name else None
         goal_text = ''
         if goal:
@@ -313,12 +343,12 @@ def main():
     table = '\n'.join(lines)
     print(table)
     import torch
-    info = dict(device=args.device, flags=flags, torch=torch.__version__, python=platform.python_version(),
+    info = dict(device=args.device, flags=flags, processes=args.processes, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(),
                 gpu=torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else None,
                 warmup=args.warmup, steps=args.steps, rounds=args.rounds, rows=results, table=table)
-    out = args.json or os.path.join(ROOT, 'benchmarks', 'results',
-                                    f'{args.device.replace(":", "")}-{"-".join(flags) or "float32"}.json')
+    out = args.json or os.path.join(ROOT, 'benchmarks', 'results', f'{args.device.replace(":", "")}-'
+                                    f'{"-".join(flags) or "float32"}{f"-x{args.processes}" if args.processes > 1 else ""}.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, 'w') as f:
         json.dump(info, f, indent=1)

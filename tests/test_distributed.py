@@ -102,7 +102,11 @@ def test_each_script_runs_under_torchrun(tmp_path, data_root, script, args):
 
 
 def test_the_seeds_torch_distributed_launch_line_works(tmp_path, data_root):
-    launch = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2']
+    import socket
+    with socket.socket() as sock:             # a free port: the old launcher's default 29500 may be taken
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={port}']
     p = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 3, '--save-path', tmp_path / 'run',
                  launcher=launch)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -121,3 +125,12 @@ def test_nccl_on_cpu_is_refused_before_anything_is_written(tmp_path, data_root):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert p.returncode == 2 and 'nccl needs CUDA' in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_process_that_dies_takes_the_job_down(tmp_path, data_root):
+    import time
+    start = time.monotonic()
+    p = torchrun(os.path.join(ROOT, 'tests', 'ddp_die.py'), *SEMI[1:], '--data-path', data_root, '--total-steps', 50,
+                 '--dist_timeout', 1, '--save-path', tmp_path / 'run', timeout=120)
+    assert p.returncode != 0 and time.monotonic() - start < 90          # no hang until a timeout
+    assert 'rank      : 1' in p.stderr and 'exitcode  : 3' in p.stderr    # torchrun names the rank that died

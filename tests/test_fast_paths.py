@@ -160,3 +160,16 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, data_root):
     assert set(info['rows']) == {'sla_baseline', 'bare_resnet32'}
     assert all(row['median_s'] > 0 for row in info['rows'].values())
     assert '| sla_baseline | 128 |' in r.stdout
+
+
+def test_benchmark_runs_a_row_on_two_processes(tmp_path, data_root):
+    """--processes 2: the rows run under torchrun (gloo) and count the images of both processes."""
+    import json
+    out = tmp_path / 'bench.json'
+    r = run_script('benchmarks/bench.py', '--only', 'single', '--warmup', 0, '--steps', 1, '--processes', 2,
+                   '--data-root', data_root, '--json', out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(out.read_text())
+    assert info['processes'] == 2 and set(info['rows']) == {'single', 'bare_vgg'}
+    row = info['rows']['single']
+    assert row['processes'] == 2 and abs(row['images_per_s'] - 2 * 100 / row['median_s']) < 1e-6
