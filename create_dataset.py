@@ -32,12 +32,19 @@ LEVEL10_TO_3 = [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
 LEVEL_CLASSES = [3, 10, 20, 100]      # label level k = 0, 1, 2, 3
 
 
+_MD5_SEEN = {}      # (path, size, mtime) -> md5: a file checked before its run folder is made is not read twice
+
+
 def md5sum(path, chunk=1 << 20):
-    h = hashlib.md5()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _MD5_SEEN:
+        h = hashlib.md5()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(chunk), b''):
+                h.update(block)
+        _MD5_SEEN[key] = h.hexdigest()
+    return _MD5_SEEN[key]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,14 +362,12 @@ def check_files(name, root, expected=None):
 
 
 def check_data_present(name, root, synthetic, download_missing):
-    """Cheap presence check (no md5) that the scripts run in their validation, so a missing dataset stops
-    a run before its folder is made; the md5 check proper happens when the data is loaded."""
-    ds = record(name)
+    """The check the scripts run in their validation, so that a missing or corrupt dataset stops a run
+    before its folder is made: every file present with its md5 (remembered, so loading does not read
+    the files twice). The stand-in and --download are checked when they are written or fetched."""
     if synthetic or download_missing:
         return
-    missing = _missing_files(ds, root, ds.files)
-    if missing:
-        raise UserError(_missing_message(ds, root, missing))
+    check_files(name, root)
 
 
 def dataset_root(root, synthetic):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import create_dataset
 from model_vgg_single import MEAN, STD, fit
-from utils import Run, UserError, VGG16, accuracy_count, focal_loss, hyperparameters, run_main
+from utils import Run, UserError, VGG16, accuracy_count, check_positive, focal_loss, hyperparameters, run_main
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
 primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
@@ -31,8 +31,7 @@ def validate(cfg):
         raise UserError(f'aux_level {cfg.aux_level} does not refine primary_level {cfg.primary_level}: the auxiliary '
                         f'labels must be a finer level of the hierarchy (a larger level number), e.g. '
                         f'--primary_level 2 --aux_level 3.')
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
-        raise UserError('epochs, batch_size and width must be positive.')
+    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
     create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 

@@ -17,8 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Meters, Run, VGG16, accuracy_count, all_reduce, all_reduce_mean, differentiable_sum,
-                   distributed, eager, evaluate_heads, focal_loss, forward_with, hyperparameters, run_main)
+from utils import (UserError, Meters, Run, VGG16, accuracy_count, all_reduce, all_reduce_mean, check_positive,
+                   differentiable_sum, distributed, eager, evaluate_heads, focal_loss, forward_with, hyperparameters,
+                   run_main)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -49,8 +50,8 @@ def validate(cfg):
         raise UserError(f'bad psi {cfg.psi}: it needs one positive entry per primary class, i.e. {n_primary} '
                         f'entries for primary level {cfg.primary_level}; sum(psi) is then the number of '
                         f'auxiliary classes. Example: --psi 5x{n_primary} (5 auxiliary classes per primary class).')
-    if cfg.cos_every < 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
-        raise UserError('epochs, batch_size and width must be positive and cos_every >= 0 (0 = never).')
+    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
+                   'gen_weight_decay', 'entropy_weight', allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight'))
     create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 
@@ -345,6 +346,7 @@ def main(argv=None):
 
         # 1) a pass of training steps on the multi-task network
         train_meters = Meters()                    # summed on the device: no host sync inside the loop
+        first_step = step
         cos_sum, cos_n = torch.zeros((), device=dev), 0
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             y = labels[:, level]
@@ -354,6 +356,8 @@ def main(argv=None):
             if cosine is not None:
                 cos_sum, cos_n = cos_sum + cosine, cos_n + 1
             step += 1
+
+        run.check_finite(train_meters, first_step, scheduler.get_last_lr()[0])     # stops before anything is saved
 
         # 2) a pass of meta steps on the label generator
         meta_meters = Meters()
@@ -371,6 +375,8 @@ def main(argv=None):
             gen_optimizer.step()
             meta_meters.add(len(x), pre_loss=stats[0] * len(x), pre_acc=stats[1], post_loss=stats[2] * len(x),
                             post_acc=stats[3])
+
+        run.check_finite(meta_meters, 0, gen_scheduler.get_last_lr()[0], unit=f'epoch {epoch}, meta step')
 
         # 3) test
         run.sync_buffers(net)

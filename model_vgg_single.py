@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, VGG16, accuracy_count, evaluate_heads, focal_loss, hyperparameters, run_main
+from utils import Meters, Run, VGG16, accuracy_count, check_positive, evaluate_heads, focal_loss, hyperparameters, \
+    run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -27,8 +28,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
 
 
 def validate(cfg):
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.width <= 0:
-        raise UserError('epochs, batch_size and width must be positive.')
+    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
     create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 
@@ -45,8 +45,9 @@ def train_step(net, x, y, optimizer):
 def fit(run, net, train, test, levels, step):
     """Train `net` as the MAXL code trains its baselines (Human reuses this with a second head): plain
     SGD, its learning rate multiplied by lr_gamma every lr_step epochs; each epoch one shuffled pass of
-    augmented batches through step(forward, x, labels, optimizer) (forward: run.wrap(net)) -> sums over the batch (loss, acc and, for
-    a second head, aux_loss, aux_acc), then one test of head k against label level levels[k]."""
+    augmented batches through step(forward, x, labels, optimizer) (forward: run.wrap(net)) -> sums over
+    the batch (loss, acc and, for a second head, aux_loss, aux_acc), then one test of head k against
+    label level levels[k]."""
     cfg = run.cfg
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -58,9 +59,11 @@ def fit(run, net, train, test, levels, step):
     for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train()
         meters = Meters()
+        first_step = n_steps
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             meters.add(len(x), **step(forward, x, labels, optimizer))
             n_steps += 1
+        run.check_finite(meters, first_step, scheduler.get_last_lr()[0])     # stops before testing or saving
         run.sync_buffers(net)
         tested = evaluate_heads(net, test, levels, cfg.batch_size)     # [loss, acc] per head
         scheduler.step()

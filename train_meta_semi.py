@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, device_generator, \
-    forward_with, hyperparameters, run_main, semi_network
+from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, check_positive, \
+    device_generator, forward_with, hyperparameters, run_main, semi_network
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100 or svhn
@@ -55,10 +55,8 @@ TEST_BATCH = 100
 
 
 def validate(cfg):
-    if min(cfg.total_steps, cfg.batch_size, cfg.print_freq, cfg.eval_every) < 1 or cfg.warmup < 0:
-        raise UserError('total_steps, batch_size, print_freq and eval_every must be positive and warmup >= 0.')
-    if cfg.lr <= 0 or cfg.width <= 0 or cfg.epsilon <= 0 or cfg.weight < 0 or cfg.gamma <= 0:
-        raise UserError('lr, width, epsilon and gamma must be positive and weight >= 0.')
+    check_positive(cfg, 'total_steps', 'batch_size', 'print_freq', 'eval_every', 'warmup', 'lr', 'width', 'epsilon',
+                   'weight', 'gamma', 'weight_decay', allow_zero=('warmup', 'weight', 'weight_decay'))
     if cfg.mix_up and cfg.alpha <= 0:
         raise UserError(f'--alpha must be positive (mixup draws Beta(alpha, alpha)), got {cfg.alpha}.')
     if sorted(cfg.milestones) != list(cfg.milestones):
@@ -257,7 +255,7 @@ def main(argv=None):
         augment_rng.set_state(state['augment_rng'].cpu())
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
-    meters = Meters()                         # sums since the last test, on the device
+    meters, first_t = Meters(), start         # sums since the last test, on the device
     data_time, batch_time, timed = 0.0, 0.0, 0
     for t in range(start, cfg.total_steps):
         lr_now = learning_rate(t, cfg.lr, cfg.warmup, cfg.milestones, cfg.gamma)
@@ -294,6 +292,7 @@ def main(argv=None):
             log.print(f'{line} LR: {lr_now:.4f}')
 
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.total_steps:
+            run.check_finite(meters, first_t, lr_now)        # stops before testing or saving
             run.sync_buffers(model)
             test_loss, acc = evaluate(model, test)
             row = dict(step=t + 1, lr=lr_now, weight=w, **meters.means(), test_loss=test_loss, test_acc=acc,
@@ -302,7 +301,7 @@ def main(argv=None):
                 f' * Accuracy {100 * acc:.5f}', f'Best Accuracy: {100 * run.best["test_acc"]:.5f}'],
                 step=t + 1, labeled=labeled.state_dict(), unlabeled=unlabeled.state_dict(),
                 augment_rng=augment_rng.get_state())
-            meters = Meters()
+            meters, first_t = Meters(), t + 1
     best = 100 * run.best['test_acc']
     log.print(f'done: {cfg.total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%)')
 

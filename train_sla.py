@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, Meters, Run, UserError, Wrapped, accuracy_count, all_reduce_sum, cifar_resnet, \
-    device_generator, hyperparameters, load_checkpoint, run_main
+from utils import CRESNET_DEPTHS, Meters, Run, UserError, Wrapped, accuracy_count, all_reduce_sum, check_positive, \
+    cifar_resnet, device_generator, hyperparameters, load_checkpoint, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10 or cifar100
@@ -222,11 +222,10 @@ def line(iteration, split, metrics):
 def validate(cfg):
     if cfg.mode != 'baseline' and cfg.aug not in AUGMENTATIONS:
         raise UserError(f'--mode {cfg.mode} needs a transformation set: --aug {" | ".join(AUGMENTATIONS)}.')
-    if min(cfg.batch_size, cfg.total_steps, cfg.eval_every, cfg.val_size) < 1 or cfg.num_samples_per_class < 0:
-        raise UserError('batch_size, total_steps, eval_every and val_size must be positive, '
-                        'num_samples_per_class >= 0 (0 = all images).')
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.temperature <= 0 or cfg.width <= 0 or not 0 <= cfg.momentum < 1:
-        raise UserError('need lr > 0, weight_decay >= 0, temperature > 0, width > 0 and 0 <= momentum < 1.')
+    check_positive(cfg, 'batch_size', 'total_steps', 'eval_every', 'val_size', 'num_samples_per_class', 'lr',
+                   'weight_decay', 'temperature', 'width', allow_zero=('num_samples_per_class', 'weight_decay'))
+    if not 0 <= cfg.momentum < 1:
+        raise UserError(f'--momentum must be in [0, 1), got {cfg.momentum}.')
     if cfg.eval_only and not cfg.resume:
         raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
     n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
@@ -331,7 +330,7 @@ def main(argv=None):
               f'{len(train)} train / {len(val)} val / {len(test)} test images, {N} iterations of {cfg.batch_size}')
 
     # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
-    meters = Meters()
+    meters, first_it = Meters(), it + 1
     net.train()
     run.timer.lap()
     while it < N:
@@ -343,6 +342,7 @@ def main(argv=None):
             continue
 
         # ---- every eval_every iterations: train/val/test metrics, the best model, a checkpoint ----
+        run.check_finite(meters, first_it, scheduler.get_last_lr()[0], unit='iteration')
         seconds_per_iteration = run.timer.lap() / meters.counts[names[0]] * cfg.batch_size
         lr_now = scheduler.get_last_lr()[0]
         train_means = meters.means()
@@ -365,7 +365,7 @@ def main(argv=None):
         run.evaluate_and_save(objects, row, 'val_single_acc', keep=[k for k in ('test_single_acc', 'test_agg_acc')
                                                                     if k in row],
                               lines=lines, iteration=it, data_rng=data_rng.get_state(), total_steps=N)
-        meters = Meters()
+        meters, first_it = Meters(), it + 1
         run.timer.lap()
 
     best = run.best

@@ -18,7 +18,9 @@ Everything here is plain PyTorch (>= 2.11) and numpy; nothing imports torchvisio
 import argparse
 import csv
 import datetime
+import io
 import json
+import math
 import os
 import random
 import re
@@ -38,11 +40,18 @@ from torch.func import functional_call
 # ----------------------------------------------------------------------------------------------------
 
 class UserError(Exception):
-    """A bad input the user can fix (missing file, wrong md5, bad hyperparameter, ...)."""
+    """A bad input the user can fix (missing file, wrong md5, bad hyperparameter, ...): exit code 2."""
+    exit_code = 2
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss or weights: exit code 3."""
+    exit_code = 3
 
 
 def run_main(main, argv=None):
-    """Run `main(argv)`; a UserError becomes a one-paragraph message on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError becomes a one-paragraph message on stderr and exit code 2 (3 when
+    training diverged)."""
     first = os.environ.get('RANK', '0') == '0'        # under torchrun, only the first process speaks
     try:
         main(argv)
@@ -51,7 +60,7 @@ def run_main(main, argv=None):
     except UserError as e:
         if first:
             print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if first:
             print('interrupted: the last checkpoint written is intact; continue with --resume RUN', file=sys.stderr)
@@ -106,11 +115,15 @@ TRANSIENT = ('resume', 'eval_only', 'local_rank')
 
 def _parse_int_list(text):
     """'5,5,5', '[2, 3, 4]' or '5x20' (twenty fives) -> list of ints."""
-    text = text.strip().strip('[]()').replace(' ', '')
-    if 'x' in text and ',' not in text:
-        value, count = text.split('x')
-        return [int(value)] * int(count)
-    return [int(v) for v in text.split(',') if v]
+    clean = text.strip().strip('[]()').replace(' ', '')
+    try:
+        if 'x' in clean and ',' not in clean:
+            value, count = clean.split('x')
+            return [int(value)] * int(count)
+        return [int(v) for v in clean.split(',') if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a list of integers such as 5,5,5 or [2,3,4] or 5x20 '
+                                          f'(twenty fives), got {text!r}') from None
 
 
 def _parse_bool(text):
@@ -186,6 +199,15 @@ def parse_config(hyper, argv=None, description='', choices=None):
         action.default = argparse.SUPPRESS
     given = set(vars(parser.parse_args(argv)))
     return args, given
+
+
+def check_positive(cfg, *names, allow_zero=()):
+    """Each named value > 0 (>= 0 for those in allow_zero); else a UserError naming the flag."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0 or (value == 0 and name not in allow_zero):
+            need = 'at least 0' if name in allow_zero else 'positive'
+            raise UserError(f'--{name} must be {need}, got {value}.')
 
 
 def check_choices(cfg, choices):
@@ -808,21 +830,51 @@ def open_run_dir(path):
 
 def resolve_run_dir(resume, logdir, script):
     """--resume takes a run folder path or a run name under logs/<script>/."""
-    for path in (resume, os.path.join(logdir, script, resume)):
+    candidates = list(dict.fromkeys((resume, os.path.join(logdir, script, resume))))
+    for path in candidates:
         if os.path.isfile(os.path.join(path, Run.CHECKPOINT)):
             return path
-    raise UserError(f'cannot resume {resume!r}: no {Run.CHECKPOINT} in {resume!r} nor in '
-                    f'{os.path.join(logdir, script, resume)!r}. Give the run folder printed when the run '
-                    'started (logs/<script>/<run>).')
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, 'config.json')):
+            raise UserError(f'cannot resume {path!r}: that run never saved a checkpoint (it stopped before its '
+                            'first epoch or evaluation ended), so there is nothing to continue: start it again '
+                            'without --resume.')
+    elsewhere = ''.join(f' nor in {c!r}' for c in candidates[1:])
+    raise UserError(f'cannot resume {resume!r}: no {Run.CHECKPOINT} there{elsewhere}. Give the run folder printed '
+                    'when the run started (logs/<script>/<run>).')
+
+
+def write_error(path, e):
+    return UserError(f'cannot write {path} ({e.strerror or e}, errno {e.errno}): the previous file, if any, is '
+                     'unchanged. Free space or fix the permissions of that folder (or choose another with '
+                     '--logdir / --run_dir), then continue with --resume.')
 
 
 def atomic_write(path, write):
-    """write(f) into a temporary file, then rename it over `path`: readers see the old or the new file,
-    never half of one."""
+    """write(f) into a temporary file, flush and fsync it, rename it over `path` and fsync the folder:
+    readers see the old or the new file, never half of one, also after a power cut. On an OSError (disk
+    full, permissions, read-only filesystem) the temporary file is removed, the old file is untouched,
+    and a UserError names the path and the cause."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_error(path, e) from None
+    except RuntimeError as e:                # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_error(path, OSError(getattr(e, 'errno', None), str(e).splitlines()[0])) from None
 
 
 def atomic_write_text(path, text):
@@ -833,27 +885,44 @@ class RunLog:
     """Prints lines and appends them to log.txt; appends rows to metrics.csv. Disabled (silent, writes
     nothing) in every process but the first of a torchrun job."""
 
-    def __init__(self, run_dir, enabled=True):
+    def __init__(self, run_dir, enabled=True, deferred=False):
         self.run_dir, self.enabled = run_dir, enabled
         self.log_path = os.path.join(run_dir, 'log.txt')
         self.csv_path = os.path.join(run_dir, 'metrics.csv')
+        self.pending = [] if deferred else None     # lines printed, kept from log.txt until commit()
+
+    def commit(self):
+        lines, self.pending = self.pending or [], None
+        for line in lines:
+            self._append(line)
 
     def print(self, line):
         if not self.enabled:
             return
         print(line, flush=True)
-        with open(self.log_path, 'a') as f:
-            f.write(line + '\n')
+        if self.pending is not None:
+            self.pending.append(line)
+        else:
+            self._append(line)
+
+    def _append(self, line):
+        try:
+            with open(self.log_path, 'a') as f:
+                f.write(line + '\n')
+        except OSError as e:
+            raise write_error(self.log_path, e) from None
 
     def metrics(self, row):
+        """Append a row: the whole file is rewritten atomically (a row is never half written)."""
         if not self.enabled:
             return
-        new = not os.path.exists(self.csv_path)
-        with open(self.csv_path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        old = open(self.csv_path, newline='').read() if os.path.exists(self.csv_path) else ''
+        out = io.StringIO(newline='')
+        writer = csv.DictWriter(out, fieldnames=list(row))
+        if not old:
+            writer.writeheader()
+        writer.writerow(row)
+        atomic_write_text(self.csv_path, old + out.getvalue())
 
     def save_config(self, config):
         if self.enabled:
@@ -861,15 +930,20 @@ class RunLog:
 
 
 def rng_state():
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    """The random states as tensors and plain values (so checkpoints load with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                     int(has_gauss), float(cached)],
+             'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    random.setstate(tuple(state['python'][:1]) + (tuple(state['python'][1]),) + tuple(state['python'][2:]))
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'].cpu())       # a checkpoint loaded onto the device moved these
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
@@ -880,11 +954,16 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path, device='cpu'):
+    """A checkpoint of this code: tensors and plain Python values only, loaded with weights_only=True,
+    so a file from elsewhere cannot run code on load; anything else is refused."""
     try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f'cannot read checkpoint {path!r} ({type(e).__name__}: {e}); '
-                        'point --resume at a run folder written by this code.') from None
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'cannot read checkpoint {path!r} as tensors and plain values only ({type(e).__name__}: '
+                        f'{first}). A checkpoint written by this code always can; a file that holds other '
+                        'Python objects is refused, since loading it could run code. Point --resume at a run '
+                        'folder written by this code.') from None
 
 
 class Timer:
@@ -902,15 +981,41 @@ class Timer:
 
 class Meters:
     """Named running sums kept on the device (no host read inside a training loop). add(n, name=sum
-    over n samples, ...); means() divides each by its sample count and reads them all at once."""
+    over n samples, ...); means() divides each by its sample count and reads them all at once. The
+    first add that brought a non-finite value is noted on the device too (first_non_finite())."""
+
+    NONE = 2 ** 62
 
     def __init__(self):
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.adds, self.first_bad, self.names, self.index = {}, {}, 0, None, [], {}
 
     def add(self, n, **sums):
         for k, v in sums.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + n
+            if k not in self.names:
+                self.names.append(k)
+        finite = torch.stack([torch.isfinite(torch.as_tensor(v)).all() for v in sums.values()])
+        keys = tuple(sums)
+        if keys not in self.index:                                   # made once: no host copy per step
+            self.index[keys] = torch.tensor([self.names.index(k) for k in keys], device=finite.device)
+        codes = self.index[keys] + self.adds * 1000
+        here = torch.where(finite, self.NONE, codes).min()          # this add's first bad value, or NONE
+        self.first_bad = here if self.first_bad is None else torch.minimum(self.first_bad, here)
+        self.adds += 1
+
+    def first_non_finite(self):
+        """None, or (k, name): the k-th add (from 0) brought a non-finite `name` first (under torchrun:
+        the earliest over the processes). One host read."""
+        if self.first_bad is None:
+            return None
+        code = self.first_bad.clone()
+        if distributed():
+            dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        code = int(code)
+        if code >= self.NONE:
+            return None
+        return code // 1000, self.names[code % 1000]
 
     def means(self):
         """Under torchrun, over every process's samples (the same numbers on every process)."""
@@ -945,6 +1050,7 @@ class Run:
             self._check_written_by_us(os.path.join(self.dir, self.CHECKPOINT))
             with open(os.path.join(self.dir, 'config.json')) as f:
                 saved = json.load(f)
+            self.saved_config = saved
             merged = {k: saved.get(k, v) for k, v in vars(cfg).items()}
             merged.update({k: getattr(cfg, k) for k in given})
             cfg = argparse.Namespace(**merged)
@@ -961,8 +1067,11 @@ class Run:
                 shared = [getattr(self, 'dir', None)]
                 dist.broadcast_object_list(shared, src=0)
                 self.dir = shared[0]
-        self.log = RunLog(self.dir, enabled=self.rank == 0)
-        self.log.save_config({k: v for k, v in vars(cfg).items() if k not in TRANSIENT} | {'script': script})
+        # A resumed run writes nothing (log line, config) until restore() has loaded every state.
+        self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
+        self.given = given
+        if not self.resuming:
+            self.save_config()
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
         self.last = None                        # the latest metrics row
@@ -1038,9 +1147,12 @@ class Run:
         ids = [self.device.index] if self.device.type == 'cuda' else None
         import inspect
         sync = not self.cfg.sync_bn
-        buffers = ({'forward_sync_buffers': sync} if 'forward_sync_buffers' in
-                   inspect.signature(DistributedDataParallel).parameters else {'broadcast_buffers': sync})  # torch < 2.13
+        new_name = 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters   # torch >= 2.13
+        buffers = {'forward_sync_buffers' if new_name else 'broadcast_buffers': sync}
         return Wrapped(net, DistributedDataParallel(Call(net), device_ids=ids, **buffers))
+
+    def save_config(self):
+        self.log.save_config({k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script})
 
     def _check_written_by_us(self, path):
         ckpt = load_checkpoint(path)
@@ -1086,12 +1198,38 @@ class Run:
         if not self.resuming:
             return defaults
         ckpt = load_checkpoint(self.checkpoint_path, self.device)
-        for k, obj in objects.items():
-            obj.load_state_dict(ckpt['state'][k])
+        try:
+            for k, obj in objects.items():
+                obj.load_state_dict(ckpt['state'][k])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise UserError(f'{self.checkpoint_path} does not fit the networks of this run ({type(e).__name__}: '
+                            f'{first}); it was written with other settings (width, psi, mode, model, ...) than '
+                            'the ones in its config.json. Nothing was written; start a new run instead.') from None
         set_rng_state(ckpt['rng'])
         self.best, self.last = ckpt['best'], ckpt['last']
+        self._apply_typed_lr(objects)
+        self.save_config()                       # the state fits: now the resumed run may write
+        self.log.commit()
         skip = ('format', 'script', 'state', 'rng', 'best', 'last')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
+
+    def _apply_typed_lr(self, objects):
+        """`--resume RUN --lr X`: the saved learning rates of the main optimiser (and its schedule) are
+        scaled by X / the saved --lr (the way to continue a diverged run with a lower rate)."""
+        old = self.saved_config.get('lr')
+        if 'lr' not in self.given or not old or old == self.cfg.lr or 'optimizer' not in objects:
+            return
+        factor = self.cfg.lr / old
+        for group in objects['optimizer'].param_groups:
+            group['lr'] *= factor
+            if 'initial_lr' in group:
+                group['initial_lr'] *= factor
+        scheduler = objects.get('scheduler')
+        if scheduler is not None:
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            scheduler._last_lr = [group['lr'] for group in objects['optimizer'].param_groups]
+        self.log.print(f'note: --lr {self.cfg.lr:g} scales the saved learning rates by {factor:g}')
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
         """The end of an epoch or evaluation interval. `row`: the metrics (plain numbers, accuracies as
@@ -1101,6 +1239,15 @@ class Run:
         best_<kept> columns, best.pt is written when the score improved (the networks among `objects`),
         and checkpoint.pt always (every object, RNG states, the best, `extra`). Returns `improved`."""
         position = next(iter(row))
+        nets = [v for v in objects.values() if isinstance(v, nn.Module)]
+        finite = torch.stack([torch.isfinite(p).all() for net in nets for p in net.parameters()]).all()
+        bad = [k for k, v in row.items() if ('loss' in k or k.endswith('acc')) and isinstance(v, float)
+               and not math.isfinite(v)]
+        if not bool(finite) or bad:
+            lr = next((g['lr'] for v in objects.values() if isinstance(v, torch.optim.Optimizer)
+                       for g in v.param_groups), float('nan'))
+            self.diverged(f'at {position} {row[position]} the ' + ('weights' if not bool(finite) else ', '.join(bad))
+                          + ' became non-finite', lr)
         self.last = row
         improved = self.best is None or row[score] > self.best[score]
         if improved:
@@ -1114,6 +1261,27 @@ class Run:
                             best=self.best, row=row, config=vars(self.cfg))
         self.save(objects, **extra)
         return improved
+
+    def check_finite(self, meters, first_step, lr, unit='step'):
+        """Stop the run (exit code 3) if `meters` saw a non-finite value: before anything is evaluated or
+        written from these weights. first_step: the step of the meters' first add."""
+        found = meters.first_non_finite()
+        if found:
+            k, name = found
+            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr)
+
+    def diverged(self, what, lr):
+        ckpt = self.checkpoint_path
+        if os.path.isfile(ckpt):
+            saved = load_checkpoint(ckpt)['last'] or {}
+            where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
+            advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
+                      f'e.g. python {self.script}.py --resume {self.dir} --lr {lr / 10:g}')
+        else:
+            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. --lr {lr / 10:g} '
+                      f'(the folder {self.dir} holds only the configuration and log of this attempt)')
+        raise Diverged(f'training diverged: {what} (learning rate {lr:g}). Nothing was saved from these weights: '
+                       f'{advice}.')
 
     def end_epoch(self, objects, row, text):
         """evaluate_and_save for the epoch-based scripts (the MAXL paper's three): the best is kept on
