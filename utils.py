@@ -1211,7 +1211,8 @@ class Run:
         self._apply_typed_lr(objects)
         self.save_config()                       # the state fits: now the resumed run may write
         self.log.commit()
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last')
+        self._reconcile_metrics(tuple(ckpt.get('best_keys', ())))
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def _apply_typed_lr(self, objects):
@@ -1254,13 +1255,40 @@ class Run:
             self.best = {k: row[k] for k in (position, score, *keep)}
         for line in (lines(improved) if lines else ()):
             self.log.print(line)
-        self.log.metrics(row | {f'best_{k}': self.best[k] for k in (score, *keep)})
+        self.best_keys = (score, *keep)
+        # best.pt, then checkpoint.pt, then the metrics row: a run killed between two of these writes is
+        # resumed from checkpoint.pt, and restore() brings metrics.csv back in line with it.
         if improved and self.rank == 0:
             nets = {k: v.state_dict() for k, v in objects.items() if isinstance(v, nn.Module)}
             save_checkpoint(os.path.join(self.dir, self.BEST), format=self.FORMAT, script=self.script, state=nets,
                             best=self.best, row=row, config=vars(self.cfg))
-        self.save(objects, **extra)
+        self.save(objects, best_keys=list(self.best_keys), **extra)
+        self.log.metrics(self.metrics_row(row))
         return improved
+
+    def metrics_row(self, row):
+        return row | {f'best_{k}': self.best[k] for k in self.best_keys}
+
+    def _reconcile_metrics(self, keys):
+        """metrics.csv as the checkpoint knows it: rows after its position (written by a run killed after
+        them, before its next checkpoint) dropped, its own row added if the kill came before it."""
+        path = self.log.csv_path
+        if self.rank != 0 or self.last is None:
+            return
+        position = next(iter(self.last))
+        rows = list(csv.DictReader(open(path, newline=''))) if os.path.exists(path) else []
+        keep = [r for r in rows if float(r[position]) <= float(self.last[position])]
+        if keep and float(keep[-1][position]) == float(self.last[position]) and len(keep) == len(rows):
+            return
+        self.best_keys = keys
+        full = keep + ([] if keep and float(keep[-1][position]) == float(self.last[position])
+                       else [self.metrics_row(self.last)])
+        out = io.StringIO(newline='')
+        writer = csv.DictWriter(out, fieldnames=list(full[-1]))
+        writer.writeheader()
+        writer.writerows(full)
+        atomic_write_text(path, out.getvalue())
+        self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
 
     def check_finite(self, meters, first_step, lr, unit='step'):
         """Stop the run (exit code 3) if `meters` saw a non-finite value: before anything is evaluated or

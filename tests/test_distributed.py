@@ -134,3 +134,24 @@ def test_a_process_that_dies_takes_the_job_down(tmp_path, data_root):
                  '--dist_timeout', 1, '--save-path', tmp_path / 'run', timeout=120)
     assert p.returncode != 0 and time.monotonic() - start < 90          # no hang until a timeout
     assert 'rank      : 1' in p.stderr and 'exitcode  : 3' in p.stderr    # torchrun names the rank that died
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_end(tmp_path, data_root):
+    """SIGKILL to the whole job (launcher and both processes) right after its first checkpoint."""
+    import signal
+    import time
+    args = [*SEMI, '--data-path', data_root, '--total-steps', 30]
+    full = torchrun(*args, '--save-path', tmp_path / 'a')
+    assert full.returncode == 0, full.stderr[-3000:]
+    job = subprocess.Popen([*TORCHRUN, *map(str, args), '--save-path', str(tmp_path / 'b')], cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint, deadline = tmp_path / 'b' / 'checkpoint.pt', time.monotonic() + 120
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert len(rows(tmp_path / 'b')) < 10                  # it was stopped mid-way
+    rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b')
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert rows(tmp_path / 'a') == rows(tmp_path / 'b')

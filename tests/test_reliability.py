@@ -178,3 +178,21 @@ def test_a_corrupt_dataset_leaves_no_run_folder(tmp_path):
     p = run_script('model_vgg_single.py', '--data_root', root, '--logdir', tmp_path / 'logs')
     assert p.returncode == 2 and 'md5' in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'logs')
+
+
+def test_metrics_are_brought_back_to_the_checkpoint_on_resume(tmp_path, data_root):
+    """A run killed after writing a metrics row but before its checkpoint (or the reverse) resumes with
+    metrics.csv as the checkpoint knows it: no repeated or missing row."""
+    run_dir = one_epoch(tmp_path, data_root)
+    model_vgg_single.main(['--resume', run_dir, '--epochs', '2'])
+    path = os.path.join(run_dir, 'metrics.csv')
+    complete = open(path).read()
+    lines = complete.splitlines(keepends=True)
+    with open(path, 'w') as f:                 # the row of epoch 1 lost (killed between checkpoint and row)
+        f.writelines(lines[:-1])
+    model_vgg_single.main(['--resume', run_dir, '--epochs', '2'])
+    assert open(path).read() == complete
+    with open(path, 'a') as f:                 # a row beyond the checkpoint (killed before the checkpoint)
+        f.write(lines[-1].replace('1,', '2,', 1))
+    model_vgg_single.main(['--resume', run_dir, '--epochs', '2'])
+    assert open(path).read() == complete
