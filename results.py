@@ -297,15 +297,10 @@ def _value(v):
     return str(v)
 
 
-def setting_text(script, keys, cfg):
-    parts = []
-    for k in keys:
-        if k not in cfg or (k == 'num_samples_per_class' and not cfg[k]):
-            continue
-        if k == 'alpha' and not cfg.get('mix_up'):
-            continue
-        parts.append(f'{k} {_value(cfg[k])}')
-    return ', '.join(parts)
+def setting_text(keys, cfg):
+    values = setting(cfg)                   # without the values this run's method ignores (alpha without mixup...)
+    return ', '.join(f'{k} {_value(values[k])}' for k in keys
+                     if k in values and not (k == 'num_samples_per_class' and not values[k]))
 
 
 def fmt_acc(values, error=False):
@@ -341,7 +336,7 @@ def build_rows(runs):
         varying = [k for k in names if len({json.dumps(setting(r['cfg']).get(k)) for r in mine}) > 1]
         keys = HEADLINE[script] + [k for k in varying if k not in HEADLINE[script]]
         for r in mine:
-            r['setting'] = setting_text(script, keys, r['cfg'])
+            r['setting'] = setting_text(keys, r['cfg'])
     order = {s: i for i, s in enumerate(SCRIPTS)}
     return sorted(rows, key=lambda r: order[r['script']])          # stable: first appearance within a script
 
@@ -355,7 +350,8 @@ def table(runs):
         ms = [m for _, m in r['runs']]
         seeds = ', '.join(str(run['cfg'].get('seed')) for run, _ in r['runs'])
         steps = sorted({m['steps'] for m in ms})
-        done = (f'{steps[0]:,}' if len(steps) == 1 else f'{steps[0]:,}–{steps[-1]:,}') + f' {UNITS[r["script"]]}'
+        unit = UNITS[r['script']] if steps != [1] else UNITS[r['script']][:-1]      # 1 epoch, 2 epochs
+        done = (f'{steps[0]:,}' if len(steps) == 1 else f'{steps[0]:,}–{steps[-1]:,}') + f' {unit}'
         seconds = [m['seconds'] for m in ms if m['seconds'] is not None]
         error = r['script'] == 'train_meta_semi'
         lines.append('| ' + ' | '.join([
