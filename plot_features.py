@@ -8,6 +8,13 @@ needs matplotlib only).
 
     python plot_features.py results/svhn                                   # best.pt, t-SNE
     python plot_features.py logs/train_meta_semi/RUN --checkpoint checkpoint.pt --method pca --num-point 1000
+
+The seed's command line (its visualization.sh) works as written: the run folder is the directory of
+--checkpoint-path (or of --index-path), model_best.pth is this project's best.pt, and --save-path is the
+output folder:
+
+    python3 plot_features.py --dataset "svhn" --checkpoint-path "results/svhn/model_best.pth" \
+        --index-path "results/svhn/label_indices.txt" --save-path "results/svhn/visualization" --num-point '5000'
 """
 import argparse
 import json
@@ -55,10 +62,51 @@ def embed(points, method, tsne, seed):
     return tsne(n_components=2, init='pca', random_state=seed).fit_transform(points)
 
 
+def locate(args):
+    """The run folder, checkpoint file, label-indices file and PNG path named by the short form (RUN
+    [--checkpoint NAME] [--out PNG]) or by the seed's flags (--checkpoint-path, --index-path, --save-path)."""
+    run = args.run or os.path.dirname(args.checkpoint_path or args.index_path) or ('.' if args.checkpoint_path
+                                                                                  or args.index_path else '')
+    if not run:
+        raise UserError('give the run folder (python plot_features.py RUN) or, as the original, --checkpoint-path '
+                        'RUN/model_best.pth (the run folder is the checkpoint\'s directory).')
+    if args.run and args.checkpoint_path and (os.path.realpath(os.path.dirname(args.checkpoint_path) or '.')
+                                              != os.path.realpath(args.run)):
+        raise UserError(f'two run folders given: {args.run!r} and the directory of --checkpoint-path '
+                        f'{args.checkpoint_path!r}; give one of them.')
+    if args.out and args.save_path:
+        raise UserError('give --out FILE.png or --save-path FOLDER, not both.')
+    checkpoint = args.checkpoint_path or os.path.join(run, args.checkpoint)
+    if args.checkpoint_path and not os.path.isfile(checkpoint):
+        # the original's names: model_best.pth (the best model) -> best.pt, checkpoint.pth -> checkpoint.pt
+        stem = os.path.splitext(os.path.basename(checkpoint))[0]
+        ours = os.path.join(run, 'checkpoint.pt' if stem.startswith('checkpoint') else 'best.pt')
+        if os.path.isfile(ours):
+            print(f'note: {checkpoint} does not exist; using {ours} (this project saves the original\'s '
+                  f'{"checkpoint.pth as checkpoint.pt" if stem.startswith("checkpoint") else "model_best.pth as best.pt"})',
+                  flush=True)
+            checkpoint = ours
+    indices = args.index_path or os.path.join(run, 'label_indices.txt')
+    paths = {'config.json': os.path.join(run, 'config.json'), 'checkpoint': checkpoint, 'label indices': indices}
+    missing = [f'{k} ({v})' for k, v in paths.items() if not os.path.isfile(v)]
+    if missing:
+        raise UserError(f'{run!r} is not a finished train_meta_semi run folder: {", ".join(missing)} missing.')
+    out = args.out or os.path.join(args.save_path or run, f'features_{args.method}.png')
+    return run, checkpoint, indices, out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('run', help='the run folder (its --save-path, or logs/train_meta_semi/<run>)')
+    p.add_argument('run', nargs='?', default='',
+                   help='the run folder (its --save-path, or logs/train_meta_semi/<run>); or use --checkpoint-path')
     p.add_argument('--checkpoint', default='best.pt', help='file in the run folder: best.pt or checkpoint.pt')
+    p.add_argument('--checkpoint-path', default='', help="the original's flag: a checkpoint file in the run folder "
+                   "(its directory is the run folder; model_best.pth means this project's best.pt)")
+    p.add_argument('--index-path', default='', help="the original's flag: the labeled indices file (default: "
+                   "<run>/label_indices.txt; names the run folder when --checkpoint-path is not given)")
+    p.add_argument('--save-path', default='', help="the original's flag: output folder (created) for "
+                   "features_<method>.png and .npz (default: the run folder)")
+    p.add_argument('--dataset', default='', help="the original's flag: must be the run's dataset (checked)")
     p.add_argument('--num-point', type=int, default=5000, help='unlabeled and test points kept (0: all); '
                    'every labeled point is kept')
     p.add_argument('--method', choices=['tsne', 'pca'], default='tsne')
@@ -67,13 +115,15 @@ def main(argv=None):
     p.add_argument('--device', default='auto')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    plt, tsne = import_plotting(args.method)
-    paths = {k: os.path.join(args.run, k) for k in ('config.json', args.checkpoint, 'label_indices.txt')}
-    missing = [k for k, v in paths.items() if not os.path.isfile(v)]
-    if missing:
-        raise UserError(f'{args.run!r} is not a finished train_meta_semi run folder: {", ".join(missing)} missing.')
-    with open(paths['config.json']) as f:
+    run, checkpoint, indices, out = locate(args)
+    with open(os.path.join(run, 'config.json')) as f:
         cfg = json.load(f)
+    if cfg.get('script', 'train_meta_semi') != 'train_meta_semi':
+        raise UserError(f'{run!r} is a {cfg["script"]} run; the feature picture is of train_meta_semi runs.')
+    if args.dataset and args.dataset != cfg['dataset']:
+        raise UserError(f'--dataset {args.dataset} does not agree with the run: {run!r} trained on '
+                        f'{cfg["dataset"]} (its config.json). Drop --dataset or give that dataset\'s run.')
+    plt, tsne = import_plotting(args.method)
     device = pick_device(args.device)
 
     train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_root'],
@@ -81,7 +131,7 @@ def main(argv=None):
     mean, std = create_dataset.DATASETS[cfg['dataset']].normalisation
     train = create_dataset.DeviceData(train_x, train_y, device, mean, std)
     test = create_dataset.DeviceData(test_x, test_y, device, mean, std)
-    labeled, unlabeled = create_dataset.read_label_indices(paths['label_indices.txt'], len(train))
+    labeled, unlabeled = create_dataset.read_label_indices(indices, len(train))
     rng = np.random.default_rng(args.seed)
     pick = lambda idx: np.sort(rng.choice(idx, args.num_point, replace=False)) if 0 < args.num_point < len(idx) else idx
     splits = {'labeled': labeled, 'unlabeled': pick(unlabeled), 'test': pick(np.arange(len(test)))}
@@ -90,7 +140,11 @@ def main(argv=None):
 
     num_classes = create_dataset.DATASETS[cfg['dataset']].num_classes
     model = semi_network(cfg['architecture'], num_classes, cfg['width']).to(device)
-    model.load_state_dict(load_checkpoint(paths[args.checkpoint], device)['state']['model'])
+    saved = load_checkpoint(checkpoint, device)
+    weights = saved['state'].get('model') if 'state' in saved else saved.get('model')   # ours, or the original's
+    if weights is None:
+        raise UserError(f'{checkpoint} holds no network weights of a train_meta_semi run (no state/model entry).')
+    model.load_state_dict(weights)
     model.eval()
     feats, classes = [], []
     for name, idx in splits.items():
@@ -101,7 +155,8 @@ def main(argv=None):
     xy = embed(np.concatenate(feats), args.method, tsne, args.seed)
     parts = np.split(xy, np.cumsum([len(f) for f in feats])[:-1])
 
-    out = args.out or os.path.join(args.run, f'features_{args.method}.png')
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     np.savez(os.path.splitext(out)[0] + '.npz', **{k: v for k, v in zip(splits, parts)},
              **{f'{k}_class': c for k, c in zip(splits, classes)})
     colours = (np.array(COLOURS) if num_classes <= len(COLOURS)

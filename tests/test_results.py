@@ -1,0 +1,199 @@
+"""results.py (the table of run folders, seeds grouped; --plot) and plot_features.py's seed command line, on
+tiny real runs made in this process on the synthetic stand-in."""
+import csv
+import glob
+import importlib.util
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+import create_dataset
+import model_vgg_single
+import results
+import train_meta_semi
+from conftest import run_script
+
+PNG = b'\x89PNG\r\n\x1a\n'
+HAVE_MPL = importlib.util.find_spec('matplotlib') is not None
+
+
+def in_process(main, args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """Two Single runs of one setting (seeds 1, 2) under one logdir, one Single run of another width, one
+    MetaSemi run (with mixup) in a --save-path folder."""
+    tmp = tmp_path_factory.mktemp('results')
+    root = str(tmp / 'data')
+    for name in ('cifar100', 'cifar10'):
+        create_dataset.write_synthetic(name, os.path.join(root, 'synthetic'), seed=0, sizes=(600, 200))
+    single = ['--synthetic', '--data_root', root, '--epochs', '2', '--batch_size', '100', '--device', 'cpu']
+    for seed in ('1', '2'):
+        in_process(model_vgg_single.main, single + ['--width', '0.0625', '--logdir', str(tmp / 'logs'),
+                                                    '--seed', seed])
+    in_process(model_vgg_single.main, single + ['--width', '0.125', '--run_dir', str(tmp / 'other'), '--seed', '1'])
+    in_process(train_meta_semi.main, ['--synthetic', '--dataset', 'cifar10', '--num-label', '100', '--total-steps',
+                                      '6', '--warmup', '2', '--test-freq', '3', '--width', '0.0625', '--batch-size',
+                                      '16', '--mix-up', '--data-path', root, '--device', 'cpu',
+                                      '--save-path', str(tmp / 'semi')])
+    seeds = sorted(glob.glob(str(tmp / 'logs' / 'model_vgg_single' / '*')))
+    assert len(seeds) == 2
+    return {'tmp': tmp, 'seeds': seeds, 'other': str(tmp / 'other'), 'semi': str(tmp / 'semi')}
+
+
+def metrics(run):
+    with open(os.path.join(run, 'metrics.csv')) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def table_rows(stdout):
+    """The table's body rows as lists of cells."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith('| ') and not ln.startswith('| method')]
+    return [[c.strip() for c in ln.strip('|').split(' | ')] for ln in lines]
+
+
+def test_mean_std_and_grouping_on_known_numbers():
+    mean, std, n = results.mean_std([0.5, 0.7])
+    assert n == 2 and mean == pytest.approx(0.6) and std == pytest.approx(0.141421356, abs=1e-8)   # n - 1
+    assert results.mean_std([0.3]) == (0.3, None, 1)
+    assert results.fmt_acc([0.5, 0.7]) == '0.6000 ± 0.1414'
+    assert results.fmt_acc([0.5, 0.7], error=True) == '0.6000 ± 0.1414 (error 40.00 ± 14.14 %)'
+    cfg = {'script': 'model_vgg_single', 'width': 0.5, 'epochs': 2, 'seed': 1, 'run_dir': 'a', 'logdir': 'logs',
+           'run_name': '', 'device': 'cpu', 'data_root': 'x', 'resume': ''}
+    same = cfg | {'seed': 2, 'run_dir': 'b', 'logdir': 'elsewhere', 'run_name': 'r', 'device': 'cuda',
+                  'data_root': 'y', 'resume': 'b'}
+    assert results.group_key(cfg) == results.group_key(same)
+    assert results.group_key(cfg) != results.group_key(cfg | {'width': 0.25})
+    assert results.group_key(cfg) != results.group_key(cfg | {'epochs': 3})
+
+    def fake(seed, accs, width=0.5):
+        rows = [{'epoch': float(e), 'step': float(e + 1), 'test_acc': a, 'seconds': 2.0} for e, a in enumerate(accs)]
+        return {'path': f'run{seed}', 'script': 'model_vgg_single', 'cfg': cfg | {'seed': seed, 'width': width},
+                'rows': rows, 'resumed_at': []}
+    rows = results.build_rows([fake(1, [0.4, 0.5]), fake(2, [0.7, 0.6]), fake(3, [0.2, 0.3], width=1.0)])
+    assert [len(r['runs']) for r in rows] == [2, 1]
+    text = results.table([fake(1, [0.4, 0.5]), fake(2, [0.7, 0.6]), fake(3, [0.2, 0.3], width=1.0)])
+    (a, b) = table_rows(text)
+    assert a[3] == '2 (1, 2)' and a[4] == '0.6000 ± 0.1414' and a[5] == '0.5500 ± 0.0707' and a[6] == '2 epochs'
+    assert a[7] == '4.0 s' and 'width 0.5' in a[2]
+    assert b[3] == '1 (3)' and b[4] == '0.3000' and 'width 1' in b[2]
+
+
+def test_table_groups_the_seeds(runs):
+    p = run_script('results.py', os.path.join(runs['tmp'], 'logs', '*', '*'), runs['other'], runs['semi'])
+    assert p.returncode == 0, p.stderr
+    rows = table_rows(p.stdout)
+    single = [r for r in rows if r[0].startswith('Single')]
+    assert len(single) == 2 and len(rows) == 3, p.stdout
+    grouped = next(r for r in single if 'width 0.0625' in r[2])
+    other = next(r for r in single if 'width 0.125' in r[2])
+    # expected values from the runs' own metrics.csv
+    ms = [metrics(run) for run in runs['seeds']]
+    best = [max(r['test_acc'] for r in m) for m in ms]
+    final = [m[-1]['test_acc'] for m in ms]
+    assert grouped[1] == 'CIFAR-100 (synthetic)'
+    assert grouped[3] == '2 (1, 2)'
+    assert grouped[4] == f'{statistics.fmean(best):.4f} ± {statistics.stdev(best):.4f}'
+    assert grouped[5] == f'{statistics.fmean(final):.4f} ± {statistics.stdev(final):.4f}'
+    assert grouped[6] == '2 epochs'
+    assert grouped[7] == f'{statistics.fmean(sum(r["seconds"] for r in m) for m in ms):.1f} s'
+    assert grouped[8] == '— (synthetic stand-in)'
+    m = metrics(runs['other'])
+    assert other[3] == '1 (1)' and other[4] == f'{max(r["test_acc"] for r in m):.4f}'
+    assert other[5] == f'{m[-1]["test_acc"]:.4f}'
+    (semi,) = [r for r in rows if r[0].startswith('MetaSemi + mixup')]
+    m = metrics(runs['semi'])
+    acc = max(r['test_acc'] for r in m)
+    assert semi[4] == f'{acc:.4f} (error {100 * (1 - acc):.2f} %)' and semi[6] == '6 steps'
+    assert 'num_label 100' in semi[2] and 'alpha 1' in semi[2]
+    assert 'sample standard deviation' in p.stdout and 'Time per run' in p.stdout
+
+
+def test_time_of_a_resumed_metasemi_run():
+    # batch_time / data_time are means since the process started: 3 steps at 0.5 + 0.1, then resumed at step 3
+    rows = [{'step': 3.0, 'batch_time': 0.5, 'data_time': 0.1, 'test_acc': 0.2},
+            {'step': 9.0, 'batch_time': 1.0, 'data_time': 0.0, 'test_acc': 0.3}]
+    run = {'script': 'train_meta_semi', 'rows': rows, 'resumed_at': [3]}
+    assert results.run_seconds(run) == pytest.approx(3 * 0.6 + 6 * 1.0)
+    assert results.run_seconds(run | {'resumed_at': []}) == pytest.approx(9 * 1.0)
+    sla = {'script': 'train_sla', 'rows': [{'iteration': 3.0, 'seconds_per_iteration': 2.0},
+                                           {'iteration': 5.0, 'seconds_per_iteration': 1.0}], 'resumed_at': []}
+    assert results.run_seconds(sla) == pytest.approx(3 * 2.0 + 2 * 1.0)
+
+
+def test_paper_numbers_only_for_the_real_datasets():
+    cfg = {'script': 'train_meta_semi', 'dataset': 'cifar10', 'num_label': 4000, 'architecture': 'convlarge',
+           'width': 1.0, 'mix_up': True, 'baseline': False, 'synthetic': False}
+    assert results.paper_number(cfg, 'MetaSemi + mixup', 400000) == '7.78 % error'
+    assert results.paper_number(cfg | {'dataset': 'svhn', 'num_label': 1000}, 'MetaSemi + mixup', 400000) == \
+        '3.15 % error'
+    assert results.paper_number(cfg | {'synthetic': True}, 'MetaSemi + mixup', 400000) == '— (synthetic stand-in)'
+    assert 'not available offline' in results.paper_number(cfg | {'num_label': 250}, 'MetaSemi + mixup', 400000)
+    assert 'not available offline' in results.paper_number({'script': 'model_vgg_maxl', 'synthetic': False},
+                                                           'MAXL, first order', 200)
+    assert 'not available offline' in results.paper_number({'script': 'train_sla', 'synthetic': False}, 'SLA+SI', 1)
+
+
+@pytest.mark.skipif(HAVE_MPL, reason='matplotlib is installed: the PNG test covers --plot')
+def test_plot_without_matplotlib_says_how_to_get_it(runs):
+    out = os.path.join(runs['tmp'], 'no.png')
+    p = run_script('results.py', *runs['seeds'], '--plot', out)
+    assert p.returncode == 2 and 'pip install matplotlib' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr and p.stdout == '' and not os.path.exists(out)
+
+
+def test_plot_writes_a_png(runs):
+    pytest.importorskip('matplotlib')
+    out = os.path.join(runs['tmp'], 'plots', 'curves.png')
+    p = run_script('results.py', *runs['seeds'], runs['other'], runs['semi'], '--plot', out)
+    assert p.returncode == 0, p.stderr
+    with open(out, 'rb') as f:
+        data = f.read()
+    assert len(data) > 1000 and data[:8] == PNG
+
+
+def test_a_folder_that_is_not_a_run(runs, tmp_path):
+    p = run_script('results.py', runs['seeds'][0], str(tmp_path))
+    assert p.returncode == 2 and 'Traceback' not in p.stderr
+    assert f"'{tmp_path}' is not a run folder: it has no config.json" in p.stderr, p.stderr
+    p = run_script('results.py', os.path.join(runs['tmp'], 'logs'))          # the logdir itself: a hint
+    assert p.returncode == 2 and 'Traceback' not in p.stderr and "/logs/*/*'" in p.stderr, p.stderr
+    p = run_script('results.py', str(tmp_path / '*'))                        # a glob that matches nothing
+    assert p.returncode == 2 and 'no folder matches' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    (tmp_path / 'config.json').write_text(json.dumps({'script': 'somebody_else'}))
+    p = run_script('results.py', str(tmp_path))
+    assert p.returncode == 2 and 'names no script of this project' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_plot_features_takes_the_seed_command_line(runs):
+    run = runs['semi']
+    seed_line = ['--dataset', 'cifar10', '--checkpoint-path', os.path.join(run, 'model_best.pth'),
+                 '--index-path', os.path.join(run, 'label_indices.txt'),
+                 '--save-path', os.path.join(run, 'visualization'), '--num-point', '5000']
+    wrong = run_script('plot_features.py', *seed_line[2:], '--dataset', 'svhn')
+    assert wrong.returncode == 2 and 'does not agree with the run' in wrong.stderr and 'Traceback' not in wrong.stderr
+    p = run_script('plot_features.py', *seed_line)
+    if not HAVE_MPL:
+        assert p.returncode == 2 and 'pip install matplotlib' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+        return
+    if importlib.util.find_spec('sklearn') is None:           # the default t-SNE needs scikit-learn
+        assert p.returncode == 2 and 'pip install scikit-learn' in p.stderr and 'Traceback' not in p.stderr
+        p = run_script('plot_features.py', *seed_line, '--method', 'pca')
+        method = 'pca'
+    else:
+        method = 'tsne'
+    assert p.returncode == 0, p.stderr
+    assert 'using ' + os.path.join(run, 'best.pt') in p.stdout
+    with open(os.path.join(run, 'visualization', f'features_{method}.png'), 'rb') as f:
+        assert f.read(8) == PNG
+    assert os.path.isfile(os.path.join(run, 'visualization', f'features_{method}.npz'))
