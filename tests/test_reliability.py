@@ -17,7 +17,7 @@ import model_vgg_maxl
 import model_vgg_single
 import utils
 from conftest import run_script
-from utils import Diverged, UserError, run_main
+from utils import UserError, run_main
 
 TINY = ['--synthetic', '--width', '0.0625', '--batch_size', '100', '--device', 'cpu']
 
