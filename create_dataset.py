@@ -517,6 +517,12 @@ class DeviceData:
             x = self.augment(x, generator, flip=flip, draws=len(index) if self.world > 1 else None)
         return self.normalise(x), self.labels[mine]
 
+    def num_batches(self, batch_size, drop_last=False):
+        """How many batches batches(batch_size) yields."""
+        step = batch_size * self.world
+        full, rest = divmod(len(self), step)
+        return full + (0 if drop_last or rest < self.world else 1)
+
     def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False, flip=None):
         """One pass over the split (a fresh permutation from `generator` when shuffle=True), in global
         batches of batch_size * world images; a last global batch smaller than the number of processes is

@@ -340,6 +340,9 @@ def main(argv=None):
                    scheduler=scheduler, gen_scheduler=gen_scheduler)
     state = run.restore(objects, epoch=-1, step=0)
     step = state['step']
+    per_epoch = 2 * train.num_batches(cfg.batch_size)      # a pass of training steps, a pass of meta steps
+    run.describe([net, gen], {'train': len(train), 'test': len(test)}, cfg.epochs * per_epoch,
+                 unit='steps (training and meta)')
 
     for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train(), gen.train()
@@ -347,6 +350,7 @@ def main(argv=None):
         # 1) a pass of training steps on the multi-task network
         train_meters = Meters()                    # summed on the device: no host sync inside the loop
         first_step = step
+        bar = run.progress(per_epoch, f'epoch {epoch}', epoch * per_epoch, cfg.epochs * per_epoch)
         cos_sum, cos_n = torch.zeros((), device=dev), 0
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             y = labels[:, level]
@@ -356,6 +360,7 @@ def main(argv=None):
             if cosine is not None:
                 cos_sum, cos_n = cos_sum + cosine, cos_n + 1
             step += 1
+            bar.update()
 
         run.check_finite(train_meters, first_step, scheduler.get_last_lr()[0])     # stops before anything is saved
 
@@ -375,6 +380,8 @@ def main(argv=None):
             gen_optimizer.step()
             meta_meters.add(len(x), pre_loss=stats[0] * len(x), pre_acc=stats[1], post_loss=stats[2] * len(x),
                             post_acc=stats[3])
+            bar.update()
+        bar.close()
 
         run.check_finite(meta_meters, 0, gen_scheduler.get_last_lr()[0], unit=f'epoch {epoch}, meta step')
 

@@ -55,14 +55,19 @@ def fit(run, net, train, test, levels, step):
     state = run.restore(objects, epoch=-1, step=0)
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     n_steps, heads = state['step'], [('PRI', ''), ('AUX', 'aux_')][:len(levels)]
+    per_epoch = train.num_batches(cfg.batch_size)
+    run.describe([net], {'train': len(train), 'test': len(test)}, cfg.epochs * per_epoch)
 
     for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train()
         meters = Meters()
         first_step = n_steps
+        bar = run.progress(per_epoch, f'epoch {epoch}', epoch * per_epoch, cfg.epochs * per_epoch)
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
             meters.add(len(x), **step(forward, x, labels, optimizer))
             n_steps += 1
+            bar.update()
+        bar.close()
         run.check_finite(meters, first_step, scheduler.get_last_lr()[0])     # stops before testing or saving
         run.sync_buffers(net)
         tested = evaluate_heads(net, test, levels, cfg.batch_size)     # [loss, acc] per head

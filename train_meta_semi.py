@@ -256,6 +256,13 @@ def main(argv=None):
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
     meters, first_t = Meters(), start         # sums since the last test, on the device
+    run.describe([model], {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(test)},
+                 cfg.total_steps - start)
+
+    def stretch(t):                           # the steps from t to the next test
+        end = min(cfg.total_steps, (t // cfg.eval_every + 1) * cfg.eval_every)
+        return run.progress(end - t, f'to step {end}', t, cfg.total_steps, images_per_step=2 * B * W)
+    bar = stretch(start)
     data_time, batch_time, timed = 0.0, 0.0, 0
     for t in range(start, cfg.total_steps):
         lr_now = learning_rate(t, cfg.lr, cfg.warmup, cfg.milestones, cfg.gamma)
@@ -274,6 +281,7 @@ def main(argv=None):
         step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
                                cfg.baseline, forward, cfg.global_meta_gradient)
         meters.add(B, **step_sums)
+        bar.update()
         data_time, batch_time, timed = data_time + toc - tic, batch_time + time.perf_counter() - toc, timed + 1
 
         if t % cfg.print_freq == 0:          # the only host reads of the loop, besides testing
@@ -292,6 +300,7 @@ def main(argv=None):
             log.print(f'{line} LR: {lr_now:.4f}')
 
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.total_steps:
+            bar.close()
             run.check_finite(meters, first_t, lr_now)        # stops before testing or saving
             run.sync_buffers(model)
             test_loss, acc = evaluate(model, test)
@@ -302,6 +311,7 @@ def main(argv=None):
                 step=t + 1, labeled=labeled.state_dict(), unlabeled=unlabeled.state_dict(),
                 augment_rng=augment_rng.get_state())
             meters, first_t = Meters(), t + 1
+            bar = stretch(t + 1)
     best = 100 * run.best['test_acc']
     log.print(f'done: {cfg.total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%)')
 

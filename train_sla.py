@@ -330,7 +330,13 @@ def main(argv=None):
               f'{len(train)} train / {len(val)} val / {len(test)} test images, {N} iterations of {cfg.batch_size}')
 
     # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
+    run.describe([net], {'train': len(train), 'val': len(val), 'test': len(test)}, N - it, unit='iterations')
     meters, first_it = Meters(), it + 1
+
+    def stretch(it):                            # the iterations from it to the next evaluation
+        end = min(N, (it // cfg.eval_every + 1) * cfg.eval_every)
+        return run.progress(end - it, f'to iteration {end}', it, N)
+    bar = stretch(it)
     net.train()
     run.timer.lap()
     while it < N:
@@ -338,8 +344,10 @@ def main(argv=None):
         meters.add(len(y), **train_step(forward, optimizer, x, y, cfg.mode, tf, cfg.temperature, cfg.with_large_loss))
         scheduler.step()
         it += 1
+        bar.update()
         if it % cfg.eval_every and it != N:
             continue
+        bar.close()
 
         # ---- every eval_every iterations: train/val/test metrics, the best model, a checkpoint ----
         run.check_finite(meters, first_it, scheduler.get_last_lr()[0], unit='iteration')
@@ -366,6 +374,7 @@ def main(argv=None):
                                                                     if k in row],
                               lines=lines, iteration=it, data_rng=data_rng.get_state(), total_steps=N)
         meters, first_it = Meters(), it + 1
+        bar = stretch(it)
         run.timer.lap()
 
     best = run.best

@@ -18,6 +18,7 @@ Everything here is plain PyTorch (>= 2.11) and numpy; nothing imports torchvisio
 import argparse
 import csv
 import datetime
+import importlib.util
 import io
 import json
 import math
@@ -90,6 +91,9 @@ RUN_OPTIONS = {
     'run_name': ('', 'name of the run folder (default: the date and time)'),
     'run_dir': ('', 'the run folder itself, instead of <logdir>/<script>/<run_name>'),
     'resume': ('', 'a run folder (or a run name under <logdir>/<script>/) to continue from its checkpoint'),
+    'progress': (True, 'a progress line between log lines (a tqdm bar on a terminal, plain lines otherwise)'),
+    'progress_every': (30.0, 'seconds between plain progress lines when the output is not a terminal'),
+    'tensorboard': (False, 'also write every logged number as a TensorBoard scalar into the run folder'),
     'sync_bn': (False, 'under torchrun: batch norm over the global batch (SyncBatchNorm) instead of each process\'s'),
     'dist_backend': ('auto', 'under torchrun: auto (nccl on CUDA, gloo on CPU), nccl or gloo'),
     'dist_timeout': (30, 'under torchrun: minutes a collective may wait for the other processes before the job stops'),
@@ -1029,6 +1033,55 @@ class Meters:
         return dict(zip(self.sums, torch.stack([v / self.counts[k] for k, v in self.sums.items()]).tolist()))
 
 
+def duration(seconds):
+    """'1:02:03' or '2:03' (h:mm:ss or m:ss)."""
+    seconds = int(max(0, seconds) + 0.5)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+class Progress:
+    """One stretch of work between two log lines (an epoch, an evaluation interval): on a terminal a
+    tqdm bar (steps done / total, images/s, time left here and in the whole run); otherwise (a log file,
+    CI) a plain line every `every` seconds, no control characters. Silent with --progress false and in
+    every process but the first. The first stretch of a run also prints, once, the projected time of
+    the whole run from its first steps."""
+
+    def __init__(self, run, total, desc, images_per_step, done_before, run_total):
+        self.run, self.total, self.desc, self.images = run, total, desc, images_per_step
+        self.done_before, self.run_total, self.done = done_before, run_total, 0
+        self.start = self.last_line = time.perf_counter()
+        self.enabled = run.cfg.progress and run.rank == 0 and total > 0
+        self.bar = None
+        if self.enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit='step', leave=False, dynamic_ncols=True)
+
+    def update(self, n=1):
+        if not self.enabled:
+            return
+        self.done += n
+        now = time.perf_counter()
+        rate = self.done / max(now - self.start, 1e-9)                       # steps per second
+        left_here = (self.total - self.done) / rate
+        left_run = (self.run_total - self.done_before - self.done) / rate
+        if not self.run.projected and self.done >= 3 and now - self.start >= 1.0:
+            self.run.projected = True
+            self.run.log.print(f'first steps: {1 / rate:.3f} s/step, {rate * self.images:.0f} images/s: about '
+                               f'{duration(left_run)} for the rest of the run')
+        if self.bar is not None:
+            self.bar.set_postfix_str(f'{rate * self.images:.0f} img/s, run {duration(left_run)} left', refresh=False)
+            self.bar.update(n)
+        elif now - self.last_line >= self.run.cfg.progress_every:
+            self.last_line = now
+            print(f'  {self.desc}: {self.done}/{self.total} steps, {rate * self.images:.0f} images/s, '
+                  f'{duration(left_here)} left here, {duration(left_run)} left in the run', flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Run:
     """One training run: its configuration, device, folder, log, checkpoints and resume.
 
@@ -1057,6 +1110,9 @@ class Run:
         check_choices(cfg, choices)
         if validate is not None:
             validate(cfg)                       # bad values stop here, before anything is written
+        if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
+            raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run '
+                            'without --tensorboard; metrics.csv holds the same numbers).')
         self.cfg = cfg
         self.device = self._start_processes(cfg)
         if not self.resuming:                   # the first process makes the folder and tells the others
@@ -1073,6 +1129,8 @@ class Run:
         if not self.resuming:
             self.save_config()
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
+        self.projected = False                  # the projected run time was printed (Progress)
+        self.tb = None                          # TensorBoard writer (--tensorboard)
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
         self.last = None                        # the latest metrics row
         self.timer = Timer(self.device)
@@ -1264,6 +1322,7 @@ class Run:
                             best=self.best, row=row, config=vars(self.cfg))
         self.save(objects, best_keys=list(self.best_keys), **extra)
         self.log.metrics(self.metrics_row(row))
+        self._tensorboard(self.metrics_row(row))
         return improved
 
     def metrics_row(self, row):
@@ -1289,6 +1348,37 @@ class Run:
         writer.writerows(full)
         atomic_write_text(path, out.getvalue())
         self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
+
+    def progress(self, total, desc, done_before, run_total, images_per_step=None):
+        """A Progress for the next `total` steps (see Progress); images_per_step defaults to the global batch."""
+        images = images_per_step or self.cfg.batch_size * self.world
+        return Progress(self, total, desc, images, done_before, run_total)
+
+    def describe(self, nets, data, total_steps, unit='steps'):
+        """The start line: what will run, where, on how much."""
+        dtype = 'bf16 autocast' if self.cfg.amp else 'float32'
+        if self.device.type == 'cuda' and not self.cfg.amp and torch.backends.cudnn.allow_tf32:
+            dtype += ' (cuDNN convolutions may use TF32)'
+        params = sum(p.numel() for net in nets for p in net.parameters())
+        sizes = ', '.join(f'{k} {v:,}' for k, v in data.items())
+        self.log.print(f'will run {total_steps:,} {unit} on {self.device} ({dtype}), {self.world} process(es), '
+                       f'{params:,} parameters; images: {sizes}')
+
+    def _tensorboard(self, row):
+        if not self.cfg.tensorboard or self.rank != 0:
+            return
+        if self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard '
+                                '(or run without --tensorboard; metrics.csv has the same numbers).') from None
+            self.tb = SummaryWriter(log_dir=os.path.join(self.dir, 'tensorboard'))
+        position = next(iter(row))
+        for k, v in row.items():
+            if k != position and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(k, v, int(row[position]))
+        self.tb.flush()
 
     def check_finite(self, meters, first_step, lr, unit='step'):
         """Stop the run (exit code 3) if `meters` saw a non-finite value: before anything is evaluated or
