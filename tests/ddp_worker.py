@@ -65,8 +65,9 @@ def main():
     if rank == 0:
         with open(out_path, 'w') as f:
             json.dump(result, f, indent=1)
-    dist.barrier()                    # leave together: a process group torn down under a peer can abort it
-    dist.destroy_process_group()
+    dist.barrier()                    # leave together, without tearing the group down (see utils.run_main)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == '__main__':
