@@ -89,11 +89,13 @@ class FileUrls:
 @dataclasses.dataclass(frozen=True)
 class Synthetic:
     """How the stand-in is written: writer(folder, {'train': (images, labels), 'test': ...}) puts the
-    generated uint8 images and class labels into the real on-disk format; sizes = (train, test) images;
-    groups = how many colour/orientation groups the classes share (default: one per class)."""
+    generated uint8 images and class labels into the real on-disk format; sizes = (train, test) images
+    of the small stand-in, full = those of the real dataset (--synthetic_size full); groups = how many
+    colour/orientation groups the classes share (default: one per class)."""
     writer: Callable
     sizes: tuple
     groups: Optional[int] = None
+    full: Optional[tuple] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +266,7 @@ DATASETS = {d.name: d for d in [
                'meta': '7973b15100ade9c7d40fb424638fde48'},
         label_classes=tuple(LEVEL_CLASSES), primary=3,
         mean=(0.50707516, 0.48654887, 0.44091784), std=(0.26733429, 0.25643846, 0.27615047),
-        synthetic=Synthetic(write_cifar100_files, sizes=(10000, 2000), groups=20)),
+        synthetic=Synthetic(write_cifar100_files, sizes=(10000, 2000), groups=20, full=(50000, 10000))),
     Dataset(
         'cifar10', folder='cifar-10-batches-py', reader=read_cifar10,
         source=Archive('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', 'cifar-10-python.tar.gz',
@@ -278,7 +280,7 @@ DATASETS = {d.name: d for d in [
                'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'},
         label_classes=(10,),
         mean=(0.49139968, 0.48215841, 0.44653091), std=(0.24703223, 0.24348513, 0.26158784),
-        synthetic=Synthetic(write_cifar10_files, sizes=(5000, 1000))),
+        synthetic=Synthetic(write_cifar10_files, sizes=(5000, 1000), full=(50000, 10000))),
     Dataset(
         'svhn', folder='svhn', reader=read_svhn, source=FileUrls('http://ufldl.stanford.edu/housenumbers/'),
         files={'train_32x32.mat': 'e26dedcc434d2e4c54c9b2d4a06d8373',
@@ -286,7 +288,7 @@ DATASETS = {d.name: d for d in [
         label_classes=(10,),
         mean=(0.4376821, 0.4437697, 0.47280442), std=(0.19803012, 0.20101562, 0.19703614),
         flip=False,                      # digits: MetaSemi crops SVHN without flipping
-        synthetic=Synthetic(write_svhn_files, sizes=(5000, 1000)), requires=('scipy',)),
+        synthetic=Synthetic(write_svhn_files, sizes=(5000, 1000), full=(73257, 26032)), requires=('scipy',)),
 ]}
 
 
@@ -371,7 +373,11 @@ def check_data_present(name, root, synthetic, download_missing):
 
 
 def dataset_root(root, synthetic):
-    return os.path.join(root, SYNTHETIC_DIR) if synthetic else root
+    """The folder of the official files (synthetic False), of the small stand-in (True or 'small') or of the
+    full-size one ('full', in <root>/synthetic-full/)."""
+    if not synthetic:
+        return root
+    return os.path.join(root, SYNTHETIC_DIR + ('-full' if synthetic == 'full' else ''))
 
 
 def _synthetic_md5(ds, root):
@@ -392,7 +398,7 @@ def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=Fal
     _require(ds, 'reading')
     root = dataset_root(root, synthetic)
     if synthetic:
-        ensure_synthetic(root, [name])
+        ensure_synthetic(root, [name], full=synthetic == 'full')
     elif download_missing:
         download(name, root)
     check_files(name, root, _synthetic_md5(ds, root) if synthetic else None)
@@ -424,21 +430,29 @@ def write_synthetic(name, root, seed=0, sizes=None):
     os.makedirs(folder, exist_ok=True)
     n_cls = ds.num_classes
     splits = {}
+    chunk = 10000                           # images drawn at a time (a full-size set in bounded memory)
     for split, n in (('train', n_train), ('test', n_test)):
         fine = _balanced_labels(n, n_cls, rng)
-        splits[split] = (synthetic_images(fine, n_cls, ds.synthetic.groups or n_cls,
-                                          seed + (1 if split == 'train' else 2)), fine)
+        base = seed + (1 if split == 'train' else 2)
+        splits[split] = (np.concatenate([synthetic_images(fine[i:i + chunk], n_cls, ds.synthetic.groups or n_cls,
+                                                          base + 7919 * (i // chunk))
+                                         for i in range(0, n, chunk)]), fine)
     ds.synthetic.writer(folder, splits)
     sums = {f: md5sum(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != 'md5.json'}
     with open(os.path.join(folder, 'md5.json'), 'w') as f:
         json.dump(sums, f, indent=1)
 
 
-def ensure_synthetic(synthetic_root, names):
-    """Write any missing synthetic stand-in of `names` (cheap: a few seconds)."""
+def ensure_synthetic(synthetic_root, names, full=False):
+    """Write any missing synthetic stand-in of `names` (the small one: a few seconds; full: the real
+    dataset's sizes, a minute or so)."""
     for name in names:
-        if not os.path.isfile(os.path.join(synthetic_root, record(name).folder, 'md5.json')):
-            write_synthetic(name, synthetic_root)
+        ds = record(name)
+        if not os.path.isfile(os.path.join(synthetic_root, ds.folder, 'md5.json')):
+            if full:
+                print(f'writing the full-size synthetic {name} ({ds.synthetic.full[0]:,} + {ds.synthetic.full[1]:,} '
+                      f'images) into {synthetic_root}/', flush=True)
+            write_synthetic(name, synthetic_root, sizes=ds.synthetic.full if full else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -698,20 +712,23 @@ def main(argv=None):
                                             'official files of a dataset.')
     p.add_argument('--root', default=DATA_ROOT, help='data root')
     p.add_argument('--synthetic', action='store_true', help='write the synthetic stand-ins into ROOT/synthetic/')
+    p.add_argument('--synthetic-size', '--synthetic_size', choices=['small', 'full'], default='small',
+                   help='full: at the real datasets\' sizes, into ROOT/synthetic-full/')
     p.add_argument('--download', choices=sorted(DATASETS), action='append', default=[],
                    help='download and check an official dataset into ROOT')
     args = p.parse_args(argv)
     if not args.synthetic and not args.download:
         p.error('nothing to do: give --synthetic and/or --download NAME')
     if args.synthetic:
-        root = os.path.join(args.root, SYNTHETIC_DIR)
+        full = args.synthetic_size == 'full'
+        root = dataset_root(args.root, 'full' if full else True)
         for name, ds in DATASETS.items():
             if ds.synthetic is None:
                 continue
             if ds.missing_modules():
                 print(f'skipping the synthetic {name} (needs {", ".join(ds.missing_modules())})')
                 continue
-            write_synthetic(name, root)
+            write_synthetic(name, root, sizes=ds.synthetic.full if full else None)
             print(f'wrote synthetic {name} into {os.path.join(root, ds.folder)}')
     for name in args.download:
         download(name, args.root)

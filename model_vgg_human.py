@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import create_dataset
 from model_vgg_single import MEAN, STD, fit
-from utils import Run, UserError, VGG16, accuracy_count, check_positive, focal_loss, hyperparameters, run_main
+from utils import Run, UserError, VGG16, accuracy_count, check_positive, focal_loss, hyperparameters, run_main, \
+    stand_in
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
 primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
@@ -59,10 +60,10 @@ def main(argv=None):
     run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
     cfg = run.cfg
     pri, aux = cfg.primary_level, cfg.aux_level
-    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, cfg.synthetic, cfg.download)
+    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
     check_refines(train_y, pri, aux)
     train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)
-    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, cfg.synthetic, cfg.download)
+    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
     test = create_dataset.DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
     net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
                              'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))

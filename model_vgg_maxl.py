@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import create_dataset
 from utils import (UserError, Meters, Run, VGG16, accuracy_count, all_reduce, all_reduce_mean, check_positive,
                    differentiable_sum, distributed, eager, evaluate_heads, focal_loss, forward_with, hyperparameters,
-                   run_main)
+                   run_main, stand_in)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -321,7 +321,7 @@ def main(argv=None):
     cfg, dev = run.cfg, run.device
 
     # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.
-    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, cfg.synthetic,
+    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, stand_in(cfg),
                                                                            cfg.download), dev, MEAN, STD,
                                              shard=run.shard)
                    for split in (True, False))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import create_dataset
 from utils import Meters, Run, VGG16, accuracy_count, check_positive, evaluate_heads, focal_loss, hyperparameters, \
-    run_main
+    run_main, stand_in
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -89,7 +89,7 @@ def main(argv=None):
     run = Run('model_vgg_single', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
     cfg = run.cfg
     level = cfg.primary_level
-    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, cfg.synthetic,
+    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, stand_in(cfg),
                                                                            cfg.download), run.device, MEAN, STD,
                                              shard=run.shard)
                    for split in (True, False))

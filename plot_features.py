@@ -127,7 +127,7 @@ def main(argv=None):
     device = pick_device(args.device)
 
     train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_root'],
-                                                               cfg['synthetic'])
+                                                               cfg['synthetic'] and cfg.get('synthetic_size', 'small'))
     mean, std = create_dataset.DATASETS[cfg['dataset']].normalisation
     train = create_dataset.DeviceData(train_x, train_y, device, mean, std)
     test = create_dataset.DeviceData(test_x, test_y, device, mean, std)

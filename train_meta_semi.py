@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import create_dataset
 from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, check_positive, \
-    device_generator, forward_with, hyperparameters, run_main, semi_network
+    device_generator, forward_with, hyperparameters, run_main, semi_network, stand_in
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100 or svhn
@@ -207,7 +207,7 @@ def main(argv=None):
 
     def check(cfg):                       # values, then the data files and the label budget: before any writing
         validate(cfg)
-        data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.download)
+        data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
         create_dataset.check_label_budget(data['arrays'][1], cfg.num_label,
                                           create_dataset.DATASETS[cfg.dataset].num_classes)
 

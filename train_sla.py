@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import create_dataset
 from utils import CRESNET_DEPTHS, Meters, Run, UserError, Wrapped, accuracy_count, all_reduce_sum, check_positive, \
-    cifar_resnet, device_generator, hyperparameters, load_checkpoint, run_main
+    cifar_resnet, device_generator, hyperparameters, load_checkpoint, run_main, stand_in
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10 or cifar100
@@ -239,7 +239,7 @@ def validate(cfg):
 
 
 def load_split(cfg, train):
-    images, labels = create_dataset.load(cfg.dataset, cfg.data_root, train, cfg.synthetic, cfg.download)
+    images, labels = create_dataset.load(cfg.dataset, cfg.data_root, train, stand_in(cfg), cfg.download)
     return images, create_dataset.DATASETS[cfg.dataset].primary_labels(labels)     # CIFAR-100: the 100 fine classes
 
 

@@ -92,6 +92,8 @@ RUN_OPTIONS = {
     'channels_last': (False, 'fast path: channels-last memory format'),
     'compile': (False, 'fast path: torch.compile the forward passes'),
     'synthetic': (False, 'train on the synthetic stand-in instead of the real dataset'),
+    'synthetic_size': ('small', "small: the quick stand-in; full: the real datasets' sizes (CIFAR 50,000 / 10,000, "
+                                'SVHN 73,257 / 26,032), in <data_root>/synthetic-full'),
     'download': (False, 'fetch the official files (md5-checked) if they are not in data_root'),
     'logdir': ('logs', 'runs go to <logdir>/<script>/<run_name>/'),
     'run_name': ('', 'name of the run folder (default: the date and time)'),
@@ -218,6 +220,11 @@ def check_positive(cfg, *names, allow_zero=()):
         if value < 0 or (value == 0 and name not in allow_zero):
             need = 'at least 0' if name in allow_zero else 'positive'
             raise UserError(f'--{name} must be {need}, got {value}.')
+
+
+def stand_in(cfg):
+    """What the data calls take as `synthetic`: False, 'small' or 'full'."""
+    return cfg.synthetic and cfg.synthetic_size
 
 
 def check_choices(cfg, choices):
@@ -1113,7 +1120,7 @@ class Run:
             merged = {k: saved.get(k, v) for k, v in vars(cfg).items()}
             merged.update({k: getattr(cfg, k) for k in given})
             cfg = argparse.Namespace(**merged)
-        check_choices(cfg, choices)
+        check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
         if validate is not None:
             validate(cfg)                       # bad values stop here, before anything is written
         if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
