@@ -1078,7 +1078,7 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)                       # steps per second
         left_here = (self.total - self.done) / rate
         left_run = (self.run_total - self.done_before - self.done) / rate
-        if not self.run.projected and self.done >= 3 and now - self.start >= 1.0:
+        if not self.run.projected and self.done >= 3 and (now - self.start >= 1.0 or self.done == self.total):
             self.run.projected = True
             self.run.log.print(f'first steps: {1 / rate:.3f} s/step, {rate * self.images:.0f} images/s: about '
                                f'{duration(left_run)} for the rest of the run')
