@@ -400,6 +400,7 @@ def main(argv=None):
                                     f'|| META [LOSS|ACC.]: PRE {meta["pre_loss"]:.4f} {meta["pre_acc"]:.4f} '
                                     f'AFTER {meta["post_loss"]:.4f} {meta["post_acc"]:.4f} '
                                     f'|| TEST: {test_loss:.4f} {test_acc:.4f}')
+        run.stop_if_asked()                   # Ctrl-C / SIGTERM: after the epoch, whose checkpoint is written
     run.finish_epochs()
 
 

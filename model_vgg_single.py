@@ -82,6 +82,7 @@ def fit(run, net, train, test, levels, step):
             f'{head} {row[f"{prefix}_{p}loss"]:.4f} {row[f"{prefix}_{p}acc"]:.4f}' for head, p in heads)
             for split, prefix in (('TRAIN', 'train'), ('TEST', 'test')))
         run.end_epoch(objects, row, text)
+        run.stop_if_asked()                   # Ctrl-C / SIGTERM: after the epoch, whose checkpoint is written
     run.finish_epochs()
 
 

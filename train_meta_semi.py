@@ -255,7 +255,8 @@ def main(argv=None):
         augment_rng.set_state(state['augment_rng'].cpu())
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
-    meters, first_t = Meters(), start         # sums since the last test, on the device
+    # sums since the last test, on the device (a run stopped between two tests continues its own)
+    meters, first_t = Meters.from_state(state.get('meters')), state.get('first_t', start)
     run.describe([model], {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(test)},
                  cfg.total_steps - start)
 
@@ -312,6 +313,8 @@ def main(argv=None):
                 augment_rng=augment_rng.get_state())
             meters, first_t = Meters(), t + 1
             bar = stretch(t + 1)
+        run.stop_if_asked(objects, t + 1, step=t + 1, labeled=labeled.state_dict(), unlabeled=unlabeled.state_dict(),
+                          augment_rng=augment_rng.get_state(), meters=meters.state_dict(), first_t=first_t)
     best = 100 * run.best['test_acc']
     log.print(f'done: {cfg.total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%)')
 

@@ -331,7 +331,8 @@ def main(argv=None):
 
     # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
     run.describe([net], {'train': len(train), 'val': len(val), 'test': len(test)}, N - it, unit='iterations')
-    meters, first_it = Meters(), it + 1
+    # a run stopped between two evaluations (Ctrl-C) continues its running metrics
+    meters, first_it = Meters.from_state(state.get('meters')), state.get('first_it', it + 1)
 
     def stretch(it):                            # the iterations from it to the next evaluation
         end = min(N, (it // cfg.eval_every + 1) * cfg.eval_every)
@@ -346,6 +347,8 @@ def main(argv=None):
         it += 1
         bar.update()
         if it % cfg.eval_every and it != N:
+            run.stop_if_asked(objects, it, iteration=it, data_rng=data_rng.get_state(), total_steps=N,
+                              meters=meters.state_dict(), first_it=first_it)      # Ctrl-C / SIGTERM
             continue
         bar.close()
 
@@ -374,6 +377,7 @@ def main(argv=None):
                                                                     if k in row],
                               lines=lines, iteration=it, data_rng=data_rng.get_state(), total_steps=N)
         meters, first_it = Meters(), it + 1
+        run.stop_if_asked()                   # Ctrl-C / SIGTERM at an evaluation: its checkpoint is written
         bar = stretch(it)
         run.timer.lap()
 

@@ -50,6 +50,14 @@ class Diverged(UserError):
     exit_code = 3
 
 
+class Stopped(UserError):
+    """Stopped by SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint: exit code 130 or 143."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def run_main(main, argv=None):
     """Run `main(argv)`; a UserError becomes a one-paragraph message on stderr and exit code 2 (3 when
     training diverged)."""
@@ -61,7 +69,7 @@ def run_main(main, argv=None):
             dist.barrier()                # every process done: leave together
     except UserError as e:
         if first:
-            print(f'error: {e}', file=sys.stderr)
+            print(e if isinstance(e, Stopped) else f'error: {e}', file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         if first:
@@ -884,14 +892,14 @@ def atomic_write(path, write):
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as e:
+    except BaseException as e:               # also Ctrl-C: never leave a half-written temporary file
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise write_error(path, e) from None
-    except RuntimeError as e:                # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise write_error(path, OSError(getattr(e, 'errno', None), str(e).splitlines()[0])) from None
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        if isinstance(e, RuntimeError):      # torch.save reports a failed write as a RuntimeError
+            raise write_error(path, OSError(getattr(e, 'errno', None), str(e).splitlines()[0])) from None
+        raise
 
 
 def atomic_write_text(path, text):
@@ -1034,6 +1042,19 @@ class Meters:
             return None
         return code // 1000, self.names[code % 1000]
 
+    def state_dict(self):
+        return {'sums': dict(self.sums), 'counts': dict(self.counts), 'adds': self.adds,
+                'first_bad': self.first_bad, 'names': list(self.names)}
+
+    @classmethod
+    def from_state(cls, state):
+        """A Meters continued from state_dict() (a run stopped between two log lines), or a new one."""
+        m = cls()
+        if state:
+            m.sums, m.counts, m.adds = dict(state['sums']), dict(state['counts']), state['adds']
+            m.first_bad, m.names = state['first_bad'], list(state['names'])
+        return m
+
     def means(self):
         """Under torchrun, over every process's samples (the same numbers on every process)."""
         if not self.sums:
@@ -1152,6 +1173,54 @@ class Run:
             where += (f', {self.world} processes ({self.backend}), batch {cfg.batch_size} per process = '
                       f'{cfg.batch_size * self.world} in all' + (', SyncBatchNorm' if cfg.sync_bn else ''))
         self.log.print(f'{"resuming" if self.resuming else "run"} {where}')
+        self.stop_signal = None
+        self._catch_signals()
+
+    # ---- Ctrl-C and SIGTERM: stop at a consistent point, with a checkpoint ----
+
+    def _catch_signals(self):
+        """The first SIGINT or SIGTERM asks the run to stop at its next consistent point (see stop_if_asked);
+        a second one quits at once, the last checkpoint written intact (every write is atomic)."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def ask(signum, frame):
+            if self.stop_signal is not None:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            if self.rank == 0:
+                print(f'\n{signal.Signals(signum).name}: stopping at the next consistent point with a checkpoint '
+                      '(press Ctrl-C again to quit at once, keeping the last checkpoint)', file=sys.stderr, flush=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, ask)
+
+    def stop_requested(self, step=0):
+        """Whether to stop here. Under torchrun the processes agree, comparing every 20 steps (a host read)."""
+        if self.world == 1:
+            return self.stop_signal is not None
+        if step % 20:
+            return False
+        flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def stop_if_asked(self, objects=None, at=0, **extra):
+        """At a consistent point (a step boundary): if a stop was asked, save the checkpoint (objects and
+        `extra`: position, streams, running meters) unless objects is None (one was just written), and
+        stop with the exact command that continues the run."""
+        if not self.stop_requested(at):
+            return
+        if objects is not None:
+            self.save(objects, best_keys=list(getattr(self, 'best_keys', ())), **extra)
+        import signal
+        name = signal.Signals(self.stop_signal).name
+        raise Stopped(f'stopped by {name}; the checkpoint is written. Continue with: '
+                      f'python {self.script}.py --resume {self.dir}', self.stop_signal)
 
     def _start_processes(self, cfg):
         """The device of this process; under torchrun also the process group (one process per device,
