@@ -1099,10 +1099,10 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)                       # steps per second
         left_here = (self.total - self.done) / rate
         left_run = (self.run_total - self.done_before - self.done) / rate
-        if not self.run.projected and self.done >= 3 and (now - self.start >= 1.0 or self.done == self.total):
-            self.run.projected = True
-            self.run.log.print(f'first steps: {1 / rate:.3f} s/step, {rate * self.images:.0f} images/s: about '
-                               f'{duration(left_run)} for the rest of the run')
+        if not self.run.projected and (self.done == self.total or now - self.start >= 20):
+            self.run.projected = True            # once: at the end of the first stretch, or after 20 s
+            self.run.log.print(f'after {self.done} steps: {1 / rate:.3f} s/step, {rate * self.images:.0f} images/s: '
+                               f'about {duration(left_run)} for the rest of the run')
         if self.bar is not None:
             self.bar.set_postfix_str(f'{rate * self.images:.0f} img/s, run {duration(left_run)} left', refresh=False)
             self.bar.update(n)

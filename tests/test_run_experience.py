@@ -20,7 +20,7 @@ def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, data_root):
     assert lines[-1].startswith('  epoch 0: 20/20 steps, ') and 'images/s' in lines[-1] and 'left in the run' in lines[-1]
     assert '\r' not in p.stdout and '\x1b' not in p.stdout and '\r' not in p.stderr
     assert 'will run 20 steps on cpu (float32), 1 process(es)' in p.stdout
-    assert 'first steps: ' in p.stdout and 'for the rest of the run' in p.stdout
+    assert 'after 20 steps: ' in p.stdout and 'for the rest of the run' in p.stdout      # the projected time
     (run_dir,) = [os.path.join(r, d) for r, ds, _ in os.walk(tmp_path) for d in ds if d[0].isdigit()]
     assert 'epoch 0: 1/20' not in open(os.path.join(run_dir, 'log.txt')).read()     # progress is not logged
 
@@ -29,7 +29,7 @@ def test_progress_false_prints_none(tmp_path, data_root):
     p = run_script('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path, '--progress_every', 0,
                    '--progress', 'false')
     assert p.returncode == 0, p.stderr
-    assert '  epoch 0: ' not in p.stdout and 'first steps' not in p.stdout and 'EPOCH: 0000' in p.stdout
+    assert '  epoch 0: ' not in p.stdout and 'for the rest of the run' not in p.stdout and 'EPOCH: 0000' in p.stdout
 
 
 def test_tensorboard_writes_events_or_says_what_to_install(tmp_path, data_root):
