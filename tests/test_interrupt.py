@@ -69,6 +69,8 @@ def test_sigterm_stops_the_same_way(tmp_path, data_root):
 def test_a_second_ctrl_c_quits_at_once_keeping_the_checkpoint(tmp_path, data_root):
     code, out, err = interrupted('model_vgg_single.py', RUNS['model_vgg_single.py'] + [data_root], tmp_path / 'b',
                                  times=2)
-    assert code == 130 and 'Traceback' not in err
+    # 130: our KeyboardInterrupt path; -SIGINT: the second signal came while Python was already exiting
+    # (after the first stop), when the default handler is back: either way it quit at once
+    assert code in (130, -signal.SIGINT) and 'Traceback' not in err
     assert not [f for f in os.listdir(tmp_path / 'b') if f.endswith('.tmp')]
     torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)       # whole
