@@ -65,6 +65,8 @@ SEMI = ['train_meta_semi.py', '--synthetic', '--num-label', 100, '--warmup', 2, 
 
 
 def rows(run_dir):
+    if not os.path.exists(os.path.join(run_dir, 'metrics.csv')):     # killed before its first row
+        return []
     with open(os.path.join(run_dir, 'metrics.csv')) as f:
         return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
 
