@@ -787,6 +787,17 @@ class Call(nn.Module):
         return self.net(*args) if fn is None else fn(self.net, *args)
 
 
+def wrap_ddp(net, device, sync_buffers=True):
+    """Wrapped(net) through DistributedDataParallel over Call(net) (the process group must exist);
+    sync_buffers: copy the first process's buffers at each forward."""
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == 'cuda' else None
+    new_name = 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters   # torch >= 2.13
+    buffers = {'forward_sync_buffers' if new_name else 'broadcast_buffers': sync_buffers}
+    return Wrapped(net, DistributedDataParallel(Call(net), device_ids=ids, **buffers))
+
+
 class Wrapped:
     """What run.wrap returns: w(x) is net(x), w.call(fn, *args) is fn(net, *args); under torchrun both go
     through DistributedDataParallel, so the next backward averages the gradients over processes."""
@@ -1281,21 +1292,13 @@ class Run:
         which averages the gradients of the next backward over the processes. Buffers (batch-norm
         statistics) are broadcast from the first process at each forward, unless --sync_bn keeps them
         equal anyway."""
-        if self.world == 1:
-            return Wrapped(net)
-        from torch.nn.parallel import DistributedDataParallel
-        ids = [self.device.index] if self.device.type == 'cuda' else None
-        import inspect
-        sync = not self.cfg.sync_bn
-        new_name = 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters   # torch >= 2.13
-        buffers = {'forward_sync_buffers' if new_name else 'broadcast_buffers': sync}
-        return Wrapped(net, DistributedDataParallel(Call(net), device_ids=ids, **buffers))
+        return wrap_ddp(net, self.device, sync_buffers=not self.cfg.sync_bn) if self.world > 1 else Wrapped(net)
 
     def save_config(self):
         self.log.save_config({k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script})
 
     def _check_written_by_us(self, path):
-        ckpt = load_checkpoint(path)
+        self._resumed = ckpt = load_checkpoint(path)       # kept: restore() uses it, the file is read once
         if ckpt.get('format') != self.FORMAT:
             raise UserError(f'{path} was written by an earlier version of this code (checkpoint format '
                             f'{ckpt.get("format", 1)}, now {self.FORMAT}): resume it with that version '
@@ -1337,7 +1340,7 @@ class Run:
         return `defaults` updated with the saved extras. On a new run: return `defaults`."""
         if not self.resuming:
             return defaults
-        ckpt = load_checkpoint(self.checkpoint_path, self.device)
+        ckpt, self._resumed = self._resumed, None
         try:
             for k, obj in objects.items():
                 obj.load_state_dict(ckpt['state'][k])

@@ -72,7 +72,7 @@ def build(name, dev, fast, data_root):
     import model_vgg_single
     import train_meta_semi
     import train_sla
-    from utils import (VGG16, Call, Wrapped, cifar_resnet, device_generator, distributed, eager, fast_module,
+    from utils import (VGG16, Wrapped, wrap_ddp, cifar_resnet, device_generator, distributed, eager, fast_module,
                        parse_config, semi_network)
 
     def defaults(module):       # a script's hyperparameters and run options, as a run without flags has them
@@ -84,10 +84,7 @@ def build(name, dev, fast, data_root):
         return fast_module(net.to(dev), dev, methods=methods, **fast)
 
     def wrap(net):              # the training forward: under torchrun through DistributedDataParallel
-        if not distributed():
-            return Wrapped(net)
-        from torch.nn.parallel import DistributedDataParallel
-        return Wrapped(net, DistributedDataParallel(Call(net)))
+        return wrap_ddp(net, dev) if distributed() else Wrapped(net)
 
     def bare(net, x, ys):
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01)

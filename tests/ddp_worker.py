@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_cases  # noqa: E402
 from test_pinned_runs import weights_digest  # noqa: E402
-from utils import Call, Wrapped, convert_sync_bn  # noqa: E402
+from utils import convert_sync_bn, wrap_ddp  # noqa: E402
 
 
 def main():
@@ -26,18 +26,12 @@ def main():
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     reference = torch.load(reference_path, weights_only=True)
-    from torch.nn.parallel import DistributedDataParallel
-
     def share(t):
         n = len(t)
         return t[rank * n // world:(rank + 1) * n // world]
 
-    import inspect
-    flag = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
-            else 'broadcast_buffers')
-
     def ddp(sync_bn):
-        return lambda net: Wrapped(net, DistributedDataParallel(Call(net), **{flag: not sync_bn}))
+        return lambda net: wrap_ddp(net, torch.device('cpu'), sync_buffers=not sync_bn)
 
     result = {'union': {}, 'identical': {}}
     for name in ddp_cases.CASES:
