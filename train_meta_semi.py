@@ -13,22 +13,29 @@ Then one SGD step (train mode) on  L_labeled (or the mixup KL loss) + w * mean |
         --save-path results/svhn --seed 7788 --weight-decay 5e-5 --gpu
     python train_meta_semi.py --synthetic --dataset cifar10 --num-label 1000 --total-steps 300 \\
         --warmup 50 --test-freq 100 --width 0.25
+    torchrun --nproc_per_node 8 train_meta_semi.py --dataset imagenet -a resnet18 --data /path/to/imagenet \\
+        --save-path results/imagenet-meta --batch-size 64 --alpha 1.0      # ImageNet, 10% labels (IMAGENET)
 """
+import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import create_dataset
 from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, check_positive, \
-    device_generator, forward_with, hyperparameters, run_main, semi_network, stand_in
+    TORCHVISION_RESNETS, device_generator, forward_with, hyperparameters, run_main, semi_network, stand_in, \
+    topk_count, torchvision_resnet
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
-dataset = 'cifar10'            # cifar10, cifar100 or svhn
+dataset = 'cifar10'            # cifar10, cifar100, svhn or imagenet (its own defaults: IMAGENET below)
 num_label = 4000               # labeled training images in all, the same number per class
-architecture = 'convlarge'     # -a: convlarge or shakeshake (shake-shake-26 2x96d)
+label_fraction = 0.0           # > 0: instead, this fraction of every class's images is labeled (ImageNet: 0.1)
+label_list = ''                # ImageNet: a file naming the labeled images, one <wnid>/<file> a line (the original's format)
+architecture = 'convlarge'     # -a: convlarge, shakeshake (shake-shake-26 2x96d) or a torchvision ResNet (resnet18, ...)
 mix_up = False                 # mix labeled with unlabeled images, one-hot labels with pseudo-labels (KL loss)
 alpha = 1.0                    # mixup coefficient ~ Beta(alpha, alpha), one per sample
 weight = 1.0                   # weight of the unlabeled loss after its linear ramp over `warmup` steps
@@ -44,19 +51,55 @@ momentum = 0.9                 # SGD momentum (weight decay applies to every par
 baseline = False               # labeled data only (the original train_baseline.py)
 print_freq = 100               # print a training line every N steps
 eval_every = 400               # test, keep the best accuracy and save a checkpoint every N steps (--test-freq)
-width = 1.0                    # channel multiplier (1 = the paper's network)
+width = 1.0                    # channel multiplier (1 = the paper's network; < 1 for quick runs)
 seed = 1234                    # seeds the label split, the data streams, the weights
 global_meta_gradient = False   # torchrun: the meta step from the global labeled batch (default: per process, as the original)
+lr_schedule = 'step'           # step: warm-up, then x gamma at the milestones; cosine: warm-up, then cosine to 0 (ImageNet)
+epochs = 0                     # > 0: run this many epochs (passes over the unlabeled set; --baseline: the labeled set), warm-up and tests counted in epochs
+warmup_epochs = 5              # with --epochs: epochs of linear warm-up
+weight_ramp = True             # ramp the unlabeled weight up over the warm-up (the ImageNet code does not)
+image_size = 224               # ImageNet: training crop size (evaluation: shorter side to size*256/224, centre crop)
+workers = 4                    # ImageNet: DataLoader worker processes per process (file reading; decoding on the CPU path)
+decode_on = 'auto'             # ImageNet: decode and augment JPEGs on the gpu (nvJPEG, when training on CUDA) or the cpu workers
+test_batch_size = 100          # images per process per evaluation batch (the ImageNet code: 50)
+num_classes = 1000             # ImageNet from RecordIO files: the number of classes (their labels are inside the records)
 # ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see utils.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'dataset': sorted(create_dataset.DATASETS), 'architecture': ['convlarge', 'shakeshake']}
+RESNETS = TORCHVISION_RESNETS
+CHOICES = {'dataset': sorted(create_dataset.DATASETS) + ['imagenet'], 'architecture': ['convlarge', 'shakeshake'] + RESNETS,
+           'lr_schedule': ['step', 'cosine'], 'decode_on': ['auto', 'gpu', 'cpu']}
 
-TEST_BATCH = 100
+# ImageNet with 10% labels: the original train_meta_imagenet.py's settings (train_imagenet.py's for
+# --baseline), taken for every value not typed on the command line.
+IMAGENET = dict(architecture='resnet18', label_fraction=0.1, batch_size=64, epochs=600, warmup_epochs=5,
+                lr_schedule='cosine', lr=0.1, momentum=0.9, weight_decay=1e-4, mix_up=True, alpha=1.0, weight=1.0,
+                weight_ramp=False, epsilon=1e-2, test_batch_size=50, print_freq=50, sync_bn=True)
+IMAGENET_BASELINE = IMAGENET | dict(batch_size=128, mix_up=False)
+
+
+def presets(cfg, given):
+    if cfg.dataset == 'imagenet':
+        for name, value in (IMAGENET_BASELINE if cfg.baseline else IMAGENET).items():
+            if name not in given:
+                setattr(cfg, name, value)
 
 
 def validate(cfg):
     check_positive(cfg, 'total_steps', 'batch_size', 'print_freq', 'eval_every', 'warmup', 'lr', 'width', 'epsilon',
-                   'weight', 'gamma', 'weight_decay', allow_zero=('warmup', 'weight', 'weight_decay'))
+                   'weight', 'gamma', 'weight_decay', 'epochs', 'warmup_epochs', 'label_fraction', 'image_size',
+                   'workers', 'test_batch_size',
+                   allow_zero=('warmup', 'weight', 'weight_decay', 'epochs', 'warmup_epochs', 'label_fraction',
+                               'workers'))
+    large = create_dataset.is_large(cfg.dataset)
+    if large != (cfg.architecture in RESNETS):
+        raise UserError(f'-a {cfg.architecture} does not go with --dataset {cfg.dataset}: ImageNet trains a torchvision '
+                        f'ResNet ({", ".join(RESNETS)}), CIFAR and SVHN convlarge or shakeshake.')
+    if cfg.label_fraction >= 1:
+        raise UserError(f'--label-fraction must be below 1 (some images stay unlabeled), got {cfg.label_fraction}.')
+    if cfg.label_list and not os.path.isfile(cfg.label_list):
+        raise UserError(f'--label-list {cfg.label_list!r} is not a file.')
+    if cfg.epochs and cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f'--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}.')
     if cfg.mix_up and cfg.alpha <= 0:
         raise UserError(f'--alpha must be positive (mixup draws Beta(alpha, alpha)), got {cfg.alpha}.')
     if sorted(cfg.milestones) != list(cfg.milestones):
@@ -72,9 +115,18 @@ def learning_rate(t, lr, warmup, milestones, gamma):
     return lr * gamma ** sum(t > m for m in milestones)
 
 
-def unlabeled_weight(t, weight, warmup):
-    """Linear ramp from 0 to `weight` over the warm-up (t <= warmup), then constant."""
-    return weight * t / warmup if 0 < warmup and t <= warmup else weight
+def cosine_learning_rate(t, lr, warmup, total):
+    """The ImageNet code's per-iteration schedule, with i = t + 1 (it steps before each iteration): lr * i / W
+    for i <= W, then lr * (1 + cos(pi * (i - W) / (T - W))) / 2, down to 0 at the last step."""
+    i = t + 1
+    if i <= warmup:
+        return lr * i / warmup
+    return lr * (1 + math.cos(math.pi * (i - warmup) / max(total - warmup, 1))) / 2
+
+
+def unlabeled_weight(t, weight, warmup, ramp=True):
+    """Linear ramp from 0 to `weight` over the warm-up (t <= warmup), then constant; ramp=False: constant."""
+    return weight * t / warmup if ramp and 0 < warmup and t <= warmup else weight
 
 
 # ---- the meta step: pseudo-labels by the meta-gradient (first order, finite differences) ----
@@ -189,15 +241,145 @@ def sums(label_loss, unlabel_loss, label_hits, unlabel_hits, batch):
 
 
 @torch.no_grad()
-def evaluate(model, test):
-    """Eval mode over the whole test set: (mean cross-entropy, accuracy as a fraction)."""
+def evaluate(model, batches, n, device):
+    """Eval mode over a whole split (`batches`: this process's share of it, n images in all): mean
+    cross-entropy, top-1 and top-5 accuracy as fractions, summed over every process's share."""
     model.eval()
-    sums = torch.zeros(2, device=test.device)
-    for x, y in test.batches(TEST_BATCH):
+    sums = torch.zeros(3, device=device)
+    for x, y in batches:
         logits = model(x)
-        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), accuracy_count(logits, y)])
-    loss, acc = (all_reduce_sum(sums) / len(test)).tolist()          # over every process's share
-    return loss, acc
+        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), accuracy_count(logits, y),
+                             topk_count(logits, y, 5)])
+    return (all_reduce_sum(sums) / n).tolist()
+
+
+# ---- the data: CIFAR/SVHN on the device, ImageNet streamed from its files ----------------------------
+
+class DeviceStreams:
+    """CIFAR/SVHN: the whole uint8 training and test sets on the device, crop (and flip, not for SVHN) per
+    batch. Two independent endless streams of global batches (the labeled one cycles its small set many
+    times more often); under torchrun each process takes its share of each (batch_size per process)."""
+
+    def __init__(self, cfg, run, arrays):
+        train_x, train_y, test_x, test_y = arrays
+        record = create_dataset.DATASETS[cfg.dataset]
+        self.num_classes, (mean, std), self.flip = record.num_classes, record.normalisation, record.flip
+        dev, B = run.device, cfg.batch_size * run.world
+        self.train = create_dataset.DeviceData(train_x, train_y, dev, mean, std, shard=run.shard)
+        self.test = create_dataset.DeviceData(test_x, test_y, dev, mean, std, shard=run.shard)
+        self.test_batch_size = cfg.test_batch_size
+        index_file = os.path.join(run.dir, 'label_indices.txt')
+        if run.resuming:
+            labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(self.train))
+        else:
+            if cfg.label_fraction:
+                labeled_idx, unlabeled_idx = create_dataset.fraction_label_split(train_y, cfg.label_fraction, cfg.seed)
+            else:
+                labeled_idx, unlabeled_idx = create_dataset.balanced_label_split(train_y, cfg.num_label, cfg.seed)
+            if run.rank == 0:                         # under torchrun every process drew the same split
+                create_dataset.write_indices(index_file, labeled_idx)
+        self.sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(self.test)}
+        self.where = f'labeled indices in {index_file}'
+        self.labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), B, 2 * cfg.seed)
+        self.unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), B, 2 * cfg.seed + 1)
+        self.augment_rng = device_generator(dev, cfg.seed)
+
+    def start(self, step, state, total, use_unlabeled):
+        if 'labeled' in state:
+            self.labeled.load_state_dict(state['labeled'])
+            self.unlabeled.load_state_dict(state['unlabeled'])
+            self.augment_rng.set_state(state['augment_rng'].cpu())
+
+    def next(self, use_unlabeled):
+        x_l, y_l = self.train.get(self.labeled.next(), self.augment_rng, augment=True, flip=self.flip)
+        x_u, y_u = (self.train.get(self.unlabeled.next(), self.augment_rng, augment=True, flip=self.flip)
+                    if use_unlabeled else (None, None))           # y_u: for Uacc only
+        return x_l, y_l, x_u, y_u
+
+    def test_batches(self):
+        return self.test.batches(self.test_batch_size)
+
+    def state(self):
+        return dict(labeled=self.labeled.state_dict(), unlabeled=self.unlabeled.state_dict(),
+                    augment_rng=self.augment_rng.get_state())
+
+    def bad_images(self):
+        return []
+
+
+class FileStreams:
+    """ImageNet: the labeled, unlabeled and validation images read from their files (an ImageFolder tree,
+    or the original's RecordIO files) by DataLoader workers, decoded and augmented as the original's DALI
+    pipeline does (random-resized crop of area 0.1-1 and aspect 0.8-1.25, flip; validation: shorter side
+    to 256/224 of the crop, centre crop), on the GPU when training on CUDA. Each global batch is a
+    function of the step alone, so a resumed run continues the streams exactly."""
+
+    def __init__(self, cfg, run, path):
+        self.cfg, self.run, dev = cfg, run, run.device
+        self.decode_on = cfg.decode_on if cfg.decode_on != 'auto' else ('gpu' if dev.type == 'cuda' else 'cpu')
+        if create_dataset.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
+            rec = {s: create_dataset.RecordFile(os.path.join(path, s + '.rec'), os.path.join(path, s + '.idx'))
+                   for s in create_dataset.RECORDIO_SPLITS}
+            self.labeled_src, self.unlabeled_src, self.test_src = rec['train_label'], rec['train_unlabel'], rec['val']
+            labeled_idx, unlabeled_idx = np.arange(len(self.labeled_src)), np.arange(len(self.unlabeled_src))
+            self.num_classes = cfg.num_classes
+            self.where = f'RecordIO files in {path}'
+        else:
+            train = create_dataset.large_split(cfg.dataset, path, 'train')
+            self.test_src, self.num_classes = create_dataset.large_split(cfg.dataset, path, 'test'), len(train.classes)
+            list_file = os.path.join(run.dir, 'train_labeled.txt')
+            if run.resuming or cfg.label_list:
+                labeled_idx, unlabeled_idx = create_dataset.label_list_split(
+                    train, list_file if run.resuming else cfg.label_list)
+            else:
+                labeled_idx, unlabeled_idx = create_dataset.fraction_label_split(train.labels, cfg.label_fraction,
+                                                                                 cfg.seed)
+            if run.rank == 0 and not run.resuming:
+                create_dataset.write_lines(list_file, [train.paths[i].replace(os.sep, '/') for i in labeled_idx])
+            self.labeled_src = self.unlabeled_src = train
+            self.where = f'image folders in {path}; labeled images listed in {list_file}'
+        self.pools = labeled_idx, unlabeled_idx
+        self.sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(self.test_src)}
+        size = cfg.image_size
+        self.augment = create_dataset.Augment(True, size, scale=(0.1, 1.0), ratio=(0.8, 1.25))
+        self.test_augment = create_dataset.Augment(False, size)
+
+    def _batches(self, source, plan, augment, seed, start, stop):
+        return create_dataset.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
+                                      self.cfg.workers, self.decode_on)
+
+    def start(self, step, state, total, use_unlabeled):
+        B, seed = self.cfg.batch_size * self.run.world, self.cfg.seed
+        self.streams = []
+        for k, (source, pool) in enumerate(zip((self.labeled_src, self.unlabeled_src), self.pools)):
+            if k == 1 and not use_unlabeled:
+                break
+            plan = create_dataset.BatchPlan(pool, B, 2 * seed + k, 'cycle')
+            self.streams.append(self._batches(source, plan, self.augment, 2 * seed + k, step, total))
+        self.iters = [iter(b) for b in self.streams]
+
+    def next(self, use_unlabeled):
+        x_l, y_l = next(self.iters[0])
+        x_u, y_u = next(self.iters[1]) if use_unlabeled else (None, None)
+        return x_l, y_l, x_u, y_u
+
+    def test_batches(self):
+        n, B = len(self.test_src), self.cfg.test_batch_size * self.run.world
+        plan = create_dataset.BatchPlan(np.arange(n), B, 0, 'ordered')
+        batches = self._batches(self.test_src, plan, self.test_augment, 0, 0, -(-n // B))
+        self.streams.append(batches)
+        return batches
+
+    def state(self):
+        return {}
+
+    def bad_images(self):
+        """The images that could not be decoded since the last call (each replaced by another of its batch)."""
+        out = [bad for b in self.streams for bad in b.bad]
+        for b in self.streams:
+            b.bad.clear()
+        self.streams = [b for b in self.streams if b.plan.kind == 'cycle']       # the test stream is done
+        return out
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -207,39 +389,46 @@ def main(argv=None):
 
     def check(cfg):                       # values, then the data files and the label budget: before any writing
         validate(cfg)
+        if create_dataset.is_large(cfg.dataset):
+            data['path'] = create_dataset.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+            return
         data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
-        create_dataset.check_label_budget(data['arrays'][1], cfg.num_label,
-                                          create_dataset.DATASETS[cfg.dataset].num_classes)
+        if not cfg.label_fraction:
+            create_dataset.check_label_budget(data['arrays'][1], cfg.num_label,
+                                              create_dataset.DATASETS[cfg.dataset].num_classes)
 
-    run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES)
+    run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES,
+              presets=presets)
     cfg, dev, log = run.cfg, run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
     log.print(f'MetaSemi ({mode}) with {cfg}')
-
-    # Data: the whole uint8 training and test sets on the device; crop (and flip, not for SVHN) per batch.
-    train_x, train_y, test_x, test_y = data.pop('arrays')
-    record = create_dataset.DATASETS[cfg.dataset]
-    num_classes, (mean, std), flip = record.num_classes, record.normalisation, record.flip
-    train = create_dataset.DeviceData(train_x, train_y, dev, mean, std, shard=run.shard)
-    test = create_dataset.DeviceData(test_x, test_y, dev, mean, std, shard=run.shard)
-    index_file = os.path.join(run.dir, 'label_indices.txt')
-    if run.resuming:
-        labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(train))
-    else:
-        labeled_idx, unlabeled_idx = create_dataset.balanced_label_split(train_y, cfg.num_label, cfg.seed)
-        if run.rank == 0:                         # under torchrun every process drew the same split
-            create_dataset.write_indices(index_file, labeled_idx)
-    log.print(f'{cfg.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test)} test '
-              f'images; labeled indices in {index_file}')
-    # Two independent endless streams (the labeled one cycles its small set many times more often), of
-    # global batches: under torchrun each process takes its share of each (batch_size per process).
+    large = create_dataset.is_large(cfg.dataset)
+    if large and dev.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    data = FileStreams(cfg, run, data['path']) if large else DeviceStreams(cfg, run, data['arrays'])
+    log.print(f'{cfg.dataset}: {data.sizes["labeled"]} labeled, {data.sizes["unlabeled"]} unlabeled, '
+              f'{data.sizes["test"]} test images; {data.where}')
     B, W = cfg.batch_size, run.world
-    labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), B * W, 2 * cfg.seed)
-    unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), B * W, 2 * cfg.seed + 1)
-    augment_rng = device_generator(dev, cfg.seed)
     use_unlabeled = not cfg.baseline or cfg.mix_up
 
-    model = run.network(semi_network(cfg.architecture, num_classes, cfg.width))
+    # The schedule in steps; with --epochs an epoch is one pass over the unlabeled set (the labeled set for
+    # the labeled-only baseline) in global batches, and the warm-up and the tests are counted in epochs.
+    if cfg.epochs:
+        per_epoch = -(-data.sizes['labeled' if cfg.baseline else 'unlabeled'] // (B * W))
+        total_steps, warmup, eval_every = cfg.epochs * per_epoch, cfg.warmup_epochs * per_epoch, per_epoch
+    else:
+        per_epoch, total_steps, warmup, eval_every = 0, cfg.total_steps, cfg.warmup, cfg.eval_every
+    milestones = cfg.milestones if not cfg.epochs else [m * per_epoch for m in cfg.milestones]
+
+    def lr_at(t):
+        if cfg.lr_schedule == 'cosine':
+            return cosine_learning_rate(t, cfg.lr, warmup, total_steps)
+        return learning_rate(t, cfg.lr, warmup, milestones, cfg.gamma)
+
+    if large:                                           # torchvision's, from scratch (width 1: exactly)
+        model = run.network(torchvision_resnet(cfg.architecture, data.num_classes, cfg.width))
+    else:
+        model = run.network(semi_network(cfg.architecture, data.num_classes, cfg.width))
     forward = run.wrap(model)                             # under torchrun: gradients averaged in backward
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     alpha = torch.tensor(float(cfg.alpha), device=dev)
@@ -249,37 +438,32 @@ def main(argv=None):
     objects = dict(model=model, optimizer=optimizer)
     state = run.restore(objects, step=0)
     start = state['step']
+    data.start(start, state, total_steps, use_unlabeled)
     if run.resuming:
-        labeled.load_state_dict(state['labeled'])
-        unlabeled.load_state_dict(state['unlabeled'])
-        augment_rng.set_state(state['augment_rng'].cpu())
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
     # sums since the last test, on the device (a run stopped between two tests continues its own)
     meters, first_t = Meters.from_state(state.get('meters')), state.get('first_t', start)
-    run.describe([model], {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(test)},
-                 cfg.total_steps - start)
+    run.describe([model], data.sizes, total_steps - start)
 
     def stretch(t):                           # the steps from t to the next test
-        end = min(cfg.total_steps, (t // cfg.eval_every + 1) * cfg.eval_every)
-        return run.progress(end - t, f'to step {end}', t, cfg.total_steps, images_per_step=2 * B * W)
+        end = min(total_steps, (t // eval_every + 1) * eval_every)
+        return run.progress(end - t, f'to step {end}', t, total_steps, images_per_step=2 * B * W)
     bar = stretch(start)
     data_time, batch_time, timed = 0.0, 0.0, 0
-    for t in range(start, cfg.total_steps):
-        lr_now = learning_rate(t, cfg.lr, cfg.warmup, cfg.milestones, cfg.gamma)
+    for t in range(start, total_steps):
+        lr_now = lr_at(t)
         for group in optimizer.param_groups:
             group['lr'] = lr_now
-        w = unlabeled_weight(t, cfg.weight, cfg.warmup)
+        w = unlabeled_weight(t, cfg.weight, warmup, cfg.weight_ramp)
 
         tic = time.perf_counter()
-        x_l, y_l = train.get(labeled.next(), augment_rng, augment=True, flip=flip)
-        x_u, y_u = (train.get(unlabeled.next(), augment_rng, augment=True, flip=flip)   # y_u: for Uacc only
-                    if use_unlabeled else (None, None))
-        lam = train.share(beta.sample((B * W, 1))) if cfg.mix_up else None      # drawn for the global batch
+        x_l, y_l, x_u, y_u = data.next(use_unlabeled)
+        lam = run.share(beta.sample((B * W, 1))) if cfg.mix_up else None      # drawn for the global batch
         toc = time.perf_counter()
 
         run.sync_buffers(model)                   # the eval-mode meta step reads the statistics
-        step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
+        step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, data.num_classes,
                                cfg.baseline, forward, cfg.global_meta_gradient)
         meters.add(B, **step_sums)
         bar.update()
@@ -292,7 +476,7 @@ def main(argv=None):
             val, avg = ({k: pct(d, k) for k in d} for d in (val, avg))
             times = f'Dtime: {data_time / timed:.3f} Btime: {batch_time / timed:.3f}'
             if cfg.baseline:
-                line = (f'Step: [{t:05d}/{cfg.total_steps:05d}] {times} loss: {val["label_loss"]:.3f} '
+                line = (f'Step: [{t:05d}/{total_steps:05d}] {times} loss: {val["label_loss"]:.3f} '
                         f'(avg {avg["label_loss"]:.3f}) Lacc: {val["label_acc"]:.3f} (avg {avg["label_acc"]:.3f})')
             else:
                 line = (f'Step {t:05d} {times} Lloss: {val["label_loss"]:.3f} (avg {avg["label_loss"]:.3f}) '
@@ -300,23 +484,33 @@ def main(argv=None):
                         f'(avg {avg["label_acc"]:.3f}) Uacc: {val["unlabel_acc"]:.3f} (avg {avg["unlabel_acc"]:.3f})')
             log.print(f'{line} LR: {lr_now:.4f}')
 
-        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.total_steps:
+        if (t + 1) % eval_every == 0 or t + 1 == total_steps:
             bar.close()
             run.check_finite(meters, first_t, lr_now)        # stops before testing or saving
             run.sync_buffers(model)
-            test_loss, acc = evaluate(model, test)
+            test_loss, acc, acc5 = evaluate(model, data.test_batches(), data.sizes['test'], dev)
             row = dict(step=t + 1, lr=lr_now, weight=w, **meters.means(), test_loss=test_loss, test_acc=acc,
                        data_time=data_time / timed, batch_time=batch_time / timed)
-            run.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
-                f' * Accuracy {100 * acc:.5f}', f'Best Accuracy: {100 * run.best["test_acc"]:.5f}'],
-                step=t + 1, labeled=labeled.state_dict(), unlabeled=unlabeled.state_dict(),
-                augment_rng=augment_rng.get_state())
+            if large:                                   # top-5 and undecodable images, ImageNet only
+                bad = data.bad_images()
+                row = dict(step=t + 1, epoch=(t + 1) / per_epoch if per_epoch else 0) | row | dict(
+                    test_acc5=acc5, bad_images=len(bad))
+                if bad:
+                    log.print(f'note: {len(bad)} image(s) could not be decoded since the last test and were replaced '
+                              f'by another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
+                lines = lambda improved: [f' * Prec@1 {100 * acc:.5f} Prec@5 {100 * acc5:.5f}',  # noqa: E731
+                                          f'Best acc1={100 * run.best["test_acc"]:.5f}']
+            else:
+                lines = lambda improved: [f' * Accuracy {100 * acc:.5f}',                         # noqa: E731
+                                          f'Best Accuracy: {100 * run.best["test_acc"]:.5f}']
+            run.evaluate_and_save(objects, row, 'test_acc', keep=['test_acc5'] if large else [], lines=lines,
+                                  step=t + 1, **data.state())
             meters, first_t = Meters(), t + 1
             bar = stretch(t + 1)
-        run.stop_if_asked(objects, t + 1, step=t + 1, labeled=labeled.state_dict(), unlabeled=unlabeled.state_dict(),
-                          augment_rng=augment_rng.get_state(), meters=meters.state_dict(), first_t=first_t)
+        run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters.state_dict(), first_t=first_t, **data.state())
     best = 100 * run.best['test_acc']
-    log.print(f'done: {cfg.total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%)')
+    top5 = f', top-5 error {100 - 100 * run.best["test_acc5"]:.2f}%' if large else ''
+    log.print(f'done: {total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%{top5})')
 
 
 if __name__ == '__main__':

@@ -27,6 +27,7 @@ import random
 import re
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -417,6 +418,65 @@ def cifar_resnet(name, heads, width=1.0):
 
 
 
+# ---- torchvision's ImageNet ResNets (SLA and MetaSemi on the large datasets) ----
+
+TORCHVISION_RESNETS = ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
+                       'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2']
+
+
+def torchvision_resnet(name, num_classes, width=1.0):
+    """torchvision's ResNet / ResNeXt / Wide ResNet `name`, from scratch (no pretrained weights), as the
+    originals build it. width < 1 scales every layer's channels (quick CPU runs and tests); width 1 is
+    torchvision's network itself (its parameter names, init and state_dicts)."""
+    from torchvision.models import resnet
+    if name not in TORCHVISION_RESNETS:
+        raise UserError(f'unknown model {name!r}: choose one of {", ".join(TORCHVISION_RESNETS)}.')
+    if width == 1:
+        return resnet.__dict__[name](num_classes=num_classes)
+    ref = resnet.__dict__[name](num_classes=1)          # its block type, depths, groups and group width
+
+    class Scaled(resnet.ResNet):
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:                             # the first stage takes the (scaled) stem's channels
+                self.inplanes = scaled(64, width)
+            return super()._make_layer(block, scaled(planes, width), blocks, stride, dilate)
+
+    block = type(ref.layer1[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                  # a layer narrowed to nothing is refused below
+        net = Scaled(block, [len(ref.layer1), len(ref.layer2), len(ref.layer3), len(ref.layer4)], num_classes,
+                     groups=ref.groups, width_per_group=ref.base_width)
+    if any(p.numel() == 0 for p in net.parameters()):
+        raise UserError(f'--width {width} narrows some layer of {name} to no channels (its groups are '
+                        f'{ref.groups} x {ref.base_width}): use a larger --width.')
+    stem = scaled(64, width)
+    net.conv1, net.bn1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem)
+    nn.init.kaiming_normal_(net.conv1.weight, mode='fan_out', nonlinearity='relu')
+    net.fc = nn.Linear(scaled(512, width) * block.expansion, num_classes)
+    return net
+
+
+class ImageNetResNet(nn.Module):
+    """A torchvision ResNet's trunk (conv1 .. layer4, global average pooling) with one linear head per entry
+    of `heads`, as the SLA code re-wraps torchvision's networks; the interface of CifarResNet."""
+
+    def __init__(self, name, heads, width=1.0):
+        super().__init__()
+        net = torchvision_resnet(name, 1, width)
+        self.base_model = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                        net.layer4, net.avgpool, nn.Flatten())
+        self.feature_dim = net.fc.in_features
+        self.classifiers = nn.ModuleList(nn.Linear(self.feature_dim, n) for n in heads)
+
+    def features(self, x):
+        return self.base_model(x)
+
+    def forward(self, x):
+        h = self.features(x)
+        out = tuple(head(h) for head in self.classifiers)
+        return out[0] if len(out) == 1 else out
+
+
 # ---- ConvLarge (MetaSemi) ----
 
 def conv_bn_lrelu(in_ch, out_ch, kernel, padding):
@@ -572,6 +632,13 @@ def focal_loss(probs, target):
 def accuracy_count(logits_or_probs, target):
     """Number of rows whose argmax is the target, as a float32 tensor (summed on the device)."""
     return (logits_or_probs.argmax(1) == target).sum().float()
+
+
+def topk_count(logits, target, k=5):
+    """Number of rows whose target is among the k largest scores (top-k accuracy x rows), float32 on the
+    device; ties are broken as torch.topk breaks them."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, 1).indices == target[:, None]).any(1).sum().float()
 
 
 @torch.no_grad()
@@ -1139,10 +1206,12 @@ class Run:
     CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'
     FORMAT = 2        # checkpoint layout; 1 (no 'format' key) is the layout before the shared skeleton
 
-    def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None):
+    def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None, presets=None):
         self.script = script
         cfg, given = parse_config(hyper, argv, description, choices)
         self.resuming = bool(cfg.resume)
+        if presets is not None and not self.resuming:
+            presets(cfg, given)                 # a dataset's own defaults, for the values not typed
         if self.resuming:
             self.dir = resolve_run_dir(cfg.resume, cfg.logdir, script)
             self._check_written_by_us(os.path.join(self.dir, self.CHECKPOINT))
@@ -1258,6 +1327,11 @@ class Run:
             raise UserError(f'--dist_timeout must be a positive number of minutes, got {cfg.dist_timeout}.')
         dist.init_process_group(self.backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
         return device
+
+    def share(self, rows):
+        """This process's rows of a tensor holding one row per image of a global batch."""
+        n = len(rows)
+        return rows[self.rank * n // self.world:(self.rank + 1) * n // self.world]
 
     # ---- networks under several processes ----
 
