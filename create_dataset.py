@@ -1086,15 +1086,14 @@ class ImageStream(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, step, slot = item
-        data, label = self.source.read(index)
         u = image_draws(self.seed, step, slot)
-        if not self.decode_here:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, u, self.source.path(index)
         try:
-            img = self.augment(decode(data), u)
-        except RuntimeError as e:
-            return None, label, str(e).strip().splitlines()[-1][:200], self.source.path(index)
-        return img, label, None, self.source.path(index)
+            data, label = self.source.read(index)
+            if not self.decode_here:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, u, self.source.path(index)
+            return self.augment(decode(data), u), label, None, self.source.path(index)
+        except (OSError, ValueError, RuntimeError, struct.error) as e:      # unreadable or undecodable
+            return None, -1, (str(e).strip().splitlines() or [type(e).__name__])[-1][:200], self.source.path(index)
 
 
 class _Steps:
@@ -1162,7 +1161,8 @@ class Batches:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_Steps(self, start, stop), num_workers=workers,
             collate_fn=_collate, pin_memory=device.type == 'cuda', persistent_workers=False,
-            prefetch_factor=4 if workers else None)
+            prefetch_factor=4 if workers else None,
+            generator=torch.Generator().manual_seed(0))     # its worker seeds: never drawn from the global RNG
 
     def share(self, step):
         """This process's (index, step, slot) items of global batch `step`."""
@@ -1186,7 +1186,7 @@ class Batches:
             images = [it[0] for it in items]
         bad = [k for k, img in enumerate(images) if img is None]
         for k in bad:
-            self.bad.append((items[k][3], items[k][2] if not self.gpu else 'cannot be decoded'))
+            self.bad.append((items[k][3], items[k][2] if isinstance(items[k][2], str) else 'cannot be decoded'))
         good = [k for k in range(len(images)) if images[k] is not None]
         if not good:
             raise UserError(f'no image of a batch could be decoded (first: {items[0][3]}): is this an image '
@@ -1201,7 +1201,7 @@ class Batches:
         """nvJPEG over the batch's JPEGs; anything else (PNG, CMYK, a failed decode) on the CPU."""
         from torchvision.io import ImageReadMode, decode_jpeg
         out = [None] * len(items)
-        jpeg = [k for k, it in enumerate(items) if bytes(it[0][:2].tolist()) == b'\xff\xd8']
+        jpeg = [k for k, it in enumerate(items) if it[0] is not None and bytes(it[0][:2].tolist()) == b'\xff\xd8']
         try:
             decoded = decode_jpeg([items[k][0] for k in jpeg], mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
@@ -1209,6 +1209,8 @@ class Batches:
         for k, img in zip(jpeg, decoded):
             out[k] = img
         for k, it in enumerate(items):
+            if it[0] is None:                               # the worker could not read the file
+                continue
             try:
                 img = out[k] if out[k] is not None else decode(it[0].numpy().tobytes()).to(self.device)
                 out[k] = self.augment(img, it[2])

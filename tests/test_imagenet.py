@@ -1,0 +1,245 @@
+"""ImageNet-scale data and MetaSemi on it: the folder, iNaturalist and RecordIO readers against files
+written here (labels, order, multi-part records, a corrupt image); the 10% split; top-5; the streaming
+pipeline (the decode-on-GPU assembly path gives the CPU path's batches; the GPU half runs with CUDA
+only); MetaSemi meta and baseline with a torchvision ResNet on the synthetic ImageNet, one process and
+torchrun, and a run stopped mid-epoch and resumed ends as the uninterrupted one."""
+import csv
+import io
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import create_dataset as cd
+from conftest import run_script
+from test_distributed import torchrun
+from test_interrupt import interrupted
+from test_pinned_runs import TIMING_COLUMNS
+from utils import UserError, topk_count
+
+CPU = torch.device('cpu')
+
+
+def jpeg(array, mode='RGB', fmt='JPEG'):
+    from PIL import Image
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, fmt)
+    return out.getvalue()
+
+
+def picture(seed, h=40, w=56):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    """train/<wnid>/ with 3 classes of different sizes, one file not an image, one corrupt JPEG."""
+    root = tmp_path_factory.mktemp('tree')
+    for c, n in (('n02', 4), ('n01', 3), ('n03', 2)):
+        os.makedirs(root / 'train' / c)
+        for k in range(n):
+            (root / 'train' / c / f'{c}_{k}.JPEG').write_bytes(jpeg(picture(k), 'L' if k == 1 else 'RGB'))
+    (root / 'train' / 'n01' / 'notes.txt').write_text('not an image')
+    (root / 'train' / 'n03' / 'n03_9.JPEG').write_bytes(jpeg(picture(9))[:300])     # truncated
+    return root
+
+
+def test_the_folder_reader_lists_classes_sorted_and_images_in_order(tree):
+    files = cd.image_folder(str(tree / 'train'))
+    assert files.classes == ['n01', 'n02', 'n03']
+    assert files.paths == ['n01/n01_0.JPEG', 'n01/n01_1.JPEG', 'n01/n01_2.JPEG', 'n02/n02_0.JPEG', 'n02/n02_1.JPEG',
+                           'n02/n02_2.JPEG', 'n02/n02_3.JPEG', 'n03/n03_0.JPEG', 'n03/n03_1.JPEG', 'n03/n03_9.JPEG']
+    assert files.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    data, label = files.read(4)
+    assert label == 1 and data == jpeg(picture(1), 'L')
+    sub = cd.class_subset(files, [2, 0])                      # relabelled in list order
+    assert sub.classes == ['n03', 'n01'] and sub.labels.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_a_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match='one sub-folder per class'):
+        cd.image_folder(str(tmp_path / 'nope'))
+
+
+def test_a_corrupt_image_is_replaced_within_its_batch_and_named(tree):
+    files = cd.image_folder(str(tree / 'train'))
+    plan = cd.BatchPlan(np.arange(len(files)), 10, 0, 'ordered')
+    batches = cd.Batches(files, plan, cd.Augment(False, 16), CPU, 0, 0, 1, workers=0)
+    (x, y), = list(batches)
+    assert x.shape == (10, 3, 16, 16) and torch.isfinite(x).all()
+    assert len(batches.bad) == 1 and batches.bad[0][0].endswith('n03_9.JPEG')
+    assert torch.equal(x[9], x[8]) and y[9] == 2              # the nearest decodable image of the batch
+
+
+def test_the_inaturalist_reader(tmp_path):
+    cd.write_synthetic_folder('inat', str(tmp_path))
+    files = cd.large_split('inat', str(tmp_path / 'inat2018'), 'train')
+    ds = cd.LARGE_DATASETS['inat']
+    assert len(files) == ds.synthetic_classes * ds.synthetic_per_class[0]
+    assert np.bincount(files.labels).tolist() == [ds.synthetic_per_class[0]] * ds.synthetic_classes
+    assert files.paths[0].startswith('train_val2018/') and os.path.isfile(files.path(0))
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"images": 3}')
+    with pytest.raises(UserError, match='iNaturalist annotations'):
+        cd.inat_annotations(str(tmp_path), 'bad.json')
+
+
+def test_the_recordio_reader_reads_im2rec_records(tmp_path):
+    magic = cd._MAGIC_BYTES
+    images = [jpeg(picture(k)) for k in range(3)] + [b'\xff\xd8' + b'ab' + magic + b'cdef' + magic + magic + b'x']
+    labels = [5, 0, 999, 7]
+    payloads = [cd.recordio_pack(y, img, key=k, pack_label=k % 2 == 0) for k, (y, img) in enumerate(zip(labels, images))]
+    cd.write_recordio(str(tmp_path / 'val.rec'), str(tmp_path / 'val.idx'), payloads)
+    raw = (tmp_path / 'val.rec').read_bytes()
+    assert raw.count(magic) > len(payloads)                    # the last one was split into parts
+    rec = cd.RecordFile(str(tmp_path / 'val.rec'), str(tmp_path / 'val.idx'))
+    assert len(rec) == 4
+    for k in (3, 0, 2, 1):                                     # any order: each record found by its offset
+        assert rec.read(k) == (images[k], labels[k])
+    (tmp_path / 'bad.idx').write_text('0\t4\n')                # an offset inside a record
+    with pytest.raises(ValueError, match='magic'):
+        cd.RecordFile(str(tmp_path / 'val.rec'), str(tmp_path / 'bad.idx')).read(0)
+
+
+def test_the_ten_percent_split_is_class_balanced_and_reproducible():
+    labels = np.repeat(np.arange(4), [732, 1300, 1000, 20])
+    lab, unl = cd.fraction_label_split(labels, 0.1, seed=3)
+    assert np.bincount(labels[lab]).tolist() == [73, 130, 100, 2]
+    assert len(np.intersect1d(lab, unl)) == 0 and len(lab) + len(unl) == len(labels)
+    again, _ = cd.fraction_label_split(labels, 0.1, seed=3)
+    other, _ = cd.fraction_label_split(labels, 0.1, seed=4)
+    assert np.array_equal(lab, again) and not np.array_equal(np.sort(lab), np.sort(other))
+
+
+def test_top5_against_a_hand_computed_case():
+    logits = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6],      # top-5: 6,5,4,3,2
+                           [6.0, 5, 4, 3, 2, 1, 0],      # top-5: 0..4
+                           [1.0, 0, 0, 0, 0, 0, 9]])
+    assert topk_count(logits, torch.tensor([2, 5, 6]), 5).item() == 2     # 2 in; 5 out; 6 in
+    assert topk_count(logits, torch.tensor([1, 4, 0]), 5).item() == 2     # 1 out; 4 in; 0 in (second largest)
+    assert topk_count(logits, torch.tensor([6, 0, 6]), 1).item() == 3
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = rng.integers(20, 400, 2)
+        u = torch.from_numpy(rng.random(cd.N_DRAWS))
+        top, left, ch, cw = cd.crop_box(u, h, w, (0.1, 1.0), (0.8, 1.25))
+        assert 0 <= top <= h - ch and 0 <= left <= w - cw and ch > 0 and cw > 0
+    u = torch.full((cd.N_DRAWS,), 0.5)
+    top, left, ch, cw = cd.crop_box(u, 100, 100, (0.1, 1.0), (0.8, 1.25))     # area 0.55, ratio 1
+    assert (ch, cw) == (74, 74) and (top, left) == (13, 13)
+    u[:20] = 1.0                                   # whole area at aspect 1.25 never fits a square: fall back
+    assert cd.crop_box(u, 100, 100, (1.0, 1.0), (1.25, 1.25)) == (10, 0, 80, 100)
+
+
+def test_the_decode_on_device_path_gives_the_cpu_paths_batches(tree):
+    """decode_on 'gpu' reads bytes in the workers and decodes/augments in the main process (on CUDA with
+    nvJPEG); run on the CPU device it must give exactly the batches of the CPU path."""
+    files = cd.image_folder(str(tree / 'train'))
+    plan = cd.BatchPlan(np.arange(9), 4, 1, 'cycle')            # the corrupt one left out
+    aug = cd.Augment(True, 24, jitter=True)
+    a = list(cd.Batches(files, plan, aug, CPU, 5, 0, 4, workers=0, decode_on='cpu'))
+    b = list(cd.Batches(files, plan, aug, CPU, 5, 0, 4, workers=1, decode_on='gpu'))
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    c = list(cd.Batches(files, plan, aug, CPU, 6, 0, 4, workers=0))
+    assert not torch.equal(a[0][0], c[0][0])                    # the draws follow the seed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_gpu_and_cpu_augmentation_give_the_same_crop():
+    img = torch.from_numpy(picture(3, 200, 300)).permute(2, 0, 1).contiguous()
+    u = cd.image_draws(0, 1, 2)
+    aug = cd.Augment(True, 64, scale=(0.1, 1.0), ratio=(0.8, 1.25))
+    cpu, gpu = aug(img, u), aug(img.cuda(), u).cpu()
+    assert (cpu.int() - gpu.int()).abs().max() <= 1             # the same box; resampling may round apart
+    data = jpeg(picture(3, 200, 300))
+    from torchvision.io import decode_jpeg
+    on_gpu = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device='cuda').cpu()
+    assert (on_gpu.float() - cd.decode(data).float()).abs().mean() < 2       # nvJPEG vs libjpeg
+
+
+def test_the_batch_plans_are_functions_of_the_step():
+    plan = cd.BatchPlan(np.arange(10, 20), 4, 7, 'cycle')
+    seen = np.concatenate([plan.batch(t) for t in range(5)])          # 20 = two passes
+    assert sorted(seen[:10]) == list(range(10, 20)) and sorted(seen[10:]) == list(range(10, 20))
+    assert np.array_equal(cd.BatchPlan(np.arange(10, 20), 4, 7, 'cycle').batch(3), plan.batch(3))
+    s = cd.BatchPlan(np.arange(1000), 64, 7, 'sample')
+    assert len(set(s.batch(5).tolist())) == 64 and not np.array_equal(s.batch(5), s.batch(6))
+
+
+# ---- MetaSemi on the synthetic ImageNet ----
+
+SEMI = ['--dataset', 'imagenet', '--synthetic', '--image-size', '32', '--width', '0.125', '--batch-size', '8',
+        '--workers', '1', '--print-freq', '5', '--progress', 'false', '--warmup-epochs', '1']
+
+
+def rows(run_dir):
+    with open(run_dir / 'metrics.csv') as f:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
+
+
+def test_meta_semi_on_imagenet_runs_and_writes_its_split(tmp_path):
+    data = str(tmp_path / 'data')
+    p = run_script('train_meta_semi.py', *SEMI, '--epochs', '1', '--data-path', data, '--run_dir', tmp_path / 'r')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ' * Prec@1 ' in p.stdout and 'top-5 error' in p.stdout
+    (row,) = rows(tmp_path / 'r')
+    ds = cd.LARGE_DATASETS['imagenet']
+    n = ds.synthetic_classes * ds.synthetic_per_class[0]
+    assert int(row['step']) == math.ceil(n * 0.9 / 8) and float(row['epoch']) == 1.0
+    assert 0 <= float(row['test_acc']) <= float(row['test_acc5']) <= 1 and row['bad_images'] == '0'
+    listed = (tmp_path / 'r' / 'train_labeled.txt').read_text().split()
+    assert len(listed) == n // 10 and all(line.count('/') == 1 for line in listed)
+    # the list file is the original's format: a new run given it labels the same images
+    q = run_script('train_meta_semi.py', *SEMI, '--total-steps', '1', '--epochs', '0', '--data-path', data,
+                   '--label-list', tmp_path / 'r' / 'train_labeled.txt', '--run_dir', tmp_path / 's')
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert (tmp_path / 's' / 'train_labeled.txt').read_text().split() == listed
+
+
+def test_meta_semi_imagenet_baseline_counts_epochs_over_the_labeled_set(tmp_path):
+    p = run_script('train_meta_semi.py', *SEMI, '--baseline', '--epochs', '2', '--batch-size', '4', '--data-path',
+                   tmp_path / 'data', '--run_dir', tmp_path / 'r')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [int(r['step']) for r in rows(tmp_path / 'r')] == [5, 10]          # 20 labeled / 4
+    assert 'Uloss' not in p.stdout and 'mix_up=False' in p.stdout and 'lr_schedule=\'cosine\'' in p.stdout
+
+
+def test_a_resnet_on_cifar_is_refused(tmp_path, data_root):
+    p = run_script('train_meta_semi.py', '--synthetic', '--data-path', data_root, '-a', 'resnet18', '--run_dir',
+                   tmp_path / 'r')
+    assert p.returncode == 2 and 'does not go with' in p.stderr and 'Traceback' not in p.stderr
+    assert not (tmp_path / 'r').exists()
+
+
+def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(tmp_path):
+    data = str(tmp_path / 'data')
+    args = SEMI + ['--epochs', '2', '--data-path', data]
+    full = run_script('train_meta_semi.py', *args, '--run_dir', tmp_path / 'a')
+    assert full.returncode == 0, full.stderr[-2000:]
+    code, out, err = interrupted('train_meta_semi.py', args, tmp_path / 'b', signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    stopped = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['step']
+    assert stopped % 23 != 0                                    # mid-epoch (23 steps an epoch)
+    rest = run_script('train_meta_semi.py', '--resume', tmp_path / 'b')
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert rows(tmp_path / 'a') == rows(tmp_path / 'b')
+    a, b = (torch.load(tmp_path / r / 'checkpoint.pt', weights_only=True)['state']['model'] for r in 'ab')
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_meta_semi_imagenet_under_torchrun(tmp_path):
+    data = str(tmp_path / 'data')
+    cd.write_synthetic_folder('imagenet', os.path.join(data, 'synthetic'))      # not written by two at once
+    p = torchrun('train_meta_semi.py', *SEMI, '--batch-size', '4', '--total-steps', '3', '--epochs', '0',
+                 '--test-freq', '3', '--data-path', data, '--run_dir', tmp_path / 'r')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert '2 processes' in p.stdout and 'SyncBatchNorm' in p.stdout
+    (row,) = rows(tmp_path / 'r')
+    assert int(row['step']) == 3 and 0 <= float(row['test_acc']) <= 1
