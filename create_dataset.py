@@ -1301,18 +1301,31 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='Write the synthetic stand-ins, or download and md5-check the '
                                             'official files of a dataset.')
     p.add_argument('--root', default=DATA_ROOT, help='data root')
-    p.add_argument('--synthetic', action='store_true', help='write the synthetic stand-ins into ROOT/synthetic/')
+    p.add_argument('--synthetic', nargs='*', metavar='NAME', default=None,
+                   help='write the synthetic stand-ins of the NAMEs (default: of every dataset) into ROOT/synthetic/; '
+                        f'the large datasets\' ({", ".join(LARGE_DATASETS)}) are small JPEG trees in their real layouts')
     p.add_argument('--synthetic-size', '--synthetic_size', choices=['small', 'full'], default='small',
-                   help='full: at the real datasets\' sizes, into ROOT/synthetic-full/')
+                   help='full: CIFAR/SVHN at the real datasets\' sizes, into ROOT/synthetic-full/')
     p.add_argument('--download', choices=sorted(DATASETS), action='append', default=[],
                    help='download and check an official dataset into ROOT')
     args = p.parse_args(argv)
-    if not args.synthetic and not args.download:
-        p.error('nothing to do: give --synthetic and/or --download NAME')
-    if args.synthetic:
+    if args.synthetic is None and not args.download:
+        p.error('nothing to do: give --synthetic [NAME ...] and/or --download NAME')
+    if args.synthetic is not None:
+        names = args.synthetic or [n for n in DATASETS if DATASETS[n].synthetic] + list(LARGE_DATASETS)
+        unknown = [n for n in names if n not in DATASETS and not is_large(n)]
+        if unknown:
+            raise UserError(f'no stand-in for {", ".join(unknown)}: choose among {", ".join(DATASETS)}, '
+                            f'{", ".join(LARGE_DATASETS)}.')
         full = args.synthetic_size == 'full'
         root = dataset_root(args.root, 'full' if full else True)
-        for name, ds in DATASETS.items():
+        for name in names:
+            if is_large(name):
+                ds, _ = large_record(name)
+                ensure_synthetic_folder(name, dataset_root(args.root, True))
+                print(f'wrote synthetic {ds.name} into {os.path.join(dataset_root(args.root, True), ds.folder)}')
+                continue
+            ds = DATASETS[name]
             if ds.synthetic is None:
                 continue
             if ds.missing_modules():

@@ -120,7 +120,7 @@ RUN_OPTIONS = {
 # The originals' spellings of one setting, accepted wherever a script has that setting, so their
 # command lines run unchanged. `--name-with-dashes` is accepted for every name anyway.
 ALIASES = {
-    'data_root': ['--datadir', '--data-path', '--data_path'],
+    'data_root': ['--datadir', '--data-path', '--data_path', '--data'],
     'batch_size': ['--batchsize'],
     'weight_decay': ['--wd'],
     'total_steps': ['--num-iterations', '--num_iterations'],

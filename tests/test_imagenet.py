@@ -234,6 +234,25 @@ def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(tmp_path):
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
+def test_meta_semi_reads_the_originals_recordio_files(tmp_path):
+    """The nine files of the original's im2rec step (here the .rec/.idx pairs), made from the stand-in."""
+    cd.write_synthetic_folder('imagenet', str(tmp_path))
+    train, test = (cd.large_split('imagenet', str(tmp_path / 'imagenet'), s) for s in ('train', 'test'))
+    labeled, unlabeled = cd.fraction_label_split(train.labels, 0.1, 0)
+    rec = tmp_path / 'rec'
+    rec.mkdir()
+    for name, files, index in (('train_label', train, labeled), ('train_unlabel', train, unlabeled),
+                               ('val', test, range(len(test)))):
+        cd.write_recordio(str(rec / f'{name}.rec'), str(rec / f'{name}.idx'),
+                          [cd.recordio_pack(int(files.labels[i]), files.read(i)[0], key=k) for k, i in enumerate(index)])
+    p = run_script('train_meta_semi.py', *[a for a in SEMI if a != '--synthetic'], '--num-classes', '10', '--data', rec,
+                   '--epochs', '1', '--run_dir', tmp_path / 'r')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f'20 labeled, 180 unlabeled, 40 test images; RecordIO files in {rec}' in p.stdout
+    (row,) = rows(tmp_path / 'r')
+    assert int(row['step']) == 23 and row['bad_images'] == '0'
+
+
 def test_meta_semi_imagenet_under_torchrun(tmp_path):
     data = str(tmp_path / 'data')
     cd.write_synthetic_folder('imagenet', os.path.join(data, 'synthetic'))      # not written by two at once
