@@ -262,3 +262,23 @@ def test_meta_semi_imagenet_under_torchrun(tmp_path):
     assert '2 processes' in p.stdout and 'SyncBatchNorm' in p.stdout
     (row,) = rows(tmp_path / 'r')
     assert int(row['step']) == 3 and 0 <= float(row['test_acc']) <= 1
+
+
+def test_the_synthetic_tree_is_in_the_real_layout_with_imagenets_odd_files(tmp_path):
+    from PIL import Image
+    cd.main(['--root', str(tmp_path), '--synthetic', 'imagenet', 'dogs'])
+    root = tmp_path / 'synthetic' / 'imagenet'
+    files = cd.large_split('imagenet', str(root), 'train')
+    assert len(files.classes) == 10 and all(p.endswith('.JPEG') for p in files.paths)
+    assert sorted(os.listdir(root)) == ['train', 'val'] and (tmp_path / 'synthetic' / 'dogs' / 'test').is_dir()
+    kinds, sizes = set(), set()
+    for k in range(len(files)):
+        with Image.open(files.path(k)) as im:
+            kinds.add((im.format, im.mode))
+            sizes.add(im.size)
+    assert {('JPEG', 'RGB'), ('JPEG', 'L'), ('JPEG', 'CMYK'), ('PNG', 'RGB')} <= kinds
+    assert len({w / h for w, h in sizes}) > 20
+    x = cd.decode(files.read(0)[0])
+    assert x.dtype == torch.uint8 and x.shape[0] == 3
+    with pytest.raises(UserError, match='no stand-in for bogus'):
+        cd.main(['--root', str(tmp_path), '--synthetic', 'bogus'])
