@@ -7,7 +7,6 @@ with its folder, files and md5 sums, where to fetch them, label columns, normali
 """
 import argparse
 import dataclasses
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -18,8 +17,6 @@ import re
 import shutil
 import struct
 import sys
-import tarfile
-import urllib.request
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -43,11 +40,8 @@ def md5sum(path, chunk=1 << 20):
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _MD5_SEEN:
-        h = hashlib.md5()
-        with open(path, 'rb') as f:
-            for block in iter(lambda: f.read(chunk), b''):
-                h.update(block)
-        _MD5_SEEN[key] = h.hexdigest()
+        from torchvision.datasets.utils import calculate_md5
+        _MD5_SEEN[key] = calculate_md5(path, chunk_size=chunk)
     return _MD5_SEEN[key]
 
 
@@ -67,8 +61,8 @@ class Archive:
         return [(self.url, os.path.join(root, self.filename), self.md5)]
 
     def unpack(self, path, root):
-        with tarfile.open(path, 'r:gz') as tar:
-            tar.extractall(root, filter='data')
+        from torchvision.datasets.utils import extract_archive
+        extract_archive(path, root)
 
     def instructions(self, ds, root):
         return (f'download {self.url} (md5 {self.md5}) into {root}/ and unpack it there '
@@ -329,10 +323,10 @@ def download(name, root=DATA_ROOT):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         part = dest + '.part'
         print(f'downloading {url} -> {dest}', flush=True)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(part, 'wb') as f:
-                shutil.copyfileobj(r, f)
-        except OSError as e:
+        try:                                            # torchvision's downloader (redirects, progress)
+            from torchvision.datasets.utils import download_url
+            download_url(url, os.path.dirname(part), os.path.basename(part))
+        except (OSError, RuntimeError, ValueError) as e:
             if os.path.exists(part):
                 os.remove(part)
             raise UserError(f'could not download {url} ({e}). This machine may have no internet access: '

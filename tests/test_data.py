@@ -174,11 +174,25 @@ def _write_tiny(folder, splits):
         np.save(os.path.join(folder, f'{split}_y.npy'), np.asarray(y, dtype=np.int64))
 
 
+@pytest.fixture
+def http_server(tmp_path):
+    """An HTTP server on localhost serving tmp_path/server (what the downloader sees of a real site)."""
+    import functools
+    import http.server
+    import threading
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / 'server'))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_address[1]}/'
+    server.shutdown()
+
+
 @pytest.fixture(params=['file_urls', 'archive'])
-def tiny(request, tmp_path, monkeypatch):
+def tiny(request, tmp_path, monkeypatch, http_server):
     """A dataset known only to this test: one record (with its reader and writer above) registered in
-    DATASETS, nothing else touched. Its 'official' files are served through file:// URLs, one by one or
-    as a tarball."""
+    DATASETS, nothing else touched. Its 'official' files are served over HTTP from localhost, one by one
+    or as a tarball."""
     rng = np.random.default_rng(0)
     arrays = {'train': (rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8), np.arange(6) % 3),
               'test': (rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8), np.arange(3))}
@@ -187,13 +201,13 @@ def tiny(request, tmp_path, monkeypatch):
     _write_tiny(str(served), arrays)
     sums = {f: cd.md5sum(str(served / f)) for f in sorted(os.listdir(served))}
     if request.param == 'file_urls':
-        source = cd.FileUrls(served.as_uri() + '/')
+        source = cd.FileUrls(http_server + 'tiny-data/')
         url = ', '.join(source.base_url + f for f in sums)        # each file from its own url
     else:
         tarball = tmp_path / 'server' / 'tiny.tar.gz'
         with tarfile.open(tarball, 'w:gz') as tar:
             tar.add(served, arcname='tiny-data')
-        source = cd.Archive(tarball.as_uri(), 'tiny.tar.gz', cd.md5sum(str(tarball)))
+        source = cd.Archive(http_server + 'tiny.tar.gz', 'tiny.tar.gz', cd.md5sum(str(tarball)))
         url = f'{source.url} (md5 {source.md5})'
     ds = cd.Dataset('tiny', folder='tiny-data', reader=_read_tiny, source=source, files=sums, label_classes=(3,),
                     mean=(0.5,) * 3, std=(0.25,) * 3, flip=False, synthetic=cd.Synthetic(_write_tiny, sizes=(12, 6)))
@@ -228,3 +242,25 @@ def test_a_new_record_gets_a_synthetic_standin_and_one_label_column(tiny):
     train_x, train_y, test_x, test_y = cd.load_semi('tiny', tiny.root, synthetic=True)
     assert np.array_equal(train_x, x) and test_x.shape == (6, 3, 32, 32) and test_y.shape == (6,)
     assert not os.path.exists(os.path.join(tiny.root, 'tiny-data'))         # never beside the real data
+
+
+def test_a_failed_or_corrupt_download_leaves_nothing_behind(tiny, monkeypatch):
+    """torchvision's downloader fetches; a missing file on the server and a file with another md5 both stop
+    with one paragraph, and no partial or wrong file stays in the data root."""
+    folder = os.path.join(tiny.root, 'tiny-data')
+    if isinstance(tiny.ds.source, cd.Archive):
+        wrong = dataclasses.replace(tiny.ds.source, md5='0' * 32)
+    else:
+        wrong = dataclasses.replace(tiny.ds, files={**tiny.ds.files, 'train_x.npy': '0' * 32})
+    monkeypatch.setitem(cd.DATASETS, 'tiny', dataclasses.replace(tiny.ds, source=wrong)
+                        if isinstance(wrong, cd.Archive) else wrong)
+    with pytest.raises(UserError, match=r'has md5 \w+, expected 0{32}: the file is corrupt'):
+        cd.download('tiny', tiny.root)
+    left = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) + os.listdir(tiny.root)
+            if f.endswith('.part') or f in ('train_x.npy', 'tiny.tar.gz')]
+    assert left == []
+    gone = dataclasses.replace(tiny.ds, source=cd.FileUrls(tiny.ds.source.url.rsplit('/', 1)[0] + '/nothing/')
+                               if isinstance(tiny.ds.source, cd.Archive) else cd.FileUrls('http://127.0.0.1:9/x/'))
+    monkeypatch.setitem(cd.DATASETS, 'tiny', gone)
+    with pytest.raises(UserError, match='could not download'):
+        cd.download('tiny', tiny.root)
