@@ -15,7 +15,7 @@ augmentation (DA), and multi-task learning with a transformation head (MT).
     python train_sla.py --synthetic --num-iterations 300 --val-freq 100 --width 0.25 --mode sla+sd
     python train_sla.py --eval-only --resume logs/train_sla/<run>   # test metrics of the best checkpoint
     torchrun --nproc_per_node 8 train_sla.py --dataset imagenet --datadir /path/to/ILSVRC/Data/CLS-LOC \
-        --batchsize 32 --mode sla+sd --aug rotation --with-large-loss     # ResNet-18, 900,000 iterations
+        --batchsize 16 --mode sla+sd --aug rotation --with-large-loss     # ResNet-18, 900,000 iterations of 128
 """
 import os
 import sys
