@@ -351,14 +351,12 @@ def large_files(cfg):
     classes = (test if train is None else train).classes
     if n_subset:
         known, what = {name: k for k, name in enumerate(classes)}, 'classes (class folder names)'
-        if run_dir:
-            picked = create_dataset.read_names(os.path.join(run_dir, CLASSES), known, what)
-        elif cfg.class_list:
-            picked = create_dataset.read_names(cfg.class_list, known, what)
+        given = os.path.join(run_dir, CLASSES) if run_dir else cfg.class_list
+        if given:
+            picked = create_dataset.read_names(given, known, what)
             if len(picked) != n_subset:
-                raise UserError(f'--class-list {cfg.class_list!r} names {len(picked)} classes, but --dataset '
-                                f'{cfg.dataset} asks for {n_subset}: use --dataset imagenet{len(picked)}, or a list '
-                                f'of {n_subset} classes.')
+                raise UserError(f'{given!r} names {len(picked)} classes, but --dataset {cfg.dataset} asks for '
+                                f'{n_subset}: use --dataset imagenet{len(picked)}, or a list of {n_subset} classes.')
         else:
             picked = create_dataset.draw_classes(len(classes), n_subset, cfg.seed)
         classes = [classes[k] for k in picked]
