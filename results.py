@@ -41,7 +41,8 @@ TIME_NOTES = {
 # Options that say where or how a run ran, not what it computed: runs differing only in these (and the
 # seed) are one setting. print_freq and cos_every change only what is printed.
 NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
-               'local_rank', 'dist_backend', 'dist_timeout', 'eval_only', 'print_freq', 'cos_every'}
+               'local_rank', 'dist_backend', 'dist_timeout', 'eval_only', 'print_freq', 'cos_every', 'workers',
+               'decode_on'}
 
 # Keys the method or dataset columns already show.
 METHOD_KEYS = {'meta_order', 'second_order', 'mode', 'aug', 'baseline', 'mix_up', 'dataset', 'synthetic'}
@@ -247,8 +248,8 @@ def run_seconds(run):
 
 def measures(run):
     """[{'method', 'column', 'best', 'final', 'steps', 'seconds', 'curve'}] of a run with metrics: the
-    reported accuracy (best: at the best validation for SLA, the best test otherwise), the last one, the
-    positions done and the time."""
+    reported accuracy (best: at the best validation for SLA, its best test on the large datasets, the best test
+    otherwise), the last one, the positions done and the time."""
     rows, script = run['rows'], run['script']
     out = []
     for method, column in methods_of(run['cfg']):
@@ -256,7 +257,8 @@ def measures(run):
         if not usable:
             continue
         if script == 'train_sla':           # the test accuracy at the first best validation single_acc
-            best_row = max(usable, key=lambda r: (r['val_single_acc'], -r['iteration']))
+            chosen_on = 'val_single_acc' if 'val_single_acc' in usable[0] else 'test_single_acc'   # large: no val
+            best_row = max(usable, key=lambda r: (r[chosen_on], -r['iteration']))
             best = best_row[column]
         else:
             best = max(r[column] for r in usable)
@@ -362,7 +364,8 @@ def table(runs):
     notes = ['', 'Accuracies are fractions, mean ± sample standard deviation (n - 1) over the n runs of a row '
              '(runs that differ only in seed, run folder, device or logging options); one run: its value. '
              'Best: the best test accuracy (SLA: the test accuracy at the best validation single_acc, the '
-             'number the paper reports); final: the last evaluation. MetaSemi also as test error in %, as its '
+             'number the paper reports; on the large datasets, which have no validation split, at the best test '
+             'single_acc); final: the last evaluation. MetaSemi also as test error in %, as its '
              'paper reports it.']
     kinds = {'maxl' if r['script'] in MAXL_SCRIPTS else r['script'] for r in rows}
     notes.append('Time per run: ' + '; '.join(TIME_NOTES[k] for k in TIME_NOTES if k in kinds) + '.')
@@ -412,7 +415,9 @@ def plot(runs, out, plt):
             elif kind == 'train_sla':
                 x = [r['iteration'] for r in rows]
                 ax.plot(x, [r['test_single_acc'] for r in rows], color=colour, label=label + ': test')
-                ax.plot(x, [r['val_single_acc'] for r in rows], color=colour, linestyle='--', label=label + ': val')
+                if 'val_single_acc' in rows[0]:          # the large datasets have no validation split
+                    ax.plot(x, [r['val_single_acc'] for r in rows], color=colour, linestyle='--',
+                            label=label + ': val')
                 ax.set_xlabel('iteration'), ax.set_ylabel('single_acc (val dashed, test solid)')
             else:
                 ax.plot([r['step'] for r in rows], [100 * (1 - r['test_acc']) for r in rows], color=colour,
