@@ -1057,8 +1057,10 @@ class Augment:
 
 
 def image_draws(seed, step, slot):
-    """The N_DRAWS uniforms of the image in `slot` of global batch `step` (float64, CPU)."""
-    return torch.from_numpy(np.random.default_rng([int(seed), int(step), int(slot)]).random(N_DRAWS))
+    """The N_DRAWS uniforms of the image in `slot` of global batch `step` (float64, CPU). Every seeded draw
+    of this file has its own tag after the seed (SLA's validation split 0, samples per class 1, imagenetN's
+    classes 2, passes 3, samples 4, the synthetic trees 5, images 6), so no two of them share a stream."""
+    return torch.from_numpy(np.random.default_rng([int(seed), 6, int(step), int(slot)]).random(N_DRAWS))
 
 
 def decode(data):
@@ -1099,8 +1101,8 @@ class _Steps:
     def __len__(self):
         return self.stop - self.start
 
-    def __iter__(self):
-        return (self.batches.share(step) for step in range(self.start, self.stop))
+    def __iter__(self):        # a process whose share of a last, small evaluation batch is empty skips it
+        return (items for items in map(self.batches.share, range(self.start, self.stop)) if items)
 
 
 def _collate(items):

@@ -282,3 +282,16 @@ def test_the_synthetic_tree_is_in_the_real_layout_with_imagenets_odd_files(tmp_p
     assert x.dtype == torch.uint8 and x.shape[0] == 3
     with pytest.raises(UserError, match='no stand-in for bogus'):
         cd.main(['--root', str(tmp_path), '--synthetic', 'bogus'])
+
+
+def test_processes_share_an_evaluation_pass_exactly_once(tree):
+    """Two processes' shares of an ordered pass cover every image once, also when the last global batch
+    has fewer images than processes (that process skips it)."""
+    files = cd.image_folder(str(tree / 'train'))
+    n = len(files)
+    plan = cd.BatchPlan(np.arange(n - 1), 4, 0, 'ordered')      # 9 images: 4, 4, 1 (the last: rank 1's alone)
+    seen = []
+    for rank in (0, 1):
+        b = cd.Batches(files, plan, cd.Augment(False, 8), CPU, 0, 0, 3, shard=(rank, 2), workers=0)
+        seen += [len(y) for _, y in b]
+    assert sorted(seen) == [1, 2, 2, 2, 2] and sum(seen) == n - 1
