@@ -3,6 +3,7 @@
 part (benchmarks/gpu_check.sh runs them on a GPU machine); they skip here."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 
 import model_vgg_single
 import utils
-from conftest import run_script
+from conftest import ROOT, run_script
 
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import bench  # noqa: E402
 
 CPU = torch.device('cpu')
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -61,6 +64,86 @@ def test_tf32_false_is_strict_float32(tmp_path, backend_flags, capsys):
     assert 'on cpu (float32)' in capsys.readouterr().out
 
 
+# ---- FLOP counts ----------------------------------------------------------------------------------------
+
+def conv_linear_step(B=4, cin=3, cout=8, size=8, k=3, classes=5, input_grad=False, device=CPU):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(cin, cout, k, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(cout * size * size, classes)).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(B, cin, size, size, device=device, requires_grad=input_grad)
+    y = torch.arange(B, device=device) % classes
+
+    def step():
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    conv = 2 * cout * cin * k * k * size * size * B          # forward: a multiply-add per weight per output pixel
+    linear = 2 * B * cout * size * size * classes
+    return step, conv, linear
+
+
+def test_flop_count_of_a_conv_and_linear_step_is_the_analytic_one():
+    step, conv, linear = conv_linear_step(input_grad=True)
+    assert bench.count_flops(step) == 3 * (conv + linear)     # backward: gradients of weights and inputs, 2x forward
+    step, conv, linear = conv_linear_step(input_grad=False)
+    assert bench.count_flops(step) == 2 * conv + 3 * linear   # the images need no gradient: the first layer's is skipped
+
+
+def vgg16_forward_flops(batch, classes, size=32):
+    """Multiply-adds x 2 of VGG-16's 13 convolutions (3x3, same padding, 2x2 pooling after each block) and
+    its head (512 -> 512 -> classes), from the architecture alone."""
+    flops, cin = 0, 3
+    for cout, n in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(n):
+            flops += 2 * cout * cin * 9 * size * size
+            cin = cout
+        size //= 2
+    return batch * (flops + 2 * (512 * 512 + 512 * classes))
+
+
+def test_bench_counts_the_bare_vgg16_step_as_the_hand_count(data_root):
+    torch.manual_seed(0)
+    step = bench.build('bare_vgg', CPU, dict(amp=False, channels_last=False, compile=False), data_root)
+    counted = bench.count_flops(step)
+    forward = vgg16_forward_flops(100, 20)                   # batch 100, the primary level's 20 classes
+    first_input_grad = 2 * 64 * 3 * 9 * 32 * 32 * 100
+    assert counted == 3 * forward - first_input_grad          # exact: forward + weight and input gradients
+    assert abs(counted - 3 * forward) / (3 * forward) < 0.01  # "backward = 2x forward" within 1%
+    assert 185e9 < counted < 190e9                            # issue 14: "about 190 GFLOP" at batch 100
+
+
+# ---- bench.py --concurrent ---------------------------------------------------------------------------
+
+def test_aggregate_of_copies_counts_every_timed_step_over_the_span():
+    copies = [dict(window=[100.0, 102.0], times_s=[0.5] * 4, median_s=0.5, flops_per_step=1e12),
+              dict(window=[100.5, 103.0], times_s=[0.5] * 5, median_s=0.5, flops_per_step=1e12)]
+    a = bench.aggregate(copies, images=100)
+    assert a['copies'] == 2 and a['timed_steps'] == 9
+    assert a['span_s'] == pytest.approx(3.0) and a['overlap_s'] == pytest.approx(1.5)
+    assert a['aggregate_images_per_s'] == pytest.approx(9 * 100 / 3.0)
+    assert a['aggregate_tflops_per_s'] == pytest.approx(9 * 1e12 / 3.0 / 1e12)
+    assert a['per_copy_images_per_s'] == [200.0, 200.0]
+
+
+def test_bench_concurrent_runs_copies_at_once_and_reports_the_aggregate(tmp_path, data_root):
+    """Two copies of the cheapest row at once (one timed step each), strict float32 passed to each copy."""
+    out = tmp_path / 'concurrent.json'
+    r = run_script('benchmarks/bench.py', '--only', 'eval_sla', '--warmup', 0, '--steps', 1, '--concurrent', 2,
+                   '--tf32', 'false', '--data-root', data_root, '--json', out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(out.read_text())
+    assert info['complete'] and info['concurrent'] == [2] and info['flags'] == ['no_tf32']
+    a = info['rows']['eval_sla']['2']
+    assert a['copies'] == 2 and a['timed_steps'] == 2 and len(a['copy_results']) == 2
+    assert a['aggregate_images_per_s'] == pytest.approx(2 * 128 / a['span_s'])
+    for c in a['copy_results']:
+        assert c['flops_per_step'] > 0 and c['window'][0] <= c['window'][1]
+        assert (c['cudnn_allow_tf32'], c['matmul_allow_tf32'], c['float32_matmul_precision']) == (False, False, 'highest')
+    assert '| eval_sla | 2 |' in r.stdout
+
+
 # ---- on a GPU (benchmarks/gpu_check.sh runs these) ----------------------------------------------------
 
 @CUDA
@@ -75,6 +158,13 @@ def test_strict_float32_convolutions_on_cuda_match_float64(backend_flags):
     product = (a.cuda() @ b.cuda()).cpu().double()
     exact = a.double() @ b.double()
     assert ((product - exact).abs().max() / exact.abs().max()).item() < 1e-5
+
+
+@CUDA
+def test_flop_count_on_cuda_equals_the_cpu_count():
+    """The backward runs on the autograd engine's device thread on CUDA; it must be counted there too."""
+    counts = [bench.count_flops(conv_linear_step(input_grad=True, device=d)[0]) for d in (CPU, torch.device('cuda'))]
+    assert counts[0] == counts[1]
 
 
 @CUDA
