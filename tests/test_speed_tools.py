@@ -2,6 +2,7 @@
 --concurrent aggregate, and benchmarks/project.py's arithmetic. The tests marked 'needs CUDA' are the GPU
 part (benchmarks/gpu_check.sh runs them on a GPU machine); they skip here."""
 import json
+import math
 import os
 import sys
 
@@ -16,6 +17,7 @@ from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench  # noqa: E402
+import project  # noqa: E402
 
 CPU = torch.device('cpu')
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -142,6 +144,42 @@ def test_bench_concurrent_runs_copies_at_once_and_reports_the_aggregate(tmp_path
         assert c['flops_per_step'] > 0 and c['window'][0] <= c['window'][1]
         assert (c['cudnn_allow_tf32'], c['matmul_allow_tf32'], c['float32_matmul_precision']) == (False, False, 'highest')
     assert '| eval_sla | 2 |' in r.stdout
+
+
+# ---- benchmarks/project.py ---------------------------------------------------------------------------
+
+def hand_result():
+    rows = {'maxl_train': dict(mean_s=0.010, median_s=0.009), 'maxl_meta2': dict(median_s=0.040, mean_s=0.041),
+            'maxl_meta1': dict(median_s=0.030, mean_s=0.03), 'eval_maxl': dict(median_s=0.002, mean_s=0.002),
+            'sla_rotation': dict(median_s=0.020, mean_s=0.02), 'eval_sla': dict(median_s=0.004, mean_s=0.004),
+            'semi_meta_mixup': dict(median_s=0.025, mean_s=0.03), 'eval_semi': dict(median_s=0.001, mean_s=0.001)}
+    return dict(device='cuda', gpu='NVIDIA H200', precision='float32', torch='2.11.0', rows=rows)
+
+
+def test_project_arithmetic_on_a_hand_made_result(tmp_path, capsys):
+    runs = {p['method'].split(',')[0] + (' 1' if 'first' in p['method'] else ''): p
+            for p in project.project(hand_result(), project.paper_runs())}
+    # MAXL: 200 epochs x (500 training steps at the mean + 500 meta steps + 100 test batches of 100)
+    assert runs['MAXL']['hours'] == pytest.approx(200 * (500 * 0.010 + 500 * 0.040 + 100 * 0.002) / 3600)
+    assert runs['MAXL']['evaluation_hours'] == pytest.approx(200 * 100 * 0.002 / 3600)
+    assert runs['MAXL 1']['hours'] == pytest.approx(200 * (500 * 0.010 + 500 * 0.030 + 100 * 0.002) / 3600)
+    # SLA: 80,000 iterations + 80 evaluations of 40 validation + 79 test batches of 128
+    assert runs['SLA']['hours'] == pytest.approx((80000 * 0.020 + 80 * (40 + 79) * 0.004) / 3600)
+    # MetaSemi: 400,000 steps + 1,000 tests of 100 batches of 100
+    assert runs['MetaSemi']['hours'] == pytest.approx((400000 * 0.025 + 1000 * 100 * 0.001) / 3600)
+
+    partial = hand_result()
+    del partial['rows']['eval_sla']
+    sla = [p for p in project.project(partial, project.paper_runs()) if p['method'].startswith('SLA')][0]
+    assert sla['hours'] is None and sla['missing'] == ['eval_sla']
+
+    path = tmp_path / 'result.json'
+    path.write_text(json.dumps(hand_result()))
+    project.main([str(path), '--json', str(tmp_path / 'projection.json')])
+    out = capsys.readouterr().out
+    assert f'| {200 * (500 * 0.010 + 500 * 0.040 + 100 * 0.002) / 3600:.2f} (0.01) | NVIDIA H200, float32' in out
+    saved = json.loads((tmp_path / 'projection.json').read_text())
+    assert math.isclose(saved['projections'][0]['runs'][0]['hours'], runs['MAXL']['hours'])
 
 
 # ---- on a GPU (benchmarks/gpu_check.sh runs these) ----------------------------------------------------
