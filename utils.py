@@ -3,7 +3,7 @@
   errors          UserError, run_main                          every script (exit code 2, no traceback)
   hyperparameters RUN_OPTIONS, ALIASES, hyperparameters,      every script: the command line
                   parse_config, check_choices
-  seeding         seed_everything, pick_device                 every script
+  seeding         seed_everything, set_tf32, pick_device       every script (set_tf32 through Run; bench)
   backbones       VGG16                                        model_vgg_single / _human / _maxl
                   CifarResNet, cifar_resnet                    train_sla
                   ConvLarge, ShakeShake26, semi_network        train_meta_semi, plot_features
@@ -100,6 +100,8 @@ RUN_OPTIONS = {
     'amp': (False, "fast path: bf16 autocast (off: the papers' float32)"),
     'channels_last': (False, 'fast path: channels-last memory format'),
     'compile': (False, 'fast path: torch.compile the forward passes'),
+    'tf32': (True, "CUDA float32: true leaves PyTorch's default (cuDNN convolutions may use TF32 tensor cores, "
+                   'matmuls stay float32); false: strict float32 (TF32 off for convolutions and matmuls)'),
     'synthetic': (False, 'train on the synthetic stand-in instead of the real dataset'),
     'synthetic_size': ('small', "small: the quick stand-in; full: the real datasets' sizes (CIFAR 50,000 / 10,000, "
                                 'SVHN 73,257 / 26,032), in <data_root>/synthetic-full'),
@@ -251,6 +253,16 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_tf32(tf32):
+    """The run option --tf32. True leaves PyTorch's settings as they are (its default: cuDNN convolutions
+    may run float32 on TF32 tensor cores, about 10 mantissa bits, on CUDA GPUs since Ampere; matmuls stay
+    float32). False: strict float32, TF32 off for cuDNN convolutions and matmuls. No effect on the CPU."""
+    if not tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision('highest')
 
 
 def pick_device(name='auto'):
@@ -1228,6 +1240,7 @@ class Run:
             raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run '
                             'without --tensorboard; metrics.csv holds the same numbers).')
         self.cfg = cfg
+        set_tf32(cfg.tf32)
         self.device = self._start_processes(cfg)
         if not self.resuming:                   # the first process makes the folder and tells the others
             if self.rank == 0:
@@ -1516,8 +1529,9 @@ class Run:
     def describe(self, nets, data, total_steps, unit='steps'):
         """The start line: what will run, where, on how much."""
         dtype = 'bf16 autocast' if self.cfg.amp else 'float32'
-        if self.device.type == 'cuda' and not self.cfg.amp and torch.backends.cudnn.allow_tf32:
-            dtype += ' (cuDNN convolutions may use TF32)'
+        if self.device.type == 'cuda' and not self.cfg.amp:
+            dtype += (' (cuDNN convolutions may use TF32; --tf32 false: strict)' if torch.backends.cudnn.allow_tf32
+                      else ' (strict: TF32 off)')
         params = sum(p.numel() for net in nets for p in net.parameters())
         sizes = ', '.join(f'{k} {v:,}' for k, v in data.items())
         self.log.print(f'will run {total_steps:,} {unit} on {self.device} ({dtype}), {self.world} process(es), '

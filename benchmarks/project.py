@@ -1,0 +1,142 @@
+"""Projects the wall-clock time of a full paper run of each method from a bench.py result file.
+
+A run's time is its steps times their measured seconds per step, plus its evaluations times the measured
+seconds of one evaluation batch:
+
+  MAXL       200 epochs of CIFAR-100 (50,000 training images at batch 100): each epoch 500 training steps
+             (maxl_train, the mean over whole cycles of its sampled gradient cosine), a pass of 500 meta
+             steps on the label generator (maxl_meta2: second order, the default; maxl_meta1: first order)
+             and a test pass of 100 batches of 100 (eval_maxl).
+  SLA        80,000 iterations (sla_rotation: 128 images x 4 rotations) and an evaluation every 1,000:
+             the 5,000 validation and 10,000 test images at batch 128, each under the 4 rotations
+             (40 + 79 batches, eval_sla).
+  MetaSemi   400,000 steps (semi_meta_mixup: 128 labeled + 128 unlabeled, ConvLarge, CIFAR-10) and a test
+             every 400 steps: 10,000 images at batch 100 (100 batches, eval_semi).
+
+The counts come from the scripts' own defaults (HYPERPARAMETERS) and the real datasets' sizes. The
+evaluation is timed, not derived: the eval_* rows of bench.py run one batch of the scripts' evaluation
+functions (eval mode, no gradients; a partial last batch is counted as a full one). Not included: process
+start-up, loading the data onto the device, torch.compile's warm-up, checkpoint writes at each evaluation,
+the log lines.
+
+    python benchmarks/project.py benchmarks/results/cuda-float32.json benchmarks/results/cuda-amp-channels_last.json
+    python benchmarks/project.py RESULT.json --json projection.json
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# the statistic of a row used for its seconds per step (bench.py uses the same)
+STATISTIC = {'maxl_train': 'mean_s'}
+
+
+def paper_runs():
+    """The full runs of the papers: a list of dict(method, parts=[(bench row, count, what is counted)])."""
+    import create_dataset
+    import model_vgg_maxl
+    import train_meta_semi
+    import train_sla
+    M, S, T = model_vgg_maxl.HYPERPARAMETERS, train_sla.HYPERPARAMETERS, train_meta_semi.HYPERPARAMETERS
+    sizes = {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}   # the real (train, test)
+
+    n_train, n_test = sizes['cifar100']
+    epochs, B = M['epochs'], M['batch_size']
+    steps, test_batches = math.ceil(n_train / B), math.ceil(n_test / B)
+    runs = []
+    for order, row in ((2, 'maxl_meta2'), (1, 'maxl_meta1')):
+        runs.append(dict(method=f'MAXL, {"second order (jvp)" if order == 2 else "first order"}, {epochs} epochs',
+                         parts=[('maxl_train', epochs * steps, 'training steps'),
+                                (row, epochs * steps, 'meta steps'),
+                                ('eval_maxl', epochs * test_batches, 'test batches')]))
+
+    n_train, n_test = sizes[S['dataset']]
+    N, B = S['total_steps'], S['batch_size']
+    evaluations = math.ceil(N / S['eval_every'])
+    per_evaluation = math.ceil(S['val_size'] / B) + math.ceil(n_test / B)
+    runs.append(dict(method=f'SLA, rotation, {S["model"]}, {N:,} iterations',
+                     parts=[('sla_rotation', N, 'iterations'),
+                            ('eval_sla', evaluations * per_evaluation, 'evaluation batches (validation + test)')]))
+
+    n_train, n_test = sizes[T['dataset']]
+    N = T['total_steps']
+    evaluations = math.ceil(N / T['eval_every'])
+    runs.append(dict(method=f'MetaSemi, meta + mixup, {T["architecture"]}, {N:,} steps',
+                     parts=[('semi_meta_mixup', N, 'steps'),
+                            ('eval_semi', evaluations * math.ceil(n_test / T['test_batch_size']), 'test batches')]))
+    return runs
+
+
+def project(result, runs):
+    """Each run of `runs` projected from `result` (a bench.py JSON, loaded): seconds of each part, the
+    total and the evaluation's share in hours, and the rows the result lacks (then no total)."""
+    rows = result.get('rows', {})
+    out = []
+    for run in runs:
+        missing = [row for row, _, _ in run['parts'] if row not in rows]
+        parts = []
+        for row, count, what in run['parts']:
+            if row in rows:
+                s = rows[row][STATISTIC.get(row, 'median_s')]
+                parts.append(dict(row=row, count=count, what=what, seconds_each=s, seconds=count * s))
+        total = None if missing else sum(p['seconds'] for p in parts)
+        evaluation = sum(p['seconds'] for p in parts if p['row'].startswith('eval_'))
+        out.append(dict(method=run['method'], parts=parts, missing=missing,
+                        hours=None if total is None else total / 3600,
+                        evaluation_hours=None if missing else evaluation / 3600))
+    return out
+
+
+def where(result):
+    """The device and flags a result was measured with, in words."""
+    device = result.get('gpu') or result.get('device', '?')
+    precision = result.get('precision') or ('+'.join(result.get('flags', [])) or 'float32')
+    return f'{device}, {precision}, torch {result.get("torch", "?")}' + (f', {result["date"]}' if result.get('date') else '')
+
+
+def table(projections):
+    lines = ['| method | measured s/step | evaluation s/batch | projected hours (evaluation) | device, flags |',
+             '|---|---|---|---|---|']
+    for source, rows in projections:
+        for p in rows:
+            steps = ', '.join(f'{q["row"]} {q["seconds_each"]:.4f}' for q in p['parts'] if not q['row'].startswith('eval_'))
+            evals = ', '.join(f'{q["row"]} {q["seconds_each"]:.4f}' for q in p['parts'] if q['row'].startswith('eval_'))
+            hours = (f'missing rows: {", ".join(p["missing"])}' if p['missing']
+                     else f'{p["hours"]:.2f} ({p["evaluation_hours"]:.2f})')
+            lines.append(f'| {p["method"]} | {steps} | {evals} | {hours} | {source} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('results', nargs='+', help='bench.py JSON files (each with the method and eval_* rows)')
+    p.add_argument('--json', default='', help='also write the projection here')
+    args = p.parse_args(argv)
+    runs = paper_runs()
+    projections, dump = [], []
+    for path in args.results:
+        with open(path) as f:
+            result = json.load(f)
+        if result.get('concurrent'):
+            print(f'{path}: a --concurrent result (aggregates of copies), not a table of rows: skipped')
+            continue
+        rows = project(result, runs)
+        projections.append((where(result), rows))
+        dump.append(dict(source=path, measured_on=where(result), runs=rows))
+    text = table(projections)
+    print(text)
+    needed = sorted({row for run in runs for row, _, _ in run['parts']})
+    if any(p['missing'] for _, rows in projections for p in rows):
+        print(f'\nA full projection needs the rows: python benchmarks/bench.py --only {",".join(needed)} ...')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(runs=runs, projections=dump, table=text), f, indent=1)
+    return projections
+
+
+if __name__ == '__main__':
+    main()
