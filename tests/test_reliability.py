@@ -16,7 +16,7 @@ import model_vgg_human
 import model_vgg_maxl
 import model_vgg_single
 import utils
-from conftest import run_script
+from conftest import run_in_process
 from utils import UserError, run_main
 
 TINY = ['--synthetic', '--width', '0.0625', '--batch_size', '100', '--device', 'cpu']
@@ -68,8 +68,8 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_written(tmp_path, da
                       '--model', 'cresnet20', '--width', 0.125, '--lr', 1e6]),
 ])
 def test_a_huge_learning_rate_stops_with_exit_code_3(tmp_path, data_root, script, args):
-    p = run_script(script, '--synthetic', *[str(a).replace('{root}', data_root) for a in args],
-                   '--logdir', tmp_path)
+    p = run_in_process(script, '--synthetic', *[str(a).replace('{root}', data_root) for a in args],
+                       '--logdir', tmp_path)
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert 'training diverged' in p.stderr and 'Traceback' not in p.stderr
     assert 'lower learning rate' in p.stderr
@@ -168,14 +168,14 @@ def test_bad_values_name_their_flag(tmp_path, script, args, needle):
 
 
 def test_a_bad_list_flag_says_what_a_list_is(tmp_path):
-    p = run_script('model_vgg_maxl.py', '--psi', 'five', '--logdir', tmp_path)
+    p = run_in_process('model_vgg_maxl.py', '--psi', 'five', '--logdir', tmp_path)
     assert p.returncode == 2 and 'list of integers' in p.stderr and '_parse_int_list' not in p.stderr
 
 
 def test_a_corrupt_dataset_leaves_no_run_folder(tmp_path):
     root = tmp_path / 'data'
     create_dataset.write_synthetic('cifar100', str(root), seed=0, sizes=(100, 100))     # real names, wrong md5
-    p = run_script('model_vgg_single.py', '--data_root', root, '--logdir', tmp_path / 'logs')
+    p = run_in_process('model_vgg_single.py', '--data_root', root, '--logdir', tmp_path / 'logs')
     assert p.returncode == 2 and 'md5' in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'logs')
 
