@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import model_vgg_maxl
 import train_meta_semi
-from conftest import run_script
+from conftest import run_in_process, run_script
 from utils import VGG16, cifar_resnet, eager, fast_module, forward_with, semi_network
 
 CPU = torch.device('cpu')
@@ -142,9 +142,9 @@ def test_meta_semi_step_under_amp_matches_float32():
         torch.testing.assert_close(stats[1][k], stats[0][k], rtol=0.05, atol=1e-3)
 
 
-def test_a_script_runs_with_the_fast_paths(data_root):
-    r = run_script('model_vgg_maxl.py', '--synthetic', '--data_root', data_root, '--epochs', 1, '--width', 0.0625,
-                   '--amp', '--channels_last', '--logdir', data_root + '/logs_fast')
+def test_a_script_runs_with_the_fast_paths(tmp_path, tiny_root):
+    r = run_in_process('model_vgg_maxl.py', '--synthetic', '--data_root', tiny_root, '--epochs', 1, '--width', 0.0625,
+                       '--amp', '--channels_last', '--logdir', tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'EPOCH: 0000' in r.stdout
 
