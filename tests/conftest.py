@@ -1,5 +1,7 @@
 import contextlib
 import importlib
+import importlib.util
+import inspect
 import io
 import os
 import signal
@@ -49,26 +51,36 @@ def run_script(script, *args, timeout=240):
 
 
 def run_in_process(script, *args):
-    """What run_script(script, *args) returns, run in this process: the script's own entry point
-    (run_main(main, argv)) with sys.argv, the working directory and one torch thread as the child would
-    have them, stdout and stderr captured, the exit code of a SystemExit, and an uncaught exception
-    printed as a traceback with exit code 1, as the interpreter does. Saves a new interpreter importing
-    torch (2-3 s a run) where a test needs no process of its own (no signals, no torchrun)."""
+    """What run_script(script, *args) returns, run in this process: the script's own entry point (the
+    scripts' run_main(main, argv); benchmarks/bench.py's main(), which reads sys.argv) with sys.argv, the
+    working directory, OMP_NUM_THREADS and the torch threads as the child would have them (one unless
+    OMP_NUM_THREADS says otherwise), stdout and stderr captured, the exit code of a SystemExit, and an
+    uncaught exception printed as a traceback with exit code 1, as the interpreter does. Saves a new
+    interpreter importing torch (2-3 s a run) where a test needs no process of its own (no signals, no
+    torchrun)."""
     import torch
     from utils import run_main
     argv = [str(a) for a in args]
-    module = importlib.import_module(os.path.splitext(script)[0])
+    name = os.path.splitext(script)[0].replace('/', '.')
+    if name not in sys.modules and '/' in script:          # benchmarks/bench.py: not on sys.path
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    module = importlib.import_module(name)
+    takes_argv = bool(inspect.signature(module.main).parameters)
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    saved_omp = os.environ.get('OMP_NUM_THREADS')
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}     # a Run installs its own
     sys.argv = [os.path.join(ROOT, script), *argv]
     os.chdir(ROOT)
-    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = saved_omp or '1'        # run_script's environment (bench.py's children)
+    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                run_main(module.main, argv)
+                run_main(module.main, argv) if takes_argv else module.main()
             except SystemExit as e:
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
@@ -79,6 +91,8 @@ def run_in_process(script, *args):
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+        if saved_omp is None:
+            del os.environ['OMP_NUM_THREADS']
         torch.set_num_threads(threads)
         for s, h in handlers.items():
             signal.signal(s, h)

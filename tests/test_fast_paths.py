@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import model_vgg_maxl
 import train_meta_semi
-from conftest import run_in_process, run_script
+from conftest import run_in_process
 from utils import VGG16, cifar_resnet, eager, fast_module, forward_with, semi_network
 
 CPU = torch.device('cpu')
@@ -153,8 +153,8 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, data_root):
     """The benchmark's plumbing (not its timings): a row and its bare reference, one step each."""
     import json
     out = tmp_path / 'bench.json'
-    r = run_script('benchmarks/bench.py', '--only', 'sla_baseline', '--warmup', 0, '--steps', 1,
-                   '--data-root', data_root, '--json', out)
+    r = run_in_process('benchmarks/bench.py', '--only', 'sla_baseline', '--warmup', 0, '--steps', 1,
+                       '--data-root', data_root, '--json', out)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
     assert set(info['rows']) == {'sla_baseline', 'bare_resnet32'}
@@ -166,8 +166,8 @@ def test_benchmark_runs_a_row_on_two_processes(tmp_path, data_root):
     """--processes 2: the rows run under torchrun (gloo) and count the images of both processes."""
     import json
     out = tmp_path / 'bench.json'
-    r = run_script('benchmarks/bench.py', '--only', 'single', '--warmup', 0, '--steps', 1, '--processes', 2,
-                   '--data-root', data_root, '--json', out)
+    r = run_in_process('benchmarks/bench.py', '--only', 'single', '--warmup', 0, '--steps', 1, '--processes', 2,
+                       '--data-root', data_root, '--json', out)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
     assert info['processes'] == 2 and set(info['rows']) == {'single', 'bare_vgg'}
