@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import create_dataset as cd
-from conftest import run_script
+from conftest import run_in_process
 from utils import UserError
 
 # The original's maps, written out independently: 20 coarse -> 10 classes, 10 -> 3 classes.
@@ -76,7 +76,7 @@ def test_missing_data_names_archive_and_folder(tmp_path):
 
 
 def test_script_without_data_exits_2_without_traceback(tmp_path):
-    p = run_script('model_vgg_single.py', '--data_root', tmp_path / 'none', '--logdir', tmp_path / 'logs')
+    p = run_in_process('model_vgg_single.py', '--data_root', tmp_path / 'none', '--logdir', tmp_path / 'logs')
     assert p.returncode == 2
     assert 'Traceback' not in p.stderr and 'cifar-100-python.tar.gz' in p.stderr
     assert not (tmp_path / 'logs').exists()              # stopped before a run folder was made
@@ -85,7 +85,7 @@ def test_script_without_data_exits_2_without_traceback(tmp_path):
 def test_unwritable_logdir_is_a_clear_error(tmp_path, data_root):
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
-    p = run_script('model_vgg_single.py', '--synthetic', '--data_root', data_root, '--logdir', blocker)
+    p = run_in_process('model_vgg_single.py', '--synthetic', '--data_root', data_root, '--logdir', blocker)
     assert p.returncode == 2 and 'Traceback' not in p.stderr and '--logdir' in p.stderr
 
 

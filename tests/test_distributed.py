@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ddp_cases
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process
 from test_pinned_runs import TIMING_COLUMNS
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
@@ -71,17 +71,26 @@ def rows(run_dir):
         return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
 
 
-def test_stopped_and_resumed_two_process_run_ends_as_an_uninterrupted_one(tmp_path, data_root):
-    full = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 9, '--save-path', tmp_path / 'a')
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_root):
+    """The uninterrupted 2-process MetaSemi run (9 steps, a metrics row every 3) that both the stopped and
+    the killed run must end as: one torchrun job for the two tests."""
+    run_dir = tmp_path_factory.mktemp('uninterrupted') / 'a'
+    full = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 9, '--save-path', run_dir)
+    return full, run_dir
+
+
+def test_stopped_and_resumed_two_process_run_ends_as_an_uninterrupted_one(tmp_path, data_root, uninterrupted):
+    full, run_a = uninterrupted
     assert full.returncode == 0, full.stderr[-3000:]
     assert 'global batch' not in full.stderr and '2 processes (gloo), batch 8 per process = 16 in all' in full.stdout
     part = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 3, '--save-path', tmp_path / 'b')
     assert part.returncode == 0, part.stderr[-3000:]
     rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b', '--total-steps', 9)
     assert rest.returncode == 0, rest.stderr[-3000:]
-    a, b = rows(tmp_path / 'a'), rows(tmp_path / 'b')
+    a, b = rows(run_a), rows(tmp_path / 'b')
     assert len(a) == 3 and a == b
-    ca = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=False)
+    ca = torch.load(run_a / 'checkpoint.pt', weights_only=False)
     cb = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=False)
     for k, v in ca['state']['model'].items():
         assert torch.equal(v, cb['state']['model'][k]), k
@@ -94,8 +103,8 @@ def test_stopped_and_resumed_two_process_run_ends_as_an_uninterrupted_one(tmp_pa
     ('train_sla.py', ['--num-iterations', 4, '--val-freq', 2, '--batchsize', 8, '--mode', 'sla+sd', '--model',
                       'cresnet20', '--sync_bn']),
 ])
-def test_each_script_runs_under_torchrun(tmp_path, data_root, script, args):
-    p = torchrun(script, '--synthetic', '--data_root', data_root, '--width', 0.0625, '--logdir', tmp_path, *args)
+def test_each_script_runs_under_torchrun(tmp_path, tiny_root, script, args):
+    p = torchrun(script, '--synthetic', '--data_root', tiny_root, '--width', 0.0625, '--logdir', tmp_path, *args)
     assert p.returncode == 0, p.stderr[-3000:]
     (run_dir,) = [os.path.join(r, d) for r, ds, _ in os.walk(tmp_path) for d in ds if d[0].isdigit()]
     assert {'config.json', 'log.txt', 'metrics.csv', 'checkpoint.pt', 'best.pt'} <= set(os.listdir(run_dir))
@@ -120,7 +129,7 @@ def test_nccl_on_cpu_is_refused_before_anything_is_written(tmp_path, data_root):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        p = run_script(*SEMI, '--data-path', data_root, '--total-steps', 3, '--dist_backend', 'nccl',
+        p = run_in_process(*SEMI, '--data-path', data_root, '--total-steps', 3, '--dist_backend', 'nccl',
                        '--device', 'cpu', '--save-path', tmp_path / 'run')
     finally:
         for k, v in saved.items():
@@ -138,12 +147,12 @@ def test_a_process_that_dies_takes_the_job_down(tmp_path, data_root):
     assert 'rank      : 1' in p.stderr and 'exitcode  : 3' in p.stderr    # torchrun names the rank that died
 
 
-def test_a_killed_two_process_run_resumes_to_the_uninterrupted_end(tmp_path, data_root):
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_end(tmp_path, data_root, uninterrupted):
     """SIGKILL to the whole job (launcher and both processes) right after its first checkpoint."""
     import signal
     import time
-    args = [*SEMI, '--data-path', data_root, '--total-steps', 30]
-    full = torchrun(*args, '--save-path', tmp_path / 'a')
+    args = [*SEMI, '--data-path', data_root, '--total-steps', 9]
+    full, run_a = uninterrupted                            # the same arguments, run once for two tests
     assert full.returncode == 0, full.stderr[-3000:]
     job = subprocess.Popen([*TORCHRUN, *map(str, args), '--save-path', str(tmp_path / 'b')], cwd=ROOT,
                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL,
@@ -153,7 +162,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_end(tmp_path, dat
         time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert len(rows(tmp_path / 'b')) < 10                  # it was stopped mid-way
+    assert len(rows(tmp_path / 'b')) < len(rows(run_a)) == 3   # it was stopped mid-way
     rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b')
     assert rest.returncode == 0, rest.stderr[-3000:]
-    assert rows(tmp_path / 'a') == rows(tmp_path / 'b')
+    assert rows(run_a) == rows(tmp_path / 'b')

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import model_vgg_maxl
 import train_meta_semi
-from conftest import run_script
+from conftest import run_in_process
 from utils import VGG16, cifar_resnet, eager, fast_module, forward_with, semi_network
 
 CPU = torch.device('cpu')
@@ -142,9 +142,9 @@ def test_meta_semi_step_under_amp_matches_float32():
         torch.testing.assert_close(stats[1][k], stats[0][k], rtol=0.05, atol=1e-3)
 
 
-def test_a_script_runs_with_the_fast_paths(data_root):
-    r = run_script('model_vgg_maxl.py', '--synthetic', '--data_root', data_root, '--epochs', 1, '--width', 0.0625,
-                   '--amp', '--channels_last', '--logdir', data_root + '/logs_fast')
+def test_a_script_runs_with_the_fast_paths(tmp_path, tiny_root):
+    r = run_in_process('model_vgg_maxl.py', '--synthetic', '--data_root', tiny_root, '--epochs', 1, '--width', 0.0625,
+                       '--amp', '--channels_last', '--logdir', tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'EPOCH: 0000' in r.stdout
 
@@ -153,8 +153,8 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, data_root):
     """The benchmark's plumbing (not its timings): a row and its bare reference, one step each."""
     import json
     out = tmp_path / 'bench.json'
-    r = run_script('benchmarks/bench.py', '--only', 'sla_baseline', '--warmup', 0, '--steps', 1,
-                   '--data-root', data_root, '--json', out)
+    r = run_in_process('benchmarks/bench.py', '--only', 'sla_baseline', '--warmup', 0, '--steps', 1,
+                       '--data-root', data_root, '--json', out)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
     assert set(info['rows']) == {'sla_baseline', 'bare_resnet32'}
@@ -166,8 +166,8 @@ def test_benchmark_runs_a_row_on_two_processes(tmp_path, data_root):
     """--processes 2: the rows run under torchrun (gloo) and count the images of both processes."""
     import json
     out = tmp_path / 'bench.json'
-    r = run_script('benchmarks/bench.py', '--only', 'single', '--warmup', 0, '--steps', 1, '--processes', 2,
-                   '--data-root', data_root, '--json', out)
+    r = run_in_process('benchmarks/bench.py', '--only', 'single', '--warmup', 0, '--steps', 1, '--processes', 2,
+                       '--data-root', data_root, '--json', out)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
     assert info['processes'] == 2 and set(info['rows']) == {'single', 'bare_vgg'}

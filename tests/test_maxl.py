@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model_vgg_maxl as maxl
-from conftest import run_script
+from conftest import run_in_process
 from model_vgg_maxl import entropy_loss, masked_softmax, psi_mask, virtual_sgd_step
 
 PSI = [2, 3]
@@ -181,7 +181,7 @@ def test_masked_softmax_groups_and_stability():
 
 
 def test_bad_psi_is_refused_before_training(tmp_path):
-    p = run_script('model_vgg_maxl.py', '--psi', '2,3', '--logdir', tmp_path)
+    p = run_in_process('model_vgg_maxl.py', '--psi', '2,3', '--logdir', tmp_path)
     assert p.returncode == 2 and 'psi' in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'model_vgg_maxl')        # nothing written
 
@@ -196,7 +196,7 @@ def read_metrics(logdir, script):
                                           ('model_vgg_maxl.py', ['--meta_order', '2']),
                                           ('model_vgg_maxl.py', ['--meta_order', '1'])])
 def test_script_runs_and_beats_chance(tmp_path, data_root, script, extra):
-    p = run_script(script, '--synthetic', '--data_root', data_root, '--epochs', 4, '--width', 0.0625,
+    p = run_in_process(script, '--synthetic', '--data_root', data_root, '--epochs', 4, '--width', 0.0625,
                    '--logdir', tmp_path, *extra)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count('EPOCH: ') == 4 and 'TEST' in p.stdout
@@ -204,13 +204,13 @@ def test_script_runs_and_beats_chance(tmp_path, data_root, script, extra):
     assert float(rows[-1]['test_acc']) > 0.15          # 20 primary classes: chance is 0.05
 
 
-def test_resume_gives_the_uninterrupted_weights(tmp_path, data_root):
-    common = ['--synthetic', '--data_root', data_root, '--width', 0.0625, '--meta_order', 1, '--cos_every', 3]
-    full = run_script('model_vgg_maxl.py', *common, '--epochs', 2, '--logdir', tmp_path / 'a')
-    first = run_script('model_vgg_maxl.py', *common, '--epochs', 1, '--logdir', tmp_path / 'b')
+def test_resume_gives_the_uninterrupted_weights(tmp_path, tiny_root):
+    common = ['--synthetic', '--data_root', tiny_root, '--width', 0.0625, '--meta_order', 1, '--cos_every', 3]
+    full = run_in_process('model_vgg_maxl.py', *common, '--epochs', 2, '--logdir', tmp_path / 'a')
+    first = run_in_process('model_vgg_maxl.py', *common, '--epochs', 1, '--logdir', tmp_path / 'b')
     assert full.returncode == 0 and first.returncode == 0, full.stderr + first.stderr
     run_b, _ = read_metrics(tmp_path / 'b', 'model_vgg_maxl')
-    second = run_script('model_vgg_maxl.py', '--resume', run_b, '--epochs', 2, '--logdir', tmp_path / 'b')
+    second = run_in_process('model_vgg_maxl.py', '--resume', run_b, '--epochs', 2, '--logdir', tmp_path / 'b')
     assert second.returncode == 0, second.stderr
     run_a, rows_a = read_metrics(tmp_path / 'a', 'model_vgg_maxl')
     _, rows_b = read_metrics(tmp_path / 'b', 'model_vgg_maxl')

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import create_dataset as cd
 import train_meta_semi as ms
-from conftest import run_script
+from conftest import run_in_process
 from utils import ConvLarge, ShakeShake26, UserError
 
 # ---- an independent, explicit eval-mode ConvLarge: conv, batch norm with running statistics, leaky ReLU ----
@@ -218,8 +218,9 @@ def read_metrics(run_dir):
 def test_each_mode_runs_and_beats_chance(tmp_path, data_root, dataset, mode):
     if dataset == 'svhn':
         pytest.importorskip('scipy')
-    p = run_script('train_meta_semi.py', *TINY, '--data-path', data_root, '--dataset', dataset, '--num-label', 200,
-                   '--total-steps', 40, '--test-freq', 20, '--save-path', tmp_path / 'run', *mode)
+    p = run_in_process('train_meta_semi.py', *TINY, '--data-path', data_root, '--dataset', dataset,
+                       '--num-label', 200, '--total-steps', 40, '--test-freq', 20, '--save-path', tmp_path / 'run',
+                       *mode)
     assert p.returncode == 0, p.stderr
     assert ('Step: [00030/00040]' if '--baseline' in mode else 'Uacc:') in p.stdout and ' * Accuracy' in p.stdout
     rows = read_metrics(tmp_path / 'run')
@@ -229,14 +230,14 @@ def test_each_mode_runs_and_beats_chance(tmp_path, data_root, dataset, mode):
     assert os.path.isfile(tmp_path / 'run' / 'best.pt')
 
 
-def test_resume_continues_exactly_and_keeps_the_best(tmp_path, data_root):
-    common = [*TINY, '--data-path', data_root, '--num-label', 100, '--mix-up', '--test-freq', 10]
-    full = run_script('train_meta_semi.py', *common, '--total-steps', 30, '--save-path', tmp_path / 'a')
-    half = run_script('train_meta_semi.py', *common, '--total-steps', 20, '--save-path', tmp_path / 'b')
+def test_resume_continues_exactly_and_keeps_the_best(tmp_path, tiny_root):
+    common = [*TINY, '--data-path', tiny_root, '--num-label', 100, '--mix-up', '--test-freq', 10]
+    full = run_in_process('train_meta_semi.py', *common, '--total-steps', 30, '--save-path', tmp_path / 'a')
+    half = run_in_process('train_meta_semi.py', *common, '--total-steps', 20, '--save-path', tmp_path / 'b')
     assert full.returncode == 0 and half.returncode == 0, full.stderr + half.stderr
-    again = run_script('train_meta_semi.py', *common, '--total-steps', 30, '--save-path', tmp_path / 'b')
+    again = run_in_process('train_meta_semi.py', *common, '--total-steps', 30, '--save-path', tmp_path / 'b')
     assert again.returncode == 2 and '--resume' in again.stderr         # a used folder is not overwritten
-    rest = run_script('train_meta_semi.py', '--resume', tmp_path / 'b', '--total-steps', 30)
+    rest = run_in_process('train_meta_semi.py', '--resume', tmp_path / 'b', '--total-steps', 30)
     assert rest.returncode == 0, rest.stderr
     a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=False)
     b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=False)
@@ -258,22 +259,22 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, data_root):
     if not torch.cuda.is_available():
         cases.append((['--synthetic', '--data-path', data_root, '--num-label', 100, '--gpu'], 'drop --gpu'))
     for args, needle in cases:
-        p = run_script('train_meta_semi.py', *args, '--save-path', tmp_path / 'run', '--logdir', tmp_path)
+        p = run_in_process('train_meta_semi.py', *args, '--save-path', tmp_path / 'run', '--logdir', tmp_path)
         assert p.returncode == 2 and needle in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr)
         assert not os.path.exists(tmp_path / 'run') and not glob.glob(str(tmp_path / 'train_meta_semi'))
 
 
 def test_feature_picture_or_its_clear_error(tmp_path, data_root):
     """plot_features.py draws the paper's Figure 3 from a run; without matplotlib it says how to get it."""
-    p = run_script('train_meta_semi.py', *TINY, '--data-path', data_root, '--num-label', 100, '--total-steps', 10,
-                   '--save-path', tmp_path / 'run')
+    p = run_in_process('train_meta_semi.py', *TINY, '--data-path', data_root, '--num-label', 100,
+                       '--total-steps', 10, '--save-path', tmp_path / 'run')
     assert p.returncode == 0, p.stderr
     if importlib.util.find_spec('matplotlib') is None:
-        q = run_script('plot_features.py', tmp_path / 'run', '--method', 'pca')
+        q = run_in_process('plot_features.py', tmp_path / 'run', '--method', 'pca')
         assert q.returncode == 2 and 'pip install matplotlib' in q.stderr and 'Traceback' not in q.stderr
         return
-    q = run_script('plot_features.py', tmp_path / 'run', '--method', 'pca', '--num-point', 50,
-                   '--data-path', data_root, '--out', tmp_path / 'fig.png')
+    q = run_in_process('plot_features.py', tmp_path / 'run', '--method', 'pca', '--num-point', 50,
+                       '--data-path', data_root, '--out', tmp_path / 'fig.png')
     assert q.returncode == 0, q.stderr
     assert open(tmp_path / 'fig.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
     points = np.load(tmp_path / 'fig.npz')

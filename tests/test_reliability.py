@@ -16,7 +16,7 @@ import model_vgg_human
 import model_vgg_maxl
 import model_vgg_single
 import utils
-from conftest import run_script
+from conftest import run_in_process
 from utils import UserError, run_main
 
 TINY = ['--synthetic', '--width', '0.0625', '--batch_size', '100', '--device', 'cpu']
@@ -67,9 +67,9 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_written(tmp_path, da
     ('train_sla.py', ['--datadir', '{root}', '--num-iterations', 20, '--val-freq', 10, '--batchsize', 16,
                       '--model', 'cresnet20', '--width', 0.125, '--lr', 1e6]),
 ])
-def test_a_huge_learning_rate_stops_with_exit_code_3(tmp_path, data_root, script, args):
-    p = run_script(script, '--synthetic', *[str(a).replace('{root}', data_root) for a in args],
-                   '--logdir', tmp_path)
+def test_a_huge_learning_rate_stops_with_exit_code_3(tmp_path, tiny_root, script, args):
+    p = run_in_process(script, '--synthetic', *[str(a).replace('{root}', tiny_root) for a in args],
+                       '--logdir', tmp_path)
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert 'training diverged' in p.stderr and 'Traceback' not in p.stderr
     assert 'lower learning rate' in p.stderr
@@ -84,8 +84,8 @@ class Payload:
         return (os.system, ('touch ' + Payload.marker,))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, data_root):
-    run_dir = one_epoch(tmp_path, data_root)
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, tiny_root):
+    run_dir = one_epoch(tmp_path, tiny_root)
     Payload.marker = str(tmp_path / 'ran')
     ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
     ckpt['extra'] = Payload()
@@ -96,14 +96,14 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, data_root):
     assert not os.path.exists(tmp_path / 'ran')
 
 
-def test_checkpoints_hold_only_tensors_and_plain_values(tmp_path, data_root):
-    run_dir = one_epoch(tmp_path, data_root)
+def test_checkpoints_hold_only_tensors_and_plain_values(tmp_path, tiny_root):
+    run_dir = one_epoch(tmp_path, tiny_root)
     for f in ('checkpoint.pt', 'best.pt'):
         torch.load(os.path.join(run_dir, f), weights_only=True)           # raises on anything else
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, data_root, monkeypatch, capsys):
-    run_dir = one_epoch(tmp_path, data_root)
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, tiny_root, monkeypatch, capsys):
+    run_dir = one_epoch(tmp_path, tiny_root)
     before = files_of(run_dir)
     real_save = torch.save
 
@@ -123,16 +123,16 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, data_r
     torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)   # still whole
 
 
-def test_a_failed_resume_writes_nothing(tmp_path, data_root):
-    run_dir = one_epoch(tmp_path, data_root)
+def test_a_failed_resume_writes_nothing(tmp_path, tiny_root):
+    run_dir = one_epoch(tmp_path, tiny_root)
     before = files_of(run_dir)
     with pytest.raises(UserError, match='does not fit the networks'):
         model_vgg_single.main(['--resume', run_dir, '--epochs', '2', '--width', '0.125'])
     assert files_of(run_dir) == before                   # log.txt and config.json untouched too
 
 
-def test_resume_with_a_lower_learning_rate_takes_effect(tmp_path, data_root):
-    run_dir = one_epoch(tmp_path, data_root)
+def test_resume_with_a_lower_learning_rate_takes_effect(tmp_path, tiny_root):
+    run_dir = one_epoch(tmp_path, tiny_root)
     model_vgg_single.main(['--resume', run_dir, '--epochs', '2', '--lr', '0.001'])
     ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
     assert ckpt['state']['optimizer']['param_groups'][0]['lr'] == pytest.approx(0.001)
@@ -168,22 +168,22 @@ def test_bad_values_name_their_flag(tmp_path, script, args, needle):
 
 
 def test_a_bad_list_flag_says_what_a_list_is(tmp_path):
-    p = run_script('model_vgg_maxl.py', '--psi', 'five', '--logdir', tmp_path)
+    p = run_in_process('model_vgg_maxl.py', '--psi', 'five', '--logdir', tmp_path)
     assert p.returncode == 2 and 'list of integers' in p.stderr and '_parse_int_list' not in p.stderr
 
 
 def test_a_corrupt_dataset_leaves_no_run_folder(tmp_path):
     root = tmp_path / 'data'
     create_dataset.write_synthetic('cifar100', str(root), seed=0, sizes=(100, 100))     # real names, wrong md5
-    p = run_script('model_vgg_single.py', '--data_root', root, '--logdir', tmp_path / 'logs')
+    p = run_in_process('model_vgg_single.py', '--data_root', root, '--logdir', tmp_path / 'logs')
     assert p.returncode == 2 and 'md5' in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'logs')
 
 
-def test_metrics_are_brought_back_to_the_checkpoint_on_resume(tmp_path, data_root):
+def test_metrics_are_brought_back_to_the_checkpoint_on_resume(tmp_path, tiny_root):
     """A run killed after writing a metrics row but before its checkpoint (or the reverse) resumes with
     metrics.csv as the checkpoint knows it: no repeated or missing row."""
-    run_dir = one_epoch(tmp_path, data_root)
+    run_dir = one_epoch(tmp_path, tiny_root)
     model_vgg_single.main(['--resume', run_dir, '--epochs', '2'])
     path = os.path.join(run_dir, 'metrics.csv')
     complete = open(path).read()

@@ -14,7 +14,7 @@ import create_dataset
 import model_vgg_single
 import results
 import train_meta_semi
-from conftest import run_script
+from conftest import run_in_process
 
 PNG = b'\x89PNG\r\n\x1a\n'
 HAVE_MPL = importlib.util.find_spec('matplotlib') is not None
@@ -90,7 +90,7 @@ def test_mean_std_and_grouping_on_known_numbers():
 
 
 def test_table_groups_the_seeds(runs):
-    p = run_script('results.py', os.path.join(runs['tmp'], 'logs', '*', '*'), runs['other'], runs['semi'])
+    p = run_in_process('results.py', os.path.join(runs['tmp'], 'logs', '*', '*'), runs['other'], runs['semi'])
     assert p.returncode == 0, p.stderr
     rows = table_rows(p.stdout)
     single = [r for r in rows if r[0].startswith('Single')]
@@ -147,7 +147,7 @@ def test_paper_numbers_only_for_the_real_datasets():
 @pytest.mark.skipif(HAVE_MPL, reason='matplotlib is installed: the PNG test covers --plot')
 def test_plot_without_matplotlib_says_how_to_get_it(runs):
     out = os.path.join(runs['tmp'], 'no.png')
-    p = run_script('results.py', *runs['seeds'], '--plot', out)
+    p = run_in_process('results.py', *runs['seeds'], '--plot', out)
     assert p.returncode == 2 and 'pip install matplotlib' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and p.stdout == '' and not os.path.exists(out)
 
@@ -155,7 +155,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(runs):
 def test_plot_writes_a_png(runs):
     pytest.importorskip('matplotlib')
     out = os.path.join(runs['tmp'], 'plots', 'curves.png')
-    p = run_script('results.py', *runs['seeds'], runs['other'], runs['semi'], '--plot', out)
+    p = run_in_process('results.py', *runs['seeds'], runs['other'], runs['semi'], '--plot', out)
     assert p.returncode == 0, p.stderr
     with open(out, 'rb') as f:
         data = f.read()
@@ -163,15 +163,15 @@ def test_plot_writes_a_png(runs):
 
 
 def test_a_folder_that_is_not_a_run(runs, tmp_path):
-    p = run_script('results.py', runs['seeds'][0], str(tmp_path))
+    p = run_in_process('results.py', runs['seeds'][0], str(tmp_path))
     assert p.returncode == 2 and 'Traceback' not in p.stderr
     assert f"'{tmp_path}' is not a run folder: it has no config.json" in p.stderr, p.stderr
-    p = run_script('results.py', os.path.join(runs['tmp'], 'logs'))          # the logdir itself: a hint
+    p = run_in_process('results.py', os.path.join(runs['tmp'], 'logs'))          # the logdir itself: a hint
     assert p.returncode == 2 and 'Traceback' not in p.stderr and "/logs/*/*'" in p.stderr, p.stderr
-    p = run_script('results.py', str(tmp_path / '*'))                        # a glob that matches nothing
+    p = run_in_process('results.py', str(tmp_path / '*'))                        # a glob that matches nothing
     assert p.returncode == 2 and 'no folder matches' in p.stderr and 'Traceback' not in p.stderr, p.stderr
     (tmp_path / 'config.json').write_text(json.dumps({'script': 'somebody_else'}))
-    p = run_script('results.py', str(tmp_path))
+    p = run_in_process('results.py', str(tmp_path))
     assert p.returncode == 2 and 'names no script of this project' in p.stderr and 'Traceback' not in p.stderr
 
 
@@ -180,15 +180,15 @@ def test_plot_features_takes_the_seed_command_line(runs):
     seed_line = ['--dataset', 'cifar10', '--checkpoint-path', os.path.join(run, 'model_best.pth'),
                  '--index-path', os.path.join(run, 'label_indices.txt'),
                  '--save-path', os.path.join(run, 'visualization'), '--num-point', '5000']
-    wrong = run_script('plot_features.py', *seed_line[2:], '--dataset', 'svhn')
+    wrong = run_in_process('plot_features.py', *seed_line[2:], '--dataset', 'svhn')
     assert wrong.returncode == 2 and 'does not agree with the run' in wrong.stderr and 'Traceback' not in wrong.stderr
-    p = run_script('plot_features.py', *seed_line)
+    p = run_in_process('plot_features.py', *seed_line)
     if not HAVE_MPL:
         assert p.returncode == 2 and 'pip install matplotlib' in p.stderr and 'Traceback' not in p.stderr, p.stderr
         return
     if importlib.util.find_spec('sklearn') is None:           # the default t-SNE needs scikit-learn
         assert p.returncode == 2 and 'pip install scikit-learn' in p.stderr and 'Traceback' not in p.stderr
-        p = run_script('plot_features.py', *seed_line, '--method', 'pca')
+        p = run_in_process('plot_features.py', *seed_line, '--method', 'pca')
         method = 'pca'
     else:
         method = 'tsne'

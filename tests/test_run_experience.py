@@ -7,13 +7,14 @@ import pickle
 import numpy as np
 
 import create_dataset
-from conftest import run_script
+from conftest import run_in_process
 
 TINY = ['--synthetic', '--width', 0.0625, '--epochs', 1, '--batch_size', 100]
 
 
 def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, data_root):
-    p = run_script('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path, '--progress_every', 0)
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path,
+                       '--progress_every', 0)
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith('  epoch 0: ')]
     assert len(lines) == 20                                   # one a step: 2,000 images in batches of 100
@@ -26,14 +27,14 @@ def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, data_root):
 
 
 def test_progress_false_prints_none(tmp_path, data_root):
-    p = run_script('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path, '--progress_every', 0,
-                   '--progress', 'false')
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path,
+                       '--progress_every', 0, '--progress', 'false')
     assert p.returncode == 0, p.stderr
     assert '  epoch 0: ' not in p.stdout and 'for the rest of the run' not in p.stdout and 'EPOCH: 0000' in p.stdout
 
 
 def test_tensorboard_writes_events_or_says_what_to_install(tmp_path, data_root):
-    p = run_script('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path, '--tensorboard')
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', data_root, '--logdir', tmp_path, '--tensorboard')
     if importlib.util.find_spec('tensorboard') is None:
         assert p.returncode == 2 and 'pip install tensorboard' in p.stderr and 'Traceback' not in p.stderr
         assert not os.path.exists(tmp_path / 'model_vgg_single')
@@ -63,7 +64,7 @@ def test_full_size_stand_in_has_the_real_sizes_and_formats(tmp_path):
 
 def test_the_seed_cifar100_line_is_accepted_on_the_full_stand_in(tmp_path):
     """--num-label 10000 needs 100 labeled images per class: the small stand-in has too few, the full one has 500."""
-    small = run_script('train_meta_semi.py', '--synthetic', '--dataset', 'cifar100', '--num-label', 10000,
+    small = run_in_process('train_meta_semi.py', '--synthetic', '--dataset', 'cifar100', '--num-label', 10000,
                        '--data-path', tmp_path / 'data', '--save-path', tmp_path / 'small')
     assert small.returncode == 2 and '--num-label 10000' in small.stderr
     x, y, _, _ = create_dataset.load_semi('cifar100', str(tmp_path / 'data'), 'full')

@@ -85,8 +85,8 @@ def tiny_single_run(tmp_path, data_root, *extra):
     return tmp_path / 'model_vgg_single' / name
 
 
-def test_run_folder_convention_and_best_file(tmp_path, data_root):
-    run_dir = tiny_single_run(tmp_path, data_root)
+def test_run_folder_convention_and_best_file(tmp_path, tiny_root):
+    run_dir = tiny_single_run(tmp_path, tiny_root)
     assert {'config.json', 'log.txt', 'metrics.csv', 'checkpoint.pt', 'best.pt'} <= set(os.listdir(run_dir))
     config = json.loads((run_dir / 'config.json').read_text())
     assert config['script'] == 'model_vgg_single' and 'resume' not in config
@@ -99,14 +99,14 @@ def test_run_folder_convention_and_best_file(tmp_path, data_root):
         assert torch.equal(v, ckpt['state']['net'][k])
 
 
-def test_resume_of_another_scripts_run_names_that_script(tmp_path, data_root):
-    run_dir = tiny_single_run(tmp_path, data_root)
+def test_resume_of_another_scripts_run_names_that_script(tmp_path, tiny_root):
+    run_dir = tiny_single_run(tmp_path, tiny_root)
     with pytest.raises(UserError, match=r'written by model_vgg_single\.py.*python model_vgg_single\.py --resume'):
         model_vgg_human.main(['--resume', str(run_dir)])
 
 
-def test_checkpoint_of_the_old_layout_is_refused_clearly(tmp_path, data_root):
-    run_dir = tiny_single_run(tmp_path, data_root)
+def test_checkpoint_of_the_old_layout_is_refused_clearly(tmp_path, tiny_root):
+    run_dir = tiny_single_run(tmp_path, tiny_root)
     old = torch.load(run_dir / 'checkpoint.pt', weights_only=False)
     for k in ('format', 'script', 'best', 'last'):             # the layout before the shared skeleton
         old.pop(k)
@@ -115,8 +115,8 @@ def test_checkpoint_of_the_old_layout_is_refused_clearly(tmp_path, data_root):
         model_vgg_single.main(['--resume', str(run_dir), '--epochs', '2'])
 
 
-def test_resume_keeps_the_best_and_extends_the_run(tmp_path, data_root):
-    run_dir = tiny_single_run(tmp_path, data_root)
+def test_resume_keeps_the_best_and_extends_the_run(tmp_path, tiny_root):
+    run_dir = tiny_single_run(tmp_path, tiny_root)
     first = torch.load(run_dir / 'checkpoint.pt', weights_only=False)['best']
     model_vgg_single.main(['--resume', str(run_dir), '--epochs', '2'])
     ckpt = torch.load(run_dir / 'checkpoint.pt', weights_only=False)

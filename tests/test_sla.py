@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import create_dataset as cd
 import train_sla as sla
-from conftest import run_script
+from conftest import run_in_process
 from utils import CRESNET_DEPTHS, DownsampleA, UserError, cifar_resnet
 
 AUGS = list(sla.AUGMENTATIONS)
@@ -233,13 +233,29 @@ def read_metrics(logdir):
         return run_dir, list(csv.DictReader(f))
 
 
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_root):
+    """trained(mode, aug): (the finished process, its logdir) of that mode's 40-iteration run, made once
+    in this module: test_every_mode_trains_and_beats_chance checks each; test_eval_only_... re-evaluates
+    the sla+sd one."""
+    runs = {}
+
+    def get(mode, aug):
+        if (mode, aug) not in runs:
+            logdir = tmp_path_factory.mktemp('sla_' + mode.replace('+', '_'))
+            p = run_in_process('train_sla.py', *TINY, '--datadir', data_root, '--mode', mode, '--aug', aug,
+                               '--num-iterations', 40, '--val-freq', 20, '--logdir', logdir)
+            runs[mode, aug] = p, logdir
+        return runs[mode, aug]
+    return get
+
+
 @pytest.mark.parametrize('mode,aug', [('baseline', 'none'), ('da', 'rotation'), ('mt', 'rotation'),
                                       ('sla', 'rot_color_perm6'), ('sla+sd', 'rotation')])
-def test_every_mode_trains_and_beats_chance(tmp_path, data_root, mode, aug):
-    p = run_script('train_sla.py', *TINY, '--datadir', data_root, '--mode', mode, '--aug', aug,
-                   '--num-iterations', 40, '--val-freq', 20, '--logdir', tmp_path)
+def test_every_mode_trains_and_beats_chance(trained, mode, aug):
+    p, logdir = trained(mode, aug)
     assert p.returncode == 0, p.stderr
-    run_dir, rows = read_metrics(tmp_path)
+    run_dir, rows = read_metrics(logdir)
     assert len(rows) == 2 and set(sla.METRICS[mode]) <= {k[5:] for k in rows[-1] if k.startswith('test_')}
     assert '900 train / 100 val / 300 test' in p.stdout                         # a tenth held out (synthetic)
     assert len(np.loadtxt(os.path.join(run_dir, 'val_indices.txt'))) == 100
@@ -247,14 +263,13 @@ def test_every_mode_trains_and_beats_chance(tmp_path, data_root, mode, aug):
     assert '[BEST]' in p.stdout and os.path.isfile(os.path.join(run_dir, 'best.pt'))
 
 
-def test_eval_only_reprints_the_saved_test_metrics(tmp_path, data_root):
-    p = run_script('train_sla.py', *TINY, '--datadir', data_root, '--mode', 'sla+sd', '--num-iterations', 20,
-                   '--val-freq', 10, '--logdir', tmp_path)
+def test_eval_only_reprints_the_saved_test_metrics(trained):
+    p, logdir = trained('sla+sd', 'rotation')      # an sla+sd run with two evaluations (aug: the default)
     assert p.returncode == 0, p.stderr
-    run_dir, rows = read_metrics(tmp_path)
+    run_dir, rows = read_metrics(logdir)
     best = max(rows, key=lambda r: float(r['val_single_acc']))       # the first of the maxima, as a strict >
     best = next(r for r in rows if r['val_single_acc'] == best['val_single_acc'])
-    q = run_script('train_sla.py', '--eval-only', '--resume', run_dir)
+    q = run_in_process('train_sla.py', '--eval-only', '--resume', run_dir)
     assert q.returncode == 0, q.stderr
     shown = next(ln for ln in q.stdout.splitlines() if '[test]' in ln)
     assert shown.startswith(f'[iteration {best["iteration"]}] [test]')
@@ -265,8 +280,8 @@ def test_eval_only_reprints_the_saved_test_metrics(tmp_path, data_root):
         assert 'eval_only' not in json.load(f)             # never saved: a later --resume trains again
 
 
-def test_resume_gives_the_uninterrupted_run(tmp_path, data_root, monkeypatch):
-    args = ['--synthetic', '--datadir', data_root, '--model', 'cresnet20', '--width', '0.125', '--batchsize', '16',
+def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_root, monkeypatch):
+    args = ['--synthetic', '--datadir', tiny_root, '--model', 'cresnet20', '--width', '0.125', '--batchsize', '16',
             '--mode', 'sla+sd', '--num-iterations', '30', '--val-freq', '10']
     sla.main(args + ['--logdir', str(tmp_path / 'a')])
     original_save = sla.Run.save
@@ -295,9 +310,9 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, data_root, monkeypatch):
 
 
 def test_the_papers_command_without_data_says_what_to_do(tmp_path):
-    p = run_script('train_sla.py', '--dataset', 'cifar10', '--datadir', tmp_path / 'data', '--batchsize', 128,
-                   '--num-iterations', 80000, '--val-freq', 1000, '--model', 'cresnet32', '--mode', 'sla',
-                   '--aug', 'rotation', '--logdir', tmp_path / 'logs')
+    p = run_in_process('train_sla.py', '--dataset', 'cifar10', '--datadir', tmp_path / 'data', '--batchsize', 128,
+                       '--num-iterations', 80000, '--val-freq', 1000, '--model', 'cresnet32', '--mode', 'sla',
+                       '--aug', 'rotation', '--logdir', tmp_path / 'logs')
     assert p.returncode == 2 and 'cifar10 data not found' in p.stderr and '--download' in p.stderr
     assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'logs' / 'train_sla')
 
