@@ -201,8 +201,8 @@ def build(name, dev, fast, data_root):
             test_x, test_y = create_dataset.load(sla.dataset, data_root, False, synthetic=True)
             test = create_dataset.DeviceData(test_x[:sla.batch_size], test_y[:sla.batch_size], dev, train_sla.MEAN,
                                              train_sla.STD)
-            return lambda: train_sla.evaluate(net, test, mode, tf, sla.batch_size, sla.temperature,
-                                              sla.with_large_loss)
+            return lambda: train_sla.evaluate(net, test.batches(sla.batch_size), len(test), dev, mode, tf,
+                                              sla.temperature, sla.with_large_loss)
         optimizer = torch.optim.SGD(net.parameters(), lr=sla.lr, momentum=sla.momentum, weight_decay=sla.weight_decay)
         forward = wrap(net)
 
