@@ -378,7 +378,20 @@ class ResNetBasicBlock(nn.Module):
 CRESNET_DEPTHS = {f'cresnet{d}': d for d in (20, 32, 44, 56, 110)}
 
 
-class CifarResNet(nn.Module):
+class HeadsOnTrunk(nn.Module):
+    """A trunk `base_model` (images -> pooled features) with one linear head per output in `classifiers`:
+    features() gives the features, forward() the heads' logits (a tensor for one head, else a tuple)."""
+
+    def features(self, x):
+        return self.base_model(x)
+
+    def forward(self, x):
+        h = self.features(x)
+        out = tuple(head(h) for head in self.classifiers)
+        return out[0] if len(out) == 1 else out
+
+
+class CifarResNet(HeadsOnTrunk):
     """The CIFAR ResNet of the SLA code (ResNet-20/32/44/56/110): conv3x3(16)-BN-ReLU, three stages of
     (depth - 2) / 6 basic blocks with 16, 32, 64 channels (stages 2 and 3 start with stride 2 and the
     option-A shortcut), global average pooling, then one linear head per entry of `heads`.
@@ -413,13 +426,6 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         self.classifiers = nn.ModuleList(nn.Linear(self.feature_dim, n) for n in heads)
 
-    def features(self, x):
-        return self.base_model(x)
-
-    def forward(self, x):
-        h = self.features(x)
-        out = tuple(head(h) for head in self.classifiers)
-        return out[0] if len(out) == 1 else out
 
 
 def cifar_resnet(name, heads, width=1.0):
@@ -468,7 +474,7 @@ def torchvision_resnet(name, num_classes, width=1.0):
     return net
 
 
-class ImageNetResNet(nn.Module):
+class ImageNetResNet(HeadsOnTrunk):
     """A torchvision ResNet's trunk (conv1 .. layer4, global average pooling) with one linear head per entry
     of `heads`, as the SLA code re-wraps torchvision's networks; the interface of CifarResNet."""
 
@@ -480,13 +486,6 @@ class ImageNetResNet(nn.Module):
         self.feature_dim = net.fc.in_features
         self.classifiers = nn.ModuleList(nn.Linear(self.feature_dim, n) for n in heads)
 
-    def features(self, x):
-        return self.base_model(x)
-
-    def forward(self, x):
-        h = self.features(x)
-        out = tuple(head(h) for head in self.classifiers)
-        return out[0] if len(out) == 1 else out
 
 
 # ---- ConvLarge (MetaSemi) ----
