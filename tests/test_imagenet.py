@@ -8,15 +8,16 @@ import io
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import create_dataset as cd
-from conftest import run_script
+from conftest import ROOT, run_script
 from test_distributed import torchrun
-from test_interrupt import interrupted
 from test_pinned_runs import TIMING_COLUMNS
 from utils import UserError, topk_count
 
@@ -223,8 +224,17 @@ def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(tmp_path):
     args = SEMI + ['--epochs', '2', '--data-path', data]
     full = run_script('train_meta_semi.py', *args, '--run_dir', tmp_path / 'a')
     assert full.returncode == 0, full.stderr[-2000:]
-    code, out, err = interrupted('train_meta_semi.py', args, tmp_path / 'b', signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, err[-2000:]
+    # SIGTERM once step 25 is printed (epoch 2 is steps 23-45): a stop mid-epoch, not racing the epoch's end
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_meta_semi.py'), *args, '--run_dir',
+                          str(tmp_path / 'b')], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    for line in p.stdout:
+        if line.startswith('Step 00025'):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
     stopped = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['step']
     assert stopped % 23 != 0                                    # mid-epoch (23 steps an epoch)
     rest = run_script('train_meta_semi.py', '--resume', tmp_path / 'b')
