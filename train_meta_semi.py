@@ -303,9 +303,6 @@ class DeviceStreams:
         return dict(labeled=self.labeled.state_dict(), unlabeled=self.unlabeled.state_dict(),
                     augment_rng=self.augment_rng.get_state())
 
-    def bad_images(self):
-        return []
-
 
 class FileStreams:
     """ImageNet: the labeled, unlabeled and validation images read from their files (an ImageFolder tree,
