@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import create_dataset
 from utils import (UserError, Meters, Run, VGG16, accuracy_count, all_reduce, all_reduce_mean, check_positive,
-                   differentiable_sum, distributed, eager, evaluate_heads, focal_loss, forward_with, hyperparameters,
+                   differentiable_sum, distributed, eager, evaluate_heads, float32_meta, focal_loss, forward_with,
+                   hyperparameters,
                    run_main, stand_in)
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -259,18 +260,19 @@ def meta_gradient_second_order(net, gen, x, y, mask, optimizer, entropy_weight, 
         pass (torch.autograd.forward_ad), still differentiable in the generated labels. No double backward."""
     if method not in ('jvp', 'double_backward'):
         raise UserError(f"second_order must be 'jvp' or 'double_backward', got {method!r}.")
-    ahead = lookahead(net, gen, x, y, mask, optimizer, create_graph=method == 'double_backward')
-    entropy = entropy_weight * entropy_loss(global_rows(ahead.aux_target))
-    if method == 'double_backward':
-        meta_loss = ahead.loss_fast + entropy
-    else:
-        with fwAD.dual_level():
-            dual = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(ahead.params.items(), ahead.v)}
-            pri_d, aux_d = forward_with(net, dual, x)
-            directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, ahead.aux_target))).tangent
-        lr_now = optimizer.param_groups[0]['lr']
-        meta_loss = -lr_now * directional + entropy
-    return generator_gradient(meta_loss, gen), ahead.stats
+    with float32_meta(net, gen):                       # float32 whatever --amp says
+        ahead = lookahead(net, gen, x, y, mask, optimizer, create_graph=method == 'double_backward')
+        entropy = entropy_weight * entropy_loss(global_rows(ahead.aux_target))
+        if method == 'double_backward':
+            meta_loss = ahead.loss_fast + entropy
+        else:
+            with fwAD.dual_level():
+                dual = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(ahead.params.items(), ahead.v)}
+                pri_d, aux_d = forward_with(net, dual, x)
+                directional = fwAD.unpack_dual(sum(multi_task_losses(pri_d, aux_d, y, ahead.aux_target))).tangent
+            lr_now = optimizer.param_groups[0]['lr']
+            meta_loss = -lr_now * directional + entropy
+        return generator_gradient(meta_loss, gen), ahead.stats
 
 
 def focal_loss_target_grad(probs):
@@ -297,21 +299,24 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
     theta^+ and d come from lookahead. The perturbed weights are new tensors, so the network's weights
     and buffers are never modified. L_mt depends on phi only through the generated labels t, so the
     difference is taken on dL_mt/dt (two forward passes of the network, and focal_loss_target_grad, no
-    backward through the network) and sent through the generator in a single backward pass."""
-    ahead = lookahead(net, gen, x, y, mask, optimizer)
-    d = ahead.v
-    eps = fd_eps / flat_norm(d)
-    with torch.no_grad():
-        dldt = []                                            # dL_mt/dt at theta +/- eps d
-        for sign in (1.0, -1.0):
-            shifted = {k: p + sign * eps * dk for (k, p), dk in zip(ahead.params.items(), d)}
-            p2 = F.softmax(forward_with(net, shifted, x)[1], dim=1)
-            dldt.append(focal_loss_target_grad(p2))
-        lr_now = optimizer.param_groups[0]['lr']
-        target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
-    aux_target = ahead.aux_target
-    surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(global_rows(aux_target))
-    return generator_gradient(surrogate, gen), ahead.stats
+    backward through the network) and sent through the generator in a single backward pass.
+    The whole step runs in strict float32 whatever --amp and --tf32 say (float32_meta): the perturbation
+    is a few millionths of each weight, which bf16 or TF32 rounding would swallow."""
+    with float32_meta(net, gen, strict=True):
+        ahead = lookahead(net, gen, x, y, mask, optimizer)
+        d = ahead.v
+        eps = fd_eps / flat_norm(d)
+        with torch.no_grad():
+            dldt = []                                            # dL_mt/dt at theta +/- eps d
+            for sign in (1.0, -1.0):
+                shifted = {k: p + sign * eps * dk for (k, p), dk in zip(ahead.params.items(), d)}
+                p2 = F.softmax(forward_with(net, shifted, x)[1], dim=1)
+                dldt.append(focal_loss_target_grad(p2))
+            lr_now = optimizer.param_groups[0]['lr']
+            target_grad = -lr_now * (dldt[0] - dldt[1]) / (2 * eps)
+        aux_target = ahead.aux_target
+        surrogate = (aux_target * target_grad).sum() + entropy_weight * entropy_loss(global_rows(aux_target))
+        return generator_gradient(surrogate, gen), ahead.stats
 
 
 # ---- the run -----------------------------------------------------------------------------------------

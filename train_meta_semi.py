@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 import create_dataset
 from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, check_positive, \
-    TORCHVISION_RESNETS, device_generator, forward_with, hyperparameters, run_main, semi_network, stand_in, \
-    topk_count, torchvision_resnet
+    TORCHVISION_RESNETS, device_generator, float32_meta, forward_with, hyperparameters, run_main, semi_network, \
+    stand_in, topk_count, torchvision_resnet
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100, svhn or imagenet (its own defaults: IMAGENET below)
@@ -143,23 +143,26 @@ def pseudo_label_gradient(model, x_l, y_l, x_u, epsilon, global_d=False):
 
     Under torchrun d is this process's labeled batch's, as the original computes it per GPU (its norm
     too); with global_d it is averaged over the processes first (the global labeled batch's), and the
-    weights are never perturbed in place, so the processes' weights stay identical either way."""
-    model.eval()
-    params = dict(model.named_parameters())
-    logits_l = model(x_l)
-    loss_l = F.cross_entropy(logits_l, y_l)
-    d = torch.autograd.grad(loss_l, list(params.values()))
-    if global_d:
-        d = all_reduce_mean(d)
-    with torch.no_grad():
-        probs_u = F.softmax(model(x_u), dim=1)
-        eps = epsilon / torch.stack([g.norm() for g in d]).norm().clamp_min(1e-12)
-        shifted = []
-        for sign in (1.0, -1.0):
-            theta = {k: p + (sign * eps) * g for (k, p), g in zip(params.items(), d)}
-            shifted.append(F.softmax(forward_with(model, theta, x_u), dim=1))
-        grad_u = (shifted[0] - shifted[1]) / eps
-    return probs_u, grad_u, logits_l.detach(), loss_l.detach()
+    weights are never perturbed in place, so the processes' weights stay identical either way.
+    The whole step runs in strict float32 whatever --amp and --tf32 say (float32_meta): the perturbation
+    is a few millionths of each weight, which bf16 or TF32 rounding would swallow."""
+    with float32_meta(model, strict=True):
+        model.eval()
+        params = dict(model.named_parameters())
+        logits_l = model(x_l)
+        loss_l = F.cross_entropy(logits_l, y_l)
+        d = torch.autograd.grad(loss_l, list(params.values()))
+        if global_d:
+            d = all_reduce_mean(d)
+        with torch.no_grad():
+            probs_u = F.softmax(model(x_u), dim=1)
+            eps = epsilon / torch.stack([g.norm() for g in d]).norm().clamp_min(1e-12)
+            shifted = []
+            for sign in (1.0, -1.0):
+                theta = {k: p + (sign * eps) * g for (k, p), g in zip(params.items(), d)}
+                shifted.append(F.softmax(forward_with(model, theta, x_u), dim=1))
+            grad_u = (shifted[0] - shifted[1]) / eps
+        return probs_u, grad_u, logits_l.detach(), loss_l.detach()
 
 
 def update_pseudo_labels(probs_u, grad_u, lr_now):

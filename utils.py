@@ -9,13 +9,15 @@
                   ConvLarge, ShakeShake26, semi_network        train_meta_semi, plot_features
   losses          focal_loss, accuracy_count, evaluate_heads   the three MAXL-paper scripts (accuracy_count: all)
   meta-gradients  forward_with                                 model_vgg_maxl, train_meta_semi
-  fast paths      fast_module, eager                           every script (through Run.network), bench
+  fast paths      fast_module, eager, float32_meta,            every script (through Run.network), bench;
+                  strict_float32                               float32_meta: the meta steps
   runs            Run, Meters, stream_seed, device_generator,  every script: run folder, log, metrics,
                   checkpoints, Timer                           best.pt / checkpoint.pt, resume
 
 Everything here is plain PyTorch (>= 2.11) and numpy; nothing imports torchvision.
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import importlib.util
@@ -710,39 +712,84 @@ def fast_module(net, device, amp=False, channels_last=False, compile=False, meth
     """Apply the opt-in fast paths to `net` in place; its parameters, names, state_dict and the
     meta-gradient code (forward_with) are unchanged. Each of `methods` (a batch of images first) gets
     channels-last inputs and runs under bf16 autocast with its floating outputs cast back to float32,
-    so every loss is computed in float32; with `compile` it is torch.compile'd (wrap code that must run
-    uncompiled, such as a double backward, in `eager(net)`). With every flag off, `net` is untouched."""
+    so every loss is computed in float32; with `compile` it is torch.compile'd. Each method is built in
+    its variants (with and without autocast, compiled or not): `float32_meta(net)` runs the ones without
+    autocast (the meta steps), `eager(net)` the uncompiled ones (a double backward). With every flag
+    off, `net` is untouched."""
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    if not (amp or channels_last or compile):
+        return net
+    variants = {}
     for name in methods:
-        method = getattr(net, name)
-        if amp or channels_last:
-            method = _fast_method(method, device, amp, channels_last)
-        if compile:
-            net.__dict__.setdefault('_eager_methods', {})[name] = method
-            method = torch.compile(method)
-        if amp or channels_last or compile:
-            setattr(net, name, method)
+        inner = getattr(net, name)
+        variants[name] = {}
+        for use_amp in {amp, False}:
+            method = _fast_method(inner, device, use_amp, channels_last) if use_amp or channels_last else inner
+            for compiled in {compile, False}:
+                variants[name][use_amp, compiled] = torch.compile(method) if compiled else method
+    net.__dict__['_fast_paths'] = {'variants': variants, 'mode': (amp, compile)}
+    _use_variant(net, amp, compile)
     return net
 
 
-class eager:
+def _use_variant(net, amp, compiled):
+    paths = net.__dict__['_fast_paths']
+    paths['mode'] = (amp, compiled)
+    for name, variants in paths['variants'].items():
+        net.__dict__[name] = variants[amp, compiled]
+
+
+@contextlib.contextmanager
+def _variant(nets, amp=None, compiled=None):
+    """Inside: the fast-path modules among `nets` run their methods with autocast and/or compilation
+    switched as given (None: as they are); the previous variant is back after."""
+    held = [n for n in nets if '_fast_paths' in n.__dict__]
+    saved = [n.__dict__['_fast_paths']['mode'] for n in held]
+    try:
+        for n, (a, c) in zip(held, saved):
+            _use_variant(n, a if amp is None else amp, c if compiled is None else compiled)
+        yield
+    finally:
+        for n, (a, c) in zip(held, saved):
+            _use_variant(n, a, c)
+
+
+def eager(*nets):
     """Context manager: inside it the given modules run their uncompiled methods (second-order MAXL
     differentiates through a gradient, which torch.compile cannot do)."""
+    return _variant(nets, compiled=False)
 
-    def __init__(self, *nets):
-        self.nets = [n for n in nets if '_eager_methods' in n.__dict__]
 
-    def __enter__(self):
-        self.saved = [{k: n.__dict__[k] for k in n.__dict__['_eager_methods']} for n in self.nets]
-        for n in self.nets:
-            n.__dict__.update(n.__dict__['_eager_methods'])
-        return self
+@contextlib.contextmanager
+def strict_float32():
+    """Inside: strict float32 on CUDA (TF32 off for cuDNN convolutions and matmuls, as --tf32 false),
+    whatever the run's --tf32 says; the previous settings are back after. No effect on the CPU."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
 
-    def __exit__(self, *exc):
-        for n, saved in zip(self.nets, self.saved):
-            n.__dict__.update(saved)
-        return False
+
+@contextlib.contextmanager
+def float32_meta(*nets, strict=False):
+    """Context manager for a meta step: inside it `nets` compute in float32 whatever --amp says (their
+    methods without autocast, and any autocast region around switched off), and with `strict` in strict
+    float32 whatever --tf32 says (strict_float32). A meta-gradient taken by finite differences perturbs
+    each weight by a few millionths of itself: bf16 (8 mantissa bits) or TF32 (10) rounding of the
+    perturbed weights would swallow the difference it measures."""
+    device_types = {p.device.type for n in nets for p in n.parameters()} or {'cpu'}
+    with contextlib.ExitStack() as stack:
+        for kind in device_types:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        stack.enter_context(_variant(nets, amp=False))
+        if strict:
+            stack.enter_context(strict_float32())
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------

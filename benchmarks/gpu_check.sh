@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared check a session with a GPU runs (issue 14): the GPU tests, bench.py's rows on CUDA in
-# float32 and with --amp --channels-last (FLOPs and TFLOP/s included), the aggregate of 1, 2 and 4 copies
+# The one prepared check a session with a GPU runs: the GPU tests, the meta-gradients' numerical error
+# (benchmarks/numerics.py: against float64, with the default TF32 state, --tf32 false and --amp), bench.py's
+# rows on CUDA in float32 and with --amp --channels-last (FLOPs and TFLOP/s included), the aggregate of 1, 2 and 4 copies
 # of one small row at once, benchmarks/loader.py on CUDA, the projection of the full paper runs, and, if
 # time is left, the rows in strict float32 (--tf32 false). Everything lands in $OUT as at most 8 files:
 #
-#   summary.json         the machine, torch, GPU, and each part's exit code and seconds
+#   summary.json         the machine, torch, GPU, each part's exit code and seconds, and under 'numerics'
+#                        benchmarks/numerics.py --device cuda (the relative errors of G and of MAXL's gradients)
 #   gpu_check.log        every part's output
 #   bench-float32.json   bench.py --device cuda                       (PyTorch's default: TF32 convolutions)
 #   bench-fast.json      bench.py --device cuda --amp --channels-last
@@ -41,6 +43,7 @@ if [ "$TINY" = 1 ]; then
     CONCURRENT=(--only sla_baseline --concurrent 1,2 --warmup 0 --steps 1 --row-timeout 120)
     LOADER=(--batch 4 --size 64 --workers 0 --images 8 --batches 2 --steps 1)
     TESTS=(tests/test_speed_tools.py -k 'flop_count_of_a_conv or aggregate or project or cuda')
+    NUMERICS=(--only semi_G_convlarge,maxl_first_order --batch 4 --width 0.0625)
 else
     # every method's row, its bare reference and its evaluation batch (human and maxl_meta2_dbl left out)
     ROWS=bare_vgg,single,bare_vgg_mt,maxl_train,maxl_meta2,maxl_meta1,eval_maxl,bare_resnet32,sla_baseline
@@ -48,6 +51,7 @@ else
     BENCH=(--warmup 5 --steps 20 --row-timeout 90)
     CONCURRENT=(--only single --concurrent 1,2,4 --warmup 5 --steps 200 --row-timeout 100)
     LOADER=(--batch 64 --workers 0,4,8,15)
+    NUMERICS=()               # ConvLarge at batch 128, ResNet-18 at 224 px and batch 64, MAXL's VGG-16s at batch 100
     # the tests that need CUDA (they skip without it; the CPU ones run in the normal suite) and the fast
     # paths (--amp --channels-last) of a real script, which runs on CUDA where there is one
     TESTS=(tests/test_speed_tools.py tests/test_imagenet.py::test_gpu_and_cpu_augmentation_give_the_same_crop
@@ -105,6 +109,11 @@ fi
 
 part data 120 "$PY" create_dataset.py --synthetic cifar100 cifar10 --root "$DATA"
 part tests 120 "$PY" -m pytest -q -p no:warnings -p no:cacheprovider -rs "${TESTS[@]}"
+part numerics 100 "$PY" benchmarks/numerics.py --device "$DEVICE" "${NUMERICS[@]}" --json "$OUT/numerics.tmp"
+if [ -f "$OUT/numerics.tmp" ]; then      # into summary.json: $OUT holds at most 8 files
+    "$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); s['numerics']=json.load(open(sys.argv[2])); json.dump(s, open(sys.argv[1], 'w'), indent=1)" "$SUMMARY" "$OUT/numerics.tmp"
+    rm -f "$OUT/numerics.tmp"
+fi
 part bench-float32 180 "$PY" benchmarks/bench.py --device "$DEVICE" --only "$ROWS" "${BENCH[@]}" \
     --data-root "$DATA" --json "$OUT/bench-float32.json"
 part bench-fast 180 "$PY" benchmarks/bench.py --device "$DEVICE" --amp --channels-last --only "$ROWS" "${BENCH[@]}" \

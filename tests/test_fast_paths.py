@@ -1,4 +1,5 @@
 """The opt-in fast paths (bf16 autocast, channels-last, torch.compile) and the sampled gradient cosine."""
+import contextlib
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 import model_vgg_maxl
 import train_meta_semi
 from conftest import run_in_process
-from utils import VGG16, cifar_resnet, eager, fast_module, forward_with, semi_network
+from utils import VGG16, cifar_resnet, eager, fast_module, float32_meta, forward_with, semi_network
 
 CPU = torch.device('cpu')
 
@@ -82,7 +83,7 @@ def test_eager_swaps_compiled_methods_back_and_forth():
     net = VGG16({'classifier': 4}, width=0.0625)
     fast_module(net, CPU, compile=True)
     compiled = net.__dict__['forward']
-    plain = net.__dict__['_eager_methods']['forward']
+    plain = net.__dict__['_fast_paths']['variants']['forward'][False, False]
     assert compiled is not plain
     with eager(net):
         assert net.forward is plain
@@ -173,3 +174,96 @@ def test_benchmark_runs_a_row_on_two_processes(tmp_path, data_root):
     assert info['processes'] == 2 and set(info['rows']) == {'single', 'bare_vgg'}
     row = info['rows']['single']
     assert row['processes'] == 2 and abs(row['images_per_s'] - 2 * 100 / row['median_s']) < 1e-6
+
+
+# ---- meta steps stay float32 under --amp, and strict float32 (no TF32) where they take finite differences ----
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def relative_error(a, b):
+    return ((flat(a) - flat(b)).norm() / flat(b).norm()).item()
+
+
+def meta_gradients(amp, x, y, x_u):
+    """The generator gradients of both MAXL orders and MetaSemi's G, through networks wrapped with the bf16
+    fast path (amp=True) or plain float32 ones, from the same initial weights."""
+    torch.manual_seed(0)
+    psi = [2, 2, 2, 2]
+    gen0, net0 = model_vgg_maxl.label_generator(psi, 0.125), model_vgg_maxl.multi_task_network(psi, 0.125)
+    semi0 = semi_network('convlarge', 10, width=0.125)
+    gen, net, semi = (fast_module(copy.deepcopy(m), CPU, amp=amp) for m in (gen0, net0, semi0))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    mask = model_vgg_maxl.psi_mask(psi)
+    first, _ = model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, mask, optimizer, 0.2, 0.01)
+    second, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer, 0.2)
+    _, G, _, _ = train_meta_semi.pseudo_label_gradient(semi, x, y, x_u, 1e-2)
+    return {'first_order': first, 'second_order': second, 'G': [G]}
+
+
+def test_meta_gradients_through_the_bf16_fast_path_equal_the_float32_ones(monkeypatch):
+    """The meta steps switch autocast off: through networks wrapped for --amp they compute what the plain
+    float32 networks compute (the same operations: measured here equal to the last bit; the bound is
+    float32 rounding). Control: with the switch removed, bf16 reaches the meta steps and they are far off."""
+    torch.manual_seed(1)
+    x, x_u, y = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32), torch.arange(16) % 4
+    ref, amp = meta_gradients(False, x, y, x_u), meta_gradients(True, x, y, x_u)
+    errors = {k: relative_error(amp[k], ref[k]) for k in ref}
+    assert all(e <= 1e-5 for e in errors.values()), errors
+
+    off = lambda *nets, strict=False: contextlib.nullcontext()                  # noqa: E731
+    monkeypatch.setattr(model_vgg_maxl, 'float32_meta', off)
+    monkeypatch.setattr(train_meta_semi, 'float32_meta', off)
+    unguarded = meta_gradients(True, x, y, x_u)
+    errors = {k: relative_error(unguarded[k], ref[k]) for k in ref}
+    assert all(e > 1e-3 for e in errors.values()), errors
+
+
+def tf32_switches():
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.get_float32_matmul_precision())
+
+
+@pytest.mark.parametrize('method', ['maxl_first_order', 'semi_G'])
+def test_finite_difference_steps_run_in_strict_float32_and_restore_the_switches(method):
+    """Every forward of a finite-difference meta step (the perturbed ones, and the ones d is built from)
+    reads TF32 off, whatever the run's settings; the settings are back after the step."""
+    torch.manual_seed(0)
+    saved = tf32_switches()
+    seen = []
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        torch.set_float32_matmul_precision('high')
+        before = tf32_switches()
+        x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 2
+        if method == 'maxl_first_order':
+            psi = [2, 2]
+            gen = model_vgg_maxl.label_generator(psi, 0.0625)
+            net = fast_module(model_vgg_maxl.multi_task_network(psi, 0.0625), CPU, amp=True)
+            net.register_forward_hook(lambda *_: seen.append(tf32_switches()))
+            gen.register_forward_hook(lambda *_: seen.append(tf32_switches()))
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+            model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, model_vgg_maxl.psi_mask(psi), optimizer, 0.2, 0.01)
+            expected_forwards = 5          # generator, net at theta and theta+, net at theta +/- eps d
+        else:
+            model = fast_module(semi_network('convlarge', 10, width=0.0625), CPU, amp=True)
+            model.register_forward_hook(lambda *_: seen.append(tf32_switches()))
+            train_meta_semi.pseudo_label_gradient(model, x, y, torch.randn(8, 3, 32, 32), 1e-2)
+            expected_forwards = 4          # labeled (d), unlabeled, theta +/- eps d
+        assert len(seen) == expected_forwards
+        assert all(s == (False, False, 'highest') for s in seen), seen
+        assert tf32_switches() == before == (True, True, 'high')
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def test_float32_meta_restores_the_amp_variant_after_an_error():
+    net = fast_module(VGG16({'classifier': 4}, width=0.0625), CPU, amp=True)
+    fast = net.forward
+    with pytest.raises(ValueError):
+        with float32_meta(net):
+            assert net.forward is net.__dict__['_fast_paths']['variants']['forward'][False, False]
+            raise ValueError
+    assert net.forward is fast
