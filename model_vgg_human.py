@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import create_dataset
 from model_vgg_single import MEAN, STD, fit
-from utils import Run, UserError, VGG16, accuracy_count, check_positive, focal_loss, hyperparameters, run_main, \
-    stand_in
+from models import VGG16, accuracy_count, focal_loss
+from options import UserError, check_positive, hyperparameters, stand_in
+from utils import Run, run_main
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
 primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
@@ -23,7 +24,7 @@ batch_size = 100
 lr = 0.01                  # plain SGD
 lr_step = 50               # the learning rate is halved every lr_step epochs
 lr_gamma = 0.5
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3]}
 

@@ -17,10 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import create_dataset
-from utils import (UserError, Meters, Run, VGG16, accuracy_count, all_reduce, all_reduce_mean, check_positive,
-                   differentiable_sum, distributed, eager, evaluate_heads, float32_meta, focal_loss, forward_with,
-                   hyperparameters,
-                   run_main, stand_in)
+from distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
+from fast_paths import eager, float32_meta
+from models import VGG16, accuracy_count, evaluate_heads, focal_loss, forward_with
+from options import UserError, check_positive, hyperparameters, stand_in
+from utils import Meters, Run, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -38,7 +39,7 @@ second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode)
 fd_eps = 0.01              # first order: the step is fd_eps / ||d||
 cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
 width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'meta_order': [1, 2], 'second_order': ['jvp', 'double_backward']}
 

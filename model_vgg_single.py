@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, VGG16, accuracy_count, check_positive, evaluate_heads, focal_loss, hyperparameters, \
-    run_main, stand_in
+from models import VGG16, accuracy_count, evaluate_heads, focal_loss
+from options import check_positive, hyperparameters, stand_in
+from utils import Meters, Run, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -20,7 +21,7 @@ lr_step = 50               # the learning rate is halved every lr_step epochs
 lr_gamma = 0.5
 primary_level = 2          # label level of the task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3]}
 

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 import create_dataset
-from utils import UserError, load_checkpoint, pick_device, run_main, semi_network
+from distributed import pick_device
+from models import semi_network
+from options import UserError
+from utils import load_checkpoint, python_command, run_main
 
 # the original's class colours (10 classes); more classes use a colour map
 COLOURS = ['lightcoral', 'darkgreen', 'cadetblue', 'darkorange', 'peru', 'cornflowerblue', 'khaki', 'magenta',
@@ -68,8 +71,8 @@ def locate(args):
     run = args.run or os.path.dirname(args.checkpoint_path or args.index_path) or ('.' if args.checkpoint_path
                                                                                   or args.index_path else '')
     if not run:
-        raise UserError('give the run folder (python plot_features.py RUN) or, as the original, --checkpoint-path '
-                        'RUN/model_best.pth (the run folder is the checkpoint\'s directory).')
+        raise UserError(f'give the run folder ({python_command()} plot_features.py RUN) or, as the original, '
+                        '--checkpoint-path RUN/model_best.pth (the run folder is the checkpoint\'s directory).')
     if args.run and args.checkpoint_path and (os.path.realpath(os.path.dirname(args.checkpoint_path) or '.')
                                               != os.path.realpath(args.run)):
         raise UserError(f'two run folders given: {args.run!r} and the directory of --checkpoint-path '

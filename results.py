@@ -19,7 +19,8 @@ import re
 import statistics
 import sys
 
-from utils import UserError, run_main
+from options import UserError
+from utils import run_main
 
 MAXL_SCRIPTS = ('model_vgg_single', 'model_vgg_human', 'model_vgg_maxl')
 SCRIPTS = MAXL_SCRIPTS + ('train_sla', 'train_meta_semi')

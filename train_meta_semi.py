@@ -26,9 +26,12 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import Meters, Run, UserError, accuracy_count, all_reduce_mean, all_reduce_sum, check_positive, \
-    TORCHVISION_RESNETS, device_generator, float32_meta, forward_with, hyperparameters, run_main, semi_network, \
-    stand_in, topk_count, torchvision_resnet
+import large_datasets
+from distributed import all_reduce_mean, all_reduce_sum
+from fast_paths import float32_meta
+from models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
+from options import UserError, check_positive, hyperparameters, stand_in
+from utils import Meters, Run, device_generator, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100, svhn or imagenet (its own defaults: IMAGENET below)
@@ -63,7 +66,7 @@ workers = 4                    # ImageNet: DataLoader worker processes per proce
 decode_on = 'auto'             # ImageNet: decode and augment JPEGs on the gpu (nvJPEG, when training on CUDA) or the cpu workers
 test_batch_size = 100          # images per process per evaluation batch (the ImageNet code: 50)
 num_classes = 1000             # ImageNet from RecordIO files: the number of classes (their labels are inside the records)
-# ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see utils.RUN_OPTIONS)
+# ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 RESNETS = TORCHVISION_RESNETS
 CHOICES = {'dataset': sorted(create_dataset.DATASETS) + ['imagenet'], 'architecture': ['convlarge', 'shakeshake'] + RESNETS,
@@ -90,7 +93,7 @@ def validate(cfg):
                    'workers', 'test_batch_size',
                    allow_zero=('warmup', 'weight', 'weight_decay', 'epochs', 'warmup_epochs', 'label_fraction',
                                'workers'))
-    large = create_dataset.is_large(cfg.dataset)
+    large = large_datasets.is_large(cfg.dataset)
     if large != (cfg.architecture in RESNETS):
         raise UserError(f'-a {cfg.architecture} does not go with --dataset {cfg.dataset}: ImageNet trains a torchvision '
                         f'ResNet ({", ".join(RESNETS)}), CIFAR and SVHN convlarge or shakeshake.')
@@ -317,35 +320,35 @@ class FileStreams:
     def __init__(self, cfg, run, path):
         self.cfg, self.run, dev = cfg, run, run.device
         self.decode_on = cfg.decode_on if cfg.decode_on != 'auto' else ('gpu' if dev.type == 'cuda' else 'cpu')
-        if create_dataset.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
-            rec = {s: create_dataset.RecordFile(os.path.join(path, s + '.rec'), os.path.join(path, s + '.idx'))
-                   for s in create_dataset.RECORDIO_SPLITS}
+        if large_datasets.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
+            rec = {s: large_datasets.RecordFile(os.path.join(path, s + '.rec'), os.path.join(path, s + '.idx'))
+                   for s in large_datasets.RECORDIO_SPLITS}
             self.labeled_src, self.unlabeled_src, self.test_src = rec['train_label'], rec['train_unlabel'], rec['val']
             labeled_idx, unlabeled_idx = np.arange(len(self.labeled_src)), np.arange(len(self.unlabeled_src))
             self.num_classes = cfg.num_classes
             self.where = f'RecordIO files in {path}'
         else:
-            train = create_dataset.large_split(cfg.dataset, path, 'train')
-            self.test_src, self.num_classes = create_dataset.large_split(cfg.dataset, path, 'test'), len(train.classes)
+            train = large_datasets.large_split(cfg.dataset, path, 'train')
+            self.test_src, self.num_classes = large_datasets.large_split(cfg.dataset, path, 'test'), len(train.classes)
             list_file = os.path.join(run.dir, 'train_labeled.txt')
             if run.resuming or cfg.label_list:
-                labeled_idx, unlabeled_idx = create_dataset.label_list_split(
+                labeled_idx, unlabeled_idx = large_datasets.label_list_split(
                     train, list_file if run.resuming else cfg.label_list)
             else:
                 labeled_idx, unlabeled_idx = create_dataset.fraction_label_split(train.labels, cfg.label_fraction,
                                                                                  cfg.seed)
             if run.rank == 0 and not run.resuming:
-                create_dataset.write_lines(list_file, [train.paths[i].replace(os.sep, '/') for i in labeled_idx])
+                large_datasets.write_lines(list_file, [train.paths[i].replace(os.sep, '/') for i in labeled_idx])
             self.labeled_src = self.unlabeled_src = train
             self.where = f'image folders in {path}; labeled images listed in {list_file}'
         self.pools = labeled_idx, unlabeled_idx
         self.sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(self.test_src)}
         size = cfg.image_size
-        self.augment = create_dataset.Augment(True, size, scale=(0.1, 1.0), ratio=(0.8, 1.25))
-        self.test_augment = create_dataset.Augment(False, size)
+        self.augment = large_datasets.Augment(True, size, scale=(0.1, 1.0), ratio=(0.8, 1.25))
+        self.test_augment = large_datasets.Augment(False, size)
 
     def _batches(self, source, plan, augment, seed, start, stop):
-        return create_dataset.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
+        return large_datasets.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
                                       self.cfg.workers, self.decode_on)
 
     def start(self, step, state, total, use_unlabeled):
@@ -354,7 +357,7 @@ class FileStreams:
         for k, (source, pool) in enumerate(zip((self.labeled_src, self.unlabeled_src), self.pools)):
             if k == 1 and not use_unlabeled:
                 break
-            plan = create_dataset.BatchPlan(pool, B, 2 * seed + k, 'cycle')
+            plan = large_datasets.BatchPlan(pool, B, 2 * seed + k, 'cycle')
             self.streams.append(self._batches(source, plan, self.augment, 2 * seed + k, step, total))
         self.iters = [iter(b) for b in self.streams]
 
@@ -365,7 +368,7 @@ class FileStreams:
 
     def test_batches(self):
         n, B = len(self.test_src), self.cfg.test_batch_size * self.run.world
-        plan = create_dataset.BatchPlan(np.arange(n), B, 0, 'ordered')
+        plan = large_datasets.BatchPlan(np.arange(n), B, 0, 'ordered')
         batches = self._batches(self.test_src, plan, self.test_augment, 0, 0, -(-n // B))
         self.streams.append(batches)
         return batches
@@ -389,8 +392,8 @@ def main(argv=None):
 
     def check(cfg):                       # values, then the data files and the label budget: before any writing
         validate(cfg)
-        if create_dataset.is_large(cfg.dataset):
-            data['path'] = create_dataset.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+        if large_datasets.is_large(cfg.dataset):
+            data['path'] = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
             return
         data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
         if not cfg.label_fraction:
@@ -402,7 +405,7 @@ def main(argv=None):
     cfg, dev, log = run.cfg, run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
     log.print(f'MetaSemi ({mode}) with {cfg}')
-    large = create_dataset.is_large(cfg.dataset)
+    large = large_datasets.is_large(cfg.dataset)
     if large and dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     data = FileStreams(cfg, run, data['path']) if large else DeviceStreams(cfg, run, data['arrays'])

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from utils import CRESNET_DEPTHS, TORCHVISION_RESNETS, ImageNetResNet, Meters, Run, UserError, Wrapped, \
-    accuracy_count, all_reduce_sum, check_positive, cifar_resnet, device_generator, dist_env, hyperparameters, \
-    load_checkpoint, resolve_run_dir, run_main, stand_in
+import large_datasets
+from distributed import Wrapped, all_reduce_sum, dist_env
+from models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
+from options import UserError, check_positive, hyperparameters, stand_in
+from utils import Meters, Run, device_generator, load_checkpoint, resolve_run_dir, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10, cifar100, or a large dataset: imagenet, imagenetN (N of its classes, e.g. imagenet100), tiny-imagenet, inat, cub200, indoor, dogs (their own defaults: LARGE, IMAGENET below)
@@ -51,7 +53,7 @@ class_list = ''              # imagenetN: a file naming its N classes, one class
 image_size = 224             # ImageNet: training crop size (evaluation: shorter side to size*256/224, centre crop)
 workers = 4                  # ImageNet: DataLoader worker processes per process (file reading; decoding on the CPU path)
 decode_on = 'auto'           # ImageNet: decode and augment JPEGs on the gpu (nvJPEG, when training on CUDA) or the cpu workers
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see utils.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)     # CIFAR: the original normalisation, pixels in [-1, 1] (large: ImageNet's)
@@ -66,7 +68,7 @@ IMAGENET = dict(total_steps=900000, eval_every=10000)
 
 
 def presets(cfg, given):
-    if create_dataset.is_large(cfg.dataset):
+    if large_datasets.is_large(cfg.dataset):
         for name, value in (LARGE | (IMAGENET if cfg.dataset == 'imagenet' else {})).items():
             if name not in given:
                 setattr(cfg, name, value)
@@ -343,31 +345,31 @@ def large_files(cfg):
     classes.txt), relabelled 0..N-1 in list order, in train and test alike (the original's labels.index(y)).
     --num-samples-per-class K: K images of every class drawn with the seed (a resumed run: its
     train_indices.txt). The original reads both from split files that are not public."""
-    path = create_dataset.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
-    ds, n_subset = create_dataset.large_record(cfg.dataset)
+    path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+    ds, n_subset = large_datasets.large_record(cfg.dataset)
     run_dir = resolve_run_dir(cfg.resume, cfg.logdir, 'train_sla') if cfg.resume else None
-    test = create_dataset.large_split(cfg.dataset, path, 'test')
-    train = None if cfg.eval_only else create_dataset.large_split(cfg.dataset, path, 'train')
+    test = large_datasets.large_split(cfg.dataset, path, 'test')
+    train = None if cfg.eval_only else large_datasets.large_split(cfg.dataset, path, 'train')
     classes = (test if train is None else train).classes
     if n_subset:
         known, what = {name: k for k, name in enumerate(classes)}, 'classes (class folder names)'
         given = os.path.join(run_dir, CLASSES) if run_dir else cfg.class_list
         if given:
-            picked = create_dataset.read_names(given, known, what)
+            picked = large_datasets.read_names(given, known, what)
             if len(picked) != n_subset:
                 raise UserError(f'{given!r} names {len(picked)} classes, but --dataset {cfg.dataset} asks for '
                                 f'{n_subset}: use --dataset imagenet{len(picked)}, or a list of {n_subset} classes.')
         else:
-            picked = create_dataset.draw_classes(len(classes), n_subset, cfg.seed)
+            picked = large_datasets.draw_classes(len(classes), n_subset, cfg.seed)
         classes = [classes[k] for k in picked]
         in_test = {name: k for k, name in enumerate(test.classes)}
         missing = [name for name in classes if name not in in_test]
         if missing:
             raise UserError(f'the test split in {path} has no folder for {len(missing)} of the chosen classes '
                             f'(first: {missing[:3]}): its class folders must be those of the training split.')
-        test = create_dataset.class_subset(test, [in_test[name] for name in classes])
+        test = large_datasets.class_subset(test, [in_test[name] for name in classes])
         if train is not None:
-            train = create_dataset.class_subset(train, picked)
+            train = large_datasets.class_subset(train, picked)
     elif ds.layout == 'folder' and test.classes != classes:
         raise UserError(f'the test split in {path} has other class folders than the training split '
                         f'({len(test.classes)} and {len(classes)}): the labels would not match. Give both splits '
@@ -414,8 +416,8 @@ class FileSplits:
         self.n_classes = len(files['classes'])
         self.decode_on = cfg.decode_on if cfg.decode_on != 'auto' else ('gpu' if run.device.type == 'cuda' else 'cpu')
         size = cfg.image_size
-        self.augment = create_dataset.Augment(True, size, jitter=create_dataset.large_record(cfg.dataset)[0].jitter)
-        self.test_augment = create_dataset.Augment(False, size)
+        self.augment = large_datasets.Augment(True, size, jitter=large_datasets.large_record(cfg.dataset)[0].jitter)
+        self.test_augment = large_datasets.Augment(False, size)
         self.stream, self.done = None, []          # the training stream; the evaluation streams since bad_images()
         self.sizes = {'train': 0 if self.pool is None else len(self.pool), 'test': len(self.test)}
         kept = []
@@ -426,18 +428,18 @@ class FileSplits:
         self.where = f'image files in {files["path"]}' + (f'; {", ".join(kept)}' if kept else '')
         if run.rank == 0 and not run.resuming:       # under torchrun every process chose the same
             if files['subset']:
-                create_dataset.write_lines(os.path.join(run.dir, CLASSES), files['classes'])
+                large_datasets.write_lines(os.path.join(run.dir, CLASSES), files['classes'])
             if cfg.num_samples_per_class:
                 create_dataset.write_indices(os.path.join(run.dir, TRAIN_INDICES), self.pool)
 
     def _batches(self, source, plan, augment, seed, start, stop):
-        return create_dataset.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
+        return large_datasets.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
                                       self.cfg.workers, self.decode_on)
 
     def start(self, iteration, state):
         """The training stream from global batch `iteration` on (batch_size images per process)."""
         seed = self.cfg.seed
-        plan = create_dataset.BatchPlan(self.pool, self.cfg.batch_size * self.run.world, 2 * seed, 'sample')
+        plan = large_datasets.BatchPlan(self.pool, self.cfg.batch_size * self.run.world, 2 * seed, 'sample')
         self.stream = self._batches(self.train, plan, self.augment, 2 * seed + 1, iteration, self.cfg.total_steps)
         self.batches = iter(self.stream)
 
@@ -446,7 +448,7 @@ class FileSplits:
 
     def eval_batches(self, split):
         n, B = len(self.test), self.cfg.batch_size * self.run.world
-        plan = create_dataset.BatchPlan(np.arange(n), B, 0, 'ordered')
+        plan = large_datasets.BatchPlan(np.arange(n), B, 0, 'ordered')
         batches = self._batches(self.test, plan, self.test_augment, 0, 0, -(-n // B))
         self.done.append(batches)
         return batches, n
@@ -467,9 +469,9 @@ class FileSplits:
 # ---- the run ---------------------------------------------------------------------------------------------
 
 def validate(cfg):
-    large = create_dataset.is_large(cfg.dataset)
+    large = large_datasets.is_large(cfg.dataset)
     if not large and cfg.dataset not in CIFAR:
-        known = ', '.join(CIFAR + list(create_dataset.LARGE_DATASETS))
+        known = ', '.join(CIFAR + list(large_datasets.LARGE_DATASETS))
         raise UserError(f'--dataset {cfg.dataset!r} is not one of: {known}, or imagenetN (N of ImageNet\'s classes, '
                         'e.g. imagenet100).')
     if large != (cfg.model in TORCHVISION_RESNETS):
@@ -486,7 +488,7 @@ def validate(cfg):
         raise UserError(f'--momentum must be in [0, 1), got {cfg.momentum}.')
     if cfg.eval_only and not cfg.resume:
         raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
-    if cfg.class_list and not (large and create_dataset.large_record(cfg.dataset)[1]):
+    if cfg.class_list and not (large and large_datasets.large_record(cfg.dataset)[1]):
         raise UserError(f'--class-list names the classes of an ImageNet subset (--dataset imagenetN, e.g. '
                         f'imagenet100); --dataset {cfg.dataset} has no class list: drop --class-list.')
     if cfg.class_list and not cfg.resume and not os.path.isfile(cfg.class_list):
@@ -512,13 +514,13 @@ def main(argv=None):
 
     def check(cfg):                 # the values, then a large dataset's files, classes and samples: before any writing
         validate(cfg)
-        if create_dataset.is_large(cfg.dataset):
+        if large_datasets.is_large(cfg.dataset):
             files.update(large_files(cfg))
 
     run = Run('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES,
               presets=presets)
     cfg, dev, log = run.cfg, run.device, run.log
-    large = create_dataset.is_large(cfg.dataset)
+    large = large_datasets.is_large(cfg.dataset)
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 

@@ -107,7 +107,7 @@ if [ "$DEVICE" != cpu ] && ! grep -q '"gpu": "' "$SUMMARY"; then
     exit 1
 fi
 
-part data 120 "$PY" create_dataset.py --synthetic cifar100 cifar10 --root "$DATA"
+part data 120 "$PY" create_dataset.py --synthetic cifar100 cifar10 --data_root "$DATA"
 part tests 120 "$PY" -m pytest -q -p no:warnings -p no:cacheprovider -rs "${TESTS[@]}"
 part numerics 100 "$PY" benchmarks/numerics.py --device "$DEVICE" "${NUMERICS[@]}" --json "$OUT/numerics.tmp"
 if [ -f "$OUT/numerics.tmp" ]; then      # into summary.json: $OUT holds at most 8 files

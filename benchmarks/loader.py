@@ -1,7 +1,7 @@
 """The ImageNet input pipeline alone beside the training step it feeds, in images per second, so a reader
 sees which one bounds an epoch.
 
-Loader rows: create_dataset.Batches (the scripts' own pipeline) over JPEGs of ImageNet's typical size
+Loader rows: large_datasets.Batches (the scripts' own pipeline) over JPEGs of ImageNet's typical size
 (500 x 375 or 375 x 500, quality 90, written here), MetaSemi's training transform (random-resized crop of
 area 0.1-1 and aspect 0.8-1.25 to --size, flip) or the evaluation one; decoding and augmenting in 0, 1,
 2, ... DataLoader workers on the CPU ('cpu'; workers 0 = the main process alone: the figure per CPU core)
@@ -31,9 +31,10 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import create_dataset as cd  # noqa: E402
+import large_datasets as cd  # noqa: E402
 import train_meta_semi  # noqa: E402
-from utils import pick_device, torchvision_resnet  # noqa: E402
+from distributed import pick_device  # noqa: E402
+from models import torchvision_resnet  # noqa: E402
 
 IMAGENET_TRAIN, IMAGENET_UNLABELED = 1_281_167, 1_153_050
 

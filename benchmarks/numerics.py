@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 import model_vgg_maxl  # noqa: E402
 import train_meta_semi  # noqa: E402
-from utils import fast_module, semi_network, set_tf32, torchvision_resnet  # noqa: E402
+from fast_paths import fast_module, strict_float32  # noqa: E402
+from models import semi_network, torchvision_resnet  # noqa: E402
 
 # case: (network, image size, batch on CUDA, batch on the CPU)
 CASES = {
@@ -50,16 +51,9 @@ def unguarded():
         model_vgg_maxl.float32_meta, train_meta_semi.float32_meta = saved
 
 
-@contextlib.contextmanager
 def tf32_state(tf32):
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.get_float32_matmul_precision())
-    set_tf32(tf32)
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+    """PyTorch's default TF32 state (tf32=True, as the scripts leave it) or strict float32 (--tf32 false)."""
+    return contextlib.nullcontext() if tf32 else strict_float32()
 
 
 def make_case(name, device, batch, width):

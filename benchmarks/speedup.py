@@ -35,7 +35,7 @@ def main():
     p.add_argument('--data-root', default=os.path.join(bench.ROOT, 'dataset'))
     args = p.parse_args()
     import torch
-    from utils import pick_device
+    from distributed import pick_device
     dev = pick_device(args.device)
     fast = dict(amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     if not args.goals and not any(fast.values()):

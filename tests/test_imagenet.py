@@ -16,10 +16,12 @@ import pytest
 import torch
 
 import create_dataset as cd
+import large_datasets as ld
 from conftest import ROOT, run_script
 from test_distributed import torchrun
 from test_pinned_runs import TIMING_COLUMNS
-from utils import UserError, topk_count
+from models import topk_count
+from options import UserError
 
 CPU = torch.device('cpu')
 
@@ -49,26 +51,26 @@ def tree(tmp_path_factory):
 
 
 def test_the_folder_reader_lists_classes_sorted_and_images_in_order(tree):
-    files = cd.image_folder(str(tree / 'train'))
+    files = ld.image_folder(str(tree / 'train'))
     assert files.classes == ['n01', 'n02', 'n03']
     assert files.paths == ['n01/n01_0.JPEG', 'n01/n01_1.JPEG', 'n01/n01_2.JPEG', 'n02/n02_0.JPEG', 'n02/n02_1.JPEG',
                            'n02/n02_2.JPEG', 'n02/n02_3.JPEG', 'n03/n03_0.JPEG', 'n03/n03_1.JPEG', 'n03/n03_9.JPEG']
     assert files.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
     data, label = files.read(4)
     assert label == 1 and data == jpeg(picture(1), 'L')
-    sub = cd.class_subset(files, [2, 0])                      # relabelled in list order
+    sub = ld.class_subset(files, [2, 0])                      # relabelled in list order
     assert sub.classes == ['n03', 'n01'] and sub.labels.tolist() == [1, 1, 1, 0, 0, 0]
 
 
 def test_a_missing_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match='one sub-folder per class'):
-        cd.image_folder(str(tmp_path / 'nope'))
+        ld.image_folder(str(tmp_path / 'nope'))
 
 
 def test_a_corrupt_image_is_replaced_within_its_batch_and_named(tree):
-    files = cd.image_folder(str(tree / 'train'))
-    plan = cd.BatchPlan(np.arange(len(files)), 10, 0, 'ordered')
-    batches = cd.Batches(files, plan, cd.Augment(False, 16), CPU, 0, 0, 1, workers=0)
+    files = ld.image_folder(str(tree / 'train'))
+    plan = ld.BatchPlan(np.arange(len(files)), 10, 0, 'ordered')
+    batches = ld.Batches(files, plan, ld.Augment(False, 16), CPU, 0, 0, 1, workers=0)
     (x, y), = list(batches)
     assert x.shape == (10, 3, 16, 16) and torch.isfinite(x).all()
     assert len(batches.bad) == 1 and batches.bad[0][0].endswith('n03_9.JPEG')
@@ -76,33 +78,33 @@ def test_a_corrupt_image_is_replaced_within_its_batch_and_named(tree):
 
 
 def test_the_inaturalist_reader(tmp_path):
-    cd.write_synthetic_folder('inat', str(tmp_path))
-    files = cd.large_split('inat', str(tmp_path / 'inat2018'), 'train')
-    ds = cd.LARGE_DATASETS['inat']
+    ld.write_synthetic_folder('inat', str(tmp_path))
+    files = ld.large_split('inat', str(tmp_path / 'inat2018'), 'train')
+    ds = ld.LARGE_DATASETS['inat']
     assert len(files) == ds.synthetic_classes * ds.synthetic_per_class[0]
     assert np.bincount(files.labels).tolist() == [ds.synthetic_per_class[0]] * ds.synthetic_classes
     assert files.paths[0].startswith('train_val2018/') and os.path.isfile(files.path(0))
     bad = tmp_path / 'bad.json'
     bad.write_text('{"images": 3}')
     with pytest.raises(UserError, match='iNaturalist annotations'):
-        cd.inat_annotations(str(tmp_path), 'bad.json')
+        ld.inat_annotations(str(tmp_path), 'bad.json')
 
 
 def test_the_recordio_reader_reads_im2rec_records(tmp_path):
-    magic = cd._MAGIC_BYTES
+    magic = ld._MAGIC_BYTES
     images = [jpeg(picture(k)) for k in range(3)] + [b'\xff\xd8' + b'ab' + magic + b'cdef' + magic + magic + b'x']
     labels = [5, 0, 999, 7]
-    payloads = [cd.recordio_pack(y, img, key=k, pack_label=k % 2 == 0) for k, (y, img) in enumerate(zip(labels, images))]
-    cd.write_recordio(str(tmp_path / 'val.rec'), str(tmp_path / 'val.idx'), payloads)
+    payloads = [ld.recordio_pack(y, img, key=k, pack_label=k % 2 == 0) for k, (y, img) in enumerate(zip(labels, images))]
+    ld.write_recordio(str(tmp_path / 'val.rec'), str(tmp_path / 'val.idx'), payloads)
     raw = (tmp_path / 'val.rec').read_bytes()
     assert raw.count(magic) > len(payloads)                    # the last one was split into parts
-    rec = cd.RecordFile(str(tmp_path / 'val.rec'), str(tmp_path / 'val.idx'))
+    rec = ld.RecordFile(str(tmp_path / 'val.rec'), str(tmp_path / 'val.idx'))
     assert len(rec) == 4
     for k in (3, 0, 2, 1):                                     # any order: each record found by its offset
         assert rec.read(k) == (images[k], labels[k])
     (tmp_path / 'bad.idx').write_text('0\t4\n')                # an offset inside a record
     with pytest.raises(ValueError, match='magic'):
-        cd.RecordFile(str(tmp_path / 'val.rec'), str(tmp_path / 'bad.idx')).read(0)
+        ld.RecordFile(str(tmp_path / 'val.rec'), str(tmp_path / 'bad.idx')).read(0)
 
 
 def test_the_ten_percent_split_is_class_balanced_and_reproducible():
@@ -128,49 +130,49 @@ def test_crop_boxes_follow_random_resized_crop():
     rng = np.random.default_rng(0)
     for _ in range(300):
         h, w = rng.integers(20, 400, 2)
-        u = torch.from_numpy(rng.random(cd.N_DRAWS))
-        top, left, ch, cw = cd.crop_box(u, h, w, (0.1, 1.0), (0.8, 1.25))
+        u = torch.from_numpy(rng.random(ld.N_DRAWS))
+        top, left, ch, cw = ld.crop_box(u, h, w, (0.1, 1.0), (0.8, 1.25))
         assert 0 <= top <= h - ch and 0 <= left <= w - cw and ch > 0 and cw > 0
-    u = torch.full((cd.N_DRAWS,), 0.5)
-    top, left, ch, cw = cd.crop_box(u, 100, 100, (0.1, 1.0), (0.8, 1.25))     # area 0.55, ratio 1
+    u = torch.full((ld.N_DRAWS,), 0.5)
+    top, left, ch, cw = ld.crop_box(u, 100, 100, (0.1, 1.0), (0.8, 1.25))     # area 0.55, ratio 1
     assert (ch, cw) == (74, 74) and (top, left) == (13, 13)
     u[:20] = 1.0                                   # whole area at aspect 1.25 never fits a square: fall back
-    assert cd.crop_box(u, 100, 100, (1.0, 1.0), (1.25, 1.25)) == (10, 0, 80, 100)
+    assert ld.crop_box(u, 100, 100, (1.0, 1.0), (1.25, 1.25)) == (10, 0, 80, 100)
 
 
 def test_the_decode_on_device_path_gives_the_cpu_paths_batches(tree):
     """decode_on 'gpu' reads bytes in the workers and decodes/augments in the main process (on CUDA with
     nvJPEG); run on the CPU device it must give exactly the batches of the CPU path."""
-    files = cd.image_folder(str(tree / 'train'))
-    plan = cd.BatchPlan(np.arange(9), 4, 1, 'cycle')            # the corrupt one left out
-    aug = cd.Augment(True, 24, jitter=True)
-    a = list(cd.Batches(files, plan, aug, CPU, 5, 0, 4, workers=0, decode_on='cpu'))
-    b = list(cd.Batches(files, plan, aug, CPU, 5, 0, 4, workers=1, decode_on='gpu'))
+    files = ld.image_folder(str(tree / 'train'))
+    plan = ld.BatchPlan(np.arange(9), 4, 1, 'cycle')            # the corrupt one left out
+    aug = ld.Augment(True, 24, jitter=True)
+    a = list(ld.Batches(files, plan, aug, CPU, 5, 0, 4, workers=0, decode_on='cpu'))
+    b = list(ld.Batches(files, plan, aug, CPU, 5, 0, 4, workers=1, decode_on='gpu'))
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    c = list(cd.Batches(files, plan, aug, CPU, 6, 0, 4, workers=0))
+    c = list(ld.Batches(files, plan, aug, CPU, 6, 0, 4, workers=0))
     assert not torch.equal(a[0][0], c[0][0])                    # the draws follow the seed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_gpu_and_cpu_augmentation_give_the_same_crop():
     img = torch.from_numpy(picture(3, 200, 300)).permute(2, 0, 1).contiguous()
-    u = cd.image_draws(0, 1, 2)
-    aug = cd.Augment(True, 64, scale=(0.1, 1.0), ratio=(0.8, 1.25))
+    u = ld.image_draws(0, 1, 2)
+    aug = ld.Augment(True, 64, scale=(0.1, 1.0), ratio=(0.8, 1.25))
     cpu, gpu = aug(img, u), aug(img.cuda(), u).cpu()
     assert (cpu.int() - gpu.int()).abs().max() <= 1             # the same box; resampling may round apart
     data = jpeg(picture(3, 200, 300))
     from torchvision.io import decode_jpeg
     on_gpu = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device='cuda').cpu()
-    assert (on_gpu.float() - cd.decode(data).float()).abs().mean() < 2       # nvJPEG vs libjpeg
+    assert (on_gpu.float() - ld.decode(data).float()).abs().mean() < 2       # nvJPEG vs libjpeg
 
 
 def test_the_batch_plans_are_functions_of_the_step():
-    plan = cd.BatchPlan(np.arange(10, 20), 4, 7, 'cycle')
+    plan = ld.BatchPlan(np.arange(10, 20), 4, 7, 'cycle')
     seen = np.concatenate([plan.batch(t) for t in range(5)])          # 20 = two passes
     assert sorted(seen[:10]) == list(range(10, 20)) and sorted(seen[10:]) == list(range(10, 20))
-    assert np.array_equal(cd.BatchPlan(np.arange(10, 20), 4, 7, 'cycle').batch(3), plan.batch(3))
-    s = cd.BatchPlan(np.arange(1000), 64, 7, 'sample')
+    assert np.array_equal(ld.BatchPlan(np.arange(10, 20), 4, 7, 'cycle').batch(3), plan.batch(3))
+    s = ld.BatchPlan(np.arange(1000), 64, 7, 'sample')
     assert len(set(s.batch(5).tolist())) == 64 and not np.array_equal(s.batch(5), s.batch(6))
 
 
@@ -191,7 +193,7 @@ def test_meta_semi_on_imagenet_runs_and_writes_its_split(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert ' * Prec@1 ' in p.stdout and 'top-5 error' in p.stdout
     (row,) = rows(tmp_path / 'r')
-    ds = cd.LARGE_DATASETS['imagenet']
+    ds = ld.LARGE_DATASETS['imagenet']
     n = ds.synthetic_classes * ds.synthetic_per_class[0]
     assert int(row['step']) == math.ceil(n * 0.9 / 8) and float(row['epoch']) == 1.0
     assert 0 <= float(row['test_acc']) <= float(row['test_acc5']) <= 1 and row['bad_images'] == '0'
@@ -246,15 +248,15 @@ def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(tmp_path):
 
 def test_meta_semi_reads_the_originals_recordio_files(tmp_path):
     """The nine files of the original's im2rec step (here the .rec/.idx pairs), made from the stand-in."""
-    cd.write_synthetic_folder('imagenet', str(tmp_path))
-    train, test = (cd.large_split('imagenet', str(tmp_path / 'imagenet'), s) for s in ('train', 'test'))
+    ld.write_synthetic_folder('imagenet', str(tmp_path))
+    train, test = (ld.large_split('imagenet', str(tmp_path / 'imagenet'), s) for s in ('train', 'test'))
     labeled, unlabeled = cd.fraction_label_split(train.labels, 0.1, 0)
     rec = tmp_path / 'rec'
     rec.mkdir()
     for name, files, index in (('train_label', train, labeled), ('train_unlabel', train, unlabeled),
                                ('val', test, range(len(test)))):
-        cd.write_recordio(str(rec / f'{name}.rec'), str(rec / f'{name}.idx'),
-                          [cd.recordio_pack(int(files.labels[i]), files.read(i)[0], key=k) for k, i in enumerate(index)])
+        ld.write_recordio(str(rec / f'{name}.rec'), str(rec / f'{name}.idx'),
+                          [ld.recordio_pack(int(files.labels[i]), files.read(i)[0], key=k) for k, i in enumerate(index)])
     p = run_script('train_meta_semi.py', *[a for a in SEMI if a != '--synthetic'], '--num-classes', '10', '--data', rec,
                    '--epochs', '1', '--run_dir', tmp_path / 'r')
     assert p.returncode == 0, p.stderr[-2000:]
@@ -265,7 +267,7 @@ def test_meta_semi_reads_the_originals_recordio_files(tmp_path):
 
 def test_meta_semi_imagenet_under_torchrun(tmp_path):
     data = str(tmp_path / 'data')
-    cd.write_synthetic_folder('imagenet', os.path.join(data, 'synthetic'))      # not written by two at once
+    ld.write_synthetic_folder('imagenet', os.path.join(data, 'synthetic'))      # not written by two at once
     p = torchrun('train_meta_semi.py', *SEMI, '--batch-size', '4', '--total-steps', '3', '--epochs', '0',
                  '--test-freq', '3', '--data-path', data, '--run_dir', tmp_path / 'r')
     assert p.returncode == 0, p.stderr[-3000:]
@@ -276,9 +278,9 @@ def test_meta_semi_imagenet_under_torchrun(tmp_path):
 
 def test_the_synthetic_tree_is_in_the_real_layout_with_imagenets_odd_files(tmp_path):
     from PIL import Image
-    cd.main(['--root', str(tmp_path), '--synthetic', 'imagenet', 'dogs'])
+    cd.main(['--data_root', str(tmp_path), '--synthetic', 'imagenet', 'dogs'])
     root = tmp_path / 'synthetic' / 'imagenet'
-    files = cd.large_split('imagenet', str(root), 'train')
+    files = ld.large_split('imagenet', str(root), 'train')
     assert len(files.classes) == 10 and all(p.endswith('.JPEG') for p in files.paths)
     assert sorted(os.listdir(root)) == ['train', 'val'] and (tmp_path / 'synthetic' / 'dogs' / 'test').is_dir()
     kinds, sizes = set(), set()
@@ -288,7 +290,7 @@ def test_the_synthetic_tree_is_in_the_real_layout_with_imagenets_odd_files(tmp_p
             sizes.add(im.size)
     assert {('JPEG', 'RGB'), ('JPEG', 'L'), ('JPEG', 'CMYK'), ('PNG', 'RGB')} <= kinds
     assert len({w / h for w, h in sizes}) > 20
-    x = cd.decode(files.read(0)[0])
+    x = ld.decode(files.read(0)[0])
     assert x.dtype == torch.uint8 and x.shape[0] == 3
     with pytest.raises(UserError, match='no stand-in for bogus'):
         cd.main(['--root', str(tmp_path), '--synthetic', 'bogus'])
@@ -297,11 +299,11 @@ def test_the_synthetic_tree_is_in_the_real_layout_with_imagenets_odd_files(tmp_p
 def test_processes_share_an_evaluation_pass_exactly_once(tree):
     """Two processes' shares of an ordered pass cover every image once, also when the last global batch
     has fewer images than processes (that process skips it)."""
-    files = cd.image_folder(str(tree / 'train'))
+    files = ld.image_folder(str(tree / 'train'))
     n = len(files)
-    plan = cd.BatchPlan(np.arange(n - 1), 4, 0, 'ordered')      # 9 images: 4, 4, 1 (the last: rank 1's alone)
+    plan = ld.BatchPlan(np.arange(n - 1), 4, 0, 'ordered')      # 9 images: 4, 4, 1 (the last: rank 1's alone)
     seen = []
     for rank in (0, 1):
-        b = cd.Batches(files, plan, cd.Augment(False, 8), CPU, 0, 0, 3, shard=(rank, 2), workers=0)
+        b = ld.Batches(files, plan, ld.Augment(False, 8), CPU, 0, 0, 3, shard=(rank, 2), workers=0)
         seen += [len(y) for _, y in b]
     assert sorted(seen) == [1, 2, 2, 2, 2] and sum(seen) == n - 1

@@ -3,6 +3,7 @@
 once, the last checkpoint intact."""
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,15 @@ def interrupted(script, args, run_dir, signum=signal.SIGINT, times=1):
     return p.returncode, out, err
 
 
+def assert_resume_hint(err, script, run_dir):
+    """The printed command continues the run with this very Python (the project's .venv/bin/python)."""
+    m = re.search(rf'Continue with: (\S+) {script[:-3]}\.py --resume {re.escape(str(run_dir))}', err)
+    assert m, err[-2000:]
+    python = m.group(1)
+    assert os.path.samefile(os.path.join(ROOT, python), sys.executable) if python != 'python' else \
+        sys.prefix == sys.base_prefix
+
+
 def rows(run_dir):
     with open(run_dir / 'metrics.csv') as f:
         return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
@@ -52,7 +62,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_end(tmp_path, tiny_root
     assert full.returncode == 0, full.stderr[-2000:]
     code, out, err = interrupted(script, args, tmp_path / 'b')
     assert code == 130, err[-2000:]
-    assert f'Continue with: python {script[:-3]}.py --resume {tmp_path / "b"}' in err and 'Traceback' not in err
+    assert 'Traceback' not in err
+    assert_resume_hint(err, script, tmp_path / 'b')
     assert len(rows(tmp_path / 'b')) < len(rows(tmp_path / 'a'))          # it stopped before the end
     rest = run_in_process(script, '--resume', tmp_path / 'b')
     assert rest.returncode == 0, rest.stderr[-2000:]

@@ -17,7 +17,8 @@ import model_vgg_maxl
 import model_vgg_single
 import utils
 from conftest import run_in_process
-from utils import UserError, run_main
+from options import UserError
+from utils import run_main
 
 TINY = ['--synthetic', '--width', '0.0625', '--batch_size', '100', '--device', 'cpu']
 

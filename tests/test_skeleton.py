@@ -12,8 +12,10 @@ import model_vgg_maxl
 import model_vgg_single
 import train_meta_semi
 import train_sla
+import options
 import utils
-from utils import Meters, UserError, hyperparameters, parse_config
+from options import UserError, hyperparameters, parse_config
+from utils import Meters
 
 SCRIPTS = [model_vgg_single, model_vgg_human, model_vgg_maxl, train_sla, train_meta_semi]
 
@@ -29,7 +31,7 @@ def test_hyperparameters_are_the_plain_lowercase_values_of_the_top():
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda m: m.__name__)
 def test_every_script_has_the_shared_run_options_under_one_name(script):
     cfg, _ = parse_config(script.HYPERPARAMETERS, [])
-    for name in utils.RUN_OPTIONS:
+    for name in options.RUN_OPTIONS:
         assert hasattr(cfg, name), name
     for old in ('datadir', 'data_path', 'batchsize', 'wd', 'num_iterations', 'val_freq', 'test_freq', 'save_path',
                 'gpu', 'T'):
@@ -66,7 +68,7 @@ def test_choices_are_checked_once_for_typed_and_for_resumed_values(tmp_path):
     cfg, _ = parse_config(train_sla.HYPERPARAMETERS, [])
     cfg.mode = 'nope'                             # as a hand-edited config.json would bring it back
     with pytest.raises(UserError, match="--mode 'nope' is not one of"):
-        utils.check_choices(cfg, train_sla.CHOICES)
+        options.check_choices(cfg, train_sla.CHOICES)
 
 
 def test_meters_sum_on_the_device_and_divide_by_their_counts():

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import create_dataset as cd
+import large_datasets as ld
 import train_sla as sla
 from conftest import ROOT
 from test_distributed import torchrun
 from test_pinned_runs import TIMING_COLUMNS
-from utils import parse_config, run_main
+from options import parse_config
+from utils import run_main
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +71,7 @@ def test_sla_sd_resnet18_on_imagenet_and_an_exact_resume(tmp_path, root):
 
 
 def test_an_undecodable_image_is_replaced_counted_and_named(tmp_path, capsys):
-    path = cd.large_data_path('imagenet', str(tmp_path / 'data'), synthetic=True)      # a tree of its own
+    path = ld.large_data_path('imagenet', str(tmp_path / 'data'), synthetic=True)      # a tree of its own
     broken = os.path.join(path, 'val', 'n09000003', sorted(os.listdir(os.path.join(path, 'val', 'n09000003')))[0])
     with open(broken, 'wb') as f:
         f.write(b'\xff\xd8 not a JPEG after all')
@@ -114,7 +116,7 @@ def test_imagenet_n_classes_are_a_seeded_draw_relabelled_in_list_order(root):
     draw = lambda seed: sla.large_files(config(tiny(root, '--dataset', 'imagenet4', '--seed', seed)))  # noqa: E731
     a, b = draw(0), draw(1)
     names = sorted(os.listdir(os.path.join(root, 'synthetic', 'imagenet', 'train')))
-    assert a['classes'] == [names[k] for k in cd.draw_classes(10, 4, 0)] and len(set(a['classes'])) == 4
+    assert a['classes'] == [names[k] for k in ld.draw_classes(10, 4, 0)] and len(set(a['classes'])) == 4
     assert a['classes'] != b['classes']
     for split in (a['train'], a['test']):
         folders = [p.split(os.sep)[0] for p in split.paths]
@@ -131,7 +133,7 @@ def test_inat_reads_its_json_lists_and_steps_the_rate_every_third(tmp_path, root
     (row,) = rows(tmp_path / 'run')
     assert float(row['lr']) == pytest.approx(1e-4) and 'test_agg_acc' in row      # StepLR, step 1: 0.1 x 0.1^3
     files = sla.large_files(config(tiny(root, '--dataset', 'inat')))
-    assert files['train'].paths[0].startswith('train_val2018/') and cd.large_record('inat')[0].jitter
+    assert files['train'].paths[0].startswith('train_val2018/') and ld.large_record('inat')[0].jitter
 
 
 # ---- schedule and presets ----

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model_vgg_single
+import fast_paths
+import options
 import utils
 from conftest import ROOT, run_script
 
@@ -42,7 +44,7 @@ def flags():
 
 def test_pytorch_default_is_what_the_default_run_leaves(tmp_path, backend_flags):
     assert backend_flags == (True, False, 'highest')         # PyTorch's own default: TF32 for cuDNN convolutions only
-    cfg, _ = utils.parse_config(model_vgg_single.HYPERPARAMETERS, [])
+    cfg, _ = options.parse_config(model_vgg_single.HYPERPARAMETERS, [])
     assert cfg.tf32 is True
     utils.Run('model_vgg_single', model_vgg_single.HYPERPARAMETERS, ['--logdir', str(tmp_path), '--device', 'cpu'])
     assert flags() == backend_flags                           # untouched
@@ -189,7 +191,7 @@ def test_strict_float32_convolutions_on_cuda_match_float64(backend_flags):
     torch.manual_seed(0)
     x, w = torch.randn(32, 64, 32, 32), torch.randn(128, 64, 3, 3)
     ref = F.conv2d(x.double(), w.double(), padding=1)
-    utils.set_tf32(False)
+    fast_paths.set_tf32(False)
     strict = F.conv2d(x.cuda(), w.cuda(), padding=1).cpu().double()
     assert ((strict - ref).abs().max() / ref.abs().max()).item() < 1e-5      # float32 arithmetic: ~1e-7
     a, b = torch.randn(512, 512), torch.randn(512, 512)
