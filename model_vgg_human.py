@@ -1,48 +1,108 @@
-"""Human: the MAXL paper's human-labelled auxiliary baseline. A multi-task VGG-16 learns the primary task
-(level 2, 20 classes) together with the human-defined finer labels (level 3, 100 classes) of 4-level CIFAR-100.
+"""Human, Random and K-means: the MAXL paper's auxiliary-label baselines. A multi-task VGG-16 learns the
+primary task (level 2, 20 classes) together with auxiliary labels (level 3's 100 classes: 5 under each
+primary class): the human-defined finer labels of 4-level CIFAR-100 (Human), or an assignment of every
+training image to one of its primary class's auxiliary classes, drawn at random (Random) or by k-means
+clusters of autoencoder features inside each primary class (K-means).
 
     python model_vgg_human.py                                  # the paper's setting (real CIFAR-100)
+    python model_vgg_human.py --aux_labels kmeans              # the K-means baseline (random: Random)
     python model_vgg_human.py --synthetic --epochs 3 --width 0.125
 """
 import sys
+import time
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 import create_dataset
+from auxiliary_labels import check_levels, hierarchy_groups, kept_labels, kmeans_labels, random_labels, \
+    require_sklearn
 from model_vgg_single import MEAN, STD, fit
-from models import VGG16, accuracy_count, focal_loss
-from options import UserError, check_positive, hyperparameters, stand_in
-from utils import Run, run_main
+from models import VGG16, AutoEncoder, accuracy_count, focal_loss
+from options import check_positive, hyperparameters, stand_in
+from utils import STREAM_STRIDE, Run, device_generator, run_main, stream_seed
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
 primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
-aux_level = 3              # must refine primary_level (every auxiliary class inside one primary class)
+aux_level = 3              # must refine primary_level; primary class i gets as many auxiliary classes as this level has under it
+aux_labels = 'human'       # human: the hierarchy's level-aux_level labels; random: one class of the image's group drawn uniformly; kmeans: k-means clusters of autoencoder features inside each primary class
 width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
 epochs = 200
 batch_size = 100
 lr = 0.01                  # plain SGD
 lr_step = 50               # the learning rate is halved every lr_step epochs
 lr_gamma = 0.5
+# K-means only: the convolutional autoencoder whose codes are clustered, trained once before the run
+ae_width = 32              # kmeans: channels of the autoencoder's first conv (then 2x and 4x: 32x32 -> 16 -> 8 -> 4 pixels)
+ae_code = 128              # kmeans: length of the code, the feature vector clustered
+ae_epochs = 20             # kmeans: autoencoder passes over the training images (no augmentation)
+ae_batch_size = 128        # kmeans: autoencoder batch
+ae_lr = 1e-3               # kmeans: Adam learning rate, mean squared reconstruction error of the normalised pixels
+kmeans_n_init = 10         # kmeans: k-means restarts per primary class (scikit-learn keeps the lowest inertia)
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3]}
+AUX_LABELS = ['human', 'random', 'kmeans']
+CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'aux_labels': AUX_LABELS}
+AUX = 4                    # Random, K-means: the column of the training labels that holds the assignment
+
 
 def validate(cfg):
-    if cfg.aux_level <= cfg.primary_level:
-        raise UserError(f'aux_level {cfg.aux_level} does not refine primary_level {cfg.primary_level}: the auxiliary '
-                        f'labels must be a finer level of the hierarchy (a larger level number), e.g. '
-                        f'--primary_level 2 --aux_level 3.')
+    check_levels(cfg.primary_level, cfg.aux_level)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
+    if cfg.aux_labels == 'kmeans':
+        check_positive(cfg, 'ae_width', 'ae_code', 'ae_epochs', 'ae_batch_size', 'ae_lr', 'kmeans_n_init')
+        if not cfg.resume:                         # a resumed run reads its labels back: no clustering
+            require_sklearn()
     create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
 
 
-def check_refines(labels, primary_level, aux_level):
-    """Every auxiliary class lies inside a single primary class (checked on the data itself)."""
-    pairs = np.unique(labels[:, [aux_level, primary_level]], axis=0)
-    if len(pairs) != len(np.unique(pairs[:, 0])):
-        raise UserError(f'in this data, level {aux_level} does not refine level {primary_level} (some auxiliary '
-                        f'class appears under two primary classes); pick levels of one hierarchy.')
+# ---- K-means: an autoencoder trained on the training images; its codes are clustered -----------------------
+
+def autoencoder_features(images, cfg, device, log):
+    """Train the autoencoder on the training images (normalised as the VGG sees them, not augmented) for
+    ae_epochs with Adam on the mean squared reconstruction error; return the codes of all of them, in
+    order ([N, ae_code], float64). Seeded with its own streams: the global random state is left as it
+    was, so the multi-task network starts from the same weights as the same seed's Human run."""
+    data = create_dataset.DeviceData(images, np.zeros(len(images), dtype=np.int64), device, MEAN, STD)
+    seed = stream_seed(cfg.seed, STREAM_STRIDE - 1)           # a stream no epoch uses
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        ae = AutoEncoder(cfg.ae_width, cfg.ae_code).to(device)
+        optimizer = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr)
+        order = device_generator(device, seed)
+        for epoch in range(cfg.ae_epochs):
+            total = torch.zeros((), device=device)
+            for x, _ in data.batches(cfg.ae_batch_size, order, shuffle=True):
+                loss = F.mse_loss(ae(x), x)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(x)
+            log.print(f'autoencoder epoch {epoch + 1}/{cfg.ae_epochs}: reconstruction error {float(total) / len(data):.4f}')
+        ae.eval()
+        with torch.no_grad():
+            codes = torch.cat([ae.encoder(x) for x, _ in data.batches(500)])
+    return codes.double().cpu().numpy()
+
+
+def assign_labels(run, train_x, train_y, groups):
+    """Random or K-means: each training image's auxiliary class, drawn once for the run (kept_labels)."""
+    cfg = run.cfg
+    primary = train_y[:, cfg.primary_level]
+
+    def draw():
+        if cfg.aux_labels == 'random':
+            return random_labels(primary, groups, cfg.seed)
+        start = time.perf_counter()
+        features = autoencoder_features(train_x, cfg, run.device, run.log)
+        middle = time.perf_counter()
+        labels = kmeans_labels(features, primary, groups, cfg.seed, cfg.kmeans_n_init)
+        run.log.print(f'k-means labels: autoencoder {middle - start:.1f} s, k-means {time.perf_counter() - middle:.1f} s')
+        return labels
+
+    return kept_labels(run, primary, groups, draw)
 
 
 def train_step(net, x, y1, y2, optimizer):
@@ -62,15 +122,24 @@ def main(argv=None):
     cfg = run.cfg
     pri, aux = cfg.primary_level, cfg.aux_level
     train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
-    check_refines(train_y, pri, aux)
+    groups = hierarchy_groups(train_y, pri, aux)          # primary class i -> its auxiliary classes
+    # Human: the hierarchy's labels, scored on the test set too. Random / K-means: the run's assignment as
+    # an extra column; the test set has no such labels (no rule gives an unseen image a Random class, and
+    # the comparison is on the primary task), so only the primary head is tested.
+    levels, tested = (pri, aux), (pri, aux)
+    if cfg.aux_labels != 'human':
+        train_y = np.concatenate([train_y, assign_labels(run, train_x, train_y, groups)[:, None]], axis=1)
+        levels, tested = (pri, AUX), (pri,)
     train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)
     test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
     test = create_dataset.DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
     net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
                              'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))
     # trained exactly as Single, with the second head's loss added to every step
-    fit(run, net, train, test, (pri, aux), lambda net, x, labels, optimizer: train_step(net, x, labels[:, pri],
-                                                                                         labels[:, aux], optimizer))
+    first, second = levels
+    fit(run, net, train, test, levels, lambda net, x, labels, optimizer: train_step(net, x, labels[:, first],
+                                                                                    labels[:, second], optimizer),
+        tested=tested)
 
 
 if __name__ == '__main__':

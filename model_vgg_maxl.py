@@ -17,10 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import create_dataset
+from auxiliary_labels import hierarchy_psi
 from distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
 from fast_paths import eager, float32_meta
 from models import VGG16, accuracy_count, evaluate_heads, focal_loss, forward_with
-from options import UserError, check_positive, hyperparameters, stand_in
+from options import UserError, check_positive, hyperparameters, parse_config, stand_in
 from utils import Meters, Run, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -33,6 +34,7 @@ lr_step = 50               # both learning rates are halved every lr_step epochs
 lr_gamma = 0.5
 psi = [5] * 20             # auxiliary classes per primary class (len = primary classes)
 primary_level = 2          # label level of the primary task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+aux_level = 0              # 1, 2 or 3 (finer than primary_level): psi = the number of that level's classes under each primary class, as Human's head; 0: psi as given
 entropy_weight = 0.2       # weight of the generator's entropy regulariser
 meta_order = 2             # 2: exact second-order meta-gradient; 1: finite-difference first order
 second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode) or 'double_backward' (same value)
@@ -41,9 +43,25 @@ cos_every = 10             # log the primary/auxiliary gradient cosine every N t
 width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'primary_level': [0, 1, 2, 3], 'meta_order': [1, 2], 'second_order': ['jvp', 'double_backward']}
+CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'meta_order': [1, 2],
+           'second_order': ['jvp', 'double_backward']}
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
+
+
+def hierarchy_sizes(cfg, typed):
+    """--aux_level L > 0: psi is the hierarchy's (hierarchy_psi), the auxiliary sizes of the Human,
+    Random and K-means runs of the same pair. A --psi typed with it must be that same list: one of the
+    two says what psi is, and a different one is refused rather than silently dropped."""
+    if not cfg.aux_level:
+        return
+    sizes = hierarchy_psi(cfg.primary_level, cfg.aux_level)
+    if 'psi' in typed and cfg.psi != sizes:
+        raise UserError(f'--psi {",".join(map(str, cfg.psi))} and --aux_level {cfg.aux_level} disagree: with '
+                        f'--aux_level, psi is the hierarchy\'s {",".join(map(str, sizes))} (the level-{cfg.aux_level} '
+                        f'classes under each level-{cfg.primary_level} class). Give one of the two: drop --psi, or '
+                        'drop --aux_level to train with your psi.')
+    cfg.psi = sizes
 
 
 def validate(cfg):
@@ -323,7 +341,14 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
 # ---- the run -----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    run = Run('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
+    description = __doc__.split('\n\n')[0]
+    typed = parse_config(HYPERPARAMETERS, argv, description, CHOICES)[1]     # which flags this command line gives
+
+    def check(cfg):                            # psi from the hierarchy with --aux_level, then the values
+        hierarchy_sizes(cfg, typed)
+        validate(cfg)
+
+    run = Run('model_vgg_maxl', HYPERPARAMETERS, argv, description, validate=check, choices=CHOICES)
     cfg, dev = run.cfg, run.device
 
     # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.

@@ -43,12 +43,12 @@ def train_step(net, x, y, optimizer):
     return {'loss': loss.detach() * len(x), 'acc': accuracy_count(logits, y)}
 
 
-def fit(run, net, train, test, levels, step):
+def fit(run, net, train, test, levels, step, tested=None):
     """Train `net` as the MAXL code trains its baselines (Human reuses this with a second head): plain
     SGD, its learning rate multiplied by lr_gamma every lr_step epochs; each epoch one shuffled pass of
     augmented batches through step(forward, x, labels, optimizer) (forward: run.wrap(net)) -> sums over
     the batch (loss, acc and, for a second head, aux_loss, aux_acc), then one test of head k against
-    label level levels[k]."""
+    label column tested[k] (default: levels; Random and K-means test their primary head only)."""
     cfg = run.cfg
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -56,6 +56,8 @@ def fit(run, net, train, test, levels, step):
     state = run.restore(objects, epoch=-1, step=0)
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     n_steps, heads = state['step'], [('PRI', ''), ('AUX', 'aux_')][:len(levels)]
+    tested = levels if tested is None else tested
+    test_heads = heads[:len(tested)]
     per_epoch = train.num_batches(cfg.batch_size)
     run.describe([net], {'train': len(train), 'test': len(test)}, cfg.epochs * per_epoch)
 
@@ -71,17 +73,17 @@ def fit(run, net, train, test, levels, step):
         bar.close()
         run.check_finite(meters, first_step, scheduler.get_last_lr()[0])     # stops before testing or saving
         run.sync_buffers(net)
-        tested = evaluate_heads(net, test, levels, cfg.batch_size)     # [loss, acc] per head
+        scores = evaluate_heads(net, test, tested, cfg.batch_size)     # [loss, acc] per tested head
         scheduler.step()
         seconds = run.timer.lap()
 
         tr = meters.means()
         row = dict(epoch=epoch, step=n_steps, **{f'train_{p}{k}': tr[p + k] for _, p in heads for k in ('loss', 'acc')},
-                   **{f'test_{p}{k}': v for (_, p), pair in zip(heads, zip(tested[0::2], tested[1::2]))
+                   **{f'test_{p}{k}': v for (_, p), pair in zip(test_heads, zip(scores[0::2], scores[1::2]))
                       for k, v in zip(('loss', 'acc'), pair)}, seconds=seconds)
         text = ' || '.join(f'{split} [LOSS|ACC.]: ' + ' '.join(
-            f'{head} {row[f"{prefix}_{p}loss"]:.4f} {row[f"{prefix}_{p}acc"]:.4f}' for head, p in heads)
-            for split, prefix in (('TRAIN', 'train'), ('TEST', 'test')))
+            f'{head} {row[f"{prefix}_{p}loss"]:.4f} {row[f"{prefix}_{p}acc"]:.4f}' for head, p in split_heads)
+            for split, prefix, split_heads in (('TRAIN', 'train', heads), ('TEST', 'test', test_heads)))
         run.end_epoch(objects, row, text)
         run.stop_if_asked()                   # Ctrl-C / SIGTERM: after the epoch, whose checkpoint is written
     run.finish_epochs()

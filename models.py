@@ -6,6 +6,7 @@ forward_with (a network run with other weights, for the meta-gradients).
   torchvision_resnet, ImageNetResNet     train_meta_semi and train_sla on the large datasets (torchvision's
                                          ResNet family with a width multiplier; ImageNetResNet: with SLA's heads)
   ConvLarge, ShakeShake26, semi_network  train_meta_semi on CIFAR and SVHN; plot_features
+  AutoEncoder                            model_vgg_human --aux_labels kmeans (the features it clusters)
   focal_loss, evaluate_heads             the MAXL paper's three scripts
   accuracy_count, topk_count             every script
   forward_with                           model_vgg_maxl, train_meta_semi (virtual and perturbed weights)
@@ -361,6 +362,28 @@ def semi_network(architecture, num_classes, width=1.0):
     if architecture == 'shakeshake':
         return ShakeShake26(num_classes, width)
     raise UserError(f'unknown architecture {architecture!r}: use convlarge or shakeshake.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The K-means baseline's autoencoder (model_vgg_human --aux_labels kmeans: its codes are clustered)
+# ----------------------------------------------------------------------------------------------------
+
+class AutoEncoder(nn.Module):
+    """Three stride-2 4x4 convolutions (w, 2w, 4w channels; 32 -> 16 -> 8 -> 4 pixels, ReLU) and a linear
+    layer to the code; the decoder mirrors it (linear, three stride-2 transposed convolutions)."""
+
+    def __init__(self, w, code):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w, 4, 2, 1), nn.ReLU(), nn.Conv2d(w, 2 * w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * w * 16, code))
+        self.decoder = nn.Sequential(
+            nn.Linear(code, 4 * w * 16), nn.ReLU(), nn.Unflatten(1, (4 * w, 4, 4)),
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(w, 3, 4, 2, 1))
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'dev
                'decode_on'}
 
 # Keys the method or dataset columns already show.
-METHOD_KEYS = {'meta_order', 'second_order', 'mode', 'aug', 'baseline', 'mix_up', 'dataset', 'synthetic'}
+METHOD_KEYS = {'meta_order', 'second_order', 'mode', 'aug', 'baseline', 'mix_up', 'dataset', 'synthetic', 'aux_labels'}
 
 # Keys always shown in the setting column (besides any that differ between the rows of a script).
 HEADLINE = {'model_vgg_single': ['primary_level', 'width'],
@@ -167,6 +167,14 @@ def setting(cfg):
         out.pop('second_order', None)                      # only the exact meta-gradient has two forms
     if script == 'model_vgg_maxl' and out.get('meta_order') == 2:
         out.pop('fd_eps', None)
+    if script == 'model_vgg_maxl':
+        out.pop('aux_level', None)                         # psi says what it computes (--aux_level only sets it)
+    if script == 'model_vgg_human':
+        if out.get('aux_labels') != 'kmeans':              # the autoencoder and k-means: K-means only
+            for k in [k for k in out if k.startswith('ae_') or k == 'kmeans_n_init']:
+                out.pop(k)
+        if out.get('aux_labels') == 'human':               # as a run from before --aux_labels
+            out.pop('aux_labels')
     if script == 'train_sla':
         if out.get('mode') == 'baseline':
             out.pop('aug', None)
@@ -203,8 +211,8 @@ def methods_of(cfg):
     script = cfg['script']
     if script == 'model_vgg_single':
         return [('Single', 'test_acc')]
-    if script == 'model_vgg_human':
-        return [('Human', 'test_acc')]
+    if script == 'model_vgg_human':            # Human, or the Random / K-means auxiliary labels
+        return [({'random': 'Random', 'kmeans': 'K-means'}.get(cfg.get('aux_labels'), 'Human'), 'test_acc')]
     if script == 'model_vgg_maxl':
         order = (f'second order ({cfg.get("second_order")})' if cfg.get('meta_order') == 2 else 'first order')
         return [(f'MAXL, {order}', 'test_acc')]

@@ -17,6 +17,7 @@ augmentation (DA), and multi-task learning with a transformation head (MT).
     torchrun --nproc_per_node 8 train_sla.py --dataset imagenet --datadir /path/to/ILSVRC/Data/CLS-LOC \
         --batchsize 16 --mode sla+sd --aug rotation --with-large-loss     # ResNet-18, 900,000 iterations of 128
 """
+import math
 import os
 import sys
 
@@ -45,6 +46,7 @@ weight_decay = 1e-4          # on every parameter, batch norm and biases include
 temperature = 1.0            # self-distillation temperature T (sla+sd; the original's --T)
 with_large_loss = False      # multiply the joint (da/mt: transformation-averaged) loss by M (the original: for ImageNet)
 num_samples_per_class = 0    # > 0: train on this many images per class (limited-data setting); 0: all
+imbalance_ratio = 1.0        # CIFAR, R > 1: long-tailed training set (Cui et al. 2019), class i keeps floor(n_max * R^(-i/(C-1))) of the n_max images a class has after the validation split (drawn balanced then); 1: off
 val_size = 5000              # CIFAR: validation images held out of the training file (synthetic: at most a tenth of it)
 val_indices = ''             # CIFAR: a file of validation indices to use instead of drawing them (.txt or the original's .npy)
 width = 1.0                  # channel multiplier of the ResNet (1 = the paper's)
@@ -266,16 +268,75 @@ def lr_scheduler(optimizer, dataset, total_steps):
 TRAIN_INDICES, CLASSES = 'train_indices.txt', 'classes.txt'      # kept in the run folder, read back on resume
 
 
+# ---- long-tailed CIFAR (--imbalance_ratio R): the exponential profile of Cui et al. (CVPR 2019) -------------
+
+def long_tailed_counts(n_max, n_classes, ratio):
+    """Images kept of class i = 0..C-1: floor(n_max * ratio^(-i / (C - 1))): n_max of class 0 down to
+    n_max / ratio of the last (CIFAR-10, n_max 5,000, R 100: 5,000, 2,997, ..., 83, 50)."""
+    return [math.floor(n_max * ratio ** (-i / (n_classes - 1))) for i in range(n_classes)]
+
+
+def long_tailed_split(labels, n_val, ratio, seed):
+    """(train, val) indices into a class-balanced training file, for --imbalance_ratio. Each class's
+    images in an order drawn with the seed: the first n_val // C are validation images (the validation
+    set stays balanced, as the test set; the best checkpoint is chosen on it as in the balanced runs), and
+    of the n_max left to every class (the balanced pool), class i keeps the next long_tailed_counts[i]."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    n_classes = len(counts)
+    if counts.min() != counts.max():
+        raise UserError(f'--imbalance_ratio makes a long-tailed set out of a balanced training file, but this one '
+                        f'has {counts.min()} to {counts.max()} images per class. Use the official files or the '
+                        'stand-in as written (both balanced).')
+    per_val = n_val // n_classes
+    if per_val < 1:
+        raise UserError(f'--imbalance_ratio draws the validation images class-balanced, but {n_val} validation '
+                        f'images are fewer than one per class ({n_classes} classes): raise --val-size.')
+    n_max = int(counts[0]) - per_val
+    keep = long_tailed_counts(n_max, n_classes, ratio)
+    if keep[-1] < 1:
+        raise UserError(f'--imbalance_ratio {ratio:g} leaves class {n_classes - 1} no training image: each class has '
+                        f'{n_max} after the validation split, so the ratio can be at most {n_max}.')
+    rng = np.random.default_rng([seed, 2])
+    train, val = [], []
+    for c in range(n_classes):
+        order = rng.permutation(np.flatnonzero(labels == c))
+        val.append(order[:per_val])
+        train.append(order[per_val:per_val + keep[c]])
+    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)
+
+
+def long_tailed_draw(cfg):
+    """A new long-tailed run's (train, val) indices, drawn and checked before anything is written."""
+    labels = load_split(cfg, train=True)[1]
+    train, val = long_tailed_split(labels, create_dataset.sla_val_size(len(labels), cfg.val_size, cfg.synthetic),
+                                   cfg.imbalance_ratio, cfg.seed)
+    world = dist_env()[2]
+    if cfg.batch_size * world > len(train):
+        raise UserError(f'--batch-size {cfg.batch_size} x {world} process(es) exceeds the {len(train)} images of the '
+                        f'long-tailed training set (a batch holds distinct images): lower it.')
+    return train, val
+
+
 def load_split(cfg, train):
     images, labels = create_dataset.load(cfg.dataset, cfg.data_root, train, stand_in(cfg), cfg.download)
     return images, create_dataset.DATASETS[cfg.dataset].primary_labels(labels)     # CIFAR-100: the 100 fine classes
 
 
-def split_indices(cfg, run_dir, labels, write=True):
+def split_indices(cfg, run_dir, labels, write=True, drawn=None):
     """Train / val indices into the training file. A new run draws the validation images with the seed
-    (or loads --val-indices) and writes them to the run folder; a resumed run reads them back from there."""
+    (or loads --val-indices) and writes them to the run folder; a resumed run reads them back from there.
+    drawn: a new long-tailed run's (train, val), drawn by long_tailed_draw, written here the same way."""
     n = len(labels)
     val_file, train_file = os.path.join(run_dir, 'val_indices.txt'), os.path.join(run_dir, TRAIN_INDICES)
+    if drawn is not None:
+        if write:
+            create_dataset.write_indices(val_file, drawn[1])
+            create_dataset.write_indices(train_file, drawn[0])
+        return drawn
+    if cfg.imbalance_ratio > 1 and not os.path.isfile(train_file):
+        raise UserError(f'{train_file} is missing: a long-tailed run (--imbalance_ratio) keeps its training images '
+                        'there and cannot continue without them. Start a new run instead.')
     if os.path.isfile(val_file):
         val = create_dataset.sla_load_indices(val_file, n)
     elif cfg.val_indices:
@@ -302,7 +363,7 @@ class DeviceSplits:
     is saved with the checkpoint."""
     evaluated = ('val', 'test')             # the best is kept on the first
 
-    def __init__(self, cfg, run):
+    def __init__(self, cfg, run, drawn=None):
         dev = run.device
         self.n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
         # batch_size per process, as the original's per GPU
@@ -312,7 +373,11 @@ class DeviceSplits:
         if cfg.eval_only:
             return
         train_x, train_y = load_split(cfg, train=True)
-        train_idx, val_idx = split_indices(cfg, run.dir, train_y, write=run.rank == 0)
+        train_idx, val_idx = split_indices(cfg, run.dir, train_y, write=run.rank == 0, drawn=drawn)
+        if cfg.imbalance_ratio > 1:
+            counts = np.bincount(train_y[train_idx], minlength=self.n_classes)
+            run.log.print(f'long-tailed training set (--imbalance_ratio {cfg.imbalance_ratio:g}): {counts[0]:,} images '
+                          f'of class 0 down to {counts[-1]:,} of class {self.n_classes - 1}, {len(train_idx):,} in all')
         self.train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD, shard=run.shard)
         self.splits['val'] = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD,
                                                        shard=run.shard)
@@ -486,6 +551,19 @@ def validate(cfg):
                    allow_zero=('num_samples_per_class', 'weight_decay', 'workers'))
     if not 0 <= cfg.momentum < 1:
         raise UserError(f'--momentum must be in [0, 1), got {cfg.momentum}.')
+    if not 1 <= cfg.imbalance_ratio < math.inf:
+        raise UserError(f'--imbalance_ratio must be at least 1 (1: the balanced training set; R > 1: the first class '
+                        f'R times the last), got {cfg.imbalance_ratio}.')
+    if cfg.imbalance_ratio > 1:
+        if large:
+            raise UserError(f'--imbalance_ratio makes long-tailed CIFAR-10/100; --dataset {cfg.dataset} has no such '
+                            'setting here: drop --imbalance_ratio, or train on --dataset cifar10 or cifar100.')
+        if cfg.num_samples_per_class:
+            raise UserError('--imbalance_ratio and --num-samples-per-class both set how many images every class '
+                            'keeps: give one of the two.')
+        if cfg.val_indices:
+            raise UserError('--imbalance_ratio draws the validation images itself, class-balanced, so that every '
+                            'class keeps the same pool for its long-tailed share: drop --val-indices.')
     if cfg.eval_only and not cfg.resume:
         raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
     if cfg.class_list and not (large and large_datasets.large_record(cfg.dataset)[1]):
@@ -516,6 +594,8 @@ def main(argv=None):
         validate(cfg)
         if large_datasets.is_large(cfg.dataset):
             files.update(large_files(cfg))
+        elif cfg.imbalance_ratio > 1 and not cfg.resume:      # a resumed run reads its indices back
+            files['drawn'] = long_tailed_draw(cfg)
 
     run = Run('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES,
               presets=presets)
@@ -526,7 +606,10 @@ def main(argv=None):
 
     # ---- data: CIFAR 45,000 train / 5,000 val from the training file and the official test set, on the
     # device; a large dataset's training images and its official validation set (test) streamed from files ----
-    data = FileSplits(cfg, run, files) if large else DeviceSplits(cfg, run)
+    if run.resuming and cfg.imbalance_ratio != run.saved_config.get('imbalance_ratio', 1.0):
+        raise UserError(f'--imbalance_ratio cannot change on --resume (the run was started with '
+                        f'{run.saved_config.get("imbalance_ratio", 1.0):g}): start a new run for another ratio.')
+    data = FileSplits(cfg, run, files) if large else DeviceSplits(cfg, run, files.get('drawn'))
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
     net = run.network(build_model(cfg.model, cfg.mode, data.n_classes, M, cfg.width), methods=('forward', 'features'))

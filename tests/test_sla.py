@@ -323,3 +323,70 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(UserError):
             sla.main(['--synthetic', '--logdir', str(tmp_path), *bad])
     assert not os.path.exists(tmp_path / 'train_sla')
+
+
+# ---- long-tailed CIFAR (--imbalance_ratio) ----
+
+def test_long_tailed_profile_of_cifar10_at_ratio_100():
+    # Cui et al.'s CIFAR-10-LT, R = 100 (5,000 images a class before the cut): 12,406 images
+    assert sla.long_tailed_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    # this script's pool: 4,500 a class left after the 500 validation images a class
+    assert sla.long_tailed_counts(4500, 10, 100) == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
+    assert sla.long_tailed_counts(4500, 10, 1) == [4500] * 10
+    counts = sla.long_tailed_counts(450, 100, 100)                         # CIFAR-100: 450 a class after 50
+    assert counts[:5] == [450, 429, 410, 391, 373] and counts[-1] == 4 and sum(counts) == 9754
+
+
+def test_long_tailed_split_of_a_cifar10_sized_file():
+    labels = np.arange(50000) % 10
+    train, val = sla.long_tailed_split(labels, 5000, 100, seed=0)
+    assert np.bincount(labels[val]).tolist() == [500] * 10                 # balanced, as the test set
+    assert np.bincount(labels[train]).tolist() == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
+    assert not set(train) & set(val)
+    again = sla.long_tailed_split(labels, 5000, 100, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(train, sla.long_tailed_split(labels, 5000, 100, seed=1)[0])
+    with pytest.raises(UserError, match='at most 4500'):
+        sla.long_tailed_split(labels, 5000, 5000, seed=0)
+    with pytest.raises(UserError, match='balanced training file'):
+        sla.long_tailed_split(labels[:-1], 5000, 100, seed=0)
+
+
+def test_long_tailed_run_keeps_its_indices_and_resume_reads_them(tmp_path, tiny_root, monkeypatch):
+    args = ['--synthetic', '--datadir', tiny_root, '--model', 'cresnet20', '--width', '0.125', '--batchsize', '16',
+            '--mode', 'baseline', '--aug', 'none', '--num-iterations', '4', '--val-freq', '2', '--imbalance_ratio', '10']
+    sla.main(args + ['--logdir', str(tmp_path)])
+    (run_dir,) = glob.glob(str(tmp_path / 'train_sla' / '*'))
+    labels = cd.load('cifar10', tiny_root, True, 'small')[1]                 # 400 images, 40 a class
+    train = np.loadtxt(os.path.join(run_dir, 'train_indices.txt'), dtype=np.int64)
+    val = np.loadtxt(os.path.join(run_dir, 'val_indices.txt'), dtype=np.int64)
+    assert np.bincount(labels[val]).tolist() == [4] * 10                   # a tenth held out, balanced
+    assert np.bincount(labels[train]).tolist() == [36, 27, 21, 16, 12, 10, 7, 6, 4, 3] == \
+        sla.long_tailed_counts(36, 10, 10)
+    assert not set(train) & set(val)
+
+    def no_new_draw(*a, **kw):
+        raise AssertionError('a resumed run drew its indices again')
+    monkeypatch.setattr(sla, 'long_tailed_split', no_new_draw)
+    sla.main(['--resume', run_dir, '--num-iterations', '6'])
+    assert np.array_equal(np.loadtxt(os.path.join(run_dir, 'train_indices.txt'), dtype=np.int64), train)
+    _, rows = read_metrics(tmp_path)
+    assert [r['iteration'] for r in rows] == ['2', '4', '6']
+    with pytest.raises(UserError, match='cannot change on --resume'):
+        sla.main(['--resume', run_dir, '--imbalance_ratio', '5'])
+
+
+@pytest.mark.parametrize('bad,needle', [
+    (['--imbalance_ratio', '0.5'], 'at least 1'),
+    (['--imbalance_ratio', '10', '--num-samples-per-class', '5'], 'give one of the two'),
+    (['--imbalance_ratio', '10', '--val-indices', 'v.txt'], 'drop --val-indices'),
+    (['--imbalance_ratio', '100'], 'at most 36'),
+    (['--imbalance_ratio', '10', '--dataset', 'imagenet', '--model', 'resnet18'], 'long-tailed CIFAR'),
+])
+def test_bad_imbalance_settings_exit_2_before_anything_is_written(tmp_path, tiny_root, bad, needle):
+    (tmp_path / 'v.txt').write_text('1\n2\n')
+    bad = [str(tmp_path / b) if b == 'v.txt' else b for b in bad]
+    p = run_in_process('train_sla.py', '--synthetic', '--datadir', tiny_root, '--model', 'cresnet20',
+                       '--logdir', tmp_path / 'logs', *bad)
+    assert p.returncode == 2 and needle in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / 'logs')
