@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from options import ALIASES, UserError
+from options import UserError, spellings
 from utils import device_generator, python_command, run_main, stream_seed
 
 DATA_ROOT = 'dataset'
@@ -727,12 +727,12 @@ def main(argv=None):
     from large_datasets import LARGE_DATASETS, ensure_synthetic_folder, is_large, large_record
     p = argparse.ArgumentParser(description='Write the synthetic stand-ins, or download and md5-check the '
                                             'official files of a dataset.')
-    p.add_argument('--data_root', '--data-root', *ALIASES['data_root'], '--root', dest='root', default=DATA_ROOT,
+    p.add_argument(*spellings('data_root'), '--root', dest='root', default=DATA_ROOT,
                    help='data root, as the training scripts\' --data_root (default: %(default)s)')
     p.add_argument('--synthetic', nargs='*', metavar='NAME', default=None,
                    help='write the synthetic stand-ins of the NAMEs (default: of every dataset) into DATA_ROOT/synthetic/; '
                         f'the large datasets\' ({", ".join(LARGE_DATASETS)}) are small JPEG trees in their real layouts')
-    p.add_argument('--synthetic-size', '--synthetic_size', choices=['small', 'full'], default='small',
+    p.add_argument(*spellings('synthetic_size'), choices=['small', 'full'], default='small',
                    help='full: CIFAR/SVHN at the real datasets\' sizes, into DATA_ROOT/synthetic-full/')
     p.add_argument('--download', choices=sorted(DATASETS), action='append', default=[],
                    help='download and check an official dataset into DATA_ROOT')

@@ -2,7 +2,8 @@
 
   errors          UserError (exit code 2), Diverged (3), Stopped (128 + signal)   every file: a bad input is a
                                                                                    UserError; utils.run_main prints it
-  run options     RUN_OPTIONS, ALIASES, TRANSIENT                                  utils.Run: the options of every script
+  run options     RUN_OPTIONS, ALIASES, TRANSIENT, spellings                       utils.Run: the options of every script;
+                                                                                   every tool's flags (spellings)
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
   checks          check_positive, check_choices, stand_in                          the scripts' validate()
 
@@ -85,6 +86,13 @@ ALIASES = {
 TRANSIENT = ('resume', 'eval_only', 'local_rank')
 
 
+def spellings(name):
+    """Every spelling of a setting on a command line of this repository: --name, --name-with-dashes and
+    the originals' (ALIASES). The scripts, create_dataset.py, results/plot tools and the benchmarks all
+    take their flags through this, so one setting has the same names everywhere."""
+    return [f'--{name}'] + ([f'--{name.replace("_", "-")}'] if '_' in name else []) + ALIASES.get(name, [])
+
+
 def _parse_int_list(text):
     """'5,5,5', '[2, 3, 4]' or '5x20' (twenty fives) -> list of ints."""
     clean = text.strip().strip('[]()').replace(' ', '')
@@ -151,7 +159,7 @@ def parse_config(hyper, argv=None, description='', choices=None):
     values = {k: v for k, v in hyper.items() if k not in RUN_OPTIONS}
     values.update({k: hyper.get(k, default) for k, (default, _) in RUN_OPTIONS.items()})
     for name, default in values.items():
-        flags = [f'--{name}'] + ([f'--{name.replace("_", "-")}'] if '_' in name else []) + ALIASES.get(name, [])
+        flags = spellings(name)
         text = helps.get(name) or RUN_OPTIONS.get(name, (None, ''))[1]
         kw = dict(dest=name, default=default, help=(text + ' ' if text else '') + '(default: %(default)s)')
         if name in choices:

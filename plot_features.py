@@ -27,7 +27,7 @@ import torch
 import create_dataset
 from distributed import pick_device
 from models import semi_network
-from options import UserError
+from options import UserError, spellings
 from utils import load_checkpoint, python_command, run_main
 
 # the original's class colours (10 classes); more classes use a colour map
@@ -103,18 +103,18 @@ def main(argv=None):
     p.add_argument('run', nargs='?', default='',
                    help='the run folder (its --save-path, or logs/train_meta_semi/<run>); or use --checkpoint-path')
     p.add_argument('--checkpoint', default='best.pt', help='file in the run folder: best.pt or checkpoint.pt')
-    p.add_argument('--checkpoint-path', default='', help="the original's flag: a checkpoint file in the run folder "
+    p.add_argument(*spellings('checkpoint_path'), default='', help="the original's flag: a checkpoint file in the run folder "
                    "(its directory is the run folder; model_best.pth means this project's best.pt)")
-    p.add_argument('--index-path', default='', help="the original's flag: the labeled indices file (default: "
+    p.add_argument(*spellings('index_path'), default='', help="the original's flag: the labeled indices file (default: "
                    "<run>/label_indices.txt; names the run folder when --checkpoint-path is not given)")
-    p.add_argument('--save-path', default='', help="the original's flag: output folder (created) for "
+    p.add_argument(*spellings('save_path'), default='', help="the original's flag: output folder (created) for "
                    "features_<method>.png and .npz (default: the run folder)")
     p.add_argument('--dataset', default='', help="the original's flag: must be the run's dataset (checked)")
-    p.add_argument('--num-point', type=int, default=5000, help='unlabeled and test points kept (0: all); '
+    p.add_argument(*spellings('num_point'), type=int, default=5000, help='unlabeled and test points kept (0: all); '
                    'every labeled point is kept')
     p.add_argument('--method', choices=['tsne', 'pca'], default='tsne')
     p.add_argument('--out', default='', help='PNG path (default: <run>/features_<method>.png)')
-    p.add_argument('--data-path', default='', help="data root (default: the run's)")
+    p.add_argument(*spellings('data_root'), dest='data_path', default='', help="data root (default: the run's)")
     p.add_argument('--device', default='auto')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)

@@ -442,11 +442,11 @@ def write(out, info):
 
 
 def main():
-    from options import _parse_bool
+    from options import _parse_bool, spellings
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N (default cpu)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as the scripts\' --amp)')
-    p.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    p.add_argument(*spellings('channels_last'), action='store_true', help='channels-last memory format')
     p.add_argument('--compile', action='store_true', help='torch.compile the forward passes')
     p.add_argument('--tf32', type=_parse_bool, default=True, metavar='BOOL',
                    help="as the scripts' --tf32: true (default) leaves PyTorch's default (cuDNN convolutions may "
@@ -462,10 +462,10 @@ def main():
     p.add_argument('--concurrent', default='',
                    help='N or a list such as 1,2,4: run N copies of each row at once (separate processes, the same '
                         'device) and report their aggregate images/s (instead of the ratio table)')
-    p.add_argument('--row-timeout', type=float, default=0,
+    p.add_argument(*spellings('row_timeout'), type=float, default=0,
                    help='seconds a row (all its copies) may take before it is killed and reported failed (0: no limit)')
     p.add_argument('--only', default='', help='comma-separated rows (default all): ' + ', '.join(ROWS))
-    p.add_argument('--data-root', default=os.path.join(ROOT, 'dataset'))
+    p.add_argument(*spellings('data_root'), default=os.path.join(ROOT, 'dataset'))
     p.add_argument('--json', default='', help='output file (default benchmarks/results/<device>-<flags>.json)')
     p.add_argument('--row', default='', help=argparse.SUPPRESS)       # internal: measure one row here
     p.add_argument('--barrier', default='', help=argparse.SUPPRESS)   # internal: --concurrent's meeting folder

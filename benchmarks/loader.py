@@ -35,6 +35,7 @@ import large_datasets as cd  # noqa: E402
 import train_meta_semi  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from models import torchvision_resnet  # noqa: E402
+from options import spellings  # noqa: E402
 
 IMAGENET_TRAIN, IMAGENET_UNLABELED = 1_281_167, 1_153_050
 
@@ -97,7 +98,7 @@ def step_rate(device, batch, size, baseline, steps):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='auto')
-    p.add_argument('--batch', type=int, default=0, help='images per batch (default: 64 on CUDA, 16 on the CPU)')
+    p.add_argument('--batch', *spellings('batch_size'), dest='batch', type=int, default=0, help='images per batch (default: 64 on CUDA, 16 on the CPU)')
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--workers', default='0,1,2', help='worker counts of the CPU-decoding rows')
     p.add_argument('--images', type=int, default=128, help='JPEGs written (the loader cycles over them)')

@@ -29,6 +29,7 @@ import model_vgg_maxl  # noqa: E402
 import train_meta_semi  # noqa: E402
 from fast_paths import fast_module, strict_float32  # noqa: E402
 from models import semi_network, torchvision_resnet  # noqa: E402
+from options import spellings  # noqa: E402
 
 # case: (network, image size, batch on CUDA, batch on the CPU)
 CASES = {
@@ -124,7 +125,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cpu')
     p.add_argument('--only', default='', help='comma-separated cases (default all): ' + ', '.join(CASES))
-    p.add_argument('--batch', type=int, default=0, help='batch of every case (default: the table above)')
+    p.add_argument('--batch', *spellings('batch_size'), dest='batch', type=int, default=0, help='batch of every case (default: the table above)')
     p.add_argument('--width', type=float, default=1.0, help='channel multiplier of every network')
     p.add_argument('--json', default='')
     args = p.parse_args()

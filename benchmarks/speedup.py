@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (also puts the repository root on sys.path)
+from options import spellings  # noqa: E402
 
 
 def main():
@@ -29,10 +30,10 @@ def main():
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', action='store_true', help='bf16 autocast (without --goals: default on with '
                                                       'channels-last when no flag is given)')
-    p.add_argument('--channels-last', action='store_true')
+    p.add_argument(*spellings('channels_last'), action='store_true')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--pairs', type=int, default=8, help='timed pairs per row (after 2 warm-up pairs)')
-    p.add_argument('--data-root', default=os.path.join(bench.ROOT, 'dataset'))
+    p.add_argument(*spellings('data_root'), default=os.path.join(bench.ROOT, 'dataset'))
     args = p.parse_args()
     import torch
     from distributed import pick_device
