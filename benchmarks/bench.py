@@ -77,7 +77,7 @@ def images_per_step(kind):
 
 # ---- one row, in a child process ---------------------------------------------------------------------
 
-def build(name, dev, fast, data_root):
+def build(name, dev, fast, data_root, width=1.0):
     """Returns step(): one training step of row `name` as its script runs it."""
     import torch
     import torch.nn.functional as F
@@ -94,7 +94,9 @@ def build(name, dev, fast, data_root):
     from utils import device_generator
 
     def defaults(module):       # a script's hyperparameters and run options, as a run without flags has them
-        return parse_config(module.HYPERPARAMETERS, [])[0]
+        cfg = parse_config(module.HYPERPARAMETERS, [])[0]
+        cfg.width = cfg.width * width           # --width: every network narrower (a quick check of the plumbing)
+        return cfg
     single, human, maxl = defaults(model_vgg_single), defaults(model_vgg_human), defaults(model_vgg_maxl)
     sla, semi = defaults(train_sla), defaults(train_meta_semi)
 
@@ -136,12 +138,12 @@ def build(name, dev, fast, data_root):
             net = fast_net(model_vgg_maxl.multi_task_network(maxl.psi, maxl.width))
             return lambda: evaluate_heads(net, test, (maxl.primary_level,), maxl.batch_size)
         if name == 'bare_vgg':
-            return bare(fast_net(VGG16({'classifier': levels[pri]})), x, [labels[:, pri]])
+            return bare(fast_net(VGG16({'classifier': levels[pri]}, maxl.width)), x, [labels[:, pri]])
         if name == 'bare_vgg_mt':
-            return bare(fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]})), x,
+            return bare(fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]}, maxl.width)), x,
                         [labels[:, pri], labels[:, aux]])
         if name == 'single':
-            net = fast_net(VGG16({'classifier': levels[single.primary_level]}))
+            net = fast_net(VGG16({'classifier': levels[single.primary_level]}, single.width))
             optimizer, forward = torch.optim.SGD(net.parameters(), lr=single.lr), wrap(net)
 
             def step():
@@ -149,7 +151,7 @@ def build(name, dev, fast, data_root):
                 model_vgg_single.train_step(forward, x, labels[:, single.primary_level], optimizer)
             return step
         if name == 'human':
-            net = fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]}))
+            net = fast_net(VGG16({'classifier1': levels[pri], 'classifier2': levels[aux]}, human.width))
             optimizer, forward = torch.optim.SGD(net.parameters(), lr=human.lr), wrap(net)
 
             def step():
@@ -192,10 +194,11 @@ def build(name, dev, fast, data_root):
         classes, rotation = create_dataset.DATASETS[sla.dataset].num_classes, train_sla.Transformations('rotation', dev)
         if name == 'bare_resnet32':
             x, y = train_sla.sample_batch(train, sla.batch_size, rng)
-            return bare(fast_net(cifar_resnet(sla.model, [classes]), ('forward', 'features')), x, [y])
+            return bare(fast_net(cifar_resnet(sla.model, [classes], sla.width), ('forward', 'features')), x, [y])
         if name == 'bare_resnet32_x4':
             x, y = train_sla.sample_batch(train, sla.batch_size * rotation.M, rng)
-            return bare(fast_net(cifar_resnet(sla.model, [classes * rotation.M]), ('forward', 'features')), x, [y])
+            net = cifar_resnet(sla.model, [classes * rotation.M], sla.width)
+            return bare(fast_net(net, ('forward', 'features')), x, [y])
         mode = 'baseline' if name == 'sla_baseline' else 'sla'
         tf = None if mode == 'baseline' else rotation
         net = fast_net(train_sla.build_model(sla.model, mode, classes, tf.M if tf else 1, sla.width),
@@ -272,7 +275,7 @@ def wait_for_copies(barrier, copies, timeout=600):
         time.sleep(0.01)
 
 
-def measure(name, device, fast, warmup, steps, data_root, tf32=True, barrier='', copies=1):
+def measure(name, device, fast, warmup, steps, data_root, tf32=True, barrier='', copies=1, width=1.0):
     import torch
     import torch.distributed as dist
     from distributed import pick_device
@@ -286,7 +289,7 @@ def measure(name, device, fast, warmup, steps, data_root, tf32=True, barrier='',
             dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    step = build(name, dev, fast, data_root)
+    step = build(name, dev, fast, data_root, width)
 
     def sync():
         if dev.type == 'cuda':
@@ -295,7 +298,7 @@ def measure(name, device, fast, warmup, steps, data_root, tf32=True, barrier='',
     t0 = time.perf_counter()
     # The FLOPs of one step, counted on an untimed step before the warm-up. torch.compile does not change
     # which products a step computes, so with --compile they are counted on an eager build of the row.
-    flops = count_flops(build(name, dev, dict(fast, compile=False), data_root) if fast.get('compile') else step)
+    flops = count_flops(build(name, dev, dict(fast, compile=False), data_root, width) if fast.get('compile') else step)
     for _ in range(warmup):
         step()
     sync()
@@ -350,7 +353,8 @@ def row_command(name, args, flags, barrier='', copies=1):
     launch = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
                str(args.processes)] if args.processes > 1 else [sys.executable])
     cmd = launch + [os.path.abspath(__file__), '--row', name, '--device', args.device, '--warmup', str(args.warmup),
-                    '--steps', str(args.steps), '--data-root', args.data_root, '--tf32', str(args.tf32).lower()]
+                    '--steps', str(args.steps), '--data-root', args.data_root, '--tf32', str(args.tf32).lower(),
+                    '--width', str(args.width)]
     cmd += [f'--{f.replace("_", "-")}' for f in flags if f != 'no_tf32']
     if barrier:
         cmd += ['--barrier', barrier, '--copies', str(copies)]
@@ -466,6 +470,8 @@ def main():
                    help='seconds a row (all its copies) may take before it is killed and reported failed (0: no limit)')
     p.add_argument('--only', default='', help='comma-separated rows (default all): ' + ', '.join(ROWS))
     p.add_argument(*spellings('data_root'), default=os.path.join(ROOT, 'dataset'))
+    p.add_argument('--width', type=float, default=1.0, help='channel multiplier of every network (default 1: the '
+                   "papers' networks; a smaller one checks the plumbing quickly, its times mean nothing)")
     p.add_argument('--json', default='', help='output file (default benchmarks/results/<device>-<flags>.json)')
     p.add_argument('--row', default='', help=argparse.SUPPRESS)       # internal: measure one row here
     p.add_argument('--barrier', default='', help=argparse.SUPPRESS)   # internal: --concurrent's meeting folder
@@ -474,7 +480,7 @@ def main():
     fast = dict(amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     if args.row:
         r = measure(args.row, args.device, fast, args.warmup, args.steps, args.data_root, args.tf32, args.barrier,
-                    args.copies)
+                    args.copies, args.width)
         if os.environ.get('RANK', '0') == '0':
             print(json.dumps(r), flush=True)
         if int(os.environ.get('WORLD_SIZE', '1')) > 1:
@@ -498,7 +504,7 @@ def main():
                 processes=args.processes, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(),
                 gpu=torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else None,
-                date=time.strftime('%Y-%m-%d'), warmup=args.warmup, steps=args.steps, rounds=args.rounds,
+                date=time.strftime('%Y-%m-%d'), warmup=args.warmup, steps=args.steps, rounds=args.rounds, width=args.width,
                 complete=False, failed={})
     out = args.json or os.path.join(ROOT, 'benchmarks', 'results', f'{args.device.replace(":", "")}-'
                                     f'{"-".join(flags) or "float32"}{f"-x{args.processes}" if args.processes > 1 else ""}'

@@ -156,10 +156,10 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, data_root):
     import json
     out = tmp_path / 'bench.json'
     r = run_in_process('benchmarks/bench.py', '--only', 'sla_baseline', '--warmup', 0, '--steps', 1,
-                       '--data-root', data_root, '--json', out)
+                       '--data-root', data_root, '--json', out, '--width', 0.125)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
-    assert set(info['rows']) == {'sla_baseline', 'bare_resnet32'}
+    assert set(info['rows']) == {'sla_baseline', 'bare_resnet32'} and info['width'] == 0.125
     assert all(row['median_s'] > 0 for row in info['rows'].values())
     assert '| sla_baseline | 128 |' in r.stdout
 
@@ -169,7 +169,7 @@ def test_benchmark_runs_a_row_on_two_processes(tmp_path, data_root):
     import json
     out = tmp_path / 'bench.json'
     r = run_in_process('benchmarks/bench.py', '--only', 'single', '--warmup', 0, '--steps', 1, '--processes', 2,
-                       '--data-root', data_root, '--json', out)
+                       '--data-root', data_root, '--json', out, '--width', 0.0625)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
     assert info['processes'] == 2 and set(info['rows']) == {'single', 'bare_vgg'}

@@ -1,4 +1,4 @@
-"""The speed tools of issue 14: the strict-float32 switch (--tf32), the FLOP count of bench.py, its
+"""The speed tools: the strict-float32 switch (--tf32), the FLOP count of bench.py, its
 --concurrent aggregate, and benchmarks/project.py's arithmetic. The tests marked 'needs CUDA' are the GPU
 part (benchmarks/gpu_check.sh runs them on a GPU machine); they skip here."""
 import json
@@ -135,7 +135,7 @@ def test_bench_concurrent_runs_copies_at_once_and_reports_the_aggregate(tmp_path
     """Two copies of the cheapest row at once (one timed step each), strict float32 passed to each copy."""
     out = tmp_path / 'concurrent.json'
     r = run_script('benchmarks/bench.py', '--only', 'eval_sla', '--warmup', 0, '--steps', 1, '--concurrent', 2,
-                   '--tf32', 'false', '--data-root', data_root, '--json', out, timeout=300)
+                   '--tf32', 'false', '--data-root', data_root, '--json', out, '--width', 0.0625, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(out.read_text())
     assert info['complete'] and info['concurrent'] == [2] and info['flags'] == ['no_tf32']
