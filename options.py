@@ -4,11 +4,12 @@
                                                                                    UserError; utils.run_main prints it
   run options     RUN_OPTIONS, ALIASES, TRANSIENT                                  utils.Run: the options of every script
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
-  checks          check_positive, check_choices, stand_in                          the scripts' validate()
+  checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
 
 Plain Python (argparse); nothing here imports torch.
 """
 import argparse
+import math
 import re
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,6 +190,21 @@ def check_positive(cfg, *names, allow_zero=()):
 def stand_in(cfg):
     """What the data calls take as `synthetic`: False, 'small' or 'full'."""
     return cfg.synthetic and cfg.synthetic_size
+
+
+def check_finite(cfg, defaults, given=(), source=''):
+    """Every float value finite: `--lr nan` or `--lr inf` is refused before anything is written (a NaN rate
+    would only stop the run later as diverged). `defaults`: name -> the script's default, for the example;
+    `given`: the names typed on this command line; a value not typed came from `source` (a resumed run's
+    config.json)."""
+    for name, value in vars(cfg).items():
+        if type(value) is float and not math.isfinite(value):
+            where = (f' (the value in {source}; type --{name} VALUE to replace it)' if source and name not in given
+                     else '')
+            example = defaults.get(name, RUN_OPTIONS.get(name, (None,))[0])
+            raise UserError(f'--{name} must be a finite number, got {value}{where}. Every float option takes a '
+                            f'finite value' + (f', e.g. --{name} {example:g} (its default).' if
+                                               isinstance(example, float) else '.'))
 
 
 def check_choices(cfg, choices):

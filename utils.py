@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from distributed import Processes, all_reduce_sum, distributed
 from fast_paths import set_tf32
-from options import TRANSIENT, Diverged, Stopped, UserError, check_choices, parse_config
+from options import RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config
 
 
 def run_main(main, argv=None):
@@ -528,6 +528,8 @@ class Run(Processes):
                 self.saved_config = json.load(f)
             merged = {k: self.saved_config.get(k, v) for k, v in vars(cfg).items()}
             cfg = argparse.Namespace(**merged | {k: getattr(cfg, k) for k in given})
+        check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), given,
+                     os.path.join(self.dir, 'config.json') if self.resuming else '')
         check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
         if validate is not None:
             validate(cfg)                       # bad values stop here, before anything is written

@@ -197,3 +197,47 @@ def test_metrics_are_brought_back_to_the_checkpoint_on_resume(tmp_path, tiny_roo
         f.write(lines[-1].replace('1,', '2,', 1))
     model_vgg_single.main(['--resume', run_dir, '--epochs', '2'])
     assert open(path).read() == complete
+
+
+
+# ---- Reliability, second round -------------------------------------------------------------------------
+
+# A short run of each script on the tiny stand-in (what a bad option would start if it were let through).
+SHORT = {
+    'model_vgg_single': ['--width', '0.0625', '--epochs', '1'],
+    'model_vgg_human': ['--width', '0.0625', '--epochs', '1'],
+    'model_vgg_maxl': ['--width', '0.0625', '--epochs', '1'],
+    'train_sla': ['--dataset', 'cifar10', '--model', 'cresnet20', '--width', '0.125', '--batchsize', '16',
+                  '--num-iterations', '2', '--val-freq', '1'],
+    'train_meta_semi': ['--dataset', 'cifar10', '--num-label', '100', '--total-steps', '2', '--warmup', '0',
+                        '--test-freq', '1', '--width', '0.0625', '--batch-size', '16'],
+}
+
+
+def float_options():
+    """(script, option) for every float option of every script: its hyperparameters and the run options."""
+    import importlib
+    from options import RUN_OPTIONS
+    out = []
+    for script in SHORT:
+        hyper = importlib.import_module(script).HYPERPARAMETERS
+        names = [k for k, v in hyper.items() if type(v) is float]
+        names += [k for k, (v, _) in RUN_OPTIONS.items() if k not in hyper and type(v) is float]
+        out += [(script, name) for name in names]
+    return out
+
+
+def test_every_float_option_is_checked():
+    assert len(float_options()) >= 25          # every script's lr, width, ... and progress_every
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf', '-inf'])
+@pytest.mark.parametrize('script,name', float_options())
+def test_a_non_finite_float_option_is_refused_before_anything_is_written(tmp_path, tiny_root, script, name, value):
+    """`--lr nan` (and inf, for every float option of every script) stops at the command line: exit code 2,
+    the option named, no run folder."""
+    p = run_in_process(f'{script}.py', '--synthetic', '--data_root', tiny_root, '--device', 'cpu', *SHORT[script],
+                       '--logdir', tmp_path / 'logs', f'--{name}={value}')
+    assert p.returncode == 2, p.stderr[-1500:]
+    assert f'--{name} must be a finite number, got {value}' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'logs')
