@@ -58,6 +58,8 @@ RUN_OPTIONS = {
     'run_name': ('', 'name of the run folder (default: the date and time)'),
     'run_dir': ('', 'the run folder itself, instead of <logdir>/<script>/<run_name>'),
     'resume': ('', 'a run folder (or a run name under <logdir>/<script>/) to continue from its checkpoint'),
+    'restore_config': (False, "with --resume: when the run's config.json is missing or damaged, take its "
+                              'configuration from checkpoint.pt (the damaged file kept as config.json.damaged)'),
     'progress': (True, 'a progress line between log lines (a tqdm bar on a terminal, plain lines otherwise)'),
     'progress_every': (30.0, 'seconds between plain progress lines when the output is not a terminal'),
     'tensorboard': (False, 'also write every logged number as a TensorBoard scalar into the run folder'),
@@ -83,7 +85,7 @@ ALIASES = {
 
 
 # Options that act on one invocation only: never saved in config.json, so never inherited by --resume.
-TRANSIENT = ('resume', 'eval_only', 'local_rank')
+TRANSIENT = ('resume', 'eval_only', 'local_rank', 'restore_config')
 
 
 def _parse_int_list(text):

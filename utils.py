@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -321,6 +322,58 @@ def load_run_checkpoint(path, script, format):
     return ckpt
 
 
+def read_run_config(run_dir, ckpt, restore, command):
+    """The configuration of a run to resume: its config.json, or, when that is missing or damaged and
+    `restore` (--restore_config) is given, the copy its checkpoint carries (a checkpoint from before that:
+    best.pt's). Returns (config, where it came from or None, the problem with config.json or None); a
+    damaged file without --restore_config is a UserError naming `command` (the one typed, plus the flag)."""
+    path = os.path.join(run_dir, 'config.json')
+    problem, config = None, None
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        problem = 'is missing'
+    except (OSError, UnicodeDecodeError) as e:
+        problem = f'cannot be read ({getattr(e, "strerror", None) or e})'
+    else:
+        try:
+            config = json.loads(text) if text.strip() else None
+        except ValueError as e:
+            problem = f'is not valid JSON ({e})'
+        if problem is None and not isinstance(config, dict):
+            problem = 'is empty' if not text.strip() else 'does not hold a configuration (a JSON object)'
+    if problem is None:
+        if restore:
+            raise UserError(f'--restore_config replaces a missing or damaged config.json, but {path} reads fine: '
+                            'drop --restore_config.')
+        return config, None, None
+    kept, source = ckpt.get('config'), os.path.join(run_dir, Run.CHECKPOINT)
+    if not isinstance(kept, dict):                      # a checkpoint from before it carried the configuration
+        kept, source = None, os.path.join(run_dir, Run.BEST)
+        try:
+            best = load_checkpoint(source) if os.path.isfile(source) else {}
+        except UserError:
+            best = {}
+        if isinstance(best.get('config'), dict):
+            position = ', '.join(f'{k} {v}' for k, v in list((best.get('best') or {}).items())[:1])
+            kept = {k: v for k, v in best['config'].items() if k not in TRANSIENT} | {'script': ckpt.get('script')}
+            source += (f' (the configuration of its best evaluation{", " + position if position else ""}; '
+                       'a value typed on a later --resume is not in it: check it)')
+    if kept is None:
+        raise UserError(f'cannot resume {run_dir}: its config.json {problem}, and no copy of the configuration is '
+                        f'left: {Run.CHECKPOINT} was written before checkpoints carried it, and {Run.BEST} has '
+                        'none either. Write config.json again by hand (a JSON object of the run\'s options, as in '
+                        'the config.json of another run of this script, with this run\'s values), or start a new '
+                        'run. Nothing was written.')
+    if not restore:
+        raise UserError(f'cannot resume {run_dir}: its config.json ({path}) {problem}. The run\'s configuration is '
+                        f'also kept in {source}: continue with {command} --restore_config, which keeps the '
+                        'damaged file as config.json.damaged and writes config.json again from that copy; or '
+                        'start a new run. Nothing was written.')
+    return kept, source, problem
+
+
 def scale_learning_rates(optimizer, scheduler, factor):
     """Every learning rate of `optimizer` (and the base rates of its `scheduler`) times `factor`."""
     for group in optimizer.param_groups:
@@ -519,13 +572,19 @@ class Run(Processes):
         self.script = script
         cfg, given = parse_config(hyper, argv, description, choices)
         self.resuming = bool(cfg.resume)
+        self.saved_config, self.config_source, self.config_problem = {}, None, None
+        if cfg.restore_config and not self.resuming:
+            raise UserError('--restore_config rewrites the config.json of a run to continue: give it with --resume '
+                            'RUN.')
         if presets is not None and not self.resuming:
             presets(cfg, given)                 # a dataset's own defaults, for the values not typed
         if self.resuming:
             self.dir = resolve_run_dir(cfg.resume, cfg.logdir, script)
             self._resumed = load_run_checkpoint(os.path.join(self.dir, self.CHECKPOINT), script, self.FORMAT)
-            with open(os.path.join(self.dir, 'config.json')) as f:
-                self.saved_config = json.load(f)
+            typed = sys.argv[1:] if argv is None else argv
+            command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in typed])
+            self.saved_config, self.config_source, self.config_problem = read_run_config(
+                self.dir, self._resumed, cfg.restore_config, command)
             merged = {k: self.saved_config.get(k, v) for k, v in vars(cfg).items()}
             cfg = argparse.Namespace(**merged | {k: getattr(cfg, k) for k in given})
         check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), given,
@@ -575,8 +634,12 @@ class Run(Processes):
         raise Stopped(f'stopped by {self.stops.name}; the checkpoint is written. Continue with: '
                       f'{python_command()} {self.script}.py --resume {self.dir}', self.stops.signum)
 
+    def config_record(self):
+        """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script."""
+        return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script}
+
     def save_config(self):
-        self.log.save_config({k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script})
+        self.log.save_config(self.config_record())
 
     # ---- data streams and time ----
 
@@ -609,7 +672,7 @@ class Run(Processes):
             return
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
-                        last=self.last, best_keys=list(self.best_keys), **extra)
+                        last=self.last, best_keys=list(self.best_keys), config=self.config_record(), **extra)
 
     def restore(self, objects, **defaults):
         """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
@@ -631,12 +694,22 @@ class Run(Processes):
         if 'lr' in self.given and old_lr and old_lr != self.cfg.lr and 'optimizer' in objects:
             scale_learning_rates(objects['optimizer'], objects.get('scheduler'), self.cfg.lr / old_lr)
             self.log.print(f'note: --lr {self.cfg.lr:g} scales the saved learning rates by {self.cfg.lr / old_lr:g}')
+        if self.config_source:                   # --restore_config: the damaged file kept beside the new one
+            path = os.path.join(self.dir, 'config.json')
+            kept = ''
+            if os.path.exists(path):
+                kept = next(f'{path}.damaged{f"-{k}" if k else ""}' for k in range(1000)
+                            if not os.path.exists(f'{path}.damaged{f"-{k}" if k else ""}'))
+                os.replace(path, kept)
         self.save_config()                       # the state fits: now the resumed run may write
         self.log.commit()
+        if self.config_source:
+            self.log.print(f'note: config.json {self.config_problem}: restored from {self.config_source}'
+                           + (f'; the damaged file is kept as {kept}' if kept else ''))
         if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
             position = next(iter(self.last))
             self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys')
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):

@@ -5,6 +5,7 @@ nothing; flags are named in their errors; a corrupt dataset leaves no run folder
 import errno
 import glob
 import hashlib
+import json
 import os
 import pickle
 
@@ -241,3 +242,74 @@ def test_a_non_finite_float_option_is_refused_before_anything_is_written(tmp_pat
     assert p.returncode == 2, p.stderr[-1500:]
     assert f'--{name} must be a finite number, got {value}' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'logs')
+
+
+def damage(path, kind):
+    if kind == 'missing':
+        os.remove(path)
+    else:
+        with open(path, 'w') as f:
+            f.write('' if kind == 'empty' else '{"epochs": 1, "lr": 0.01,\n')      # cut off mid-file
+
+
+@pytest.mark.parametrize('kind', ['invalid', 'empty', 'missing'])
+def test_a_damaged_config_json_is_named_and_restored_from_the_checkpoint(tmp_path, tiny_root, kind):
+    """--resume of a run whose config.json is invalid, empty or missing: one paragraph naming the file and the
+    command that restores it from the checkpoint (which carries the configuration), exit 2, nothing written;
+    that command keeps the damaged file, writes config.json back as it was and continues."""
+    run_dir = one_epoch(tmp_path, tiny_root)
+    config = os.path.join(run_dir, 'config.json')
+    original = json.load(open(config))
+    damage(config, kind)
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert config in p.stderr and {'invalid': 'not valid JSON', 'empty': 'is empty', 'missing': 'is missing'}[kind] \
+        in p.stderr, p.stderr
+    assert f'--resume {run_dir} --epochs 2 --restore_config' in p.stderr and 'Nothing was written' in p.stderr
+    assert files_of(run_dir) == before
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2', '--restore_config')
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(config)) == original | {'epochs': 2}
+    assert 'restored from ' + os.path.join(run_dir, 'checkpoint.pt') in p.stdout
+    if kind != 'missing':                                       # the damaged file is kept beside it
+        assert open(config + '.damaged').read() == ('' if kind == 'empty' else '{"epochs": 1, "lr": 0.01,\n')
+    assert 'EPOCH: 0001' in p.stdout
+
+
+def test_a_checkpoint_from_before_the_configuration_was_kept_uses_best_pt(tmp_path, tiny_root):
+    """A checkpoint written before checkpoints carried the configuration: --restore_config takes best.pt's
+    (and says so); with neither, the message says what to do instead."""
+    run_dir = one_epoch(tmp_path, tiny_root)
+    config = os.path.join(run_dir, 'config.json')
+    original = json.load(open(config))
+    ckpt_path = os.path.join(run_dir, 'checkpoint.pt')
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt.pop('config', None)
+    torch.save(ckpt, ckpt_path)
+    damage(config, 'invalid')
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2')
+    assert p.returncode == 2 and 'best.pt' in p.stderr and '--restore_config' in p.stderr, p.stderr
+    best = torch.load(os.path.join(run_dir, 'best.pt'), weights_only=True)
+    best.pop('config')
+    torch.save(best, os.path.join(run_dir, 'best.pt'))
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2', '--restore_config')
+    assert p.returncode == 2 and 'by hand' in p.stderr and 'start a new run' in p.stderr, p.stderr
+    assert files_of(run_dir) == before
+    with open(config, 'w') as f:              # best.pt as it was: its configuration is taken
+        f.write('')
+    torch.save(best | {'config': original | {'resume': '', 'eval_only': False}}, os.path.join(run_dir, 'best.pt'))
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2', '--restore_config')
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(config)) == original | {'epochs': 2} and 'best.pt' in p.stdout
+
+
+def test_restore_config_is_only_for_a_damaged_one(tmp_path, tiny_root):
+    run_dir = one_epoch(tmp_path, tiny_root)
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--restore_config')
+    assert p.returncode == 2 and 'reads fine' in p.stderr, p.stderr
+    p = run_in_process('model_vgg_single.py', '--restore_config', '--logdir', tmp_path / 'new')
+    assert p.returncode == 2 and 'with --resume' in p.stderr, p.stderr
+    assert files_of(run_dir) == before and not os.path.exists(tmp_path / 'new')
