@@ -31,7 +31,7 @@ from distributed import all_reduce_mean, all_reduce_sum
 from fast_paths import float32_meta
 from models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
 from options import UserError, check_positive, hyperparameters, stand_in
-from utils import Meters, Run, device_generator, run_main
+from utils import Run, device_generator, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100, svhn or imagenet (its own defaults: IMAGENET below)
@@ -446,7 +446,7 @@ def main(argv=None):
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
     # sums since the last test, on the device (a run stopped between two tests continues its own)
-    meters, first_t = Meters.from_state(state.get('meters')), state.get('first_t', start)
+    meters, first_t = run.meters('label_loss', state.get('meters')), state.get('first_t', start)
     run.describe([model], data.sizes, total_steps - start)
 
     def stretch(t):                           # the steps from t to the next test
@@ -508,7 +508,7 @@ def main(argv=None):
                                           f'Best Accuracy: {100 * run.best["test_acc"]:.5f}']
             run.evaluate_and_save(objects, row, 'test_acc', keep=['test_acc5'] if large else [], lines=lines,
                                   step=t + 1, **data.state())
-            meters, first_t = Meters(), t + 1
+            meters, first_t = run.meters('label_loss'), t + 1
             bar = stretch(t + 1)
         run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters.state_dict(), first_t=first_t, **data.state())
     best = 100 * run.best['test_acc']

@@ -402,15 +402,30 @@ class Timer:
         return elapsed
 
 
+# A finite blow-up is a divergence too (exit code 3, before anything is written from the weights): a run
+# stops when, at an evaluation, a network weight is beyond WEIGHT_BOUND in absolute value, or the training
+# loss was above LOSS_FACTOR times its value at the run's first step in more than half of the steps since
+# the previous evaluation (a sustained stretch: a one-step spike is not counted as one). Healthy runs stay
+# far from both: weights of order 1, a training loss at or below its first value (the untrained network's,
+# about log of the number of classes).
+WEIGHT_BOUND = 1e6
+LOSS_FACTOR = 10.0
+
+
 class Meters:
     """Named running sums kept on the device (no host read inside a training loop). add(n, name=sum
     over n samples, ...); means() divides each by its sample count and reads them all at once. The
-    first add that brought a non-finite value is noted on the device too (first_non_finite())."""
+    first add that brought a non-finite value is noted on the device too (first_non_finite()).
+
+    watch: the name of the training loss (Run.meters sets it): the adds whose mean of it is above
+    LOSS_FACTOR x `reference` are counted on the device (loss_watch()); reference None: this Meters'
+    first add's mean (the first step of a new run)."""
 
     NONE = 2 ** 62
 
-    def __init__(self):
+    def __init__(self, watch=None, reference=None):
         self.sums, self.counts, self.adds, self.first_bad, self.names, self.index = {}, {}, 0, None, [], {}
+        self.watch, self.reference, self.high, self.watched = watch, reference, None, 0
 
     def add(self, n, **sums):
         for k, v in sums.items():
@@ -426,6 +441,27 @@ class Meters:
         here = torch.where(finite, self.NONE, codes).min()          # this add's first bad value, or NONE
         self.first_bad = here if self.first_bad is None else torch.minimum(self.first_bad, here)
         self.adds += 1
+        if self.watch in sums:                                       # on the device too: no host read
+            mean = sums[self.watch].detach().float() / n
+            if self.reference is None:
+                self.reference = mean.clone()
+            above = (mean > LOSS_FACTOR * self.reference).long()
+            self.high = above if self.high is None else self.high + above
+            self.watched += 1
+
+    def loss_watch(self):
+        """(adds above LOSS_FACTOR x reference, adds watched, reference) of the watched loss (under torchrun:
+        counts summed over the processes, the reference their mean); None when nothing was watched. One
+        host read."""
+        if not self.watched:
+            return None
+        both = torch.stack([self.high.float(), torch.as_tensor(float(self.watched), device=self.high.device),
+                            self.reference.to(self.high.device).float()])
+        if distributed():
+            both = all_reduce_sum(both)
+            both[2] /= dist.get_world_size()
+        high, watched, reference = both.tolist()
+        return int(high), int(watched), reference
 
     def first_non_finite(self):
         """None, or (k, name): the k-th add (from 0) brought a non-finite `name` first (under torchrun:
@@ -442,7 +478,8 @@ class Meters:
 
     def state_dict(self):
         return {'sums': dict(self.sums), 'counts': dict(self.counts), 'adds': self.adds,
-                'first_bad': self.first_bad, 'names': list(self.names)}
+                'first_bad': self.first_bad, 'names': list(self.names), 'watch': self.watch,
+                'reference': self.reference, 'high': self.high, 'watched': self.watched}
 
     @classmethod
     def from_state(cls, state):
@@ -451,6 +488,8 @@ class Meters:
         if state:
             m.sums, m.counts, m.adds = dict(state['sums']), dict(state['counts']), state['adds']
             m.first_bad, m.names = state['first_bad'], list(state['names'])
+            m.watch, m.reference = state.get('watch'), state.get('reference')
+            m.high, m.watched = state.get('high'), state.get('watched', 0)
         return m
 
     def means(self):
@@ -566,6 +605,9 @@ class Run(Processes):
     """
 
     CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'
+    # option -> (the optimiser, its scheduler) among a script's objects: what `--resume RUN --lr X` scales,
+    # and which rate a divergence advises lowering
+    RATES = {'lr': ('optimizer', 'scheduler'), 'gen_lr': ('gen_optimizer', 'gen_scheduler')}
     FORMAT = 2        # checkpoint layout; 1 (no 'format' key) is the layout before the shared skeleton
 
     def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None, presets=None):
@@ -615,6 +657,8 @@ class Run(Processes):
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
         self.last = None                        # the latest metrics row
         self.best_keys = ()                     # the columns kept with the best: (score, *keep)
+        self.loss_reference = None              # the training loss at the run's first step (see LOSS_FACTOR)
+        self.watch_loss = not self.resuming     # resumed: if its checkpoint has the reference (restore)
         self.timer = Timer(self.device)
         where = f'{self.dir} on {self.device}'
         if self.world > 1:
@@ -672,7 +716,8 @@ class Run(Processes):
             return
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
-                        last=self.last, best_keys=list(self.best_keys), config=self.config_record(), **extra)
+                        last=self.last, best_keys=list(self.best_keys), config=self.config_record(),
+                        loss_reference=self.loss_reference, **extra)
 
     def restore(self, objects, **defaults):
         """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
@@ -690,10 +735,13 @@ class Run(Processes):
                             'the ones in its config.json. Nothing was written; start a new run instead.') from None
         set_rng_state(ckpt['rng'])
         self.best, self.last, self.best_keys = ckpt['best'], ckpt['last'], tuple(ckpt.get('best_keys', ()))
-        old_lr = self.saved_config.get('lr')          # --resume RUN --lr X: the saved rates times X / old
-        if 'lr' in self.given and old_lr and old_lr != self.cfg.lr and 'optimizer' in objects:
-            scale_learning_rates(objects['optimizer'], objects.get('scheduler'), self.cfg.lr / old_lr)
-            self.log.print(f'note: --lr {self.cfg.lr:g} scales the saved learning rates by {self.cfg.lr / old_lr:g}')
+        self.watch_loss = 'loss_reference' in ckpt       # a checkpoint from before the loss check: weights only
+        self.loss_reference = ckpt.get('loss_reference')
+        for option, (optimizer, scheduler) in self.RATES.items():   # --resume RUN --lr X: saved rates x X / old
+            old, new = self.saved_config.get(option), getattr(self.cfg, option, None)
+            if option in self.given and old and old != new and optimizer in objects:
+                scale_learning_rates(objects[optimizer], objects.get(scheduler), new / old)
+                self.log.print(f'note: --{option} {new:g} scales the saved learning rates by {new / old:g}')
         if self.config_source:                   # --restore_config: the damaged file kept beside the new one
             path = os.path.join(self.dir, 'config.json')
             kept = ''
@@ -709,7 +757,7 @@ class Run(Processes):
         if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
             position = next(iter(self.last))
             self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config')
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
@@ -720,15 +768,12 @@ class Run(Processes):
         best_<kept> columns, best.pt is written when the score improved (the networks among `objects`),
         and checkpoint.pt always (every object, RNG states, the best, `extra`). Returns `improved`."""
         position = next(iter(row))
-        nets = [v for v in objects.values() if isinstance(v, nn.Module)]
-        finite = torch.stack([torch.isfinite(p).all() for net in nets for p in net.parameters()]).all()
+        self.check_weights(objects, f'{position} {row[position]}')
         bad = [k for k, v in row.items() if ('loss' in k or k.endswith('acc')) and isinstance(v, float)
                and not math.isfinite(v)]
-        if not bool(finite) or bad:
-            lr = next((g['lr'] for v in objects.values() if isinstance(v, torch.optim.Optimizer)
-                       for g in v.param_groups), float('nan'))
-            self.diverged(f'at {position} {row[position]} the ' + ('weights' if not bool(finite) else ', '.join(bad))
-                          + ' became non-finite', lr)
+        if bad:
+            self.diverged(f'at {position} {row[position]} the {", ".join(bad)} became non-finite',
+                          *self.rate_of(objects))
         self.last = row
         improved = self.best is None or row[score] > self.best[score]
         if improved:
@@ -764,25 +809,82 @@ class Run(Processes):
 
     # ---- divergence ----
 
-    def check_finite(self, meters, first_step, lr, unit='step'):
-        """Stop the run (exit code 3) if `meters` saw a non-finite value: before anything is evaluated or
-        written from these weights. first_step: the step of the meters' first add."""
+    def meters(self, loss, state=None):
+        """The Meters of the steps up to the next evaluation (or continued from `state`, saved by a run stopped
+        between two), watching the training loss named `loss` (see LOSS_FACTOR; not on a run resumed from a
+        checkpoint written before the loss check, which lacks the reference)."""
+        m = Meters.from_state(state)
+        for k in ('reference', 'high', 'first_bad'):            # a checkpoint's tensors come back on the CPU
+            if getattr(m, k) is not None:
+                setattr(m, k, getattr(m, k).to(self.device))
+        if self.watch_loss and m.watch is None:
+            m.watch = loss
+            if self.loss_reference is not None:
+                m.reference = torch.tensor(self.loss_reference, device=self.device)
+        return m
+
+    def check_finite(self, meters, first_step, lr, unit='step', option='lr'):
+        """Stop the run (exit code 3) if `meters` saw a non-finite value, or its watched training loss stayed
+        above LOSS_FACTOR times its first value in most of its steps: before anything is evaluated or
+        written from these weights. first_step: the step of the meters' first add; lr: the rate of --`option`
+        now."""
         found = meters.first_non_finite()
         if found:
             k, name = found
-            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr)
+            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr, option)
+        watched = meters.loss_watch() if meters.watch else None
+        if watched:
+            high, steps, reference = watched
+            if self.loss_reference is None:
+                self.loss_reference = reference         # the run's first step: kept in every checkpoint
+            if 2 * high > steps:
+                self.diverged(f'the training {meters.watch} stayed above {LOSS_FACTOR:g} times its value at the first '
+                              f'step of the run ({self.loss_reference:.4g}) in {high} of the {steps} {unit}s from '
+                              f'{unit} {first_step} on, mean {meters.means()[meters.watch]:.4g}', lr, option)
 
-    def diverged(self, what, lr):
+    def rate_of(self, objects, param=None):
+        """(the rate now, its option) of the optimiser that trains `param` (default: the first one)."""
+        for option, (name, _) in self.RATES.items():
+            optimizer = objects.get(name)
+            if optimizer is not None and (param is None or any(p is param for g in optimizer.param_groups
+                                                                 for p in g['params'])):
+                return optimizer.param_groups[0]['lr'], option
+        return None, 'lr'
+
+    def check_weights(self, objects, where):
+        """Stop the run (exit code 3) if a weight of the networks among `objects` is non-finite or beyond
+        WEIGHT_BOUND. One host read."""
+        named = [(f'{k}.{n}', p) for k, v in objects.items() if isinstance(v, nn.Module)
+                 for n, p in v.named_parameters()]
+        biggest = float(torch.stack([p.detach().abs().max().float() for _, p in named]).max())
+        if math.isfinite(biggest) and biggest <= WEIGHT_BOUND:
+            return
+        name, param = max(named, key=lambda np_: (not bool(torch.isfinite(np_[1]).all()),
+                                                  float(np_[1].detach().abs().max().nan_to_num(math.inf))))
+        if not math.isfinite(biggest):
+            self.diverged(f'at {where} the weights became non-finite (first in {name})', *self.rate_of(objects, param))
+        self.diverged(f'at {where} a weight grew beyond {WEIGHT_BOUND:g} in absolute value ({biggest:.3g} in {name}; '
+                      'healthy weights stay of order 1)', *self.rate_of(objects, param))
+
+    def diverged(self, what, lr=None, option='lr'):
+        """Stop with exit code 3, quoting the rate typed (--`option`; `lr`: its value now, after any schedule)
+        and advising a tenth of it: from the last checkpoint, or from the start when there is none."""
+        typed = getattr(self.cfg, option, None)
+        if typed is None:
+            typed, option = lr, 'lr'
+        rate = f'--{option} {typed:g} as typed' + (f'; {lr:g} by its schedule at this check' if lr is not None and
+                                                   not math.isclose(lr, typed, rel_tol=1e-6) else '')
+        lower = f'--{option} {typed / 10:g}'
         ckpt = self.checkpoint_path
         if os.path.isfile(ckpt):
             saved = load_checkpoint(ckpt)['last'] or {}
             where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
             advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
-                      f'e.g. {python_command()} {self.script}.py --resume {self.dir} --lr {lr / 10:g}')
+                      f'e.g. {python_command()} {self.script}.py --resume {self.dir} {lower}')
         else:
-            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. --lr {lr / 10:g} '
+            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. {lower} '
                       f'(the folder {self.dir} holds only the configuration and log of this attempt)')
-        raise Diverged(f'training diverged: {what} (learning rate {lr:g}). Nothing was saved from these weights: '
+        raise Diverged(f'training diverged: {what} (learning rate: {rate}). Nothing was saved from these weights: '
                        f'{advice}.')
 
     # ---- the epoch-based scripts (the MAXL paper's three) ----

@@ -313,3 +313,68 @@ def test_restore_config_is_only_for_a_damaged_one(tmp_path, tiny_root):
     p = run_in_process('model_vgg_single.py', '--restore_config', '--logdir', tmp_path / 'new')
     assert p.returncode == 2 and 'with --resume' in p.stderr, p.stderr
     assert files_of(run_dir) == before and not os.path.exists(tmp_path / 'new')
+
+
+def test_the_divergence_message_quotes_the_learning_rate_typed(tmp_path, tiny_root):
+    """SLA's rate is stepped down by its schedule before the divergence is seen (x0.1 at half the iterations):
+    the message quotes the rate typed and advises a tenth of it, not a tenth of the stepped-down one."""
+    p = run_in_process('train_sla.py', '--synthetic', '--datadir', tiny_root, '--num-iterations', 20, '--val-freq',
+                       10, '--batchsize', 16, '--model', 'cresnet20', '--width', 0.125, '--lr', 1e6, '--device', 'cpu',
+                       '--logdir', tmp_path)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert '--lr 1e+06 as typed' in p.stderr and 'e.g. --lr 100000 ' in p.stderr, p.stderr
+
+
+def test_a_finite_blow_up_of_the_loss_stops_maxl_with_exit_code_3(tmp_path, tiny_root):
+    """MAXL with --lr 1e6 stays finite (weights ~1e22, the focal loss pinned at ~44, test accuracy at chance):
+    the training loss above 10 times its first value for most of the epoch stops the run (exit 3) before
+    anything is evaluated or written from those weights."""
+    p = run_in_process('model_vgg_maxl.py', *TINY, '--data_root', tiny_root, '--epochs', 2, '--lr', 1e6,
+                       '--run_dir', tmp_path / 'r')
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert 'training diverged: the training loss stayed above 10 times its value at the first step' in p.stderr
+    assert 'Traceback' not in p.stderr and '--lr 100000 ' in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path / 'r')) == ['config.json', 'log.txt']          # no best.pt, no checkpoint
+
+
+def test_a_weight_beyond_the_bound_stops_the_run_before_anything_is_written(tmp_path, tiny_root, monkeypatch,
+                                                                             capsys):
+    """A weight grown beyond 1e6 (here in a convolution followed by batch norm, so the loss does not show it)
+    stops the run at the evaluation (exit 3): nothing written from those weights, the last checkpoint named."""
+    run_dir = one_epoch(tmp_path, tiny_root)
+    before = files_of(run_dir)
+    step, calls = model_vgg_single.train_step, []
+
+    def blown(net, x, y, optimizer):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(net.net.parameters()).mul_(1e9)
+        return step(net, x, y, optimizer)
+
+    monkeypatch.setattr(model_vgg_single, 'train_step', blown)
+    with pytest.raises(SystemExit) as e:
+        run_main(model_vgg_single.main, ['--resume', run_dir, '--epochs', '3'])
+    err = capsys.readouterr().err
+    assert e.value.code == 3, err
+    assert 'a weight grew beyond 1e+06' in err and 'net.' in err and 'checkpoint.pt (epoch 0)' in err, err
+    after = files_of(run_dir)
+    for f in ('checkpoint.pt', 'best.pt', 'metrics.csv'):
+        assert after[f] == before[f], f
+
+
+def test_the_loss_watch_counts_a_sustained_stretch_not_a_spike():
+    """The on-device count behind the loss check: a one-step spike is not a divergence, most steps high is."""
+    for losses, high in (([2.0, 100.0, 2.0, 2.0, 1.5], 1), ([2.0, 50.0, 40.0, 30.0, 1.0], 3)):
+        m = utils.Meters(watch='loss')
+        for v in losses:
+            m.add(4, loss=torch.tensor(v * 4), acc=torch.tensor(1.0))
+        assert m.loss_watch() == (high, len(losses), 2.0)
+    m = utils.Meters(watch='loss', reference=torch.tensor(0.5))        # a later interval: the run's reference
+    m.add(2, loss=torch.tensor(12.0))
+    assert m.loss_watch() == (1, 1, 0.5)
+    state = m.state_dict()                   # a run stopped between two evaluations keeps the count
+    again = utils.Meters.from_state(state)
+    again.add(2, loss=torch.tensor(1.0))
+    assert again.loss_watch() == (1, 2, 0.5)
+
