@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from options import ALIASES, UserError
-from utils import device_generator, python_command, run_main, stream_seed
+from utils import atomic_write_text, device_generator, python_command, run_main, stream_seed
 
 DATA_ROOT = 'dataset'
 SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
@@ -571,11 +571,9 @@ def sla_draw_val_indices(n_train, n_val, seed):
 
 
 def write_indices(path, indices):
-    """One integer a line, written atomically (the splits a run keeps in its folder)."""
-    atomic = path + '.tmp'
-    with open(atomic, 'w') as f:
-        f.write(''.join(f'{int(i)}\n' for i in indices))
-    os.replace(atomic, path)
+    """One integer a line, written atomically (the splits a run keeps in its folder; a failed write is a
+    UserError naming the cause, as every file of a run folder)."""
+    atomic_write_text(path, ''.join(f'{int(i)}\n' for i in indices))
 
 
 def sla_load_indices(path, n_train):

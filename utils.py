@@ -150,21 +150,56 @@ def resolve_run_dir(resume, logdir, script):
                     'when the run started (logs/<script>/<run>).')
 
 
-def write_error(path, e):
-    return UserError(f'cannot write {path} ({e.strerror or e}, errno {e.errno}): the previous file, if any, is '
-                     'unchanged. Free space or fix the permissions of that folder (or choose another with '
-                     '--logdir / --run_dir), then continue with --resume.')
+def write_error(path, e, size=None):
+    """The UserError of a failed write of `path` (a file of a run folder): the OS's words for errno (No space
+    left on device, ...), the bytes it needed when known, and advice that fits the run's state: continue
+    with --resume where a checkpoint exists, else start again."""
+    import errno as errnos
+    import shutil
+    code = e.errno
+    words = e.strerror or (os.strerror(code) if code else str(e))
+    folder = os.path.dirname(os.path.abspath(path))
+    detail = f'errno {code}'
+    if size is not None:
+        detail += f'; {size:,} bytes to write'
+        try:
+            free = shutil.disk_usage(folder).free
+            if free < size:
+                detail += f', {free:,} free there'
+        except OSError:
+            pass
+    if code in (errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG):
+        fix = f'Free space for {folder} (or raise the limit on file size or disk quota)'
+    elif code in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
+        fix = f'Make {folder} writable'
+    else:
+        fix = f'Fix what keeps {folder} from being written'
+    if os.path.isfile(os.path.join(folder, Run.CHECKPOINT)):
+        try:
+            with open(os.path.join(folder, 'config.json')) as f:
+                script = json.load(f)['script']
+        except (OSError, ValueError, KeyError, TypeError):
+            script = '<script>'
+        then = (f'then continue from the last checkpoint with {python_command()} {script}.py --resume {folder}')
+    else:
+        then = ('then start the run again: no checkpoint was written yet, so there is nothing to resume (the '
+                f'folder {folder} holds only what this attempt wrote before)')
+    return UserError(f'cannot write {path}: {words} ({detail}). The previous file, if any, is unchanged and no '
+                     f'partial file is left. {fix}, {then}.')
 
 
-def atomic_write(path, write):
-    """write(f) into a temporary file, flush and fsync it, rename it over `path` and fsync the folder:
-    readers see the old or the new file, never half of one, also after a power cut. On an OSError (disk
-    full, permissions, read-only filesystem) the temporary file is removed, the old file is untouched,
-    and a UserError names the path and the cause."""
-    tmp = path + '.tmp'
+def atomic_write(path, data):
+    """`data` (bytes, or a function returning them) into a temporary file, flushed and fsynced, renamed over
+    `path`, the folder fsynced: readers see the old or the new file, never half of one, also after a power
+    cut. On an OSError (disk full, permissions, read-only filesystem) the temporary file is removed, the old
+    file is untouched, and a UserError names the path, the OS's words for the cause and the bytes needed."""
+    tmp, size = path + '.tmp', None
     try:
+        if callable(data):
+            data = data()
+        size = len(data)
         with open(tmp, 'wb') as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -174,17 +209,15 @@ def atomic_write(path, write):
         finally:
             os.close(folder)
     except BaseException as e:               # also Ctrl-C: never leave a half-written temporary file
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        if isinstance(e, RuntimeError):      # torch.save reports a failed write as a RuntimeError
-            raise write_error(path, OSError(getattr(e, 'errno', None), str(e).splitlines()[0])) from None
+            raise write_error(path, e, size) from None
         raise
 
 
 def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, text.encode())
 
 
 class RunLog:
@@ -293,7 +326,13 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    atomic_write(path, lambda f: torch.save(state, f))
+    def serialise():
+        # In memory first, then written as bytes: a failed write is then the OS's own error (torch's file
+        # writer turns one into '[enforce fail at inline_container.cc] unexpected pos', errno lost).
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getbuffer()
+    atomic_write(path, serialise)
 
 
 def load_checkpoint(path, device='cpu'):

@@ -378,3 +378,41 @@ def test_the_loss_watch_counts_a_sustained_stretch_not_a_spike():
     again.add(2, loss=torch.tensor(1.0))
     assert again.loss_watch() == (1, 2, 0.5)
 
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
+def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, tiny_root):
+    """A write that meets a full disk (the temporary file is a link to /dev/full, which fails every write with
+    ENOSPC as a full filesystem does): the message says "No space left on device", names the file and the
+    bytes it needed, and advises --resume only when a checkpoint exists; torch's internal text never shows."""
+    fresh = tmp_path / 'fresh'
+    fresh.mkdir()
+    os.symlink('/dev/full', fresh / 'best.pt.tmp')
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', tiny_root, '--epochs', 1, '--run_dir', fresh)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert f'cannot write {fresh / "best.pt"}: No space left on device (errno {errno.ENOSPC}' in p.stderr, p.stderr
+    assert 'bytes to write' in p.stderr and 'enforce fail' not in p.stderr
+    assert 'no checkpoint was written yet' in p.stderr and '--resume' not in p.stderr, p.stderr
+    assert sorted(os.listdir(fresh)) == ['config.json', 'log.txt']          # the link to /dev/full removed too
+
+    run_dir = one_epoch(tmp_path, tiny_root)
+    before = files_of(run_dir)
+    import resource                           # a file that fills up part way (torch's writer hid this errno)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))         # SIGXFSZ: ignored by Python
+    try:
+        p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert p.returncode == 2 and f'File too large (errno {errno.EFBIG}' in p.stderr, p.stderr
+    assert 'enforce fail' not in p.stderr and 'bytes to write' in p.stderr, p.stderr
+    assert all(files_of(run_dir)[f] == before[f] for f in ('best.pt', 'checkpoint.pt', 'metrics.csv'))
+    for f in ('best.pt', 'checkpoint.pt'):
+        os.symlink('/dev/full', os.path.join(run_dir, f + '.tmp'))
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 2)
+    assert p.returncode == 2 and 'No space left on device' in p.stderr and 'enforce fail' not in p.stderr, p.stderr
+    assert f'model_vgg_single.py --resume {run_dir}' in p.stderr and 'free space' in p.stderr.lower(), p.stderr
+    links = [f for f in ('best.pt.tmp', 'checkpoint.pt.tmp') if os.path.lexists(os.path.join(run_dir, f))]
+    assert len(links) == 1                    # the one the failed write met was removed; the other is ours
+    os.remove(os.path.join(run_dir, links[0]))
+    after = files_of(run_dir)
+    assert all(after[f] == before[f] for f in ('best.pt', 'checkpoint.pt'))
