@@ -21,7 +21,9 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shlex
 import sys
 import time
@@ -337,15 +339,73 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, device='cpu'):
     """A checkpoint of this code: tensors and plain Python values only, loaded with weights_only=True,
-    so a file from elsewhere cannot run code on load; anything else is refused."""
+    so a file from elsewhere cannot run code on load; anything else is refused (checkpoint_error)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot read checkpoint {path!r} as tensors and plain values only ({type(e).__name__}: '
-                        f'{first}). A checkpoint written by this code always can; a file that holds other '
-                        'Python objects is refused, since loading it could run code. Point --resume at a run '
-                        'folder written by this code.') from None
+        raise checkpoint_error(path, e) from None
+
+
+ZIP_MAGIC = b'PK\x03\x04'          # torch.save's file format is a zip archive
+
+
+def checkpoint_damage(path):
+    """Why the file at `path` is not a whole checkpoint (empty, cut short, a part failing its checksum), or
+    None when it is a complete file (of some other content)."""
+    import pickletools
+    import zipfile
+    size = os.path.getsize(path)
+    if size == 0:
+        return 'it is empty (0 bytes)'
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC or (len(head) < 4 and ZIP_MAGIC.startswith(head)):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return f'it ends part way ({size:,} bytes, without the end of its archive): cut short or overwritten'
+        return f'its part {bad} fails its checksum' if bad else None
+    try:                                       # not an archive: is it at least one whole pickle?
+        with open(path, 'rb') as f:
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:
+        return f'it ends part way ({size:,} bytes)'
+    return None
+
+
+def checkpoint_error(path, e):
+    """The UserError for a checkpoint torch.load(weights_only=True) refused with `e`: damaged (say so, and
+    what to do), or holding other Python objects (refused: loading it could run code). torch's own text,
+    which advises weights_only=False, is never shown."""
+    damage = checkpoint_damage(path) if os.path.isfile(path) else None
+    folder, name = os.path.split(path)
+    if damage:
+        other = ''
+        if name == Run.CHECKPOINT:
+            best = os.path.join(folder, Run.BEST)
+            try:
+                kept = torch.load(best, map_location='cpu', weights_only=True) if os.path.isfile(best) else None
+            except Exception:
+                kept = None
+            if kept is not None:
+                at = ', '.join(f'{k} {v}' for k, v in list((kept.get('best') or {}).items())[:1])
+                other = (f' {best} is whole: it holds the networks of the best evaluation ({at}) to evaluate or '
+                         'start from, but not the optimiser and data-stream states needed to continue.')
+        return UserError(f'{path} is damaged: {damage}. This code writes checkpoints whole (atomically), so it was '
+                         'cut or changed afterwards (a copy interrupted, a disk error). Restore it from a copy of the '
+                         f'run folder if you have one, or start a new run.{other} Nothing was written.')
+    text = str(e)
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', text)
+    what = f' (it names {found.group(1)})' if found else ''
+    if found or isinstance(e, pickle.UnpicklingError):
+        return UserError(f'{path} holds Python objects other than tensors and plain values{what}: refused, since '
+                         'loading it could run code. A checkpoint written by this code never does: point --resume at '
+                         'a run folder written by this code.')
+    return UserError(f'cannot read {path} as a checkpoint of this code ({type(e).__name__}): it is a whole file, but '
+                     'not one this code wrote. Point --resume at a run folder written by this code. Nothing was '
+                     'written.')
 
 
 def load_run_checkpoint(path, script, format):

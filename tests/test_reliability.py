@@ -416,3 +416,22 @@ def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, ti
     os.remove(os.path.join(run_dir, links[0]))
     after = files_of(run_dir)
     assert all(after[f] == before[f] for f in ('best.pt', 'checkpoint.pt'))
+
+
+@pytest.mark.parametrize('keep', [0, 2, 'half', 'all but the last byte'])
+def test_a_truncated_checkpoint_is_called_damaged_and_never_advises_weights_only_false(tmp_path, tiny_root, keep):
+    """checkpoint.pt cut short (a copy interrupted, a disk error): the message says it is damaged and what to
+    do, never repeats torch's advice to load it with weights_only=False; nothing is written."""
+    run_dir = one_epoch(tmp_path, tiny_root)
+    path = os.path.join(run_dir, 'checkpoint.pt')
+    data = open(path, 'rb').read()
+    n = {'half': len(data) // 2, 'all but the last byte': len(data) - 1}.get(keep, keep)
+    with open(path, 'wb') as f:
+        f.write(data[:n])
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 2)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert f'{path} is damaged' in p.stderr and 'weights_only' not in p.stderr, p.stderr
+    assert 'could run code' not in p.stderr and 'start a new run' in p.stderr and 'Nothing was written' in p.stderr
+    assert 'best.pt' in p.stderr                             # still whole: what it holds, and what it lacks
+    assert files_of(run_dir) == before
