@@ -72,7 +72,7 @@ def validate(cfg):
                         f'auxiliary classes. Example: --psi 5x{n_primary} (5 auxiliary classes per primary class).')
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
                    'gen_weight_decay', 'entropy_weight', allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight'))
-    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
 
 
 # ---- the two networks ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
 
 def validate(cfg):
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
-    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
 
 
 def train_step(net, x, y, optimizer):

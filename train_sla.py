@@ -584,7 +584,7 @@ def validate(cfg):
                         f'{cfg.batch_size} (a batch holds distinct images): lower --batch-size.')
     if cfg.val_indices and not os.path.isfile(cfg.val_indices):
         raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
-    create_dataset.check_data_present(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
 
 
 def main(argv=None):

@@ -435,3 +435,27 @@ def test_a_truncated_checkpoint_is_called_damaged_and_never_advises_weights_only
     assert 'could run code' not in p.stderr and 'start a new run' in p.stderr and 'Nothing was written' in p.stderr
     assert 'best.pt' in p.stderr                             # still whole: what it holds, and what it lacks
     assert files_of(run_dir) == before
+
+
+@pytest.mark.parametrize('fault', ['corrupt', 'missing', 'bad md5 list'])
+def test_a_damaged_stand_in_says_it_is_the_stand_in_and_how_to_rewrite_it(tmp_path, tiny_root, fault):
+    """A file of the synthetic stand-in that fails the md5 list written beside it, a missing one, or an
+    unreadable list: the message says it is the stand-in and that deleting its folder rewrites it, not the
+    real dataset's advice (download or unpack the official archive); no run folder."""
+    import shutil
+    folder = tmp_path / 'data' / 'synthetic' / 'cifar-100-python'
+    shutil.copytree(os.path.join(tiny_root, 'synthetic', 'cifar-100-python'), folder)
+    if fault == 'corrupt':
+        with open(folder / 'test', 'r+b') as f:
+            f.seek(100)
+            f.write(b'\x00\x01\x02')
+    elif fault == 'missing':
+        os.remove(folder / 'test')
+    else:
+        (folder / 'md5.json').write_text('{"train": ')
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', tmp_path / 'data', '--epochs', 1,
+                       '--logdir', tmp_path / 'logs')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert 'synthetic stand-in' in p.stderr and f'rm -r {folder}' in p.stderr, p.stderr
+    assert 'official' not in p.stderr and 'download' not in p.stderr.lower(), p.stderr
+    assert not os.path.exists(tmp_path / 'logs')
