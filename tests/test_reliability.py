@@ -459,3 +459,40 @@ def test_a_damaged_stand_in_says_it_is_the_stand_in_and_how_to_rewrite_it(tmp_pa
     assert 'synthetic stand-in' in p.stderr and f'rm -r {folder}' in p.stderr, p.stderr
     assert 'official' not in p.stderr and 'download' not in p.stderr.lower(), p.stderr
     assert not os.path.exists(tmp_path / 'logs')
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_even_with_a_matching_md5_list(tmp_path, tiny_root):
+    """A stand-in file replaced by a pickle that calls os.system, its md5.json rewritten to match: read with
+    a restricted unpickler (dicts, lists, strings, bytes, numbers, numpy arrays only), it is refused (exit 2)
+    and the command never runs."""
+    import shutil
+    folder = tmp_path / 'data' / 'synthetic' / 'cifar-100-python'
+    shutil.copytree(os.path.join(tiny_root, 'synthetic', 'cifar-100-python'), folder)
+    Payload.marker = str(tmp_path / 'ran')
+    d = create_dataset._unpickle(str(folder / 'test'))
+    d['batch_label'] = Payload()
+    with open(folder / 'test', 'wb') as f:
+        pickle.dump(d, f, protocol=2)
+    (folder / 'md5.json').write_text(json.dumps({f: create_dataset.md5sum(str(folder / f))
+                                                 for f in ('meta', 'test', 'train')}))
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', tmp_path / 'data', '--epochs', 1,
+                       '--logdir', tmp_path / 'logs')
+    assert not os.path.exists(tmp_path / 'ran')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert str(folder / 'test') in p.stderr and 'could run code' in p.stderr and 'system' in p.stderr, p.stderr
+
+
+def test_the_restricted_reader_reads_the_official_pickle_layout():
+    """What the official CIFAR files hold (Python 2 pickles of numpy arrays, numpy.core.multiarray) and what
+    the stand-in writer writes (Python 3, numpy._core, bytes via _codecs) both read back."""
+    import io
+    import numpy as np
+    data = {'data': np.arange(12, dtype=np.uint8).reshape(2, 6), 'labels': [3, 4], 'batch_label': 'b',
+            'raw': b'\x00\xff', 'x': 1.5}
+    py3 = pickle.dumps(data, protocol=2)
+    py2 = py3.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
+    assert b'numpy.core.multiarray' in py2 and b'_codecs' in py3
+    for blob in (py3, py2):
+        got = create_dataset.safe_unpickle(io.BytesIO(blob), 'the file')
+        assert got['labels'] == [3, 4] and got['raw'] == b'\x00\xff' and got['x'] == 1.5
+        assert got['data'].dtype == np.uint8 and got['data'].tolist() == data['data'].tolist()
