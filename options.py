@@ -5,6 +5,7 @@
   run options     RUN_OPTIONS, ALIASES, TRANSIENT                                  utils.Run: the options of every script
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
   checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
+  unused          unused_options                                                   results.py, MetaSemi's start line
 
 Plain Python (argparse); nothing here imports torch.
 """
@@ -214,3 +215,46 @@ def check_choices(cfg, choices):
     for name, allowed in (choices or {}).items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f'--{name} {getattr(cfg, name)!r} is not one of: {", ".join(map(str, allowed))}.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The options a configuration does not use (results.py's rows, MetaSemi's start line)
+# ----------------------------------------------------------------------------------------------------
+
+def unused_options(script, cfg):
+    """The names in `cfg` (a dict: config.json's, or vars() of a parsed command line) whose values the run
+    of `script` never reads, given its method, dataset and schedule: MetaSemi on ImageNet labels a fraction
+    of every class, so its num_label is CIFAR's budget, not its setting; a CIFAR run streams no image files."""
+    get, out = cfg.get, set()
+    if script == 'model_vgg_maxl':
+        out.add('second_order' if get('meta_order') == 1 else 'fd_eps')     # only the exact one has two forms
+    if script == 'model_vgg_human' and get('aux_labels') != 'kmeans':        # the autoencoder: K-means only
+        out |= {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
+    if script == 'train_sla':
+        if get('mode') == 'baseline':
+            out.add('aug')
+        if get('mode') != 'sla+sd':
+            out.add('temperature')
+        if get('dataset') in ('cifar10', 'cifar100'):
+            out |= {'class_list', 'image_size', 'workers', 'decode_on'}
+        else:                                   # the large datasets: no held-out split, no long tail
+            out |= {'val_size', 'val_indices', 'imbalance_ratio'}
+    if script == 'train_meta_semi':
+        large = get('dataset') == 'imagenet'
+        if not get('mix_up'):
+            out.add('alpha')
+        if get('baseline'):                     # no meta step, no unlabeled loss
+            out |= {'epsilon', 'weight', 'weight_ramp', 'global_meta_gradient'}
+        if large:                               # a fraction of every class (or a list) is labeled
+            out.add('num_label')
+            out.add('label_fraction' if get('label_list') else 'label_list')
+        else:
+            out |= {'label_list', 'image_size', 'workers', 'decode_on', 'num_classes'}
+            out.add('num_label' if get('label_fraction') else 'label_fraction')
+        if get('epochs'):                       # the schedule in epochs
+            out |= {'total_steps', 'warmup', 'eval_every'}
+        else:
+            out |= {'epochs', 'warmup_epochs'}
+        if get('lr_schedule') == 'cosine':
+            out |= {'milestones', 'gamma'}
+    return out & set(cfg)

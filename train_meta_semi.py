@@ -30,7 +30,7 @@ import large_datasets
 from distributed import all_reduce_mean, all_reduce_sum
 from fast_paths import float32_meta
 from models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
-from options import UserError, check_positive, hyperparameters, stand_in
+from options import UserError, check_positive, hyperparameters, stand_in, unused_options
 from utils import Run, device_generator, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
@@ -404,7 +404,8 @@ def main(argv=None):
               presets=presets)
     cfg, dev, log = run.cfg, run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
-    log.print(f'MetaSemi ({mode}) with {cfg}')
+    unused = unused_options('train_meta_semi', vars(cfg))        # not this dataset's or schedule's
+    log.print(f'MetaSemi ({mode}) with ' + ', '.join(f'{k}={v!r}' for k, v in vars(cfg).items() if k not in unused))
     large = large_datasets.is_large(cfg.dataset)
     if large and dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True

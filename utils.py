@@ -778,8 +778,10 @@ class Run(Processes):
                       f'{python_command()} {self.script}.py --resume {self.dir}', self.stops.signum)
 
     def config_record(self):
-        """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script."""
-        return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script}
+        """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script,
+        the number of processes and the global batch (batch_size per process times the processes)."""
+        return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {
+            'script': self.script, 'processes': self.world, 'global_batch': self.cfg.batch_size * self.world}
 
     def save_config(self):
         self.log.save_config(self.config_record())
