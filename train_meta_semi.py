@@ -447,7 +447,12 @@ def main(argv=None):
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
     # sums since the last test, on the device (a run stopped between two tests continues its own)
-    meters, first_t = run.meters('label_loss', state.get('meters')), state.get('first_t', start)
+    # The loss watched for a blow-up (utils.LOSS_FACTOR): the labeled loss trained on. With mixup the logged
+    # labeled loss is the eval-mode one of the meta step (as the original logs it), which batch statistics
+    # that are still settling can put far above its first value in a healthy run: none then (the weights are
+    # checked either way).
+    watched = None if cfg.mix_up else 'label_loss'
+    meters, first_t = run.meters(watched, state.get('meters')), state.get('first_t', start)
     run.describe([model], data.sizes, total_steps - start)
 
     def stretch(t):                           # the steps from t to the next test
@@ -509,7 +514,7 @@ def main(argv=None):
                                           f'Best Accuracy: {100 * run.best["test_acc"]:.5f}']
             run.evaluate_and_save(objects, row, 'test_acc', keep=['test_acc5'] if large else [], lines=lines,
                                   step=t + 1, **data.state())
-            meters, first_t = run.meters('label_loss'), t + 1
+            meters, first_t = run.meters(watched), t + 1
             bar = stretch(t + 1)
         run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters.state_dict(), first_t=first_t, **data.state())
     best = 100 * run.best['test_acc']

@@ -912,13 +912,14 @@ class Run(Processes):
 
     def meters(self, loss, state=None):
         """The Meters of the steps up to the next evaluation (or continued from `state`, saved by a run stopped
-        between two), watching the training loss named `loss` (see LOSS_FACTOR; not on a run resumed from a
-        checkpoint written before the loss check, which lacks the reference)."""
+        between two), watching the training loss named `loss` (see LOSS_FACTOR; None: a script that logs no
+        loss it trains on; not on a run resumed from a checkpoint written before the loss check, which lacks
+        the reference)."""
         m = Meters.from_state(state)
         for k in ('reference', 'high', 'first_bad'):            # a checkpoint's tensors come back on the CPU
             if getattr(m, k) is not None:
                 setattr(m, k, getattr(m, k).to(self.device))
-        if self.watch_loss and m.watch is None:
+        if self.watch_loss and loss and m.watch is None:
             m.watch = loss
             if self.loss_reference is not None:
                 m.reference = torch.tensor(self.loss_reference, device=self.device)

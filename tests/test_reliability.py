@@ -203,6 +203,19 @@ def test_metrics_are_brought_back_to_the_checkpoint_on_resume(tmp_path, tiny_roo
 
 # ---- Reliability, second round -------------------------------------------------------------------------
 
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, tiny_root):
+    """One finished one-epoch Single run, made once for the tests below that damage a copy of it."""
+    return one_epoch(tmp_path_factory.mktemp('finished'), tiny_root)
+
+
+def a_run(tmp_path, finished):
+    """A copy of the finished run (its own folder, to damage)."""
+    import shutil
+    shutil.copytree(finished, tmp_path / 'run')
+    return str(tmp_path / 'run')
+
+
 # A short run of each script on the tiny stand-in (what a bad option would start if it were let through).
 SHORT = {
     'model_vgg_single': ['--width', '0.0625', '--epochs', '1'],
@@ -253,11 +266,11 @@ def damage(path, kind):
 
 
 @pytest.mark.parametrize('kind', ['invalid', 'empty', 'missing'])
-def test_a_damaged_config_json_is_named_and_restored_from_the_checkpoint(tmp_path, tiny_root, kind):
+def test_a_damaged_config_json_is_named_and_restored_from_the_checkpoint(tmp_path, finished, kind):
     """--resume of a run whose config.json is invalid, empty or missing: one paragraph naming the file and the
     command that restores it from the checkpoint (which carries the configuration), exit 2, nothing written;
     that command keeps the damaged file, writes config.json back as it was and continues."""
-    run_dir = one_epoch(tmp_path, tiny_root)
+    run_dir = a_run(tmp_path, finished)
     config = os.path.join(run_dir, 'config.json')
     original = json.load(open(config))
     damage(config, kind)
@@ -277,10 +290,10 @@ def test_a_damaged_config_json_is_named_and_restored_from_the_checkpoint(tmp_pat
     assert 'EPOCH: 0001' in p.stdout
 
 
-def test_a_checkpoint_from_before_the_configuration_was_kept_uses_best_pt(tmp_path, tiny_root):
+def test_a_checkpoint_from_before_the_configuration_was_kept_uses_best_pt(tmp_path, finished):
     """A checkpoint written before checkpoints carried the configuration: --restore_config takes best.pt's
     (and says so); with neither, the message says what to do instead."""
-    run_dir = one_epoch(tmp_path, tiny_root)
+    run_dir = a_run(tmp_path, finished)
     config = os.path.join(run_dir, 'config.json')
     original = json.load(open(config))
     ckpt_path = os.path.join(run_dir, 'checkpoint.pt')
@@ -305,8 +318,8 @@ def test_a_checkpoint_from_before_the_configuration_was_kept_uses_best_pt(tmp_pa
     assert json.load(open(config)) == original | {'epochs': 2} and 'best.pt' in p.stdout
 
 
-def test_restore_config_is_only_for_a_damaged_one(tmp_path, tiny_root):
-    run_dir = one_epoch(tmp_path, tiny_root)
+def test_restore_config_is_only_for_a_damaged_one(tmp_path, finished):
+    run_dir = a_run(tmp_path, finished)
     before = files_of(run_dir)
     p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--restore_config')
     assert p.returncode == 2 and 'reads fine' in p.stderr, p.stderr
@@ -337,11 +350,11 @@ def test_a_finite_blow_up_of_the_loss_stops_maxl_with_exit_code_3(tmp_path, tiny
     assert sorted(os.listdir(tmp_path / 'r')) == ['config.json', 'log.txt']          # no best.pt, no checkpoint
 
 
-def test_a_weight_beyond_the_bound_stops_the_run_before_anything_is_written(tmp_path, tiny_root, monkeypatch,
+def test_a_weight_beyond_the_bound_stops_the_run_before_anything_is_written(tmp_path, finished, monkeypatch,
                                                                              capsys):
     """A weight grown beyond 1e6 (here in a convolution followed by batch norm, so the loss does not show it)
     stops the run at the evaluation (exit 3): nothing written from those weights, the last checkpoint named."""
-    run_dir = one_epoch(tmp_path, tiny_root)
+    run_dir = a_run(tmp_path, finished)
     before = files_of(run_dir)
     step, calls = model_vgg_single.train_step, []
 
@@ -380,7 +393,7 @@ def test_the_loss_watch_counts_a_sustained_stretch_not_a_spike():
 
 
 @pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
-def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, tiny_root):
+def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, tiny_root, finished):
     """A write that meets a full disk (the temporary file is a link to /dev/full, which fails every write with
     ENOSPC as a full filesystem does): the message says "No space left on device", names the file and the
     bytes it needed, and advises --resume only when a checkpoint exists; torch's internal text never shows."""
@@ -394,7 +407,7 @@ def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, ti
     assert 'no checkpoint was written yet' in p.stderr and '--resume' not in p.stderr, p.stderr
     assert sorted(os.listdir(fresh)) == ['config.json', 'log.txt']          # the link to /dev/full removed too
 
-    run_dir = one_epoch(tmp_path, tiny_root)
+    run_dir = a_run(tmp_path, finished)
     before = files_of(run_dir)
     import resource                           # a file that fills up part way (torch's writer hid this errno)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -419,10 +432,10 @@ def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, ti
 
 
 @pytest.mark.parametrize('keep', [0, 2, 'half', 'all but the last byte'])
-def test_a_truncated_checkpoint_is_called_damaged_and_never_advises_weights_only_false(tmp_path, tiny_root, keep):
+def test_a_truncated_checkpoint_is_called_damaged_and_never_advises_weights_only_false(tmp_path, finished, keep):
     """checkpoint.pt cut short (a copy interrupted, a disk error): the message says it is damaged and what to
     do, never repeats torch's advice to load it with weights_only=False; nothing is written."""
-    run_dir = one_epoch(tmp_path, tiny_root)
+    run_dir = a_run(tmp_path, finished)
     path = os.path.join(run_dir, 'checkpoint.pt')
     data = open(path, 'rb').read()
     n = {'half': len(data) // 2, 'all but the last byte': len(data) - 1}.get(keep, keep)
