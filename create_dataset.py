@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from options import UserError, spellings
-from utils import device_generator, python_command, run_main, stream_seed
+from utils import atomic_write_text, device_generator, python_command, run_main, stream_seed
 
 DATA_ROOT = 'dataset'
 SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
@@ -139,9 +139,52 @@ class Dataset:
 # Readers: uint8 images [N, 3, 32, 32] and integer labels from a dataset's folder
 # ----------------------------------------------------------------------------------------------------
 
+def _latin1_encode(text, encoding='latin1'):
+    """What a Python 3 pickle of bytes calls (_codecs.encode(text, 'latin1')), for that encoding only."""
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise pickle.UnpicklingError(f'_codecs.encode with {encoding!r}')
+    return text.encode('latin1')
+
+
+# The only callables a CIFAR pickle may name: a numpy array's reconstruction (numpy.core in the official
+# Python 2 files, numpy._core in files numpy 2 writes) and bytes as Python 3 pickles them. Everything else
+# (os.system, builtins.eval, any class) is refused before it is looked up.
+_SAFE_GLOBALS = {('numpy.core.multiarray', '_reconstruct'): np.zeros(1).__reduce__()[0],
+                 ('numpy._core.multiarray', '_reconstruct'): np.zeros(1).__reduce__()[0],
+                 ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+                 ('_codecs', 'encode'): _latin1_encode}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f'{module}.{name}')
+        return _SAFE_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('a persistent id')
+
+
+def safe_unpickle(f, name):
+    """A pickle of the types the official CIFAR files hold (dicts, lists, strings, bytes, numbers, numpy
+    arrays), read with a restricted unpickler: anything that would call other code is a UserError."""
+    try:
+        return _DataUnpickler(f, encoding='latin1').load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f'{name} holds a Python object other than the data CIFAR\'s files hold ({e}): refused, '
+                        'since reading it could run code. Neither the official files nor the stand-in this code '
+                        'writes hold one: replace the file (the stand-in: delete its folder and run again, it is '
+                        'written anew; the official files: unpack the archive again, or rerun with --download).'
+                        ) from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError) as e:
+        raise UserError(f'{name} cannot be read as a CIFAR pickle ({type(e).__name__}: {e}): it is damaged. Replace '
+                        'it (the stand-in: delete its folder and run again; the official files: unpack the archive '
+                        'again, or rerun with --download).') from None
+
+
 def _unpickle(path):
     with open(path, 'rb') as f:
-        return pickle.load(f, encoding='latin1')
+        return safe_unpickle(f, path)
 
 
 def cifar100_hierarchy(coarse, fine):
@@ -348,17 +391,34 @@ def _missing_files(ds, root, names):
     return [f for f in names if not os.path.isfile(os.path.join(root, ds.folder, f))]
 
 
-def check_files(name, root, expected=None):
+def stand_in_damaged(ds, root, what):
+    """The UserError of a damaged synthetic stand-in (in `root`, a synthetic folder): it is generated data,
+    so deleting its folder has it written anew, where the real dataset would be fetched again."""
+    folder = os.path.join(root, ds.folder)
+    full = os.path.basename(os.path.normpath(root)) == SYNTHETIC_DIR + '-full'
+    return UserError(f'the synthetic stand-in of {ds.name} in {folder}/ is damaged: {what}. It is generated data '
+                     f'written by this code, not the real dataset: delete that folder (rm -r {folder}) and run '
+                     f'again; --synthetic{" --synthetic_size full" if full else ""} writes it anew '
+                     f'({"about a minute" if full else "a few seconds"}).')
+
+
+def check_files(name, root, expected=None, synthetic=False):
     """Every file of `name` (or of `expected`: name -> md5) present with its md5; else a UserError
-    naming the source and the folder."""
+    naming the source and the folder (synthetic: the stand-in's own md5 list, and its own advice)."""
     ds = record(name)
     expected = ds.files if expected is None else expected
     folder = os.path.join(root, ds.folder)
     missing = _missing_files(ds, root, expected)
     if missing:
+        if synthetic:
+            raise stand_in_damaged(ds, root, f'{", ".join(missing)} missing (its md5.json lists '
+                                             f'{", ".join(expected)})')
         raise UserError(_missing_message(ds, root, missing))
     for f, md5 in expected.items():
         got = md5sum(os.path.join(folder, f))
+        if got != md5 and synthetic:
+            raise stand_in_damaged(ds, root, f'{f} has md5 {got}, not the {md5} its md5.json recorded when it was '
+                                             'written')
         if got != md5:
             raise UserError(f'{os.path.join(folder, f)} has md5 {got}, expected {md5}: the file is corrupt or '
                             f'not the official one. Delete {folder}/ and unpack the official archive again, '
@@ -368,8 +428,14 @@ def check_files(name, root, expected=None):
 def check_data_present(name, root, synthetic, download_missing):
     """The check the scripts run in their validation, so that a missing or corrupt dataset stops a run
     before its folder is made: every file present with its md5 (remembered, so loading does not read
-    the files twice). The stand-in and --download are checked when they are written or fetched."""
-    if synthetic or download_missing:
+    the files twice). A stand-in already written is checked against its own md5 list (one still to write,
+    and --download, are checked when they are written or fetched)."""
+    if synthetic:
+        synthetic_root = dataset_root(root, synthetic)
+        if os.path.isfile(os.path.join(synthetic_root, record(name).folder, 'md5.json')):
+            check_files(name, synthetic_root, _synthetic_md5(record(name), synthetic_root), synthetic=True)
+        return
+    if download_missing:
         return
     check_files(name, root)
 
@@ -389,8 +455,14 @@ def _synthetic_md5(ds, root):
         raise UserError(f'the synthetic {ds.name} stand-in is not in {os.path.dirname(path)}/: '
                         f'write it with `{python_command()} create_dataset.py --synthetic` (the scripts do this '
                         f'themselves with --synthetic).')
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+    except (OSError, ValueError) as e:
+        raise stand_in_damaged(ds, root, f'its md5 list md5.json cannot be read ({e})') from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise stand_in_damaged(ds, root, 'its md5 list md5.json is not a list of file names and md5 sums')
+    return sums
 
 
 def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=False):
@@ -403,7 +475,7 @@ def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=Fal
         ensure_synthetic(root, [name], full=synthetic == 'full')
     elif download_missing:
         download(name, root)
-    check_files(name, root, _synthetic_md5(ds, root) if synthetic else None)
+    check_files(name, root, _synthetic_md5(ds, root) if synthetic else None, synthetic=bool(synthetic))
     return ds.reader(os.path.join(root, ds.folder), train)
 
 
@@ -571,11 +643,9 @@ def sla_draw_val_indices(n_train, n_val, seed):
 
 
 def write_indices(path, indices):
-    """One integer a line, written atomically (the splits a run keeps in its folder)."""
-    atomic = path + '.tmp'
-    with open(atomic, 'w') as f:
-        f.write(''.join(f'{int(i)}\n' for i in indices))
-    os.replace(atomic, path)
+    """One integer a line, written atomically (the splits a run keeps in its folder; a failed write is a
+    UserError naming the cause, as every file of a run folder)."""
+    atomic_write_text(path, ''.join(f'{int(i)}\n' for i in indices))
 
 
 def sla_load_indices(path, n_train):

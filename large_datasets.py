@@ -31,6 +31,7 @@ import torch
 
 from create_dataset import dataset_root
 from options import UserError
+from utils import atomic_write_text
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -279,10 +280,7 @@ def draw_classes(num_classes, n, seed):
 
 def write_lines(path, lines):
     """Text lines, written atomically (the split and class lists a run keeps in its folder)."""
-    atomic = path + '.tmp'
-    with open(atomic, 'w') as f:
-        f.write(''.join(f'{line}\n' for line in lines))
-    os.replace(atomic, path)
+    atomic_write_text(path, ''.join(f'{line}\n' for line in lines))
 
 
 def read_names(path, known, what):

@@ -54,7 +54,7 @@ def validate(cfg):
         check_positive(cfg, 'ae_width', 'ae_code', 'ae_epochs', 'ae_batch_size', 'ae_lr', 'kmeans_n_init')
         if not cfg.resume:                         # a resumed run reads its labels back: no clustering
             require_sklearn()
-    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
 
 
 # ---- K-means: an autoencoder trained on the training images; its codes are clustered -----------------------

@@ -72,7 +72,7 @@ def validate(cfg):
                         f'auxiliary classes. Example: --psi 5x{n_primary} (5 auxiliary classes per primary class).')
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
                    'gen_weight_decay', 'entropy_weight', allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight'))
-    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
 
 
 # ---- the two networks ------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def main(argv=None):
         net.train(), gen.train()
 
         # 1) a pass of training steps on the multi-task network
-        train_meters = Meters()                    # summed on the device: no host sync inside the loop
+        train_meters = run.meters('loss')          # summed on the device: no host sync inside the loop
         first_step = step
         bar = run.progress(per_epoch, f'epoch {epoch}', epoch * per_epoch, cfg.epochs * per_epoch)
         cos_sum, cos_n = torch.zeros((), device=dev), 0
@@ -414,7 +414,8 @@ def main(argv=None):
             bar.update()
         bar.close()
 
-        run.check_finite(meta_meters, 0, gen_scheduler.get_last_lr()[0], unit=f'epoch {epoch}, meta step')
+        run.check_finite(meta_meters, 0, gen_scheduler.get_last_lr()[0], unit=f'epoch {epoch}, meta step',
+                         option='gen_lr')
 
         # 3) test
         run.sync_buffers(net)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import create_dataset
 from models import VGG16, accuracy_count, evaluate_heads, focal_loss
 from options import check_positive, hyperparameters, stand_in
-from utils import Meters, Run, run_main
+from utils import Run, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -30,7 +30,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
 
 def validate(cfg):
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
-    create_dataset.check_data_present('cifar100', cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
 
 
 def train_step(net, x, y, optimizer):
@@ -63,7 +63,7 @@ def fit(run, net, train, test, levels, step, tested=None):
 
     for epoch, data_rng in run.epochs(state['epoch'], cfg.epochs):
         net.train()
-        meters = Meters()
+        meters = run.meters('loss')            # the training loss watched for a blow-up (utils.LOSS_FACTOR)
         first_step = n_steps
         bar = run.progress(per_epoch, f'epoch {epoch}', epoch * per_epoch, cfg.epochs * per_epoch)
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):

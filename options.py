@@ -5,11 +5,13 @@
   run options     RUN_OPTIONS, ALIASES, TRANSIENT, spellings                       utils.Run: the options of every script;
                                                                                    every tool's flags (spellings)
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
-  checks          check_positive, check_choices, stand_in                          the scripts' validate()
+  checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
+  unused          unused_options                                                   results.py, MetaSemi's start line
 
 Plain Python (argparse); nothing here imports torch.
 """
 import argparse
+import math
 import re
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,6 +60,8 @@ RUN_OPTIONS = {
     'run_name': ('', 'name of the run folder (default: the date and time)'),
     'run_dir': ('', 'the run folder itself, instead of <logdir>/<script>/<run_name>'),
     'resume': ('', 'a run folder (or a run name under <logdir>/<script>/) to continue from its checkpoint'),
+    'restore_config': (False, "with --resume: when the run's config.json is missing or damaged, take its "
+                              'configuration from checkpoint.pt (the damaged file kept as config.json.damaged)'),
     'progress': (True, 'a progress line between log lines (a tqdm bar on a terminal, plain lines otherwise)'),
     'progress_every': (30.0, 'seconds between plain progress lines when the output is not a terminal'),
     'tensorboard': (False, 'also write every logged number as a TensorBoard scalar into the run folder'),
@@ -83,7 +87,7 @@ ALIASES = {
 
 
 # Options that act on one invocation only: never saved in config.json, so never inherited by --resume.
-TRANSIENT = ('resume', 'eval_only', 'local_rank')
+TRANSIENT = ('resume', 'eval_only', 'local_rank', 'restore_config')
 
 
 def spellings(name):
@@ -199,8 +203,66 @@ def stand_in(cfg):
     return cfg.synthetic and cfg.synthetic_size
 
 
+def check_finite(cfg, defaults, given=(), source=''):
+    """Every float value finite: `--lr nan` or `--lr inf` is refused before anything is written (a NaN rate
+    would only stop the run later as diverged). `defaults`: name -> the script's default, for the example;
+    `given`: the names typed on this command line; a value not typed came from `source` (a resumed run's
+    config.json)."""
+    for name, value in vars(cfg).items():
+        if type(value) is float and not math.isfinite(value):
+            where = (f' (the value in {source}; type --{name} VALUE to replace it)' if source and name not in given
+                     else '')
+            example = defaults.get(name, RUN_OPTIONS.get(name, (None,))[0])
+            raise UserError(f'--{name} must be a finite number, got {value}{where}. Every float option takes a '
+                            f'finite value' + (f', e.g. --{name} {example:g} (its default).' if
+                                               isinstance(example, float) else '.'))
+
+
 def check_choices(cfg, choices):
     """Every value in its allowed list (also for values a resumed run brings from its config.json)."""
     for name, allowed in (choices or {}).items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f'--{name} {getattr(cfg, name)!r} is not one of: {", ".join(map(str, allowed))}.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The options a configuration does not use (results.py's rows, MetaSemi's start line)
+# ----------------------------------------------------------------------------------------------------
+
+def unused_options(script, cfg):
+    """The names in `cfg` (a dict: config.json's, or vars() of a parsed command line) whose values the run
+    of `script` never reads, given its method, dataset and schedule: MetaSemi on ImageNet labels a fraction
+    of every class, so its num_label is CIFAR's budget, not its setting; a CIFAR run streams no image files."""
+    get, out = cfg.get, set()
+    if script == 'model_vgg_maxl':
+        out.add('second_order' if get('meta_order') == 1 else 'fd_eps')     # only the exact one has two forms
+    if script == 'model_vgg_human' and get('aux_labels') != 'kmeans':        # the autoencoder: K-means only
+        out |= {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
+    if script == 'train_sla':
+        if get('mode') == 'baseline':
+            out.add('aug')
+        if get('mode') != 'sla+sd':
+            out.add('temperature')
+        if get('dataset') in ('cifar10', 'cifar100'):
+            out |= {'class_list', 'image_size', 'workers', 'decode_on'}
+        else:                                   # the large datasets: no held-out split, no long tail
+            out |= {'val_size', 'val_indices', 'imbalance_ratio'}
+    if script == 'train_meta_semi':
+        large = get('dataset') == 'imagenet'
+        if not get('mix_up'):
+            out.add('alpha')
+        if get('baseline'):                     # no meta step, no unlabeled loss
+            out |= {'epsilon', 'weight', 'weight_ramp', 'global_meta_gradient'}
+        if large:                               # a fraction of every class (or a list) is labeled
+            out.add('num_label')
+            out.add('label_fraction' if get('label_list') else 'label_list')
+        else:
+            out |= {'label_list', 'image_size', 'workers', 'decode_on', 'num_classes'}
+            out.add('num_label' if get('label_fraction') else 'label_fraction')
+        if get('epochs'):                       # the schedule in epochs
+            out |= {'total_steps', 'warmup', 'eval_every'}
+        else:
+            out |= {'epochs', 'warmup_epochs'}
+        if get('lr_schedule') == 'cosine':
+            out |= {'milestones', 'gamma'}
+    return out & set(cfg)

@@ -19,7 +19,7 @@ import re
 import statistics
 import sys
 
-from options import UserError
+from options import UserError, unused_options
 from utils import run_main
 
 MAXL_SCRIPTS = ('model_vgg_single', 'model_vgg_human', 'model_vgg_maxl')
@@ -43,7 +43,7 @@ TIME_NOTES = {
 # seed) are one setting. print_freq and cos_every change only what is printed.
 NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
                'local_rank', 'dist_backend', 'dist_timeout', 'eval_only', 'print_freq', 'cos_every', 'workers',
-               'decode_on'}
+               'decode_on', 'global_batch'}
 
 # Keys the method or dataset columns already show.
 METHOD_KEYS = {'meta_order', 'second_order', 'mode', 'aug', 'baseline', 'mix_up', 'dataset', 'synthetic', 'aux_labels'}
@@ -53,7 +53,7 @@ HEADLINE = {'model_vgg_single': ['primary_level', 'width'],
             'model_vgg_human': ['primary_level', 'aux_level', 'width'],
             'model_vgg_maxl': ['primary_level', 'psi', 'width'],
             'train_sla': ['model', 'width', 'num_samples_per_class'],
-            'train_meta_semi': ['num_label', 'architecture', 'width', 'alpha']}
+            'train_meta_semi': ['num_label', 'label_fraction', 'architecture', 'width', 'alpha']}
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN'}
 
@@ -146,10 +146,16 @@ def read_run(path):
                 position = row.get(next(iter(raw)))
                 if isinstance(position, float):
                     rows[position] = row          # a position written twice (a resumed run): the later one
-    resumed_at = []
-    if script == 'train_meta_semi' and os.path.isfile(os.path.join(path, 'log.txt')):
-        with open(os.path.join(path, 'log.txt')) as f:
-            resumed_at = [int(m.group(1)) for m in re.finditer(r'^resumed at step (\d+)', f.read(), re.M)]
+    resumed_at, log = [], ''
+    if os.path.isfile(os.path.join(path, 'log.txt')):
+        with open(os.path.join(path, 'log.txt'), errors='replace') as f:
+            log = f.read()
+    if script == 'train_meta_semi':
+        resumed_at = [int(m.group(1)) for m in re.finditer(r'^resumed at step (\d+)', log, re.M)]
+    if 'processes' not in cfg:          # a run from before config.json kept it: its start line says it
+        found = re.search(r'^(?:run|resuming) .* on \S+, (\d+) processes \(', log, re.M)
+        cfg = cfg | {'processes': int(found.group(1)) if found else 1}
+        cfg.setdefault('global_batch', cfg.get('batch_size', 0) * cfg['processes'])
     return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)],
             'resumed_at': resumed_at}
 
@@ -162,29 +168,13 @@ def setting(cfg):
     """The values of a configuration that decide what a run computes (not the seed, not where or how it
     ran), with the ones a method ignores dropped: name -> value."""
     script = cfg.get('script')
-    out = {k: v for k, v in cfg.items() if k not in NOT_SETTING}
-    if script == 'model_vgg_maxl' and out.get('meta_order') == 1:
-        out.pop('second_order', None)                      # only the exact meta-gradient has two forms
-    if script == 'model_vgg_maxl' and out.get('meta_order') == 2:
-        out.pop('fd_eps', None)
+    unused = unused_options(script, cfg)                   # by its method, dataset and schedule
+    out = {k: v for k, v in cfg.items() if k not in NOT_SETTING and k not in unused}
+    out.setdefault('processes', 1)                         # read_run fills it in for runs from before it was kept
     if script == 'model_vgg_maxl':
         out.pop('aux_level', None)                         # psi says what it computes (--aux_level only sets it)
-    if script == 'model_vgg_human':
-        if out.get('aux_labels') != 'kmeans':              # the autoencoder and k-means: K-means only
-            for k in [k for k in out if k.startswith('ae_') or k == 'kmeans_n_init']:
-                out.pop(k)
-        if out.get('aux_labels') == 'human':               # as a run from before --aux_labels
-            out.pop('aux_labels')
-    if script == 'train_sla':
-        if out.get('mode') == 'baseline':
-            out.pop('aug', None)
-        if out.get('mode') != 'sla+sd':
-            out.pop('temperature', None)
-    if script == 'train_meta_semi':
-        if not out.get('mix_up'):
-            out.pop('alpha', None)
-        if out.get('baseline'):
-            out.pop('epsilon', None)
+    if script == 'model_vgg_human' and out.get('aux_labels') == 'human':
+        out.pop('aux_labels')                              # as a run from before --aux_labels
     return out
 
 
@@ -399,6 +389,21 @@ def import_pyplot():
     return plt
 
 
+def curve_labels(runs, settings):
+    """A legend label per run: method, setting, seed; runs whose labels coincide (the same setting and seed,
+    run twice) also get their run folder's name (its whole path where the names coincide too)."""
+    labels = [f'{methods_of(run["cfg"])[0][0].replace("SLA+SI", "SLA")}, {settings.get(id(run), "")}, '
+              f'seed {run["cfg"].get("seed")}' for run in runs]
+    names = [os.path.basename(os.path.normpath(run['path'])) for run in runs]
+    out = []
+    for label, name, run in zip(labels, names, runs):
+        if labels.count(label) > 1:
+            same = [n for lab, n in zip(labels, names) if lab == label]
+            label += f', run {name if same.count(name) == 1 else run["path"]}'
+        out.append(label)
+    return out
+
+
 def plot(runs, out, plt):
     """One PNG: a subplot per kind of run (the three MAXL scripts together, SLA, MetaSemi), one line per run."""
     settings = {}
@@ -413,9 +418,7 @@ def plot(runs, out, plt):
         mine = sorted((run for run in runs if run['rows'] and
                        (run['script'] in MAXL_SCRIPTS if kind == 'maxl' else run['script'] == kind)),
                       key=lambda run: SCRIPTS.index(run['script']))     # Single, Human, MAXL as in the paper
-        for k, run in enumerate(mine):
-            label = (f'{methods_of(run["cfg"])[0][0].replace("SLA+SI", "SLA")}, '
-                     f'{settings.get(id(run), "")}, seed {run["cfg"].get("seed")}')
+        for k, (run, label) in enumerate(zip(mine, curve_labels(mine, settings))):
             colour = f'C{k % 10}'
             rows = run['rows']
             if kind == 'maxl':

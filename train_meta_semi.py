@@ -30,8 +30,8 @@ import large_datasets
 from distributed import all_reduce_mean, all_reduce_sum
 from fast_paths import float32_meta
 from models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
-from options import UserError, check_positive, hyperparameters, stand_in
-from utils import Meters, Run, device_generator, run_main
+from options import UserError, check_positive, hyperparameters, stand_in, unused_options
+from utils import Run, device_generator, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100, svhn or imagenet (its own defaults: IMAGENET below)
@@ -404,7 +404,8 @@ def main(argv=None):
               presets=presets)
     cfg, dev, log = run.cfg, run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
-    log.print(f'MetaSemi ({mode}) with {cfg}')
+    unused = unused_options('train_meta_semi', vars(cfg))        # not this dataset's or schedule's
+    log.print(f'MetaSemi ({mode}) with ' + ', '.join(f'{k}={v!r}' for k, v in vars(cfg).items() if k not in unused))
     large = large_datasets.is_large(cfg.dataset)
     if large and dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
@@ -446,7 +447,12 @@ def main(argv=None):
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
     # sums since the last test, on the device (a run stopped between two tests continues its own)
-    meters, first_t = Meters.from_state(state.get('meters')), state.get('first_t', start)
+    # The loss watched for a blow-up (utils.LOSS_FACTOR): the labeled loss trained on. With mixup the logged
+    # labeled loss is the eval-mode one of the meta step (as the original logs it), which batch statistics
+    # that are still settling can put far above its first value in a healthy run: none then (the weights are
+    # checked either way).
+    watched = None if cfg.mix_up else 'label_loss'
+    meters, first_t = run.meters(watched, state.get('meters')), state.get('first_t', start)
     run.describe([model], data.sizes, total_steps - start)
 
     def stretch(t):                           # the steps from t to the next test
@@ -508,7 +514,7 @@ def main(argv=None):
                                           f'Best Accuracy: {100 * run.best["test_acc"]:.5f}']
             run.evaluate_and_save(objects, row, 'test_acc', keep=['test_acc5'] if large else [], lines=lines,
                                   step=t + 1, **data.state())
-            meters, first_t = Meters(), t + 1
+            meters, first_t = run.meters(watched), t + 1
             bar = stretch(t + 1)
         run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters.state_dict(), first_t=first_t, **data.state())
     best = 100 * run.best['test_acc']

@@ -30,7 +30,7 @@ import large_datasets
 from distributed import Wrapped, all_reduce_sum, dist_env
 from models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
 from options import UserError, check_positive, hyperparameters, stand_in
-from utils import Meters, Run, device_generator, load_checkpoint, resolve_run_dir, run_main
+from utils import Run, device_generator, load_checkpoint, resolve_run_dir, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10, cifar100, or a large dataset: imagenet, imagenetN (N of its classes, e.g. imagenet100), tiny-imagenet, inat, cub200, indoor, dogs (their own defaults: LARGE, IMAGENET below)
@@ -584,7 +584,7 @@ def validate(cfg):
                         f'{cfg.batch_size} (a batch holds distinct images): lower --batch-size.')
     if cfg.val_indices and not os.path.isfile(cfg.val_indices):
         raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
-    create_dataset.check_data_present(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.download)
+    create_dataset.check_data_present(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
 
 
 def main(argv=None):
@@ -664,7 +664,7 @@ def main(argv=None):
     # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
     run.describe([net], data.sizes, N - it, unit='iterations')
     # a run stopped between two evaluations (Ctrl-C) continues its running metrics
-    meters, first_it = Meters.from_state(state.get('meters')), state.get('first_it', it + 1)
+    meters, first_it = run.meters(names[0], state.get('meters')), state.get('first_it', it + 1)
 
     def stretch(it):                            # the iterations from it to the next evaluation
         end = min(N, (it // cfg.eval_every + 1) * cfg.eval_every)
@@ -714,7 +714,7 @@ def main(argv=None):
         run.evaluate_and_save(objects, row, score, keep=[k for k in ('test_single_acc', 'test_agg_acc')
                                                          if k in row and k != score],
                               lines=lines, iteration=it, **data.state(), total_steps=N)
-        meters, first_it = Meters(), it + 1
+        meters, first_it = run.meters(names[0]), it + 1
         run.stop_if_asked()                   # Ctrl-C / SIGTERM at an evaluation: its checkpoint is written
         bar = stretch(it)
         run.timer.lap()

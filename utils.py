@@ -21,7 +21,10 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import re
+import shlex
 import sys
 import time
 
@@ -32,7 +35,7 @@ import torch.nn as nn
 
 from distributed import Processes, all_reduce_sum, distributed
 from fast_paths import set_tf32
-from options import TRANSIENT, Diverged, Stopped, UserError, check_choices, parse_config
+from options import RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config
 
 
 def run_main(main, argv=None):
@@ -149,21 +152,56 @@ def resolve_run_dir(resume, logdir, script):
                     'when the run started (logs/<script>/<run>).')
 
 
-def write_error(path, e):
-    return UserError(f'cannot write {path} ({e.strerror or e}, errno {e.errno}): the previous file, if any, is '
-                     'unchanged. Free space or fix the permissions of that folder (or choose another with '
-                     '--logdir / --run_dir), then continue with --resume.')
+def write_error(path, e, size=None):
+    """The UserError of a failed write of `path` (a file of a run folder): the OS's words for errno (No space
+    left on device, ...), the bytes it needed when known, and advice that fits the run's state: continue
+    with --resume where a checkpoint exists, else start again."""
+    import errno as errnos
+    import shutil
+    code = e.errno
+    words = e.strerror or (os.strerror(code) if code else str(e))
+    folder = os.path.dirname(os.path.abspath(path))
+    detail = f'errno {code}'
+    if size is not None:
+        detail += f'; {size:,} bytes to write'
+        try:
+            free = shutil.disk_usage(folder).free
+            if free < size:
+                detail += f', {free:,} free there'
+        except OSError:
+            pass
+    if code in (errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG):
+        fix = f'Free space for {folder} (or raise the limit on file size or disk quota)'
+    elif code in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
+        fix = f'Make {folder} writable'
+    else:
+        fix = f'Fix what keeps {folder} from being written'
+    if os.path.isfile(os.path.join(folder, Run.CHECKPOINT)):
+        try:
+            with open(os.path.join(folder, 'config.json')) as f:
+                script = json.load(f)['script']
+        except (OSError, ValueError, KeyError, TypeError):
+            script = '<script>'
+        then = (f'then continue from the last checkpoint with {python_command()} {script}.py --resume {folder}')
+    else:
+        then = ('then start the run again: no checkpoint was written yet, so there is nothing to resume (the '
+                f'folder {folder} holds only what this attempt wrote before)')
+    return UserError(f'cannot write {path}: {words} ({detail}). The previous file, if any, is unchanged and no '
+                     f'partial file is left. {fix}, {then}.')
 
 
-def atomic_write(path, write):
-    """write(f) into a temporary file, flush and fsync it, rename it over `path` and fsync the folder:
-    readers see the old or the new file, never half of one, also after a power cut. On an OSError (disk
-    full, permissions, read-only filesystem) the temporary file is removed, the old file is untouched,
-    and a UserError names the path and the cause."""
-    tmp = path + '.tmp'
+def atomic_write(path, data):
+    """`data` (bytes, or a function returning them) into a temporary file, flushed and fsynced, renamed over
+    `path`, the folder fsynced: readers see the old or the new file, never half of one, also after a power
+    cut. On an OSError (disk full, permissions, read-only filesystem) the temporary file is removed, the old
+    file is untouched, and a UserError names the path, the OS's words for the cause and the bytes needed."""
+    tmp, size = path + '.tmp', None
     try:
+        if callable(data):
+            data = data()
+        size = len(data)
         with open(tmp, 'wb') as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -173,17 +211,15 @@ def atomic_write(path, write):
         finally:
             os.close(folder)
     except BaseException as e:               # also Ctrl-C: never leave a half-written temporary file
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        if isinstance(e, RuntimeError):      # torch.save reports a failed write as a RuntimeError
-            raise write_error(path, OSError(getattr(e, 'errno', None), str(e).splitlines()[0])) from None
+            raise write_error(path, e, size) from None
         raise
 
 
 def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, text.encode())
 
 
 class RunLog:
@@ -292,20 +328,84 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    atomic_write(path, lambda f: torch.save(state, f))
+    def serialise():
+        # In memory first, then written as bytes: a failed write is then the OS's own error (torch's file
+        # writer turns one into '[enforce fail at inline_container.cc] unexpected pos', errno lost).
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getbuffer()
+    atomic_write(path, serialise)
 
 
 def load_checkpoint(path, device='cpu'):
     """A checkpoint of this code: tensors and plain Python values only, loaded with weights_only=True,
-    so a file from elsewhere cannot run code on load; anything else is refused."""
+    so a file from elsewhere cannot run code on load; anything else is refused (checkpoint_error)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot read checkpoint {path!r} as tensors and plain values only ({type(e).__name__}: '
-                        f'{first}). A checkpoint written by this code always can; a file that holds other '
-                        'Python objects is refused, since loading it could run code. Point --resume at a run '
-                        'folder written by this code.') from None
+        raise checkpoint_error(path, e) from None
+
+
+ZIP_MAGIC = b'PK\x03\x04'          # torch.save's file format is a zip archive
+
+
+def checkpoint_damage(path):
+    """Why the file at `path` is not a whole checkpoint (empty, cut short, a part failing its checksum), or
+    None when it is a complete file (of some other content)."""
+    import pickletools
+    import zipfile
+    size = os.path.getsize(path)
+    if size == 0:
+        return 'it is empty (0 bytes)'
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC or (len(head) < 4 and ZIP_MAGIC.startswith(head)):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return f'it ends part way ({size:,} bytes, without the end of its archive): cut short or overwritten'
+        return f'its part {bad} fails its checksum' if bad else None
+    try:                                       # not an archive: is it at least one whole pickle?
+        with open(path, 'rb') as f:
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:
+        return f'it ends part way ({size:,} bytes)'
+    return None
+
+
+def checkpoint_error(path, e):
+    """The UserError for a checkpoint torch.load(weights_only=True) refused with `e`: damaged (say so, and
+    what to do), or holding other Python objects (refused: loading it could run code). torch's own text,
+    which advises weights_only=False, is never shown."""
+    damage = checkpoint_damage(path) if os.path.isfile(path) else None
+    folder, name = os.path.split(path)
+    if damage:
+        other = ''
+        if name == Run.CHECKPOINT:
+            best = os.path.join(folder, Run.BEST)
+            try:
+                kept = torch.load(best, map_location='cpu', weights_only=True) if os.path.isfile(best) else None
+            except Exception:
+                kept = None
+            if kept is not None:
+                at = ', '.join(f'{k} {v}' for k, v in list((kept.get('best') or {}).items())[:1])
+                other = (f' {best} is whole: it holds the networks of the best evaluation ({at}) to evaluate or '
+                         'start from, but not the optimiser and data-stream states needed to continue.')
+        return UserError(f'{path} is damaged: {damage}. This code writes checkpoints whole (atomically), so it was '
+                         'cut or changed afterwards (a copy interrupted, a disk error). Restore it from a copy of the '
+                         f'run folder if you have one, or start a new run.{other} Nothing was written.')
+    text = str(e)
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', text)
+    what = f' (it names {found.group(1)})' if found else ''
+    if found or isinstance(e, pickle.UnpicklingError):
+        return UserError(f'{path} holds Python objects other than tensors and plain values{what}: refused, since '
+                         'loading it could run code. A checkpoint written by this code never does: point --resume at '
+                         'a run folder written by this code.')
+    return UserError(f'cannot read {path} as a checkpoint of this code ({type(e).__name__}): it is a whole file, but '
+                     'not one this code wrote. Point --resume at a run folder written by this code. Nothing was '
+                     'written.')
 
 
 def load_run_checkpoint(path, script, format):
@@ -319,6 +419,58 @@ def load_run_checkpoint(path, script, format):
         raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {script}.py: resume it '
                         f'with {python_command()} {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
     return ckpt
+
+
+def read_run_config(run_dir, ckpt, restore, command):
+    """The configuration of a run to resume: its config.json, or, when that is missing or damaged and
+    `restore` (--restore_config) is given, the copy its checkpoint carries (a checkpoint from before that:
+    best.pt's). Returns (config, where it came from or None, the problem with config.json or None); a
+    damaged file without --restore_config is a UserError naming `command` (the one typed, plus the flag)."""
+    path = os.path.join(run_dir, 'config.json')
+    problem, config = None, None
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        problem = 'is missing'
+    except (OSError, UnicodeDecodeError) as e:
+        problem = f'cannot be read ({getattr(e, "strerror", None) or e})'
+    else:
+        try:
+            config = json.loads(text) if text.strip() else None
+        except ValueError as e:
+            problem = f'is not valid JSON ({e})'
+        if problem is None and not isinstance(config, dict):
+            problem = 'is empty' if not text.strip() else 'does not hold a configuration (a JSON object)'
+    if problem is None:
+        if restore:
+            raise UserError(f'--restore_config replaces a missing or damaged config.json, but {path} reads fine: '
+                            'drop --restore_config.')
+        return config, None, None
+    kept, source = ckpt.get('config'), os.path.join(run_dir, Run.CHECKPOINT)
+    if not isinstance(kept, dict):                      # a checkpoint from before it carried the configuration
+        kept, source = None, os.path.join(run_dir, Run.BEST)
+        try:
+            best = load_checkpoint(source) if os.path.isfile(source) else {}
+        except UserError:
+            best = {}
+        if isinstance(best.get('config'), dict):
+            position = ', '.join(f'{k} {v}' for k, v in list((best.get('best') or {}).items())[:1])
+            kept = {k: v for k, v in best['config'].items() if k not in TRANSIENT} | {'script': ckpt.get('script')}
+            source += (f' (the configuration of its best evaluation{", " + position if position else ""}; '
+                       'a value typed on a later --resume is not in it: check it)')
+    if kept is None:
+        raise UserError(f'cannot resume {run_dir}: its config.json {problem}, and no copy of the configuration is '
+                        f'left: {Run.CHECKPOINT} was written before checkpoints carried it, and {Run.BEST} has '
+                        'none either. Write config.json again by hand (a JSON object of the run\'s options, as in '
+                        'the config.json of another run of this script, with this run\'s values), or start a new '
+                        'run. Nothing was written.')
+    if not restore:
+        raise UserError(f'cannot resume {run_dir}: its config.json ({path}) {problem}. The run\'s configuration is '
+                        f'also kept in {source}: continue with {command} --restore_config, which keeps the '
+                        'damaged file as config.json.damaged and writes config.json again from that copy; or '
+                        'start a new run. Nothing was written.')
+    return kept, source, problem
 
 
 def scale_learning_rates(optimizer, scheduler, factor):
@@ -349,15 +501,30 @@ class Timer:
         return elapsed
 
 
+# A finite blow-up is a divergence too (exit code 3, before anything is written from the weights): a run
+# stops when, at an evaluation, a network weight is beyond WEIGHT_BOUND in absolute value, or the training
+# loss was above LOSS_FACTOR times its value at the run's first step in more than half of the steps since
+# the previous evaluation (a sustained stretch: a one-step spike is not counted as one). Healthy runs stay
+# far from both: weights of order 1, a training loss at or below its first value (the untrained network's,
+# about log of the number of classes).
+WEIGHT_BOUND = 1e6
+LOSS_FACTOR = 10.0
+
+
 class Meters:
     """Named running sums kept on the device (no host read inside a training loop). add(n, name=sum
     over n samples, ...); means() divides each by its sample count and reads them all at once. The
-    first add that brought a non-finite value is noted on the device too (first_non_finite())."""
+    first add that brought a non-finite value is noted on the device too (first_non_finite()).
+
+    watch: the name of the training loss (Run.meters sets it): the adds whose mean of it is above
+    LOSS_FACTOR x `reference` are counted on the device (loss_watch()); reference None: this Meters'
+    first add's mean (the first step of a new run)."""
 
     NONE = 2 ** 62
 
-    def __init__(self):
+    def __init__(self, watch=None, reference=None):
         self.sums, self.counts, self.adds, self.first_bad, self.names, self.index = {}, {}, 0, None, [], {}
+        self.watch, self.reference, self.high, self.watched = watch, reference, None, 0
 
     def add(self, n, **sums):
         for k, v in sums.items():
@@ -373,6 +540,27 @@ class Meters:
         here = torch.where(finite, self.NONE, codes).min()          # this add's first bad value, or NONE
         self.first_bad = here if self.first_bad is None else torch.minimum(self.first_bad, here)
         self.adds += 1
+        if self.watch in sums:                                       # on the device too: no host read
+            mean = sums[self.watch].detach().float() / n
+            if self.reference is None:
+                self.reference = mean.clone()
+            above = (mean > LOSS_FACTOR * self.reference).long()
+            self.high = above if self.high is None else self.high + above
+            self.watched += 1
+
+    def loss_watch(self):
+        """(adds above LOSS_FACTOR x reference, adds watched, reference) of the watched loss (under torchrun:
+        counts summed over the processes, the reference their mean); None when nothing was watched. One
+        host read."""
+        if not self.watched:
+            return None
+        both = torch.stack([self.high.float(), torch.as_tensor(float(self.watched), device=self.high.device),
+                            self.reference.to(self.high.device).float()])
+        if distributed():
+            both = all_reduce_sum(both)
+            both[2] /= dist.get_world_size()
+        high, watched, reference = both.tolist()
+        return int(high), int(watched), reference
 
     def first_non_finite(self):
         """None, or (k, name): the k-th add (from 0) brought a non-finite `name` first (under torchrun:
@@ -389,7 +577,8 @@ class Meters:
 
     def state_dict(self):
         return {'sums': dict(self.sums), 'counts': dict(self.counts), 'adds': self.adds,
-                'first_bad': self.first_bad, 'names': list(self.names)}
+                'first_bad': self.first_bad, 'names': list(self.names), 'watch': self.watch,
+                'reference': self.reference, 'high': self.high, 'watched': self.watched}
 
     @classmethod
     def from_state(cls, state):
@@ -398,6 +587,8 @@ class Meters:
         if state:
             m.sums, m.counts, m.adds = dict(state['sums']), dict(state['counts']), state['adds']
             m.first_bad, m.names = state['first_bad'], list(state['names'])
+            m.watch, m.reference = state.get('watch'), state.get('reference')
+            m.high, m.watched = state.get('high'), state.get('watched', 0)
         return m
 
     def means(self):
@@ -513,21 +704,32 @@ class Run(Processes):
     """
 
     CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'
+    # option -> (the optimiser, its scheduler) among a script's objects: what `--resume RUN --lr X` scales,
+    # and which rate a divergence advises lowering
+    RATES = {'lr': ('optimizer', 'scheduler'), 'gen_lr': ('gen_optimizer', 'gen_scheduler')}
     FORMAT = 2        # checkpoint layout; 1 (no 'format' key) is the layout before the shared skeleton
 
     def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None, presets=None):
         self.script = script
         cfg, given = parse_config(hyper, argv, description, choices)
         self.resuming = bool(cfg.resume)
+        self.saved_config, self.config_source, self.config_problem = {}, None, None
+        if cfg.restore_config and not self.resuming:
+            raise UserError('--restore_config rewrites the config.json of a run to continue: give it with --resume '
+                            'RUN.')
         if presets is not None and not self.resuming:
             presets(cfg, given)                 # a dataset's own defaults, for the values not typed
         if self.resuming:
             self.dir = resolve_run_dir(cfg.resume, cfg.logdir, script)
             self._resumed = load_run_checkpoint(os.path.join(self.dir, self.CHECKPOINT), script, self.FORMAT)
-            with open(os.path.join(self.dir, 'config.json')) as f:
-                self.saved_config = json.load(f)
+            typed = sys.argv[1:] if argv is None else argv
+            command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in typed])
+            self.saved_config, self.config_source, self.config_problem = read_run_config(
+                self.dir, self._resumed, cfg.restore_config, command)
             merged = {k: self.saved_config.get(k, v) for k, v in vars(cfg).items()}
             cfg = argparse.Namespace(**merged | {k: getattr(cfg, k) for k in given})
+        check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), given,
+                     os.path.join(self.dir, 'config.json') if self.resuming else '')
         check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
         if validate is not None:
             validate(cfg)                       # bad values stop here, before anything is written
@@ -554,6 +756,8 @@ class Run(Processes):
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
         self.last = None                        # the latest metrics row
         self.best_keys = ()                     # the columns kept with the best: (score, *keep)
+        self.loss_reference = None              # the training loss at the run's first step (see LOSS_FACTOR)
+        self.watch_loss = not self.resuming     # resumed: if its checkpoint has the reference (restore)
         self.timer = Timer(self.device)
         where = f'{self.dir} on {self.device}'
         if self.world > 1:
@@ -573,8 +777,14 @@ class Run(Processes):
         raise Stopped(f'stopped by {self.stops.name}; the checkpoint is written. Continue with: '
                       f'{python_command()} {self.script}.py --resume {self.dir}', self.stops.signum)
 
+    def config_record(self):
+        """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script,
+        the number of processes and the global batch (batch_size per process times the processes)."""
+        return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {
+            'script': self.script, 'processes': self.world, 'global_batch': self.cfg.batch_size * self.world}
+
     def save_config(self):
-        self.log.save_config({k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script})
+        self.log.save_config(self.config_record())
 
     # ---- data streams and time ----
 
@@ -607,7 +817,8 @@ class Run(Processes):
             return
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
-                        last=self.last, best_keys=list(self.best_keys), **extra)
+                        last=self.last, best_keys=list(self.best_keys), config=self.config_record(),
+                        loss_reference=self.loss_reference, **extra)
 
     def restore(self, objects, **defaults):
         """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
@@ -625,16 +836,29 @@ class Run(Processes):
                             'the ones in its config.json. Nothing was written; start a new run instead.') from None
         set_rng_state(ckpt['rng'])
         self.best, self.last, self.best_keys = ckpt['best'], ckpt['last'], tuple(ckpt.get('best_keys', ()))
-        old_lr = self.saved_config.get('lr')          # --resume RUN --lr X: the saved rates times X / old
-        if 'lr' in self.given and old_lr and old_lr != self.cfg.lr and 'optimizer' in objects:
-            scale_learning_rates(objects['optimizer'], objects.get('scheduler'), self.cfg.lr / old_lr)
-            self.log.print(f'note: --lr {self.cfg.lr:g} scales the saved learning rates by {self.cfg.lr / old_lr:g}')
+        self.watch_loss = 'loss_reference' in ckpt       # a checkpoint from before the loss check: weights only
+        self.loss_reference = ckpt.get('loss_reference')
+        for option, (optimizer, scheduler) in self.RATES.items():   # --resume RUN --lr X: saved rates x X / old
+            old, new = self.saved_config.get(option), getattr(self.cfg, option, None)
+            if option in self.given and old and old != new and optimizer in objects:
+                scale_learning_rates(objects[optimizer], objects.get(scheduler), new / old)
+                self.log.print(f'note: --{option} {new:g} scales the saved learning rates by {new / old:g}')
+        if self.config_source:                   # --restore_config: the damaged file kept beside the new one
+            path = os.path.join(self.dir, 'config.json')
+            kept = ''
+            if os.path.exists(path):
+                kept = next(f'{path}.damaged{f"-{k}" if k else ""}' for k in range(1000)
+                            if not os.path.exists(f'{path}.damaged{f"-{k}" if k else ""}'))
+                os.replace(path, kept)
         self.save_config()                       # the state fits: now the resumed run may write
         self.log.commit()
+        if self.config_source:
+            self.log.print(f'note: config.json {self.config_problem}: restored from {self.config_source}'
+                           + (f'; the damaged file is kept as {kept}' if kept else ''))
         if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
             position = next(iter(self.last))
             self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys')
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
@@ -645,15 +869,12 @@ class Run(Processes):
         best_<kept> columns, best.pt is written when the score improved (the networks among `objects`),
         and checkpoint.pt always (every object, RNG states, the best, `extra`). Returns `improved`."""
         position = next(iter(row))
-        nets = [v for v in objects.values() if isinstance(v, nn.Module)]
-        finite = torch.stack([torch.isfinite(p).all() for net in nets for p in net.parameters()]).all()
+        self.check_weights(objects, f'{position} {row[position]}')
         bad = [k for k, v in row.items() if ('loss' in k or k.endswith('acc')) and isinstance(v, float)
                and not math.isfinite(v)]
-        if not bool(finite) or bad:
-            lr = next((g['lr'] for v in objects.values() if isinstance(v, torch.optim.Optimizer)
-                       for g in v.param_groups), float('nan'))
-            self.diverged(f'at {position} {row[position]} the ' + ('weights' if not bool(finite) else ', '.join(bad))
-                          + ' became non-finite', lr)
+        if bad:
+            self.diverged(f'at {position} {row[position]} the {", ".join(bad)} became non-finite',
+                          *self.rate_of(objects))
         self.last = row
         improved = self.best is None or row[score] > self.best[score]
         if improved:
@@ -689,25 +910,83 @@ class Run(Processes):
 
     # ---- divergence ----
 
-    def check_finite(self, meters, first_step, lr, unit='step'):
-        """Stop the run (exit code 3) if `meters` saw a non-finite value: before anything is evaluated or
-        written from these weights. first_step: the step of the meters' first add."""
+    def meters(self, loss, state=None):
+        """The Meters of the steps up to the next evaluation (or continued from `state`, saved by a run stopped
+        between two), watching the training loss named `loss` (see LOSS_FACTOR; None: a script that logs no
+        loss it trains on; not on a run resumed from a checkpoint written before the loss check, which lacks
+        the reference)."""
+        m = Meters.from_state(state)
+        for k in ('reference', 'high', 'first_bad'):            # a checkpoint's tensors come back on the CPU
+            if getattr(m, k) is not None:
+                setattr(m, k, getattr(m, k).to(self.device))
+        if self.watch_loss and loss and m.watch is None:
+            m.watch = loss
+            if self.loss_reference is not None:
+                m.reference = torch.tensor(self.loss_reference, device=self.device)
+        return m
+
+    def check_finite(self, meters, first_step, lr, unit='step', option='lr'):
+        """Stop the run (exit code 3) if `meters` saw a non-finite value, or its watched training loss stayed
+        above LOSS_FACTOR times its first value in most of its steps: before anything is evaluated or
+        written from these weights. first_step: the step of the meters' first add; lr: the rate of --`option`
+        now."""
         found = meters.first_non_finite()
         if found:
             k, name = found
-            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr)
+            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr, option)
+        watched = meters.loss_watch() if meters.watch else None
+        if watched:
+            high, steps, reference = watched
+            if self.loss_reference is None:
+                self.loss_reference = reference         # the run's first step: kept in every checkpoint
+            if 2 * high > steps:
+                self.diverged(f'the training {meters.watch} stayed above {LOSS_FACTOR:g} times its value at the first '
+                              f'step of the run ({self.loss_reference:.4g}) in {high} of the {steps} {unit}s from '
+                              f'{unit} {first_step} on, mean {meters.means()[meters.watch]:.4g}', lr, option)
 
-    def diverged(self, what, lr):
+    def rate_of(self, objects, param=None):
+        """(the rate now, its option) of the optimiser that trains `param` (default: the first one)."""
+        for option, (name, _) in self.RATES.items():
+            optimizer = objects.get(name)
+            if optimizer is not None and (param is None or any(p is param for g in optimizer.param_groups
+                                                                 for p in g['params'])):
+                return optimizer.param_groups[0]['lr'], option
+        return None, 'lr'
+
+    def check_weights(self, objects, where):
+        """Stop the run (exit code 3) if a weight of the networks among `objects` is non-finite or beyond
+        WEIGHT_BOUND. One host read."""
+        named = [(f'{k}.{n}', p) for k, v in objects.items() if isinstance(v, nn.Module)
+                 for n, p in v.named_parameters()]
+        biggest = float(torch.stack([p.detach().abs().max().float() for _, p in named]).max())
+        if math.isfinite(biggest) and biggest <= WEIGHT_BOUND:
+            return
+        name, param = max(named, key=lambda np_: (not bool(torch.isfinite(np_[1]).all()),
+                                                  float(np_[1].detach().abs().max().nan_to_num(math.inf))))
+        if not math.isfinite(biggest):
+            self.diverged(f'at {where} the weights became non-finite (first in {name})', *self.rate_of(objects, param))
+        self.diverged(f'at {where} a weight grew beyond {WEIGHT_BOUND:g} in absolute value ({biggest:.3g} in {name}; '
+                      'healthy weights stay of order 1)', *self.rate_of(objects, param))
+
+    def diverged(self, what, lr=None, option='lr'):
+        """Stop with exit code 3, quoting the rate typed (--`option`; `lr`: its value now, after any schedule)
+        and advising a tenth of it: from the last checkpoint, or from the start when there is none."""
+        typed = getattr(self.cfg, option, None)
+        if typed is None:
+            typed, option = lr, 'lr'
+        rate = f'--{option} {typed:g} as typed' + (f'; {lr:g} by its schedule at this check' if lr is not None and
+                                                   not math.isclose(lr, typed, rel_tol=1e-6) else '')
+        lower = f'--{option} {typed / 10:g}'
         ckpt = self.checkpoint_path
         if os.path.isfile(ckpt):
             saved = load_checkpoint(ckpt)['last'] or {}
             where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
             advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
-                      f'e.g. {python_command()} {self.script}.py --resume {self.dir} --lr {lr / 10:g}')
+                      f'e.g. {python_command()} {self.script}.py --resume {self.dir} {lower}')
         else:
-            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. --lr {lr / 10:g} '
+            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. {lower} '
                       f'(the folder {self.dir} holds only the configuration and log of this attempt)')
-        raise Diverged(f'training diverged: {what} (learning rate {lr:g}). Nothing was saved from these weights: '
+        raise Diverged(f'training diverged: {what} (learning rate: {rate}). Nothing was saved from these weights: '
                        f'{advice}.')
 
     # ---- the epoch-based scripts (the MAXL paper's three) ----

@@ -5,6 +5,7 @@ nothing; flags are named in their errors; a corrupt dataset leaves no run folder
 import errno
 import glob
 import hashlib
+import json
 import os
 import pickle
 
@@ -197,3 +198,314 @@ def test_metrics_are_brought_back_to_the_checkpoint_on_resume(tmp_path, tiny_roo
         f.write(lines[-1].replace('1,', '2,', 1))
     model_vgg_single.main(['--resume', run_dir, '--epochs', '2'])
     assert open(path).read() == complete
+
+
+
+# ---- Reliability, second round -------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, tiny_root):
+    """One finished one-epoch Single run, made once for the tests below that damage a copy of it."""
+    return one_epoch(tmp_path_factory.mktemp('finished'), tiny_root)
+
+
+def a_run(tmp_path, finished):
+    """A copy of the finished run (its own folder, to damage)."""
+    import shutil
+    shutil.copytree(finished, tmp_path / 'run')
+    return str(tmp_path / 'run')
+
+
+# A short run of each script on the tiny stand-in (what a bad option would start if it were let through).
+SHORT = {
+    'model_vgg_single': ['--width', '0.0625', '--epochs', '1'],
+    'model_vgg_human': ['--width', '0.0625', '--epochs', '1'],
+    'model_vgg_maxl': ['--width', '0.0625', '--epochs', '1'],
+    'train_sla': ['--dataset', 'cifar10', '--model', 'cresnet20', '--width', '0.125', '--batchsize', '16',
+                  '--num-iterations', '2', '--val-freq', '1'],
+    'train_meta_semi': ['--dataset', 'cifar10', '--num-label', '100', '--total-steps', '2', '--warmup', '0',
+                        '--test-freq', '1', '--width', '0.0625', '--batch-size', '16'],
+}
+
+
+def float_options():
+    """(script, option) for every float option of every script: its hyperparameters and the run options."""
+    import importlib
+    from options import RUN_OPTIONS
+    out = []
+    for script in SHORT:
+        hyper = importlib.import_module(script).HYPERPARAMETERS
+        names = [k for k, v in hyper.items() if type(v) is float]
+        names += [k for k, (v, _) in RUN_OPTIONS.items() if k not in hyper and type(v) is float]
+        out += [(script, name) for name in names]
+    return out
+
+
+def test_every_float_option_is_checked():
+    assert len(float_options()) >= 25          # every script's lr, width, ... and progress_every
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf', '-inf'])
+@pytest.mark.parametrize('script,name', float_options())
+def test_a_non_finite_float_option_is_refused_before_anything_is_written(tmp_path, tiny_root, script, name, value):
+    """`--lr nan` (and inf, for every float option of every script) stops at the command line: exit code 2,
+    the option named, no run folder."""
+    p = run_in_process(f'{script}.py', '--synthetic', '--data_root', tiny_root, '--device', 'cpu', *SHORT[script],
+                       '--logdir', tmp_path / 'logs', f'--{name}={value}')
+    assert p.returncode == 2, p.stderr[-1500:]
+    assert f'--{name} must be a finite number, got {value}' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'logs')
+
+
+def damage(path, kind):
+    if kind == 'missing':
+        os.remove(path)
+    else:
+        with open(path, 'w') as f:
+            f.write('' if kind == 'empty' else '{"epochs": 1, "lr": 0.01,\n')      # cut off mid-file
+
+
+@pytest.mark.parametrize('kind', ['invalid', 'empty', 'missing'])
+def test_a_damaged_config_json_is_named_and_restored_from_the_checkpoint(tmp_path, finished, kind):
+    """--resume of a run whose config.json is invalid, empty or missing: one paragraph naming the file and the
+    command that restores it from the checkpoint (which carries the configuration), exit 2, nothing written;
+    that command keeps the damaged file, writes config.json back as it was and continues."""
+    run_dir = a_run(tmp_path, finished)
+    config = os.path.join(run_dir, 'config.json')
+    original = json.load(open(config))
+    damage(config, kind)
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert config in p.stderr and {'invalid': 'not valid JSON', 'empty': 'is empty', 'missing': 'is missing'}[kind] \
+        in p.stderr, p.stderr
+    assert f'--resume {run_dir} --epochs 2 --restore_config' in p.stderr and 'Nothing was written' in p.stderr
+    assert files_of(run_dir) == before
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2', '--restore_config')
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(config)) == original | {'epochs': 2}
+    assert 'restored from ' + os.path.join(run_dir, 'checkpoint.pt') in p.stdout
+    if kind != 'missing':                                       # the damaged file is kept beside it
+        assert open(config + '.damaged').read() == ('' if kind == 'empty' else '{"epochs": 1, "lr": 0.01,\n')
+    assert 'EPOCH: 0001' in p.stdout
+
+
+def test_a_checkpoint_from_before_the_configuration_was_kept_uses_best_pt(tmp_path, finished):
+    """A checkpoint written before checkpoints carried the configuration: --restore_config takes best.pt's
+    (and says so); with neither, the message says what to do instead."""
+    run_dir = a_run(tmp_path, finished)
+    config = os.path.join(run_dir, 'config.json')
+    original = json.load(open(config))
+    ckpt_path = os.path.join(run_dir, 'checkpoint.pt')
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt.pop('config', None)
+    torch.save(ckpt, ckpt_path)
+    damage(config, 'invalid')
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2')
+    assert p.returncode == 2 and 'best.pt' in p.stderr and '--restore_config' in p.stderr, p.stderr
+    best = torch.load(os.path.join(run_dir, 'best.pt'), weights_only=True)
+    best.pop('config')
+    torch.save(best, os.path.join(run_dir, 'best.pt'))
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2', '--restore_config')
+    assert p.returncode == 2 and 'by hand' in p.stderr and 'start a new run' in p.stderr, p.stderr
+    assert files_of(run_dir) == before
+    with open(config, 'w') as f:              # best.pt as it was: its configuration is taken
+        f.write('')
+    torch.save(best | {'config': original | {'resume': '', 'eval_only': False}}, os.path.join(run_dir, 'best.pt'))
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', '2', '--restore_config')
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(config)) == original | {'epochs': 2} and 'best.pt' in p.stdout
+
+
+def test_restore_config_is_only_for_a_damaged_one(tmp_path, finished):
+    run_dir = a_run(tmp_path, finished)
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--restore_config')
+    assert p.returncode == 2 and 'reads fine' in p.stderr, p.stderr
+    p = run_in_process('model_vgg_single.py', '--restore_config', '--logdir', tmp_path / 'new')
+    assert p.returncode == 2 and 'with --resume' in p.stderr, p.stderr
+    assert files_of(run_dir) == before and not os.path.exists(tmp_path / 'new')
+
+
+def test_the_divergence_message_quotes_the_learning_rate_typed(tmp_path, tiny_root):
+    """SLA's rate is stepped down by its schedule before the divergence is seen (x0.1 at half the iterations):
+    the message quotes the rate typed and advises a tenth of it, not a tenth of the stepped-down one."""
+    p = run_in_process('train_sla.py', '--synthetic', '--datadir', tiny_root, '--num-iterations', 20, '--val-freq',
+                       10, '--batchsize', 16, '--model', 'cresnet20', '--width', 0.125, '--lr', 1e6, '--device', 'cpu',
+                       '--logdir', tmp_path)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert '--lr 1e+06 as typed' in p.stderr and 'e.g. --lr 100000 ' in p.stderr, p.stderr
+
+
+def test_a_finite_blow_up_of_the_loss_stops_maxl_with_exit_code_3(tmp_path, tiny_root):
+    """MAXL with --lr 1e6 stays finite (weights ~1e22, the focal loss pinned at ~44, test accuracy at chance):
+    the training loss above 10 times its first value for most of the epoch stops the run (exit 3) before
+    anything is evaluated or written from those weights."""
+    p = run_in_process('model_vgg_maxl.py', *TINY, '--data_root', tiny_root, '--epochs', 2, '--lr', 1e6,
+                       '--run_dir', tmp_path / 'r')
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert 'training diverged: the training loss stayed above 10 times its value at the first step' in p.stderr
+    assert 'Traceback' not in p.stderr and '--lr 100000 ' in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path / 'r')) == ['config.json', 'log.txt']          # no best.pt, no checkpoint
+
+
+def test_a_weight_beyond_the_bound_stops_the_run_before_anything_is_written(tmp_path, finished, monkeypatch,
+                                                                             capsys):
+    """A weight grown beyond 1e6 (here in a convolution followed by batch norm, so the loss does not show it)
+    stops the run at the evaluation (exit 3): nothing written from those weights, the last checkpoint named."""
+    run_dir = a_run(tmp_path, finished)
+    before = files_of(run_dir)
+    step, calls = model_vgg_single.train_step, []
+
+    def blown(net, x, y, optimizer):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(net.net.parameters()).mul_(1e9)
+        return step(net, x, y, optimizer)
+
+    monkeypatch.setattr(model_vgg_single, 'train_step', blown)
+    with pytest.raises(SystemExit) as e:
+        run_main(model_vgg_single.main, ['--resume', run_dir, '--epochs', '3'])
+    err = capsys.readouterr().err
+    assert e.value.code == 3, err
+    assert 'a weight grew beyond 1e+06' in err and 'net.' in err and 'checkpoint.pt (epoch 0)' in err, err
+    after = files_of(run_dir)
+    for f in ('checkpoint.pt', 'best.pt', 'metrics.csv'):
+        assert after[f] == before[f], f
+
+
+def test_the_loss_watch_counts_a_sustained_stretch_not_a_spike():
+    """The on-device count behind the loss check: a one-step spike is not a divergence, most steps high is."""
+    for losses, high in (([2.0, 100.0, 2.0, 2.0, 1.5], 1), ([2.0, 50.0, 40.0, 30.0, 1.0], 3)):
+        m = utils.Meters(watch='loss')
+        for v in losses:
+            m.add(4, loss=torch.tensor(v * 4), acc=torch.tensor(1.0))
+        assert m.loss_watch() == (high, len(losses), 2.0)
+    m = utils.Meters(watch='loss', reference=torch.tensor(0.5))        # a later interval: the run's reference
+    m.add(2, loss=torch.tensor(12.0))
+    assert m.loss_watch() == (1, 1, 0.5)
+    state = m.state_dict()                   # a run stopped between two evaluations keeps the count
+    again = utils.Meters.from_state(state)
+    again.add(2, loss=torch.tensor(1.0))
+    assert again.loss_watch() == (1, 2, 0.5)
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
+def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, tiny_root, finished):
+    """A write that meets a full disk (the temporary file is a link to /dev/full, which fails every write with
+    ENOSPC as a full filesystem does): the message says "No space left on device", names the file and the
+    bytes it needed, and advises --resume only when a checkpoint exists; torch's internal text never shows."""
+    fresh = tmp_path / 'fresh'
+    fresh.mkdir()
+    os.symlink('/dev/full', fresh / 'best.pt.tmp')
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', tiny_root, '--epochs', 1, '--run_dir', fresh)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert f'cannot write {fresh / "best.pt"}: No space left on device (errno {errno.ENOSPC}' in p.stderr, p.stderr
+    assert 'bytes to write' in p.stderr and 'enforce fail' not in p.stderr
+    assert 'no checkpoint was written yet' in p.stderr and '--resume' not in p.stderr, p.stderr
+    assert sorted(os.listdir(fresh)) == ['config.json', 'log.txt']          # the link to /dev/full removed too
+
+    run_dir = a_run(tmp_path, finished)
+    before = files_of(run_dir)
+    import resource                           # a file that fills up part way (torch's writer hid this errno)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))         # SIGXFSZ: ignored by Python
+    try:
+        p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert p.returncode == 2 and f'File too large (errno {errno.EFBIG}' in p.stderr, p.stderr
+    assert 'enforce fail' not in p.stderr and 'bytes to write' in p.stderr, p.stderr
+    assert all(files_of(run_dir)[f] == before[f] for f in ('best.pt', 'checkpoint.pt', 'metrics.csv'))
+    for f in ('best.pt', 'checkpoint.pt'):
+        os.symlink('/dev/full', os.path.join(run_dir, f + '.tmp'))
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 2)
+    assert p.returncode == 2 and 'No space left on device' in p.stderr and 'enforce fail' not in p.stderr, p.stderr
+    assert f'model_vgg_single.py --resume {run_dir}' in p.stderr and 'free space' in p.stderr.lower(), p.stderr
+    links = [f for f in ('best.pt.tmp', 'checkpoint.pt.tmp') if os.path.lexists(os.path.join(run_dir, f))]
+    assert len(links) == 1                    # the one the failed write met was removed; the other is ours
+    os.remove(os.path.join(run_dir, links[0]))
+    after = files_of(run_dir)
+    assert all(after[f] == before[f] for f in ('best.pt', 'checkpoint.pt'))
+
+
+@pytest.mark.parametrize('keep', [0, 2, 'half', 'all but the last byte'])
+def test_a_truncated_checkpoint_is_called_damaged_and_never_advises_weights_only_false(tmp_path, finished, keep):
+    """checkpoint.pt cut short (a copy interrupted, a disk error): the message says it is damaged and what to
+    do, never repeats torch's advice to load it with weights_only=False; nothing is written."""
+    run_dir = a_run(tmp_path, finished)
+    path = os.path.join(run_dir, 'checkpoint.pt')
+    data = open(path, 'rb').read()
+    n = {'half': len(data) // 2, 'all but the last byte': len(data) - 1}.get(keep, keep)
+    with open(path, 'wb') as f:
+        f.write(data[:n])
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 2)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert f'{path} is damaged' in p.stderr and 'weights_only' not in p.stderr, p.stderr
+    assert 'could run code' not in p.stderr and 'start a new run' in p.stderr and 'Nothing was written' in p.stderr
+    assert 'best.pt' in p.stderr                             # still whole: what it holds, and what it lacks
+    assert files_of(run_dir) == before
+
+
+@pytest.mark.parametrize('fault', ['corrupt', 'missing', 'bad md5 list'])
+def test_a_damaged_stand_in_says_it_is_the_stand_in_and_how_to_rewrite_it(tmp_path, tiny_root, fault):
+    """A file of the synthetic stand-in that fails the md5 list written beside it, a missing one, or an
+    unreadable list: the message says it is the stand-in and that deleting its folder rewrites it, not the
+    real dataset's advice (download or unpack the official archive); no run folder."""
+    import shutil
+    folder = tmp_path / 'data' / 'synthetic' / 'cifar-100-python'
+    shutil.copytree(os.path.join(tiny_root, 'synthetic', 'cifar-100-python'), folder)
+    if fault == 'corrupt':
+        with open(folder / 'test', 'r+b') as f:
+            f.seek(100)
+            f.write(b'\x00\x01\x02')
+    elif fault == 'missing':
+        os.remove(folder / 'test')
+    else:
+        (folder / 'md5.json').write_text('{"train": ')
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', tmp_path / 'data', '--epochs', 1,
+                       '--logdir', tmp_path / 'logs')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert 'synthetic stand-in' in p.stderr and f'rm -r {folder}' in p.stderr, p.stderr
+    assert 'official' not in p.stderr and 'download' not in p.stderr.lower(), p.stderr
+    assert not os.path.exists(tmp_path / 'logs')
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_even_with_a_matching_md5_list(tmp_path, tiny_root):
+    """A stand-in file replaced by a pickle that calls os.system, its md5.json rewritten to match: read with
+    a restricted unpickler (dicts, lists, strings, bytes, numbers, numpy arrays only), it is refused (exit 2)
+    and the command never runs."""
+    import shutil
+    folder = tmp_path / 'data' / 'synthetic' / 'cifar-100-python'
+    shutil.copytree(os.path.join(tiny_root, 'synthetic', 'cifar-100-python'), folder)
+    Payload.marker = str(tmp_path / 'ran')
+    d = create_dataset._unpickle(str(folder / 'test'))
+    d['batch_label'] = Payload()
+    with open(folder / 'test', 'wb') as f:
+        pickle.dump(d, f, protocol=2)
+    (folder / 'md5.json').write_text(json.dumps({f: create_dataset.md5sum(str(folder / f))
+                                                 for f in ('meta', 'test', 'train')}))
+    p = run_in_process('model_vgg_single.py', *TINY, '--data_root', tmp_path / 'data', '--epochs', 1,
+                       '--logdir', tmp_path / 'logs')
+    assert not os.path.exists(tmp_path / 'ran')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert str(folder / 'test') in p.stderr and 'could run code' in p.stderr and 'system' in p.stderr, p.stderr
+
+
+def test_the_restricted_reader_reads_the_official_pickle_layout():
+    """What the official CIFAR files hold (Python 2 pickles of numpy arrays, numpy.core.multiarray) and what
+    the stand-in writer writes (Python 3, numpy._core, bytes via _codecs) both read back."""
+    import io
+    import numpy as np
+    data = {'data': np.arange(12, dtype=np.uint8).reshape(2, 6), 'labels': [3, 4], 'batch_label': 'b',
+            'raw': b'\x00\xff', 'x': 1.5}
+    py3 = pickle.dumps(data, protocol=2)
+    py2 = py3.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
+    assert b'numpy.core.multiarray' in py2 and b'_codecs' in py3
+    for blob in (py3, py2):
+        got = create_dataset.safe_unpickle(io.BytesIO(blob), 'the file')
+        assert got['labels'] == [3, 4] and got['raw'] == b'\x00\xff' and got['x'] == 1.5
+        assert got['data'].dtype == np.uint8 and got['data'].tolist() == data['data'].tolist()

@@ -197,3 +197,129 @@ def test_plot_features_takes_the_seed_command_line(runs):
     with open(os.path.join(run, 'visualization', f'features_{method}.png'), 'rb') as f:
         assert f.read(8) == PNG
     assert os.path.isfile(os.path.join(run, 'visualization', f'features_{method}.npz'))
+
+
+# ---- the number of processes, same-seed curves, settings a dataset does not use ----------------------------
+
+SINGLE_CFG = {'script': 'model_vgg_single', 'epochs': 2, 'batch_size': 50, 'lr': 0.01, 'lr_step': 50,
+              'lr_gamma': 0.5, 'primary_level': 2, 'width': 0.0625, 'seed': 0, 'synthetic': True,
+              'synthetic_size': 'small', 'amp': False, 'channels_last': False, 'compile': False, 'tf32': True,
+              'sync_bn': False, 'device': 'cpu', 'logdir': 'logs', 'run_name': '', 'run_dir': ''}
+
+
+def write_run(path, cfg, accs, log=''):
+    """A run folder as a training script leaves it (config.json, metrics.csv, log.txt), written by hand."""
+    os.makedirs(path)
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump(cfg, f)
+    with open(os.path.join(path, 'metrics.csv'), 'w') as f:
+        f.write('epoch,step,test_acc,seconds\n' + ''.join(f'{e},{e + 1},{a},1.0\n' for e, a in enumerate(accs)))
+    with open(os.path.join(path, 'log.txt'), 'w') as f:
+        f.write(log)
+    return str(path)
+
+
+def test_runs_on_other_numbers_of_processes_are_other_settings(tmp_path):
+    """Two processes of 50 images each are a global batch of 100: another setting than one process of 50,
+    never a seed of it. The number comes from config.json, or, for a run from before it was recorded there,
+    from the start line of its log.txt."""
+    one = write_run(tmp_path / 'one', SINGLE_CFG | {'processes': 1, 'global_batch': 50}, [0.2, 0.3])
+    two = write_run(tmp_path / 'two', SINGLE_CFG | {'processes': 2, 'global_batch': 100}, [0.4, 0.5])
+    old = write_run(tmp_path / 'old', SINGLE_CFG | {'seed': 1}, [0.6, 0.7],
+                    log=f'run {tmp_path / "old"} on cpu, 2 processes (gloo), batch 50 per process = 100 in all\n')
+    p = run_in_process('results.py', one, two, old)
+    assert p.returncode == 0, p.stderr
+    rows = table_rows(p.stdout)
+    assert len(rows) == 2, p.stdout
+    by_n = {r[3]: r for r in rows}
+    assert set(by_n) == {'1 (0)', '2 (0, 1)'}, p.stdout
+    assert 'processes 1' in by_n['1 (0)'][2] and 'processes 2' in by_n['2 (0, 1)'][2], p.stdout
+
+
+def test_a_run_records_its_processes_and_global_batch(runs):
+    for run in runs['seeds'] + [runs['semi']]:
+        with open(os.path.join(run, 'config.json')) as f:
+            cfg = json.load(f)
+        assert cfg['processes'] == 1 and cfg['global_batch'] == cfg['batch_size'], run
+
+
+class FakePyplot:
+    """Records the labels plot() gives its curves (no matplotlib needed)."""
+
+    def __init__(self):
+        self.labels = []
+        outer = self
+
+        class Axes:
+            def plot(self, *args, label=None, **kw):
+                outer.labels.append(label)
+
+            def __getattr__(self, name):
+                return lambda *a, **k: None
+
+        class Figure:
+            def __getattr__(self, name):
+                return lambda *a, **k: None
+
+        self.Axes, self.Figure = Axes, Figure
+
+    def subplots(self, rows, cols, **kw):
+        return self.Figure(), [[self.Axes() for _ in range(cols)]]
+
+    def close(self, fig):
+        pass
+
+
+def test_curves_of_the_same_setting_and_seed_are_labelled_by_run_name(tmp_path):
+    runs = [results.read_run(write_run(tmp_path / name, SINGLE_CFG | {'processes': 1}, accs))
+            for name, accs in (('first-try', [0.2, 0.3]), ('second-try', [0.4, 0.5]))]
+    runs.append(results.read_run(write_run(tmp_path / 'other', SINGLE_CFG | {'processes': 1, 'seed': 5}, [0.1])))
+    plt = FakePyplot()
+    results.plot(runs, str(tmp_path / 'curves.png'), plt)
+    assert len(plt.labels) == 3 and len(set(plt.labels)) == 3, plt.labels
+    assert 'first-try' in plt.labels[0] and 'second-try' in plt.labels[1] and 'seed 5' in plt.labels[2], plt.labels
+
+
+SEMI_IMAGENET = {'script': 'train_meta_semi', 'dataset': 'imagenet', 'num_label': 4000, 'label_fraction': 0.1,
+                 'label_list': '', 'architecture': 'resnet18', 'mix_up': True, 'alpha': 1.0, 'weight': 1.0,
+                 'total_steps': 400000, 'batch_size': 64, 'epsilon': 0.01, 'lr': 0.1, 'warmup': 4000, 'gamma': 0.1,
+                 'milestones': [300000, 350000], 'weight_decay': 1e-4, 'momentum': 0.9, 'baseline': False,
+                 'eval_every': 400, 'width': 1.0, 'seed': 1234, 'global_meta_gradient': False,
+                 'lr_schedule': 'cosine', 'epochs': 600, 'warmup_epochs': 5, 'weight_ramp': False,
+                 'image_size': 224, 'test_batch_size': 50, 'num_classes': 1000, 'synthetic': False, 'processes': 8}
+
+
+def test_settings_a_run_does_not_use_are_left_out_of_its_row():
+    """MetaSemi on ImageNet labels a fraction of every class: num_label (4,000, CIFAR's budget) is not its
+    setting, nor are the step schedule's values of an epoch-based cosine run; on CIFAR the reverse."""
+    imagenet = results.setting(SEMI_IMAGENET)
+    assert 'num_label' not in imagenet and imagenet['label_fraction'] == 0.1
+    assert not {'total_steps', 'warmup', 'eval_every', 'milestones', 'gamma'} & set(imagenet)
+    cifar = results.setting(SEMI_IMAGENET | {'dataset': 'cifar10', 'label_fraction': 0.0, 'epochs': 0,
+                                             'lr_schedule': 'step', 'architecture': 'convlarge'})
+    assert cifar['num_label'] == 4000 and not {'label_fraction', 'image_size', 'epochs', 'warmup_epochs',
+                                               'num_classes', 'label_list'} & set(cifar)
+    def fake(cfg, path):
+        return {'path': path, 'script': cfg['script'], 'cfg': cfg, 'resumed_at': [],
+                'rows': [{'step': 10.0, 'test_acc': 0.5, 'batch_time': 0.1, 'data_time': 0.0}]}
+    text = results.table([fake(SEMI_IMAGENET, 'a'), fake(SEMI_IMAGENET | {'dataset': 'cifar10', 'label_fraction': 0.0,
+                                                                         'architecture': 'convlarge'}, 'b')])
+    imagenet_row, cifar_row = table_rows(text)
+    assert 'num_label' not in imagenet_row[2] and 'label_fraction 0.1' in imagenet_row[2], imagenet_row
+    assert 'num_label 4000' in cifar_row[2] and 'label_fraction' not in cifar_row[2], cifar_row
+
+
+def test_the_metasemi_imagenet_start_line_lists_only_what_the_run_uses(tmp_path, monkeypatch):
+    """The start line lists the configuration the run uses, not the whole namespace: no CIFAR label budget
+    (num_label) on ImageNet."""
+    from options import UserError
+
+    def stop(*a, **k):
+        raise UserError('stopped after the start line')
+    monkeypatch.setattr(train_meta_semi, 'FileStreams', stop)
+    p = run_in_process('train_meta_semi.py', '--dataset', 'imagenet', '--synthetic', '--data-path', tmp_path / 'data',
+                       '--device', 'cpu', '--run_dir', tmp_path / 'r')
+    assert p.returncode == 2 and 'stopped after the start line' in p.stderr, p.stderr
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith('MetaSemi (')]
+    assert 'Namespace' not in line and 'num_label' not in line and 'label_fraction=0.1' in line, line
+    assert 'architecture=' in line and 'resnet18' in line, line
