@@ -1,8 +1,8 @@
 """ImageNet-scale data and MetaSemi on it: the folder, iNaturalist and RecordIO readers against files
 written here (labels, order, multi-part records, a corrupt image); the 10% split; top-5; the streaming
 pipeline (the decode-on-GPU assembly path gives the CPU path's batches; the GPU half runs with CUDA
-only); MetaSemi meta and baseline with a torchvision ResNet on the synthetic ImageNet, one process and
-torchrun, and a run stopped mid-epoch and resumed ends as the uninterrupted one."""
+only); MetaSemi meta and baseline with a torchvision ResNet on the synthetic ImageNet (under torchrun:
+test_equivalence.py), and a run stopped mid-epoch and resumed ends as the uninterrupted one."""
 import csv
 import io
 import math
@@ -18,7 +18,6 @@ import torch
 import create_dataset as cd
 import large_datasets as ld
 from conftest import ROOT, run_script
-from test_distributed import torchrun
 from test_pinned_runs import TIMING_COLUMNS
 from models import topk_count
 from options import UserError
@@ -263,17 +262,6 @@ def test_meta_semi_reads_the_originals_recordio_files(tmp_path):
     assert f'20 labeled, 180 unlabeled, 40 test images; RecordIO files in {rec}' in p.stdout
     (row,) = rows(tmp_path / 'r')
     assert int(row['step']) == 23 and row['bad_images'] == '0'
-
-
-def test_meta_semi_imagenet_under_torchrun(tmp_path):
-    data = str(tmp_path / 'data')
-    ld.write_synthetic_folder('imagenet', os.path.join(data, 'synthetic'))      # not written by two at once
-    p = torchrun('train_meta_semi.py', *SEMI, '--batch-size', '4', '--total-steps', '3', '--epochs', '0',
-                 '--test-freq', '3', '--data-path', data, '--run_dir', tmp_path / 'r')
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert '2 processes' in p.stdout and 'SyncBatchNorm' in p.stdout
-    (row,) = rows(tmp_path / 'r')
-    assert int(row['step']) == 3 and 0 <= float(row['test_acc']) <= 1
 
 
 def test_the_synthetic_tree_is_in_the_real_layout_with_imagenets_odd_files(tmp_path):
