@@ -388,16 +388,28 @@ class Meters:
         return code // 1000, self.names[code % 1000]
 
     def state_dict(self):
-        return {'sums': dict(self.sums), 'counts': dict(self.counts), 'adds': self.adds,
-                'first_bad': self.first_bad, 'names': list(self.names)}
+        """For a checkpoint. Under torchrun the sums and counts of every process together (a collective: every
+        process calls it, as Run.stop_if_asked does), since the first process alone writes the checkpoint."""
+        sums, counts, first_bad = dict(self.sums), dict(self.counts), self.first_bad
+        if distributed() and sums:
+            sums = {k: all_reduce_sum(v.clone()) for k, v in sums.items()}
+            total = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=first_bad.device))
+            counts = dict(zip(counts, (int(c) for c in total.tolist())))
+            first_bad = first_bad.clone()
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        return {'sums': sums, 'counts': counts, 'adds': self.adds, 'first_bad': first_bad, 'names': list(self.names)}
 
     @classmethod
     def from_state(cls, state):
-        """A Meters continued from state_dict() (a run stopped between two log lines), or a new one."""
+        """A Meters continued from state_dict() (a run stopped between two log lines), or a new one. Under
+        torchrun the first process takes the saved sums (every process's, see state_dict), the others start
+        from zero, so the sums over the processes are the saved ones, on any number of processes."""
         m = cls()
         if state:
-            m.sums, m.counts, m.adds = dict(state['sums']), dict(state['counts']), state['adds']
-            m.first_bad, m.names = state['first_bad'], list(state['names'])
+            first = not distributed() or dist.get_rank() == 0
+            m.sums = {k: v if first else torch.zeros_like(v) for k, v in state['sums'].items()}
+            m.counts = {k: c if first else 0 for k, c in state['counts'].items()}
+            m.adds, m.first_bad, m.names = state['adds'], state['first_bad'], list(state['names'])
         return m
 
     def means(self):
@@ -564,12 +576,12 @@ class Run(Processes):
 
     def stop_if_asked(self, objects=None, at=0, **extra):
         """At a consistent point (a step boundary): if a stop was asked, save the checkpoint (objects and
-        `extra`: position, streams, running meters) unless objects is None (one was just written), and
-        stop with the exact command that continues the run."""
+        `extra`: position, streams, running Meters, passed as they are) unless objects is None (one was just
+        written), and stop with the exact command that continues the run."""
         if not self.stops.requested(at):
             return
-        if objects is not None:
-            self.save(objects, **extra)
+        if objects is not None:        # running sums (Meters): every process's, saved by the first
+            self.save(objects, **{k: v.state_dict() if isinstance(v, Meters) else v for k, v in extra.items()})
         raise Stopped(f'stopped by {self.stops.name}; the checkpoint is written. Continue with: '
                       f'{python_command()} {self.script}.py --resume {self.dir}', self.stops.signum)
 
