@@ -549,6 +549,8 @@ class Run(Processes):
         self.cfg, self.given = cfg, given
         set_tf32(cfg.tf32)
         self.device = self.start_processes(cfg)
+        note = (self.resumed_processes(self._resumed.get('processes'), self.saved_config.get('batch_size'),
+                                       cfg.batch_size) if self.resuming else None)     # refused: nothing written
         if not self.resuming:                   # the first process makes the folder and tells the others
             if self.rank == 0:
                 self.dir = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, script,
@@ -561,6 +563,8 @@ class Run(Processes):
         self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
         if not self.resuming:
             self.save_config()
+        if note:
+            self.log.print(note)
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.projected = False                  # the projected run time was printed (Progress)
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
@@ -583,7 +587,17 @@ class Run(Processes):
         if objects is not None:        # running sums (Meters): every process's, saved by the first
             self.save(objects, **{k: v.state_dict() if isinstance(v, Meters) else v for k, v in extra.items()})
         raise Stopped(f'stopped by {self.stops.name}; the checkpoint is written. Continue with: '
-                      f'{python_command()} {self.script}.py --resume {self.dir}', self.stops.signum)
+                      f'{self.resume_command()}', self.stops.signum)
+
+    def resume_command(self):
+        """The command that continues this run: under torchrun, on as many processes (see resumed_processes)."""
+        if self.world == 1:
+            return f'{python_command()} {self.script}.py --resume {self.dir}'
+        per_node = int(os.environ.get('LOCAL_WORLD_SIZE', self.world))
+        launch = (f'torchrun --standalone --nproc_per_node {self.world}' if per_node == self.world else
+                  f'torchrun --nnodes {self.world // per_node} --node_rank R --master_addr HOST '
+                  f'--nproc_per_node {per_node}')
+        return f'{launch} {self.script}.py --resume {self.dir}'
 
     def save_config(self):
         self.log.save_config({k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {'script': self.script})
@@ -619,7 +633,7 @@ class Run(Processes):
             return
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
-                        last=self.last, best_keys=list(self.best_keys), **extra)
+                        last=self.last, best_keys=list(self.best_keys), processes=self.world, **extra)
 
     def restore(self, objects, **defaults):
         """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
@@ -646,7 +660,7 @@ class Run(Processes):
         if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
             position = next(iter(self.last))
             self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys')
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'processes')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
@@ -715,7 +729,7 @@ class Run(Processes):
             saved = load_checkpoint(ckpt)['last'] or {}
             where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
             advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
-                      f'e.g. {python_command()} {self.script}.py --resume {self.dir} --lr {lr / 10:g}')
+                      f'e.g. {self.resume_command()} --lr {lr / 10:g}')
         else:
             advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. --lr {lr / 10:g} '
                       f'(the folder {self.dir} holds only the configuration and log of this attempt)')
