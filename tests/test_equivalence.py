@@ -26,8 +26,10 @@ What cannot be equal by design, and what the test does about it:
   2-process formula). The all-reduce it takes is checked by test_distributed.py (float64)."""
 import contextlib
 import csv
+import hashlib
 import json
 import os
+import shutil
 
 import pytest
 
@@ -93,6 +95,8 @@ def runs(tmp_path_factory, tiny_root):
     ld.write_synthetic_folder('imagenet', str(large / 'synthetic'))     # before the two processes read it
     todo = jobs(tiny_root, str(large))
     two = [[job[0], argv(job, 2, str(tmp / 'two' / name)), job[4]] for name, job in todo.items()]
+    half = todo['semi_cifar_mixup']                # its first half, to be resumed on one process
+    two.append([half[0], argv(half, 2, str(tmp / 'two' / 'semi_half')) + ['--total-steps', '2'], half[4]])
     (tmp / 'jobs.json').write_text(json.dumps(two))
     p = torchrun(os.path.join(ROOT, 'tests', 'ddp_scripts.py'), tmp / 'jobs.json', timeout=400)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -126,3 +130,41 @@ def test_two_processes_of_b_give_the_rows_of_one_process_of_2b(runs, name):
                 assert abs(va - vb) <= 1e-6, what
             else:
                 assert abs(va - vb) <= rtol * abs(vb) + 1e-7, what
+
+
+def digests(run_dir):
+    return {f: hashlib.sha256((run_dir / f).read_bytes()).hexdigest() for f in sorted(os.listdir(run_dir))}
+
+
+def test_a_resume_on_another_number_of_processes_that_changes_the_global_batch_is_refused(runs):
+    """The 2-process run of batch 8 (16 images a step) resumed on one process with its saved --batch_size 8
+    would take 8 images a step: refused (exit code 2), naming the batch that keeps 16, nothing written."""
+    tmp, todo, _ = runs
+    run_dir = tmp / 'refused'
+    shutil.copytree(tmp / 'two' / 'semi_half', run_dir)
+    before = digests(run_dir)
+    with ddp_scripts.convlarge_without_dropout():
+        p = run_in_process('train_meta_semi.py', '--resume', run_dir, '--total-steps', 4)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert ('this run was trained on 2 process(es) x --batch_size 8 = 16 images per step; resumed on 1 process(es) '
+            'x 8 it would take 8' in p.stderr and 'Resume with --batch_size 16 (per process) on 1 process(es), or on '
+            '2 process(es) as before' in p.stderr), p.stderr
+    assert digests(run_dir) == before
+
+
+def test_a_resume_on_one_process_with_the_same_global_batch_ends_as_the_two_process_run(runs):
+    """The 2-process run of batch 8, stopped after step 2 of 4, resumed on one process with --batch-size 16:
+    the same 16 images a step, so the rows of steps 2 and 4 are the uninterrupted 2-process run's, to
+    float32 reduction noise (--sync_bn and --global_meta_gradient, as the other tests here)."""
+    tmp, todo, _ = runs
+    run_dir = tmp / 'one_more'
+    shutil.copytree(tmp / 'two' / 'semi_half', run_dir)
+    with ddp_scripts.convlarge_without_dropout():
+        p = run_in_process('train_meta_semi.py', '--resume', run_dir, '--batch-size', 16, '--total-steps', 4)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'note: resumed on 1 process(es) x batch 16 (saved on 2 x 8): the same 16 images per step' in p.stdout
+    a, b = rows(tmp / 'two' / 'semi_cifar_mixup'), rows(run_dir)
+    assert [r['step'] for r in a] == [r['step'] for r in b] == [2.0, 4.0]
+    for ra, rb in zip(a, b):
+        for k, va in ra.items():
+            assert abs(va - rb[k]) <= 1e-5 * abs(va) + 1e-7, (k, va, rb[k])
