@@ -130,6 +130,49 @@ def test_time_of_a_resumed_metasemi_run():
     assert results.run_seconds(sla) == pytest.approx(3 * 2.0 + 2 * 1.0)
 
 
+def sla_run(folder, mode, rows, seed=0, dataset='cifar10'):
+    """A run folder as train_sla.py writes it, with the metrics rows given."""
+    os.makedirs(folder)
+    cfg = {'script': 'train_sla', 'mode': mode, 'aug': 'rotation', 'dataset': dataset, 'synthetic': True,
+           'model': 'cresnet20', 'width': 0.125, 'num_samples_per_class': 0, 'temperature': 1.0, 'seed': seed}
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, 'metrics.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(folder)
+
+
+def test_sla_reports_the_test_accuracy_at_the_first_best_validation_in_two_rows(tmp_path):
+    """SLA's number is the test accuracy at the best validation single_acc, the first such evaluation on a
+    tie (not the best test accuracy): its sla mode gives two rows, SLA+SI (test_single_acc) and SLA+AG
+    (test_agg_acc), chosen at the same evaluation; sla+sd one row; a large dataset (no validation split)
+    is chosen on the test single_acc."""
+    def row(it, val, single, agg):
+        return {'iteration': it, 'lr': 0.1, 'seconds_per_iteration': 1.0, 'val_single_acc': val,
+                'test_single_acc': single, 'test_agg_acc': agg}
+    rows = [row(10, 0.5, 0.40, 0.45), row(20, 0.7, 0.42, 0.50), row(30, 0.7, 0.60, 0.65), row(40, 0.6, 0.70, 0.75)]
+    sla = sla_run(tmp_path / 'sla', 'sla', rows)
+    sd = sla_run(tmp_path / 'sd', 'sla+sd', rows)
+    large = sla_run(tmp_path / 'large', 'sla', [{k: v for k, v in r.items() if not k.startswith('val_')}
+                                                 for r in rows], dataset='imagenet')
+    p = run_in_process('results.py', sla, sd, large)
+    assert p.returncode == 0, p.stderr
+    table = {(r[0], r[1]): r for r in table_rows(p.stdout)}
+    assert sorted(table) == [('SLA+AG, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
+                             ('SLA+AG, rotation (`train_sla`)', 'imagenet (synthetic)'),
+                             ('SLA+SD, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
+                             ('SLA+SI, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
+                             ('SLA+SI, rotation (`train_sla`)', 'imagenet (synthetic)')]
+    best_final = {k: (r[4], r[5]) for k, r in table.items()}
+    assert best_final[('SLA+SI, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.4200', '0.7000')
+    assert best_final[('SLA+AG, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.5000', '0.7500')
+    assert best_final[('SLA+SD, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.4200', '0.7000')
+    assert best_final[('SLA+SI, rotation (`train_sla`)', 'imagenet (synthetic)')] == ('0.7000', '0.7000')
+    assert best_final[('SLA+AG, rotation (`train_sla`)', 'imagenet (synthetic)')] == ('0.7500', '0.7500')
+
+
 def test_paper_numbers_only_for_the_real_datasets():
     cfg = {'script': 'train_meta_semi', 'dataset': 'cifar10', 'num_label': 4000, 'architecture': 'convlarge',
            'width': 1.0, 'mix_up': True, 'baseline': False, 'synthetic': False}
