@@ -232,6 +232,27 @@ class Processes:
         dist.init_process_group(self.backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
         return device
 
+    def resumed_processes(self, saved_world, saved_batch, batch):
+        """--resume on another number of processes than the run was saved on (saved_world; None: a checkpoint
+        from before it was recorded, not checked). Every data stream, schedule and saved position counts
+        steps of the global batch (processes x --batch_size), so the same global batch continues the run
+        (with --sync_bn, and MetaSemi's --global_meta_gradient, as the processes before would have: one
+        process of 2B computes what two of B do); another one is refused, naming the --batch_size that
+        keeps it. Returns the note to log, or None."""
+        if saved_world is None or saved_world == self.world:
+            return None
+        total = saved_world * saved_batch
+        if self.world * batch != total:
+            keep = (f'--batch_size {total // self.world} (per process) on {self.world} process(es)'
+                    if total % self.world == 0 else f'a number of processes that divides {total}')
+            raise UserError(f'this run was trained on {saved_world} process(es) x --batch_size {saved_batch} = '
+                            f'{total} images per step; resumed on {self.world} process(es) x {batch} it would take '
+                            f'{self.world * batch}, and its data streams, schedule and saved positions count steps of '
+                            f'{total}. Resume with {keep}, or on {saved_world} process(es) as before. Nothing was '
+                            'written.')
+        return (f'note: resumed on {self.world} process(es) x batch {batch} (saved on {saved_world} x {saved_batch}): '
+                f'the same {total} images per step')
+
     def share(self, rows):
         """This process's rows of a tensor holding one row per image of a global batch."""
         n = len(rows)

@@ -516,7 +516,7 @@ def main(argv=None):
                                   step=t + 1, **data.state())
             meters, first_t = run.meters(watched), t + 1
             bar = stretch(t + 1)
-        run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters.state_dict(), first_t=first_t, **data.state())
+        run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters, first_t=first_t, **data.state())
     best = 100 * run.best['test_acc']
     top5 = f', top-5 error {100 - 100 * run.best["test_acc5"]:.2f}%' if large else ''
     log.print(f'done: {total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%{top5})')

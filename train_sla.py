@@ -680,7 +680,7 @@ def main(argv=None):
         bar.update()
         if it % cfg.eval_every and it != N:
             run.stop_if_asked(objects, it, iteration=it, **data.state(), total_steps=N,
-                              meters=meters.state_dict(), first_it=first_it)      # Ctrl-C / SIGTERM
+                              meters=meters, first_it=first_it)      # Ctrl-C / SIGTERM
             continue
         bar.close()
 

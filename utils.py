@@ -552,7 +552,7 @@ class Meters:
         """(adds above LOSS_FACTOR x reference, adds watched, reference) of the watched loss (under torchrun:
         counts summed over the processes, the reference their mean); None when nothing was watched. One
         host read."""
-        if not self.watched:
+        if self.high is None:            # (a process resumed mid-interval has high 0, watched 0: still reduces)
             return None
         both = torch.stack([self.high.float(), torch.as_tensor(float(self.watched), device=self.high.device),
                             self.reference.to(self.high.device).float()])
@@ -576,19 +576,39 @@ class Meters:
         return code // 1000, self.names[code % 1000]
 
     def state_dict(self):
-        return {'sums': dict(self.sums), 'counts': dict(self.counts), 'adds': self.adds,
-                'first_bad': self.first_bad, 'names': list(self.names), 'watch': self.watch,
-                'reference': self.reference, 'high': self.high, 'watched': self.watched}
+        """For a checkpoint. Under torchrun the sums and counts of every process together (a collective: every
+        process calls it, as Run.stop_if_asked does), since the first process alone writes the checkpoint; so
+        are the loss watch's counts (its reference: the processes' mean)."""
+        sums, counts, first_bad = dict(self.sums), dict(self.counts), self.first_bad
+        high, watched, reference = self.high, self.watched, self.reference
+        if distributed() and sums:
+            sums = {k: all_reduce_sum(v.clone()) for k, v in sums.items()}
+            total = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=first_bad.device))
+            counts = dict(zip(counts, (int(c) for c in total.tolist())))
+            first_bad = first_bad.clone()
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            if high is not None:
+                high = all_reduce_sum(high.clone())
+                watched = int(all_reduce_sum(torch.tensor(float(watched), device=high.device)))
+                reference = all_reduce_sum(reference.clone().float()) / dist.get_world_size()
+        return {'sums': sums, 'counts': counts, 'adds': self.adds, 'first_bad': first_bad, 'names': list(self.names),
+                'watch': self.watch, 'reference': reference, 'high': high, 'watched': watched}
 
     @classmethod
     def from_state(cls, state):
-        """A Meters continued from state_dict() (a run stopped between two log lines), or a new one."""
+        """A Meters continued from state_dict() (a run stopped between two log lines), or a new one. Under
+        torchrun the first process takes the saved sums (every process's, see state_dict), the others start
+        from zero, so the sums over the processes are the saved ones, on any number of processes."""
         m = cls()
         if state:
-            m.sums, m.counts, m.adds = dict(state['sums']), dict(state['counts']), state['adds']
-            m.first_bad, m.names = state['first_bad'], list(state['names'])
+            first = not distributed() or dist.get_rank() == 0
+            m.sums = {k: v if first else torch.zeros_like(v) for k, v in state['sums'].items()}
+            m.counts = {k: c if first else 0 for k, c in state['counts'].items()}
+            m.adds, m.first_bad, m.names = state['adds'], state['first_bad'], list(state['names'])
             m.watch, m.reference = state.get('watch'), state.get('reference')
-            m.high, m.watched = state.get('high'), state.get('watched', 0)
+            high = state.get('high')
+            m.high = high if first or high is None else torch.zeros_like(high)
+            m.watched = state.get('watched', 0) if first else 0
         return m
 
     def means(self):
@@ -739,6 +759,8 @@ class Run(Processes):
         self.cfg, self.given = cfg, given
         set_tf32(cfg.tf32)
         self.device = self.start_processes(cfg)
+        note = (self.resumed_processes(self._resumed.get('processes'), self.saved_config.get('batch_size'),
+                                       cfg.batch_size) if self.resuming else None)     # refused: nothing written
         if not self.resuming:                   # the first process makes the folder and tells the others
             if self.rank == 0:
                 self.dir = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, script,
@@ -751,6 +773,8 @@ class Run(Processes):
         self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
         if not self.resuming:
             self.save_config()
+        if note:
+            self.log.print(note)
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.projected = False                  # the projected run time was printed (Progress)
         self.best = None                        # the best evaluation so far: {position, score, kept columns}
@@ -768,14 +792,24 @@ class Run(Processes):
 
     def stop_if_asked(self, objects=None, at=0, **extra):
         """At a consistent point (a step boundary): if a stop was asked, save the checkpoint (objects and
-        `extra`: position, streams, running meters) unless objects is None (one was just written), and
-        stop with the exact command that continues the run."""
+        `extra`: position, streams, running Meters, passed as they are) unless objects is None (one was just
+        written), and stop with the exact command that continues the run."""
         if not self.stops.requested(at):
             return
-        if objects is not None:
-            self.save(objects, **extra)
+        if objects is not None:        # running sums (Meters): every process's, saved by the first
+            self.save(objects, **{k: v.state_dict() if isinstance(v, Meters) else v for k, v in extra.items()})
         raise Stopped(f'stopped by {self.stops.name}; the checkpoint is written. Continue with: '
-                      f'{python_command()} {self.script}.py --resume {self.dir}', self.stops.signum)
+                      f'{self.resume_command()}', self.stops.signum)
+
+    def resume_command(self):
+        """The command that continues this run: under torchrun, on as many processes (see resumed_processes)."""
+        if self.world == 1:
+            return f'{python_command()} {self.script}.py --resume {self.dir}'
+        per_node = int(os.environ.get('LOCAL_WORLD_SIZE', self.world))
+        launch = (f'torchrun --standalone --nproc_per_node {self.world}' if per_node == self.world else
+                  f'torchrun --nnodes {self.world // per_node} --node_rank R --master_addr HOST '
+                  f'--nproc_per_node {per_node}')
+        return f'{launch} {self.script}.py --resume {self.dir}'
 
     def config_record(self):
         """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script,
@@ -818,7 +852,7 @@ class Run(Processes):
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
                         last=self.last, best_keys=list(self.best_keys), config=self.config_record(),
-                        loss_reference=self.loss_reference, **extra)
+                        loss_reference=self.loss_reference, processes=self.world, **extra)
 
     def restore(self, objects, **defaults):
         """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
@@ -858,7 +892,8 @@ class Run(Processes):
         if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
             position = next(iter(self.last))
             self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference')
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference',
+                'processes')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
@@ -982,7 +1017,7 @@ class Run(Processes):
             saved = load_checkpoint(ckpt)['last'] or {}
             where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
             advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
-                      f'e.g. {python_command()} {self.script}.py --resume {self.dir} {lower}')
+                      f'e.g. {self.resume_command()} {lower}')
         else:
             advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. {lower} '
                       f'(the folder {self.dir} holds only the configuration and log of this attempt)')

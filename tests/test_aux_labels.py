@@ -210,6 +210,15 @@ def test_labels_are_kept_in_the_run_folder_and_read_back_on_resume(tmp_path, tin
     assert r.returncode == 2 and 'aux_labels.txt' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.parametrize('levels', [(2, 1), (3, 3)])
+def test_human_refuses_an_auxiliary_level_that_does_not_refine_the_primary(tmp_path, tiny_root, levels):
+    p = run_in_process('model_vgg_human.py', '--synthetic', '--data_root', tiny_root, '--primary_level', levels[0],
+                       '--aux_level', levels[1], '--logdir', tmp_path)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert f'aux_level {levels[1]} does not refine primary_level {levels[0]}' in p.stderr
+    assert not os.listdir(tmp_path)
+
+
 def test_bad_inputs_exit_2_before_anything_is_written(tmp_path, tiny_root, monkeypatch):
     p = run_in_process('model_vgg_human.py', '--synthetic', '--data_root', tiny_root, '--aux_labels', 'clusters',
                        '--logdir', tmp_path)

@@ -60,6 +60,42 @@ def test_pickle_reader_on_generated_files(tmp_path, monkeypatch):
     assert labels[:, 3].tolist() == list(range(7)) and labels[:, 2].tolist() == [f % 20 for f in range(7)]
 
 
+def mat5_uint8(name, dims, column_major):
+    """One uint8 MATLAB array as a level-5 MAT-file data element, written byte by byte (MATLAB's published
+    format: tag = type, byte count; array flags, dimensions, name, then the values in column-major order,
+    the first index fastest; each part zero-padded to 8 bytes). No MAT writer involved."""
+    import struct
+
+    def element(kind, data):
+        return struct.pack('<II', kind, len(data)) + data + b'\0' * (-len(data) % 8)
+    mi_int8, mi_uint8, mi_int32, mi_uint32, mi_matrix, mx_uint8 = 1, 2, 5, 6, 14, 9
+    return element(mi_matrix, element(mi_uint32, struct.pack('<II', mx_uint8, 0))
+                   + element(mi_int32, struct.pack(f'<{len(dims)}i', *dims)) + element(mi_int8, name.encode())
+                   + element(mi_uint8, bytes(column_major)))
+
+
+def test_svhn_reader_on_hand_made_mat_bytes(tmp_path):
+    """SVHN's train_32x32.mat holds X as height x width x channel x image (X(:,:,:,i) is image i, as MATLAB
+    shows images) and y as image x 1, digit 0 labelled 10. A file written here byte by byte, pixel
+    (h, w, c) of image n = h + 2w + 64c + 7n: the reader gives images [n, c, h, w] and label 0 for 10."""
+    pytest.importorskip('scipy')
+    pixel = lambda h, w, c, n: h + 2 * w + 64 * c + 7 * n          # noqa: E731 (< 256; h and w apart)
+    values = [pixel(h, w, c, n) for n in range(2) for c in range(3) for w in range(32) for h in range(32)]
+    header = b'MATLAB 5.0 MAT-file, written by hand'.ljust(116) + b'\0' * 8 + b'\x00\x01' + b'IM'   # v1, little-endian
+    (tmp_path / 'train_32x32.mat').write_bytes(header + mat5_uint8('X', (32, 32, 3, 2), values)
+                                               + mat5_uint8('y', (2, 1), [10, 3]))
+    images, labels = cd.DATASETS['svhn'].reader(str(tmp_path), True)
+    assert images.dtype == np.uint8 and images.shape == (2, 3, 32, 32)
+    assert labels.tolist() == [0, 3]
+    assert images[0, 0, 0, :4].tolist() == [0, 2, 4, 6]           # along the first row: the width, steps of 2
+    assert images[0, 0, :4, 0].tolist() == [0, 1, 2, 3]           # down the first column: the height
+    assert images[1, 2, 5, 9] == 5 + 18 + 128 + 7 and images[1, 2, 9, 5] == 9 + 10 + 128 + 7
+    h, w = np.meshgrid(np.arange(32), np.arange(32), indexing='ij')
+    for n in range(2):
+        for c in range(3):
+            assert np.array_equal(images[n, c], h + 2 * w + 64 * c + 7 * n)
+
+
 def test_md5_mismatch_names_the_file_and_the_fix(tmp_path):
     _write_cifar100(tmp_path / 'cifar-100-python')          # right names, wrong content for the official md5
     with pytest.raises(UserError) as e:

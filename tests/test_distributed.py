@@ -1,8 +1,11 @@
 """Several processes (torchrun, gloo on CPU): one step of every method on two processes, each with half
 of the global batch, equals one process on the whole batch (float64, SyncBatchNorm, to 1e-10); the
-processes' parameters stay bit-identical over steps; every script runs end to end under torchrun; a
-2-process run stopped and resumed ends as an uninterrupted one; the seed's torch.distributed.launch line
-works; a bad setup is refused before anything is written."""
+processes' parameters stay bit-identical over steps; a 2-process run stopped by SIGTERM mid-run (or
+SIGKILLed) stops both processes at one step and resumes to the uninterrupted end; a signal to one process,
+or a divergence on one process, stops every process at the same step; a dying process takes the job down
+long before the collective timeout; the seed's torch.distributed.launch line works; a bad setup is refused
+before anything is written. (Whole scripts under torchrun against one process, and a resume on another
+number of processes: test_equivalence.py.)"""
 import csv
 import json
 import os
@@ -19,8 +22,8 @@ from test_pinned_runs import TIMING_COLUMNS
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
 
 
-def torchrun(*args, launcher=TORCHRUN, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+def torchrun(*args, launcher=TORCHRUN, timeout=300, env=None):
+    env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
 
@@ -60,7 +63,7 @@ def test_the_reference_is_not_trivially_equal_to_one_process_on_half_the_batch()
     assert ((whole[k] - half[k]).norm() / whole[k].norm()).item() > 1e-3
 
 
-SEMI = ['train_meta_semi.py', '--synthetic', '--num-label', 100, '--warmup', 2, '--test-freq', 3, '--print-freq', 2,
+SEMI = ['train_meta_semi.py', '--synthetic', '--num-label', 100, '--warmup', 2, '--test-freq', 6, '--print-freq', 2,
         '--width', 0.0625, '--batch-size', 8, '--mix-up']
 
 
@@ -73,43 +76,115 @@ def rows(run_dir):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, data_root):
-    """The uninterrupted 2-process MetaSemi run (9 steps, a metrics row every 3) that both the stopped and
-    the killed run must end as: one torchrun job for the two tests."""
+    """The uninterrupted 2-process MetaSemi run (30 steps, a metrics row every 6) that the signalled and the
+    killed runs must end as: one torchrun job for both tests."""
     run_dir = tmp_path_factory.mktemp('uninterrupted') / 'a'
-    full = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 9, '--save-path', run_dir)
+    full = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 30, '--save-path', run_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
     return full, run_dir
 
 
-def test_stopped_and_resumed_two_process_run_ends_as_an_uninterrupted_one(tmp_path, data_root, uninterrupted):
+def same_weights(run_a, run_b):
+    ca, cb = (torch.load(os.path.join(r, 'checkpoint.pt'), weights_only=True)['state']['model'] for r in (run_a, run_b))
+    return ca.keys() == cb.keys() and all(torch.equal(v, cb[k]) for k, v in ca.items())
+
+
+def recorded_job(tmp_path, *args, env=None):
+    """A 2-process job of tests/ddp_record.py (each process's exit code and steps), in a session of its own."""
+    (tmp_path / 'rec').mkdir()
+    return subprocess.Popen([*TORCHRUN, os.path.join(ROOT, 'tests', 'ddp_record.py'), str(tmp_path / 'rec'),
+                             *map(str, args)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path, job, tmp_path, seconds=120):
+    import time
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not os.path.exists(path):
+        out, err = finish(job, tmp_path, timeout=1)
+        raise AssertionError(f'{path} never appeared: {err[-3000:]}')
+
+
+def finish(job, tmp_path, timeout=240):
+    """The job's (stdout, stderr); one still running after `timeout` seconds (processes that no longer agree
+    wait for each other) is killed, launcher and processes, and the test fails."""
+    import signal
+    try:
+        return job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [int(f.read_text()) for f in (tmp_path / 'rec').glob('pid*')] + [job.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        job.communicate()
+        raise AssertionError(f'the job did not end within {timeout} s') from None
+
+
+def records(tmp_path):
+    """{rank: {'code', 'steps'}} of the processes that left through run_main."""
+    out = {}
+    for rank in (0, 1):
+        path = tmp_path / 'rec' / f'rank{rank}.json'
+        out[rank] = json.loads(path.read_text()) if path.exists() else None
+    return out
+
+
+def test_sigterm_to_a_torchrun_job_mid_run_stops_both_processes_at_one_step_and_resumes_to_the_end(
+        tmp_path, data_root, uninterrupted):
+    """SIGTERM to the torchrun launcher (a scheduler's stop) once the checkpoint of step 6 is written;
+    torchrun passes it to both processes. Every 20 steps the processes compare what they were asked, so both
+    stop at step 20, between two tests (6, 12, 18, 24, 30), with one checkpoint of that step holding the
+    running sums of both processes since step 18; resumed, the run ends with the uninterrupted run's rows
+    (the row of step 24 included) and weights."""
+    import signal
     full, run_a = uninterrupted
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert 'global batch' not in full.stderr and '2 processes (gloo), batch 8 per process = 16 in all' in full.stdout
-    part = torchrun(*SEMI, '--data-path', data_root, '--total-steps', 3, '--save-path', tmp_path / 'b')
-    assert part.returncode == 0, part.stderr[-3000:]
-    rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b', '--total-steps', 9)
+    assert '2 processes (gloo), batch 8 per process = 16 in all' in full.stdout
+    job = recorded_job(tmp_path, *SEMI, '--data-path', data_root, '--total-steps', 30, '--save-path', tmp_path / 'b')
+    wait_for(tmp_path / 'b' / 'checkpoint.pt', job, tmp_path)
+    job.send_signal(signal.SIGTERM)
+    out, err = finish(job, tmp_path)
+    assert records(tmp_path) == {0: {'code': 143, 'steps': 20}, 1: {'code': 143, 'steps': 20}}, err[-3000:]
+    ckpt = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
+    assert ckpt['step'] == 20 and ckpt['meters']['adds'] == 2 and ckpt['processes'] == 2
+    assert ckpt['meters']['counts']['label_loss'] == 2 * 16          # two steps of both processes' 8 + 8
+    assert [r['step'] for r in rows(tmp_path / 'b')] == ['6', '12', '18']
+    assert not [f for f in os.listdir(tmp_path / 'b') if f.endswith('.tmp')]
+    assert (f'stopped by SIGTERM; the checkpoint is written. Continue with: torchrun --standalone --nproc_per_node 2 '
+            f'train_meta_semi.py --resume {tmp_path / "b"}') in err
+    rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b')
     assert rest.returncode == 0, rest.stderr[-3000:]
-    a, b = rows(run_a), rows(tmp_path / 'b')
-    assert len(a) == 3 and a == b
-    ca = torch.load(run_a / 'checkpoint.pt', weights_only=False)
-    cb = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=False)
-    for k, v in ca['state']['model'].items():
-        assert torch.equal(v, cb['state']['model'][k]), k
+    assert rows(run_a) == rows(tmp_path / 'b') and same_weights(run_a, tmp_path / 'b')
 
 
-@pytest.mark.parametrize('script,args', [
-    ('model_vgg_single.py', ['--epochs', 1, '--batch_size', 50]),
-    ('model_vgg_human.py', ['--epochs', 1, '--batch_size', 50]),
-    ('model_vgg_maxl.py', ['--epochs', 1, '--batch_size', 50, '--meta_order', 1, '--sync_bn']),
-    ('train_sla.py', ['--num-iterations', 4, '--val-freq', 2, '--batchsize', 8, '--mode', 'sla+sd', '--model',
-                      'cresnet20', '--sync_bn']),
-])
-def test_each_script_runs_under_torchrun(tmp_path, tiny_root, script, args):
-    p = torchrun(script, '--synthetic', '--data_root', tiny_root, '--width', 0.0625, '--logdir', tmp_path, *args)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_dir,) = [os.path.join(r, d) for r, ds, _ in os.walk(tmp_path) for d in ds if d[0].isdigit()]
-    assert {'config.json', 'log.txt', 'metrics.csv', 'checkpoint.pt', 'best.pt'} <= set(os.listdir(run_dir))
-    log = open(os.path.join(run_dir, 'log.txt')).read()
-    assert '2 processes (gloo)' in log and log.count('\nrun ') + log.startswith('run ') == 1    # one writer
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, data_root):
+    """SIGTERM to the second process alone (the first is never signalled) once the checkpoint of step 6 is
+    written: at step 20 the processes agree to stop, and both do, with one checkpoint of step 20."""
+    import signal
+    job = recorded_job(tmp_path, *SEMI, '--data-path', data_root, '--total-steps', 30, '--dist_timeout', 1,
+                       '--save-path', tmp_path / 'b')
+    wait_for(tmp_path / 'b' / 'checkpoint.pt', job, tmp_path)
+    wait_for(tmp_path / 'rec' / 'pid1', job, tmp_path)
+    os.kill(int((tmp_path / 'rec' / 'pid1').read_text()), signal.SIGTERM)
+    out, err = finish(job, tmp_path)
+    assert records(tmp_path) == {0: {'code': 143, 'steps': 20}, 1: {'code': 143, 'steps': 20}}, err[-3000:]
+    assert torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['step'] == 20
+
+
+def test_a_divergence_on_one_process_stops_every_process_at_the_same_step(tmp_path, data_root):
+    """The second process's loss turns NaN at its 8th step (step 7, counted from 0); the first process's
+    stays finite. At the test of step 12 the processes take the earliest bad step over both: both stop
+    there with exit code 3, before anything is written from those weights."""
+    job = recorded_job(tmp_path, *SEMI, '--data-path', data_root, '--total-steps', 18, '--dist_timeout', 1,
+                       '--save-path', tmp_path / 'b', env={'RECORD_POISON': '1:8'})
+    out, err = finish(job, tmp_path)
+    assert records(tmp_path) == {0: {'code': 3, 'steps': 12}, 1: {'code': 3, 'steps': 12}}, err[-3000:]
+    assert 'training diverged: the training label_loss became non-finite at step 7' in err
+    assert f'torchrun --standalone --nproc_per_node 2 train_meta_semi.py --resume {tmp_path / "b"} --lr' in err
+    ckpt = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
+    assert ckpt['step'] == 6 and [r['step'] for r in rows(tmp_path / 'b')] == ['6']      # the last good one
 
 
 def test_the_seeds_torch_distributed_launch_line_works(tmp_path, data_root):
@@ -139,11 +214,14 @@ def test_nccl_on_cpu_is_refused_before_anything_is_written(tmp_path, data_root):
 
 
 def test_a_process_that_dies_takes_the_job_down(tmp_path, data_root):
+    """The second process dies at its third step, while the first waits for it in a collective: torchrun
+    stops the job within seconds, long before --dist_timeout 1 (60 s) would end that wait."""
     import time
-    start = time.monotonic()
+    stamp = tmp_path / 'died'
     p = torchrun(os.path.join(ROOT, 'tests', 'ddp_die.py'), *SEMI[1:], '--data-path', data_root, '--total-steps', 50,
-                 '--dist_timeout', 1, '--save-path', tmp_path / 'run', timeout=120)
-    assert p.returncode != 0 and time.monotonic() - start < 90          # no hang until a timeout
+                 '--dist_timeout', 1, '--save-path', tmp_path / 'run', timeout=120, env={'DDP_DIE_STAMP': str(stamp)})
+    took = time.time() - float(stamp.read_text())
+    assert p.returncode != 0 and took < 30, took                        # no hang until the timeout
     assert 'rank      : 1' in p.stderr and 'exitcode  : 3' in p.stderr    # torchrun names the rank that died
 
 
@@ -151,9 +229,8 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_end(tmp_path, dat
     """SIGKILL to the whole job (launcher and both processes) right after its first checkpoint."""
     import signal
     import time
-    args = [*SEMI, '--data-path', data_root, '--total-steps', 9]
-    full, run_a = uninterrupted                            # the same arguments, run once for two tests
-    assert full.returncode == 0, full.stderr[-3000:]
+    args = [*SEMI, '--data-path', data_root, '--total-steps', 30]
+    full, run_a = uninterrupted                            # the same arguments, run once for several tests
     job = subprocess.Popen([*TORCHRUN, *map(str, args), '--save-path', str(tmp_path / 'b')], cwd=ROOT,
                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
@@ -162,7 +239,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_end(tmp_path, dat
         time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert len(rows(tmp_path / 'b')) < len(rows(run_a)) == 3   # it was stopped mid-way
+    assert len(rows(tmp_path / 'b')) < len(rows(run_a)) == 5   # it was stopped mid-way
     rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b')
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert rows(run_a) == rows(tmp_path / 'b')

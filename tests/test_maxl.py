@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model_vgg_maxl as maxl
+import utils
 from conftest import run_in_process
 from model_vgg_maxl import entropy_loss, masked_softmax, psi_mask, virtual_sgd_step
 
@@ -204,28 +205,58 @@ def test_script_runs_and_beats_chance(tmp_path, data_root, script, extra):
     assert float(rows[-1]['test_acc']) > 0.15          # 20 primary classes: chance is 0.05
 
 
-def test_resume_gives_the_uninterrupted_weights(tmp_path, tiny_root):
-    common = ['--synthetic', '--data_root', tiny_root, '--width', 0.0625, '--meta_order', 1, '--cos_every', 3]
-    full = run_in_process('model_vgg_maxl.py', *common, '--epochs', 2, '--logdir', tmp_path / 'a')
-    first = run_in_process('model_vgg_maxl.py', *common, '--epochs', 1, '--logdir', tmp_path / 'b')
-    assert full.returncode == 0 and first.returncode == 0, full.stderr + first.stderr
-    run_b, _ = read_metrics(tmp_path / 'b', 'model_vgg_maxl')
-    second = run_in_process('model_vgg_maxl.py', '--resume', run_b, '--epochs', 2, '--logdir', tmp_path / 'b')
+def equal_states(a, b, where=''):
+    """Two state_dicts (nested dicts and lists of tensors and plain values) equal to the bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            equal_states(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            equal_states(x, y, f'{where}[{k}]')
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize('script,extra', [('model_vgg_single.py', []), ('model_vgg_human.py', []),
+                                          ('model_vgg_maxl.py', ['--meta_order', 1, '--cos_every', 3])])
+def test_resume_between_two_learning_rate_steps_gives_the_uninterrupted_run(tmp_path, tiny_root, script, extra,
+                                                                             monkeypatch):
+    """--lr_step 2 halves the learning rates (MAXL: both networks') after epochs 1 and 3 (counted from 0): 5
+    epochs run at lr, lr, lr/2, lr/2, lr/4. The run folder as it stands after epoch 2 (copied there, as a
+    run stopped then leaves it) lies between the two halvings: resumed, its epoch 3 needs the halved rate
+    back (the optimiser's state), its epoch 4 the schedule's count of epochs (the scheduler's). It ends with
+    the uninterrupted run's rows and every saved state, weights, optimisers (momentum buffers, rates) and
+    schedulers alike."""
+    import shutil
+    stop_if_asked = utils.Run.stop_if_asked
+
+    def copy_after_epoch_2(run, *a, **kw):              # the end of an epoch: its checkpoint and row written
+        if run.last['epoch'] == 2:
+            shutil.copytree(run.dir, tmp_path / 'b')
+        return stop_if_asked(run, *a, **kw)
+
+    monkeypatch.setattr(utils.Run, 'stop_if_asked', copy_after_epoch_2)
+    common = ['--synthetic', '--data_root', tiny_root, '--width', 0.0625, '--lr_step', 2, *extra]
+    full = run_in_process(script, *common, '--epochs', 5, '--run_dir', tmp_path / 'a')
+    assert full.returncode == 0, full.stderr
+    monkeypatch.undo()
+    assert len(list(csv.DictReader(open(tmp_path / 'b' / 'metrics.csv')))) == 3
+    second = run_in_process(script, '--resume', tmp_path / 'b')
     assert second.returncode == 0, second.stderr
-    run_a, rows_a = read_metrics(tmp_path / 'a', 'model_vgg_maxl')
-    _, rows_b = read_metrics(tmp_path / 'b', 'model_vgg_maxl')
-    a = torch.load(os.path.join(run_a, 'checkpoint.pt'), weights_only=False)
-    b = torch.load(os.path.join(run_b, 'checkpoint.pt'), weights_only=False)
-    for part in ('net', 'gen', 'optimizer', 'gen_optimizer'):
-        sa, sb = a['state'][part], b['state'][part]
-        if part.endswith('optimizer'):
-            sa, sb = sa['state'], sb['state']
-            sa = {k: v.get('momentum_buffer') for k, v in sa.items()}
-            sb = {k: v.get('momentum_buffer') for k, v in sb.items()}
-        for k in sa:
-            assert (sa[k] is None and sb[k] is None) or torch.equal(sa[k], sb[k]), (part, k)
-    assert len(rows_b) == 2 and rows_a[-1]['test_acc'] == rows_b[-1]['test_acc']
+    rows_a, rows_b = ([{k: v for k, v in r.items() if k != 'seconds'} for r in csv.DictReader(open(d / 'metrics.csv'))]
+                      for d in (tmp_path / 'a', tmp_path / 'b'))
+    assert len(rows_a) == 5 and rows_a == rows_b
+    a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
+    equal_states(a['state'], b['state'], 'state')
     assert a['best'] == b['best']
+    lr = 0.01 * 0.5 ** 2                                       # after the two halvings (the next epoch's rate)
+    assert a['state']['optimizer']['param_groups'][0]['lr'] == pytest.approx(lr)
+    assert a['state']['scheduler']['last_epoch'] == 5
 
 
 def test_width_one_has_the_original_parameter_names_and_shapes():

@@ -3,7 +3,6 @@ float64, weights and buffers untouched, the simplex, the split, the streams, the
 networks, and the script end to end (four modes, resume, errors, feature picture)."""
 import csv
 import glob
-import importlib.util
 import os
 import random
 
@@ -265,15 +264,14 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, data_root):
         assert not os.path.exists(tmp_path / 'run') and not glob.glob(str(tmp_path / 'train_meta_semi'))
 
 
-def test_feature_picture_or_its_clear_error(tmp_path, data_root):
-    """plot_features.py draws the paper's Figure 3 from a run; without matplotlib it says how to get it."""
+def test_feature_picture_with_pca(tmp_path, data_root):
+    """plot_features.py draws the paper's Figure 3 from a run (without matplotlib it says how to get it:
+    test_results.py)."""
+    pytest.importorskip('matplotlib', reason='matplotlib is not installed (an optional extra, not in '
+                                             'requirements.txt): the feature picture is not drawn')
     p = run_in_process('train_meta_semi.py', *TINY, '--data-path', data_root, '--num-label', 100,
                        '--total-steps', 10, '--save-path', tmp_path / 'run')
     assert p.returncode == 0, p.stderr
-    if importlib.util.find_spec('matplotlib') is None:
-        q = run_in_process('plot_features.py', tmp_path / 'run', '--method', 'pca')
-        assert q.returncode == 2 and 'pip install matplotlib' in q.stderr and 'Traceback' not in q.stderr
-        return
     q = run_in_process('plot_features.py', tmp_path / 'run', '--method', 'pca', '--num-point', 50,
                        '--data-path', data_root, '--out', tmp_path / 'fig.png')
     assert q.returncode == 0, q.stderr

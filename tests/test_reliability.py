@@ -63,6 +63,35 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_written(tmp_path, da
         assert after[f] == before[f], f                     # nothing written from the NaN weights
 
 
+def test_weights_that_turn_non_finite_with_finite_losses_are_refused_at_the_save(tmp_path, tiny_root, monkeypatch,
+                                                                                 capsys):
+    """Human with Random auxiliary labels tests its primary head only. Its auxiliary head turned NaN after
+    the last step of epoch 1 leaves every loss of that epoch and every test number finite: the check of the
+    weights before anything is saved is what stops the run (exit code 3), with nothing written."""
+    model_vgg_human.main(TINY + ['--data_root', tiny_root, '--epochs', '1', '--aux_labels', 'random',
+                                 '--run_dir', str(tmp_path / 'run')])
+    run_dir = str(tmp_path / 'run')
+    before = files_of(run_dir)
+    step, calls = model_vgg_human.train_step, []
+
+    def poisoned(net, x, y1, y2, optimizer):     # 500 images of 100: the 5th step of the resumed run ends epoch 1
+        out = step(net, x, y1, y2, optimizer)
+        calls.append(1)
+        if len(calls) == 5:
+            with torch.no_grad():
+                net.net.classifier2[2].weight.fill_(float('nan'))
+        return out
+
+    monkeypatch.setattr(model_vgg_human, 'train_step', poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_main(model_vgg_human.main, ['--resume', run_dir, '--epochs', '2'])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and 'training diverged: at epoch 1 the weights became non-finite' in err, err
+    after = files_of(run_dir)
+    for f in ('checkpoint.pt', 'best.pt', 'metrics.csv'):
+        assert after[f] == before[f], f
+
+
 @pytest.mark.parametrize('script,args', [
     ('train_meta_semi.py', ['--data-path', '{root}', '--num-label', 100, '--total-steps', 20, '--warmup', 0,
                             '--test-freq', 10, '--batch-size', 16, '--width', 0.0625, '--lr', 1e6]),

@@ -2,10 +2,10 @@
 tiny real runs made in this process on the synthetic stand-in."""
 import csv
 import glob
-import importlib.util
 import json
 import os
 import statistics
+import sys
 
 import pytest
 import torch
@@ -17,7 +17,6 @@ import train_meta_semi
 from conftest import run_in_process
 
 PNG = b'\x89PNG\r\n\x1a\n'
-HAVE_MPL = importlib.util.find_spec('matplotlib') is not None
 
 
 def in_process(main, args):
@@ -131,6 +130,49 @@ def test_time_of_a_resumed_metasemi_run():
     assert results.run_seconds(sla) == pytest.approx(3 * 2.0 + 2 * 1.0)
 
 
+def sla_run(folder, mode, rows, seed=0, dataset='cifar10'):
+    """A run folder as train_sla.py writes it, with the metrics rows given."""
+    os.makedirs(folder)
+    cfg = {'script': 'train_sla', 'mode': mode, 'aug': 'rotation', 'dataset': dataset, 'synthetic': True,
+           'model': 'cresnet20', 'width': 0.125, 'num_samples_per_class': 0, 'temperature': 1.0, 'seed': seed}
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, 'metrics.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(folder)
+
+
+def test_sla_reports_the_test_accuracy_at_the_first_best_validation_in_two_rows(tmp_path):
+    """SLA's number is the test accuracy at the best validation single_acc, the first such evaluation on a
+    tie (not the best test accuracy): its sla mode gives two rows, SLA+SI (test_single_acc) and SLA+AG
+    (test_agg_acc), chosen at the same evaluation; sla+sd one row; a large dataset (no validation split)
+    is chosen on the test single_acc."""
+    def row(it, val, single, agg):
+        return {'iteration': it, 'lr': 0.1, 'seconds_per_iteration': 1.0, 'val_single_acc': val,
+                'test_single_acc': single, 'test_agg_acc': agg}
+    rows = [row(10, 0.5, 0.40, 0.45), row(20, 0.7, 0.42, 0.50), row(30, 0.7, 0.60, 0.65), row(40, 0.6, 0.70, 0.75)]
+    sla = sla_run(tmp_path / 'sla', 'sla', rows)
+    sd = sla_run(tmp_path / 'sd', 'sla+sd', rows)
+    large = sla_run(tmp_path / 'large', 'sla', [{k: v for k, v in r.items() if not k.startswith('val_')}
+                                                 for r in rows], dataset='imagenet')
+    p = run_in_process('results.py', sla, sd, large)
+    assert p.returncode == 0, p.stderr
+    table = {(r[0], r[1]): r for r in table_rows(p.stdout)}
+    assert sorted(table) == [('SLA+AG, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
+                             ('SLA+AG, rotation (`train_sla`)', 'imagenet (synthetic)'),
+                             ('SLA+SD, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
+                             ('SLA+SI, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
+                             ('SLA+SI, rotation (`train_sla`)', 'imagenet (synthetic)')]
+    best_final = {k: (r[4], r[5]) for k, r in table.items()}
+    assert best_final[('SLA+SI, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.4200', '0.7000')
+    assert best_final[('SLA+AG, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.5000', '0.7500')
+    assert best_final[('SLA+SD, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.4200', '0.7000')
+    assert best_final[('SLA+SI, rotation (`train_sla`)', 'imagenet (synthetic)')] == ('0.7000', '0.7000')
+    assert best_final[('SLA+AG, rotation (`train_sla`)', 'imagenet (synthetic)')] == ('0.7500', '0.7500')
+
+
 def test_paper_numbers_only_for_the_real_datasets():
     cfg = {'script': 'train_meta_semi', 'dataset': 'cifar10', 'num_label': 4000, 'architecture': 'convlarge',
            'width': 1.0, 'mix_up': True, 'baseline': False, 'synthetic': False}
@@ -144,16 +186,19 @@ def test_paper_numbers_only_for_the_real_datasets():
     assert 'not available offline' in results.paper_number({'script': 'train_sla', 'synthetic': False}, 'SLA+SI', 1)
 
 
-@pytest.mark.skipif(HAVE_MPL, reason='matplotlib is installed: the PNG test covers --plot')
-def test_plot_without_matplotlib_says_how_to_get_it(runs):
+def test_plot_without_matplotlib_says_how_to_get_it(runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)            # as where it is not installed
     out = os.path.join(runs['tmp'], 'no.png')
     p = run_in_process('results.py', *runs['seeds'], '--plot', out)
     assert p.returncode == 2 and 'pip install matplotlib' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and p.stdout == '' and not os.path.exists(out)
 
 
+MPL_MISSING = 'matplotlib is not installed (an optional extra, not in requirements.txt): the PNG half is not run'
+
+
 def test_plot_writes_a_png(runs):
-    pytest.importorskip('matplotlib')
+    pytest.importorskip('matplotlib', reason=MPL_MISSING)
     out = os.path.join(runs['tmp'], 'plots', 'curves.png')
     p = run_in_process('results.py', *runs['seeds'], runs['other'], runs['semi'], '--plot', out)
     assert p.returncode == 0, p.stderr
@@ -175,28 +220,30 @@ def test_a_folder_that_is_not_a_run(runs, tmp_path):
     assert p.returncode == 2 and 'names no script of this project' in p.stderr and 'Traceback' not in p.stderr
 
 
-def test_plot_features_takes_the_seed_command_line(runs):
-    run = runs['semi']
-    seed_line = ['--dataset', 'cifar10', '--checkpoint-path', os.path.join(run, 'model_best.pth'),
-                 '--index-path', os.path.join(run, 'label_indices.txt'),
-                 '--save-path', os.path.join(run, 'visualization'), '--num-point', '5000']
-    wrong = run_in_process('plot_features.py', *seed_line[2:], '--dataset', 'svhn')
+def seed_line(run):
+    return ['--dataset', 'cifar10', '--checkpoint-path', os.path.join(run, 'model_best.pth'),
+            '--index-path', os.path.join(run, 'label_indices.txt'),
+            '--save-path', os.path.join(run, 'visualization'), '--num-point', '5000']
+
+
+def test_plot_features_checks_the_seed_command_line_and_says_how_to_get_matplotlib(runs, monkeypatch):
+    wrong = run_in_process('plot_features.py', *seed_line(runs['semi'])[2:], '--dataset', 'svhn')
     assert wrong.returncode == 2 and 'does not agree with the run' in wrong.stderr and 'Traceback' not in wrong.stderr
-    p = run_in_process('plot_features.py', *seed_line)
-    if not HAVE_MPL:
-        assert p.returncode == 2 and 'pip install matplotlib' in p.stderr and 'Traceback' not in p.stderr, p.stderr
-        return
-    if importlib.util.find_spec('sklearn') is None:           # the default t-SNE needs scikit-learn
-        assert p.returncode == 2 and 'pip install scikit-learn' in p.stderr and 'Traceback' not in p.stderr
-        p = run_in_process('plot_features.py', *seed_line, '--method', 'pca')
-        method = 'pca'
-    else:
-        method = 'tsne'
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)            # as where it is not installed
+    p = run_in_process('plot_features.py', *seed_line(runs['semi']))
+    assert p.returncode == 2 and 'pip install matplotlib' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(runs['semi'], 'visualization'))
+
+
+def test_plot_features_draws_the_seed_command_lines_picture(runs):
+    pytest.importorskip('matplotlib', reason=MPL_MISSING)
+    run = runs['semi']
+    p = run_in_process('plot_features.py', *seed_line(run))          # t-SNE: scikit-learn is in requirements.txt
     assert p.returncode == 0, p.stderr
     assert 'using ' + os.path.join(run, 'best.pt') in p.stdout
-    with open(os.path.join(run, 'visualization', f'features_{method}.png'), 'rb') as f:
+    with open(os.path.join(run, 'visualization', 'features_tsne.png'), 'rb') as f:
         assert f.read(8) == PNG
-    assert os.path.isfile(os.path.join(run, 'visualization', f'features_{method}.npz'))
+        assert os.path.isfile(os.path.join(run, 'visualization', 'features_tsne.npz'))
 
 
 # ---- the number of processes, same-seed curves, settings a dataset does not use ----------------------------

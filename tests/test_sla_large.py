@@ -1,7 +1,7 @@
 """SLA on the large datasets, on their synthetic stand-ins (JPEG trees in the real layouts, written by the
 script under <data_root>/synthetic/) with tiny networks and 32-pixel crops: sla+sd with a ResNet-18 end to
 end, exact resume (the training batches are a function of the iteration), imagenetN class lists, per-class
-samples, iNaturalist's JSON lists, the schedule by dataset, bad inputs, two processes under torchrun."""
+samples, iNaturalist's JSON lists, the schedule by dataset, bad inputs (two processes: test_equivalence.py)."""
 import csv
 import json
 import os
@@ -16,7 +16,6 @@ import create_dataset as cd
 import large_datasets as ld
 import train_sla as sla
 from conftest import ROOT
-from test_distributed import torchrun
 from test_pinned_runs import TIMING_COLUMNS
 from options import parse_config
 from utils import run_main
@@ -192,15 +191,3 @@ def test_bad_inputs_are_refused_with_exit_2_before_anything_is_written(tmp_path,
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and 'Traceback' not in err
     assert not os.path.exists(tmp_path / 'logs')
-
-
-# ---- two processes ----
-
-def test_sla_sd_on_imagenet_under_torchrun(tmp_path, root):
-    p = torchrun('train_sla.py', *tiny(root, '--dataset', 'imagenet', '--mode', 'sla+sd', '--num-iterations', 2,
-                                       '--val-freq', 2, '--run-dir', tmp_path / 'run'), timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (row,) = rows(tmp_path / 'run')
-    assert 0 <= float(row['test_single_acc']) <= 1 and row['bad_images'] == '0'
-    log = (tmp_path / 'run' / 'log.txt').read_text()
-    assert '2 processes (gloo), batch 8 per process = 16 in all' in log and log.count('[BEST]') == 1
