@@ -25,6 +25,7 @@ import datetime
 import fnmatch
 import glob
 import importlib.util
+import io
 import json
 import math
 import os
@@ -638,8 +639,11 @@ def draw_figure3(plt, experiment, done, path, quick):
     fig.suptitle('MAXL Figure 3 setting: primary-task test accuracy per epoch, mean ± std over n seeds'
                  + ('\nSYNTHETIC STAND-IN (--quick): not the paper\'s numbers' if quick else ''), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=72, format='png')
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=72, format='png')
     plt.close(fig)
+    from PIL import Image                 # matplotlib's own dependency: a palette PNG is a few tens of KB
+    Image.open(buffer).convert('RGB').quantize(colors=96).save(path, optimize=True)
     return True
 
 
@@ -896,8 +900,9 @@ def check_data(args):
 
 
 def prepare_stand_ins(args, runs):
-    """--quick: write the stand-ins the runs need before any starts (several runs at once would each
-    write it): the small ones at QUICK_SIZES, as the scripts' --synthetic reads them."""
+    """--quick: write the stand-ins the runs need before any starts (runs started together would each
+    write it). In --quick's own data root (dataset/quick) the small ones have QUICK_SIZES; in a --data_root
+    given, the scripts' own sizes, as their --synthetic would write them there."""
     import create_dataset
     import large_datasets
     for name, size in sorted({(dataset_of(r['flags']), flag_value(r['flags'], '--synthetic_size', 'small'))
@@ -905,8 +910,8 @@ def prepare_stand_ins(args, runs):
         folder = create_dataset.dataset_root(args.data_root, 'full' if size == 'full' else True)
         if large_datasets.is_large(name):
             large_datasets.ensure_synthetic_folder(name, folder)
-        elif size == 'full':
-            create_dataset.ensure_synthetic(folder, [name], full=True)
+        elif size == 'full' or args.data_root != QUICK_DATA_ROOT:
+            create_dataset.ensure_synthetic(folder, [name], full=size == 'full')
         elif not os.path.isfile(os.path.join(folder, create_dataset.record(name).folder, 'md5.json')):
             print(f'writing the synthetic {name} stand-in ({QUICK_SIZES[name][0]:,} + {QUICK_SIZES[name][1]:,} '
                   f'images) into {folder}/', flush=True)

@@ -97,7 +97,7 @@ def test_commands_new_resumed_finished_and_torchrun(tmp_path):
     assert cmd[7:13] == ['--dataset', 'imagenet', '-a', 'resnet18', '--batch-size', '64']
 
 
-def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
+def test_a_failed_run_is_reported_and_the_others_go_on(tiny_root, tmp_path, monkeypatch):
     # each run's command replaced by a Python that fails at once (no torch to import)
     def failing(run, device=None):
         code = {'single-p0': 3, 'single-p1': 4}[run['setting']]
@@ -105,7 +105,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce_module, 'command', failing)
     runs = str(tmp_path / 'runs')
     out = reproduce('maxl-fig3', '--quick', '--seeds', '0', '--only', 'single-p0', 'single-p1', '--runs', runs,
-                    '--data_root', str(tmp_path / 'data'))
+                    '--data_root', tiny_root)
     assert out.returncode == 1, out.stdout + out.stderr
     assert len(started(out.stdout)) == 2                                      # the first failure stopped nothing
     for setting, code in (('single-p0', 3), ('single-p1', 4)):
@@ -173,3 +173,24 @@ def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
             'no-sbatch': 'sbatch', 'other-experiment': 'sla-cifar --quick'}[case] in message
     assert out.stdout == ''                                                     # nothing started
     assert (sorted(os.listdir(runs)) if os.path.isdir(runs) else None) == before    # nothing written
+
+
+def test_list_projects_from_a_bench_result(tmp_path):
+    """`list` with a bench.py result: benchmarks/project.py's arithmetic per setting, times the seeds;
+    settings bench.py does not time are said to be unknown."""
+    rows = ['single', 'human', 'maxl_train', 'maxl_meta2', 'sla_baseline', 'sla_rotation', 'semi_baseline_mixup',
+            'semi_meta_mixup', 'eval_maxl', 'eval_sla', 'eval_semi']
+    bench = tmp_path / 'cpu.json'
+    bench.write_text(json.dumps({'device': 'cpu', 'torch': 'x', 'rows': {r: {'median_s': 1.0, 'mean_s': 1.0} for r in rows}}))
+    out = reproduce('list', '--bench', str(bench))
+    assert out.returncode == 0, out.stdout + out.stderr
+    table = {ln.split(' | ')[0][2:]: ln.split(' | ') for ln in out.stdout.splitlines() if ln.startswith('| ')}
+    # maxl-psi: Single 200 x (500 steps + 100 test batches) s, each MAXL 200 x (2 x 500 + 100) s; 3 seeds
+    assert table['maxl-psi'][1] == '15 (5 x 3)'
+    assert table['maxl-psi'][2] == f'{(120000 + 4 * 220000) * 3 / 3600:,.0f} h on cpu, float32, torch x'
+    # maxl-fig3: K-means (6 settings) has an autoencoder bench.py does not time
+    assert table['maxl-fig3'][2].endswith('+ 6 of 27 settings unknown (not timed by bench.py)')
+    assert table['metasemi-imagenet'][2] == 'unknown on cpu, float32, torch x'
+    out = reproduce('list', 'sla-cifar')
+    assert out.returncode == 0 and 'cifar100-sla+sd-color_perm' in out.stdout
+    assert 'train_sla.py --dataset cifar100 --model cresnet32 --mode sla+sd --aug color_perm' in out.stdout
