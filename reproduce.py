@@ -69,10 +69,10 @@ QUICK_MAXL = {'model_vgg_single.py': ['--synthetic', '--epochs', '3', '--width',
               'model_vgg_human.py': ['--synthetic', '--epochs', '3', '--width', '0.0625',
                                      '--ae_epochs', '1', '--ae_width', '8', '--kmeans_n_init', '1'],   # K-means reads ae_*
               'model_vgg_maxl.py': ['--synthetic', '--epochs', '3', '--width', '0.0625']}
-QUICK_SLA = ['--synthetic', '--model', 'cresnet20', '--width', '0.125', '--batchsize', '16', '--num-iterations', '60',
-             '--val-freq', '20']
-QUICK_SEMI = ['--synthetic', '--width', '0.0625', '--batch-size', '16', '--total-steps', '60', '--warmup', '10',
-              '--test-freq', '20']
+QUICK_SLA = ['--synthetic', '--model', 'cresnet20', '--width', '0.25', '--batchsize', '32', '--num-iterations', '120',
+             '--val-freq', '40']
+QUICK_SEMI = ['--synthetic', '--width', '0.125', '--batch-size', '32', '--total-steps', '150', '--warmup', '20',
+              '--test-freq', '50']
 QUICK_SEMI_LABELS = {'svhn': '100', 'cifar10': '100', 'cifar100': '500'}      # of the stand-in's 1,000 images
 QUICK_SIZES = {'cifar100': (1000, 500), 'cifar10': (1000, 500), 'svhn': (1000, 500)}   # (train, test) images
 QUICK_DATA_ROOT = os.path.join('dataset', 'quick')        # --quick's data root unless --data_root is given
@@ -159,7 +159,7 @@ EXPERIMENTS = {
         measure='accuracy',
         paper={},
         # R = 100 would leave the last CIFAR-100 class no image of a small stand-in: the full-size one
-        quick={'train_sla.py': QUICK_SLA + ['--synthetic_size', 'full', '--val-freq', '30']},
+        quick={'train_sla.py': QUICK_SLA + ['--synthetic_size', 'full', '--val-freq', '60']},
     ),
     'metasemi-table': dict(
         title='MetaSemi (AISTATS 2021), its table: SVHN 1,000, CIFAR-10 4,000 and CIFAR-100 10,000 labels; the '
@@ -878,6 +878,12 @@ def check_runs_folder(args):
                             f'{" --quick" if args.quick else ""}`: nothing was started or changed. Give another '
                             f'folder with --runs DIR (by default each experiment has its own: runs/<experiment>, '
                             'runs/<experiment>-quick).')
+        for setting in args.settings:            # the runs there were made with the flags this code gives
+            then, now = mine.get('settings', {}).get(setting), setting_flags(args.experiment, setting, args.quick)
+            if then is not None and then != now and not args.report:
+                raise UserError(f'the runs of {setting} in {path} were made with other flags ({shlex.join(then)}) '
+                                f'than this code gives it ({shlex.join(now)}): nothing was started or changed. '
+                                'Give another folder with --runs DIR, or move those runs away.')
     elif os.path.isdir(path) and os.listdir(path):
         raise UserError(f'{path} already holds files that reproduce.py did not write (no {MARKER}): nothing was '
                         'started or changed. Give an empty or new folder with --runs DIR.')
@@ -897,6 +903,21 @@ def check_data(args):
             except UserError as e:
                 raise UserError(f'{e} Nothing was started. (`reproduce.py {args.experiment} --quick` runs on the '
                                 'synthetic stand-in instead.)') from None
+
+
+def write_marker(args):
+    """<runs>/experiment.json: the experiment, --quick or not, and the flags of each setting run there."""
+    path = os.path.join(args.runs, MARKER)
+    marker = dict(experiment=args.experiment, quick=args.quick, created=f'{datetime.datetime.now():%Y-%m-%d %H:%M}',
+                  settings={})
+    if os.path.isfile(path):
+        with open(path) as f:
+            marker |= json.load(f)
+    marker['settings'] |= {s: setting_flags(args.experiment, s, args.quick) for s in args.settings}
+    os.makedirs(args.runs, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(marker, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def prepare_stand_ins(args, runs):
@@ -942,11 +963,7 @@ def main(argv=None):
     if args.quick:
         print('--quick: the synthetic stand-in, small networks, short budgets: a check of the pipeline; its numbers '
               'are not the papers\'.')
-    os.makedirs(args.runs, exist_ok=True)
-    if not os.path.isfile(os.path.join(args.runs, MARKER)):
-        with open(os.path.join(args.runs, MARKER), 'w') as f:
-            json.dump(dict(experiment=args.experiment, quick=args.quick, created=f'{datetime.datetime.now():%Y-%m-%d %H:%M}'),
-                      f, indent=1)
+    write_marker(args)
     reporter = Reporter(len(todo))
     completed = True
     if todo:

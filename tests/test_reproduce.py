@@ -141,14 +141,15 @@ def test_the_table_from_finished_seeds(tmp_path):
     assert 'Synthetic' not in md
 
 
-def foreign_folder(tmp_path):
+def written_folder(tmp_path, marker):
     folder = tmp_path / 'other'
     folder.mkdir()
-    (folder / 'experiment.json').write_text(json.dumps({'experiment': 'sla-cifar', 'quick': True}))
+    (folder / 'experiment.json').write_text(json.dumps(marker))
     return str(folder)
 
 
-@pytest.mark.parametrize('case', ['experiment', 'setting', 'gpus', 'no-submitit', 'no-sbatch', 'other-experiment'])
+@pytest.mark.parametrize('case', ['experiment', 'setting', 'gpus', 'no-submitit', 'no-sbatch', 'other-experiment',
+                                  'other-flags'])
 def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
     runs = str(tmp_path / 'runs')
     args = {'experiment': ['maxl-fig4', '--quick'],
@@ -156,21 +157,25 @@ def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
             'gpus': ['maxl-fig3', '--quick', '--gpus', '0,99'],
             'no-submitit': ['maxl-fig3', '--quick', '--executor', 'slurm', '--partition', 'gpu'],
             'no-sbatch': ['maxl-fig3', '--quick', '--executor', 'slurm', '--partition', 'gpu'],
-            'other-experiment': ['maxl-fig3', '--quick']}[case]
+            'other-experiment': ['maxl-fig3', '--quick'],
+            'other-flags': ['maxl-fig3', '--quick', '--only', 'single-p2']}[case]
     if case == 'no-submitit':
         monkeypatch.setitem(sys.modules, 'submitit', None)              # `import submitit` raises ImportError
     if case == 'no-sbatch':
         monkeypatch.setitem(sys.modules, 'submitit', types.ModuleType('submitit'))
         monkeypatch.setenv('PATH', str(tmp_path))                         # no sbatch there
     if case == 'other-experiment':
-        runs = foreign_folder(tmp_path)
+        runs = written_folder(tmp_path, {'experiment': 'sla-cifar', 'quick': True})
+    if case == 'other-flags':                  # made when --quick trained 99 epochs
+        runs = written_folder(tmp_path, {'experiment': 'maxl-fig3', 'quick': True, 'settings': {
+            'single-p2': ['model_vgg_single.py', '--primary_level', '2', '--synthetic', '--epochs', '99']}})
     before = sorted(os.listdir(runs)) if os.path.isdir(runs) else None
     out = reproduce(*args, '--runs', runs)
     assert out.returncode == 2, out.stdout + out.stderr
     message = out.stderr.strip()
     assert message.startswith('error: ') and '\n' not in message               # one paragraph
     assert {'experiment': 'maxl-fig4', 'setting': 'single-p9', 'gpus': '--gpus', 'no-submitit': 'pip install submitit',
-            'no-sbatch': 'sbatch', 'other-experiment': 'sla-cifar --quick'}[case] in message
+            'no-sbatch': 'sbatch', 'other-experiment': 'sla-cifar --quick', 'other-flags': '--epochs 99'}[case] in message
     assert out.stdout == ''                                                     # nothing started
     assert (sorted(os.listdir(runs)) if os.path.isdir(runs) else None) == before    # nothing written
 
