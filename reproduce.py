@@ -112,8 +112,8 @@ EXPERIMENTS = {
         seeds=[0, 1, 2],
         settings={'single': ['model_vgg_single.py', '--primary_level', '2'],
                   **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--primary_level', '2', '--psi', f'{n}x20'] for n in PSIS}},
-        table={'Single': {'test accuracy': ('single', 'test_acc')},
-               **{f'MAXL, psi {n} ({20 * n} auxiliary classes)': {'test accuracy': (f'maxl-psi{n}', 'test_acc')}
+        table={'Single': {'20-class primary task': ('single', 'test_acc')},
+               **{f'MAXL, psi {n} ({20 * n} auxiliary classes)': {'20-class primary task': (f'maxl-psi{n}', 'test_acc')}
                   for n in PSIS}},
         measure='accuracy',
         paper={},
