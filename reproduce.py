@@ -1,0 +1,995 @@
+"""The experiment runner: every setting of a paper's table or figure, run through the scripts themselves
+(the command lines a user would type), one run folder per setting and seed, then the paper's table (and
+figure) made from those folders.
+
+    .venv/bin/python reproduce.py list                       # the experiments, their runs, projected times
+    .venv/bin/python reproduce.py list maxl-fig3             # its settings and their command lines
+    .venv/bin/python reproduce.py maxl-fig3 --seeds 0,1,2    # run the grid here, one run at a time
+    .venv/bin/python reproduce.py maxl-fig3 --quick --jobs 2 # the grid on the synthetic stand-in (CPU, minutes)
+    .venv/bin/python reproduce.py sla-cifar --gpus 0,1,2,3   # one run per GPU at a time
+    .venv/bin/python reproduce.py metasemi-imagenet --data_root /data/imagenet --executor slurm --partition gpu
+    .venv/bin/python reproduce.py maxl-fig3 --report         # the table (and figure) of what has finished
+
+Runs go to runs/<experiment>/<setting>/seed<k>/ (runs/<experiment>-quick/ with --quick; --runs DIR names the
+folder). Running the same command again skips the finished runs and continues the interrupted ones with
+the scripts' --resume. At the end, <runs>/results.md holds the paper's table (mean ± std over the finished
+seeds, the paper's number beside it where it is known) and, for MAXL's Figure 3, <runs>/figure3.png; both
+are read from the run folders with results.py's functions.
+
+Used by people reproducing the papers (docs/reproduce.md) and by tests/test_reproduce.py. The experiments
+are the one table EXPERIMENTS below, each setting the script's own command line.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import fnmatch
+import glob
+import importlib.util
+import io
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from options import UserError     # (utils, results, the scripts and torch are imported where they are used:
+                                  # a submitit job imports this file to run `execute` and needs none of them)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NOT_PUBLISHED = 'not published in readable form'
+OUTPUT = 'output.txt'            # in each run folder: the run's stdout and stderr, every attempt appended
+FINISHED = 'finished.json'       # in each run folder: written when the script exited with code 0
+SUBMITTED = 'submitted.json'     # in each run folder: the submitit job that runs it (--executor)
+MARKER = 'experiment.json'       # in the runs folder: the experiment (and --quick or not) that wrote it
+
+# ----------------------------------------------------------------------------------------------------
+# The experiments
+# ----------------------------------------------------------------------------------------------------
+
+LEVEL_CLASSES = [3, 10, 20, 100]                          # 4-level CIFAR-100
+PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # MAXL's Figure 3: (primary level, auxiliary level)
+AUX_METHODS = {'Random': 'random', 'K-means': 'kmeans', 'Human': 'human', 'MAXL': 'maxl'}
+PSIS = [2, 5, 10, 20]
+CIFARS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
+SLA_AUGS = ['rotation', 'color_perm']
+SEMI = {'svhn': ('SVHN', '1000', ['--alpha', '0.1'], '5e-5', '3.15 % error'),   # the original's run.sh; the paper
+        'cifar10': ('CIFAR-10', '4000', ['--alpha', '1.0'], '1e-4', '7.78 % error'),
+        'cifar100': ('CIFAR-100', '10000', ['--alpha', '1.0'], '1e-4', '30.74 % error')}
+SEMI_METHODS = {'baseline': ['--baseline'], 'baseline-mixup': ['--baseline', '--mix-up'], 'meta-mixup': ['--mix-up']}
+
+# --quick appends these flags to a setting's own (argparse keeps a flag's last value): per script, and per
+# setting where the setting's own value does not fit the stand-in, whose sizes are QUICK_SIZES.
+QUICK_MAXL = {'model_vgg_single.py': ['--synthetic', '--epochs', '3', '--width', '0.0625'],
+              'model_vgg_human.py': ['--synthetic', '--epochs', '3', '--width', '0.0625',
+                                     '--ae_epochs', '1', '--ae_width', '8', '--kmeans_n_init', '1'],   # K-means reads ae_*
+              'model_vgg_maxl.py': ['--synthetic', '--epochs', '3', '--width', '0.0625']}
+QUICK_SLA = ['--synthetic', '--model', 'cresnet20', '--width', '0.25', '--batchsize', '32', '--num-iterations', '120',
+             '--val-freq', '40']
+QUICK_SEMI = ['--synthetic', '--width', '0.125', '--batch-size', '32', '--total-steps', '150', '--warmup', '20',
+              '--test-freq', '50']
+QUICK_SEMI_LABELS = {'svhn': '100', 'cifar10': '100', 'cifar100': '500'}      # of the stand-in's 1,000 images
+QUICK_SIZES = {'cifar100': (1000, 500), 'cifar10': (1000, 500), 'svhn': (1000, 500)}   # (train, test) images
+QUICK_DATA_ROOT = os.path.join('dataset', 'quick')        # --quick's data root unless --data_root is given
+
+
+def pair_name(p, a):
+    return f'{LEVEL_CLASSES[p]} / {LEVEL_CLASSES[a]} classes (levels {p}, {a})'
+
+
+# Each experiment: title; seeds (default); settings {name: [script, its flags...]}; table {row: {column:
+# (setting, metrics column)}} (test_acc, test_single_acc, test_agg_acc as results.py reports them; test_acc5:
+# top-5 at the best top-1); measure (accuracy or error, in %); paper {(row, column): the paper's number};
+# gpus (per run; an int or {setting: int}, default 1); quick {script or setting: flags}; figure (a PNG name).
+EXPERIMENTS = {
+    'maxl-fig3': dict(
+        title='MAXL (NeurIPS 2019), Figure 3: Single, Random, K-means, Human and MAXL on the six (primary, '
+              'auxiliary) level pairs of 4-level CIFAR-100; VGG-16, 200 epochs; primary-task test accuracy',
+        seeds=[0, 1, 2],
+        settings={
+            **{f'single-p{p}': ['model_vgg_single.py', '--primary_level', f'{p}'] for p in (0, 1, 2)},
+            **{f'{m}-p{p}-a{a}': ['model_vgg_human.py', '--primary_level', f'{p}', '--aux_level', f'{a}',
+                                  '--aux_labels', m] for p, a in PAIRS for m in ('random', 'kmeans', 'human')},
+            **{f'maxl-p{p}-a{a}': ['model_vgg_maxl.py', '--primary_level', f'{p}', '--aux_level', f'{a}']
+               for p, a in PAIRS},
+        },
+        table={pair_name(p, a): {'Single': (f'single-p{p}', 'test_acc'),
+                                 **{m: (f'{key}-p{p}-a{a}', 'test_acc') for m, key in AUX_METHODS.items()}}
+               for p, a in PAIRS},
+        measure='accuracy',
+        paper={},                    # Figure 3 is learning curves: no number of it could be read
+        figure='figure3.png',
+        quick=QUICK_MAXL,
+    ),
+    'maxl-psi': dict(
+        title='MAXL (NeurIPS 2019): MAXL with 2, 5, 10 and 20 auxiliary classes per primary class on the 20-class '
+              'task (level 2) of CIFAR-100, Single beside it; VGG-16, 200 epochs; primary-task test accuracy',
+        seeds=[0, 1, 2],
+        settings={'single': ['model_vgg_single.py', '--primary_level', '2'],
+                  **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--primary_level', '2', '--psi', f'{n}x20'] for n in PSIS}},
+        table={'Single': {'20-class primary task': ('single', 'test_acc')},
+               **{f'MAXL, psi {n} ({20 * n} auxiliary classes)': {'20-class primary task': (f'maxl-psi{n}', 'test_acc')}
+                  for n in PSIS}},
+        measure='accuracy',
+        paper={},
+        quick=QUICK_MAXL,
+    ),
+    'sla-cifar': dict(
+        title='SLA (ICML 2020), its CIFAR table: Baseline, DA, MT, SLA+SI and SLA+AG (both read from the sla runs), '
+              'SLA+SD; rotation and colour permutation; CIFAR-10 and CIFAR-100; ResNet-32, 80,000 iterations; test '
+              'accuracy at the best validation single accuracy',
+        seeds=[0, 1, 2],
+        settings={
+            **{f'{d}-baseline': ['train_sla.py', '--dataset', d, '--model', 'cresnet32', '--mode', 'baseline']
+               for d in CIFARS},
+            **{f'{d}-{mode}-{aug}': ['train_sla.py', '--dataset', d, '--model', 'cresnet32', '--mode', mode,
+                                     '--aug', aug]
+               for d in CIFARS for aug in SLA_AUGS for mode in ('da', 'mt', 'sla', 'sla+sd')},
+        },
+        table={f'{name}, {aug}': {'Baseline': (f'{d}-baseline', 'test_single_acc'),
+                                  'DA': (f'{d}-da-{aug}', 'test_single_acc'),
+                                  'MT': (f'{d}-mt-{aug}', 'test_single_acc'),
+                                  'SLA+SI': (f'{d}-sla-{aug}', 'test_single_acc'),
+                                  'SLA+AG': (f'{d}-sla-{aug}', 'test_agg_acc'),
+                                  'SLA+SD': (f'{d}-sla+sd-{aug}', 'test_single_acc')}
+               for d, name in CIFARS.items() for aug in SLA_AUGS},
+        measure='accuracy',
+        paper={},
+        quick={'train_sla.py': QUICK_SLA},
+    ),
+    'sla-imbalanced': dict(
+        title='SLA (ICML 2020) on long-tailed CIFAR: train_sla.py --imbalance_ratio R, R = 100 and 10 (Cui et '
+              "al.'s profile: the paper's own long-tailed protocol could not be read); Baseline, SLA+SI, SLA+AG, "
+              'SLA+SD; rotation; ResNet-32, 80,000 iterations',
+        seeds=[0, 1, 2],
+        settings={f'{d}-r{r}-{mode}': ['train_sla.py', '--dataset', d, '--model', 'cresnet32', '--mode', mode,
+                                       *(['--aug', 'rotation'] if mode != 'baseline' else []),
+                                       '--imbalance_ratio', f'{r}']
+                  for d in CIFARS for r in (100, 10) for mode in ('baseline', 'sla', 'sla+sd')},
+        table={f'{name}, R = {r}': {'Baseline': (f'{d}-r{r}-baseline', 'test_single_acc'),
+                                    'SLA+SI': (f'{d}-r{r}-sla', 'test_single_acc'),
+                                    'SLA+AG': (f'{d}-r{r}-sla', 'test_agg_acc'),
+                                    'SLA+SD': (f'{d}-r{r}-sla+sd', 'test_single_acc')}
+               for d, name in CIFARS.items() for r in (100, 10)},
+        measure='accuracy',
+        paper={},
+        # R = 100 would leave the last CIFAR-100 class no image of a small stand-in: the full-size one
+        quick={'train_sla.py': QUICK_SLA + ['--synthetic_size', 'full', '--val-freq', '60']},
+    ),
+    'metasemi-table': dict(
+        title='MetaSemi (AISTATS 2021), its table: SVHN 1,000, CIFAR-10 4,000 and CIFAR-100 10,000 labels; the '
+              'labeled-only baseline, the baseline with mixup, MetaSemi with mixup; ConvLarge, 400,000 steps; best '
+              'test error',
+        seeds=[0, 1, 2],
+        settings={f'{d}-{method}': ['train_meta_semi.py', '--dataset', d, '--num-label', labels, '-a', 'convlarge',
+                                    *flags, *(mixup if '--mix-up' in flags else []), '--weight-decay', wd]
+                  for d, (_, labels, mixup, wd, _) in SEMI.items() for method, flags in SEMI_METHODS.items()},
+        table={f'{name}, {int(labels):,} labels': {'Baseline': (f'{d}-baseline', 'test_acc'),
+                                                   'Baseline + mixup': (f'{d}-baseline-mixup', 'test_acc'),
+                                                   'MetaSemi + mixup': (f'{d}-meta-mixup', 'test_acc')}
+               for d, (name, labels, _, _, _) in SEMI.items()},
+        measure='error',
+        paper={(f'{name}, {int(labels):,} labels', 'MetaSemi + mixup'): error
+               for name, labels, _, _, error in SEMI.values()},
+        quick={'train_meta_semi.py': QUICK_SEMI,
+               **{f'{d}-{method}': ['--num-label', QUICK_SEMI_LABELS[d]] for d in SEMI for method in SEMI_METHODS}},
+    ),
+    'metasemi-imagenet': dict(
+        title='MetaSemi (AISTATS 2021) on ImageNet with 10 % labels, ResNet-18, 600 epochs: MetaSemi on 8 GPUs '
+              '(64 + 64 images each), the labeled-only baseline on 4 (128 each); needs ImageNet (--data_root)',
+        seeds=[0],
+        settings={'meta': ['train_meta_semi.py', '--dataset', 'imagenet', '-a', 'resnet18', '--batch-size', '64',
+                           '--alpha', '1.0'],
+                  'baseline': ['train_meta_semi.py', '--dataset', 'imagenet', '--baseline', '-a', 'resnet18',
+                               '--batch-size', '128']},
+        gpus={'meta': 8, 'baseline': 4},
+        table={'Labeled-only baseline': {'top-1 error': ('baseline', 'test_acc'), 'top-5 error': ('baseline', 'test_acc5')},
+               'MetaSemi + mixup': {'top-1 error': ('meta', 'test_acc'), 'top-5 error': ('meta', 'test_acc5')}},
+        measure='error',
+        paper={('MetaSemi + mixup', 'top-1 error'): '44.87 %', ('MetaSemi + mixup', 'top-5 error'): '18.88 %'},
+        quick={'train_meta_semi.py': ['--synthetic', '--image-size', '32', '--width', '0.125', '--batch-size', '8',
+                                      '--epochs', '3', '--warmup-epochs', '1', '--workers', '1']},
+    ),
+    'sla-imagenet': dict(
+        title='SLA (ICML 2020) on ImageNet, ResNet-18, rotation, 900,000 iterations of 128 images (8 GPUs x 16): '
+              "Baseline, SLA+SI, SLA+AG, SLA+SD (with --with-large-loss, the original README's advice); needs "
+              'ImageNet (--data_root)',
+        seeds=[0],
+        settings={'baseline': ['train_sla.py', '--dataset', 'imagenet', '--model', 'resnet18', '--batchsize', '16',
+                               '--mode', 'baseline'],
+                  **{mode: ['train_sla.py', '--dataset', 'imagenet', '--model', 'resnet18', '--batchsize', '16',
+                            '--mode', mode, '--aug', 'rotation', '--with-large-loss'] for mode in ('sla', 'sla+sd')}},
+        gpus=8,
+        table={'ImageNet, rotation': {'Baseline': ('baseline', 'test_single_acc'), 'SLA+SI': ('sla', 'test_single_acc'),
+                                      'SLA+AG': ('sla', 'test_agg_acc'), 'SLA+SD': ('sla+sd', 'test_single_acc')}},
+        measure='accuracy',
+        paper={},
+        quick={'train_sla.py': ['--synthetic', '--image-size', '32', '--width', '0.125', '--batchsize', '16',
+                                '--num-iterations', '40', '--val-freq', '20', '--workers', '1']},
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runs of an experiment: their folders, states and command lines
+# ----------------------------------------------------------------------------------------------------
+
+def flag_value(flags, name, default=None):
+    """The last value of `name` in a command line (as argparse reads it), or default."""
+    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
+    return values[-1] if values else default
+
+
+def dataset_of(flags):
+    return 'cifar100' if flags[0].startswith('model_vgg') else flag_value(flags, '--dataset', 'cifar10')
+
+
+def gpus_of(experiment, setting):
+    gpus = EXPERIMENTS[experiment].get('gpus', 1)
+    return gpus.get(setting, 1) if isinstance(gpus, dict) else gpus
+
+
+def setting_flags(experiment, setting, quick):
+    """[script, flags...] of a setting, with --quick's flags appended."""
+    exp = EXPERIMENTS[experiment]
+    flags = list(exp['settings'][setting])
+    if quick:
+        flags += exp['quick'].get(flags[0], []) + exp['quick'].get(setting, [])
+    return flags
+
+
+def run_state(run_dir):
+    """'finished' (the script exited with 0), 'resume' (a checkpoint to continue from) or 'new'."""
+    if os.path.isfile(os.path.join(run_dir, FINISHED)):
+        return 'finished'
+    return 'resume' if os.path.isfile(os.path.join(run_dir, 'checkpoint.pt')) else 'new'
+
+
+def plan(args):
+    """One dict per (setting, seed): setting, seed, dir (its run folder), state, flags ([script, its
+    flags...] of a new run), processes (one per GPU under torchrun)."""
+    runs = []
+    for setting in args.settings:
+        flags = setting_flags(args.experiment, setting, args.quick)
+        if args.gpus_per_run is not None:
+            processes = max(1, args.gpus_per_run)             # 0: a CPU job on Slurm, one process
+        else:
+            processes = 1 if args.quick else gpus_of(args.experiment, setting)
+        for seed in args.seed_list:
+            run_dir = os.path.join(args.runs, setting, f'seed{seed}')
+            runs.append(dict(setting=setting, seed=seed, dir=run_dir, state=run_state(run_dir),
+                             processes=processes,
+                             flags=flags + (['--data_root', args.data_root] if args.data_root else [])
+                             + ['--seed', str(seed), '--run_dir', run_dir]))
+    return runs
+
+
+def command(run, device=None):
+    """A run's command line: the script with its flags, or `--resume <run folder>` when it has a
+    checkpoint; through torchrun (python -m torch.distributed.run) when it has several processes."""
+    script = os.path.relpath(os.path.join(ROOT, run['flags'][0]))
+    flags = ['--resume', run['dir']] if run['state'] == 'resume' else run['flags'][1:]
+    launcher = [sys.executable]
+    if run['processes'] > 1:
+        launcher += ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(run['processes'])]
+    return launcher + [script, *flags] + (['--device', device] if device else [])
+
+
+def shown(cmd, env=None):
+    """A command as a user would type it (the virtual environment's python by its path)."""
+    from utils import python_command
+    words = [python_command() if w == sys.executable else w for w in cmd]
+    return ' '.join([f'{k}={v}' for k, v in (env or {}).items()] + [shlex.join(words)])
+
+
+# The scripts this process runs now (no --executor): the interrupt handler passes Ctrl-C on to them.
+LIVE = set()
+LIVE_LOCK = threading.Lock()
+
+
+def execute(cmd, env, cwd, run_dir):
+    """Run one command to its end, its output appended to <run_dir>/output.txt; on exit code 0 write
+    <run_dir>/finished.json. Returns (exit code, seconds). Every executor runs this (submitit pickles it)."""
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.time()
+    with open(os.path.join(run_dir, OUTPUT), 'a') as out:
+        out.write(f'# {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(cmd)}\n')
+        out.flush()
+        # a session of its own: a Ctrl-C in the terminal reaches this process only, which passes one on
+        proc = subprocess.Popen(cmd, cwd=cwd, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        with LIVE_LOCK:
+            LIVE.add(proc)
+        try:
+            while True:
+                try:
+                    code = proc.wait()
+                    break
+                except KeyboardInterrupt:         # a submitit job asked to stop: the script checkpoints, stops
+                    proc.send_signal(signal.SIGINT)
+        finally:
+            with LIVE_LOCK:
+                LIVE.discard(proc)
+    seconds = time.time() - start
+    if code == 0:
+        with open(os.path.join(run_dir, FINISHED), 'w') as f:
+            json.dump(dict(command=cmd, seconds=round(seconds, 1), at=f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}'),
+                      f, indent=1)
+    return code, seconds
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the runs go: subprocesses of this process (--jobs N, --gpus LIST) or submitit jobs (--executor)
+# ----------------------------------------------------------------------------------------------------
+
+class Reporter:
+    """Prints each run's start (its command line) and end; keeps the failures."""
+
+    def __init__(self, total):
+        self.total, self.started, self.failed, self.lock = total, 0, [], threading.Lock()
+
+    def start(self, run, text):
+        with self.lock:
+            self.started += 1
+            print(f'[start {self.started}/{self.total}] {text}', flush=True)
+
+    def end(self, run, code, seconds, log=None):
+        name = f'{run["setting"]} seed {run["seed"]}'
+        with self.lock:
+            if code == 0:
+                print(f'[done] {name} in {seconds / 60:.1f} min', flush=True)
+                return
+            log = log or os.path.join(run['dir'], OUTPUT)
+            self.failed.append((run, log))
+            why = 'the job failed before its script ended' if code is None else f'exit code {code}'
+            print(f'[FAILED] {name}: {why}; log: {log}' + ''.join(f'\n    {ln}' for ln in last_lines(log)), flush=True)
+
+
+def last_lines(path, n=2):
+    try:
+        with open(path, errors='replace') as f:
+            lines = [ln.rstrip()[:300] for ln in f if ln.strip() and not ln.startswith('# ')]
+    except OSError:
+        return []
+    return lines[-n:]
+
+
+def threads_per_run(at_once):
+    """CPU threads for each of `at_once` runs: the CPUs split between them (at most OMP_NUM_THREADS if
+    that is set here)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    threads = max(1, cpus // at_once)
+    if os.environ.get('OMP_NUM_THREADS', '').isdigit():
+        threads = min(threads, max(1, int(os.environ['OMP_NUM_THREADS'])))
+    return threads
+
+
+def run_here(runs, args, reporter):
+    """The runs as subprocesses of this process: --jobs at a time, or one per group of --gpus. Returns
+    False when stopped by Ctrl-C (or SIGTERM)."""
+    free = list(args.gpu_ids)
+    at_once = len(free) // max(r['processes'] for r in runs) if free else args.jobs
+    at_once = max(1, min(at_once, len(runs)))
+    threads = threads_per_run(at_once)
+    lock, stop = threading.Condition(), threading.Event()
+    print(f'{at_once} run(s) at a time, {threads} CPU thread(s) each'
+          + (f', on GPUs {",".join(args.gpu_ids)}' if free else ''), flush=True)
+
+    def one(run):
+        need = run['processes'] if args.gpu_ids else 0           # GPUs: one per process
+        with lock:
+            lock.wait_for(lambda: stop.is_set() or len(free) >= need)
+            if stop.is_set():
+                return
+            taken, free[:] = free[:need], free[need:]
+        env = {'OMP_NUM_THREADS': str(threads)} | ({'CUDA_VISIBLE_DEVICES': ','.join(taken)} if taken else {})
+        cmd = command(run, 'cuda' if taken else None)
+        reporter.start(run, shown(cmd, env))
+        try:
+            code, seconds = execute(cmd, env, os.getcwd(), run['dir'])
+        finally:
+            with lock:
+                free.extend(taken)
+                lock.notify_all()
+        reporter.end(run, code, seconds)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = [pool.submit(one, run) for run in runs]
+        asked = 0
+        while not all(f.done() for f in futures):
+            try:
+                concurrent.futures.wait(futures, timeout=1.0)
+            except KeyboardInterrupt:
+                asked += 1
+                stop.set()
+                with lock:
+                    lock.notify_all()
+                with LIVE_LOCK:
+                    live = list(LIVE)
+                print(f'\nstopping: {len(live)} running run(s) asked to stop ' +
+                      ('at once (their last checkpoint kept)' if asked > 1 else
+                       'at their next checkpoint (Ctrl-C again: at once)') +
+                      '; the same command continues them.', flush=True)
+                for proc in live:
+                    proc.send_signal(signal.SIGINT)
+        for f in futures:
+            f.result()                                 # a bug in `one` surfaces here
+    return not stop.is_set()
+
+
+LIVE_SLURM = ('PENDING', 'RUNNING', 'REQUEUED', 'CONFIGURING', 'COMPLETING', 'SUSPENDED', 'RESIZING')
+
+
+def run_submitit(runs, args, reporter):
+    saved = os.environ.get('PYTHONPATH')
+    os.environ['PYTHONPATH'] = os.pathsep.join([ROOT] + ([saved] if saved else []))   # the jobs import reproduce
+    try:
+        return submit_and_wait(runs, args, reporter)
+    finally:
+        if saved is None:
+            del os.environ['PYTHONPATH']
+        else:
+            os.environ['PYTHONPATH'] = saved
+
+
+def submit_and_wait(runs, args, reporter):
+    """The runs as submitit jobs: on Slurm (one job per run, torchrun inside it for several GPUs) or with
+    submitit's local executor (--jobs at a time). A run whose Slurm job is still queued or running (from an
+    earlier call) is waited for, not submitted again. Returns False when stopped by Ctrl-C."""
+    import submitit
+
+    import reproduce              # as a module, also when this file runs as __main__: the jobs import `execute`
+    folder = os.path.join(args.runs, 'submitit')
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.executor)
+    window = len(runs) if args.executor == 'slurm' else args.jobs
+    threads = threads_per_run(window) if args.executor == 'local' else None
+    active, waiting = {}, list(runs)
+    for run in list(waiting):                          # Slurm: reattach to the jobs of an earlier call
+        job = args.executor == 'slurm' and submitted_job(run, submitit)
+        if job and job.state.split(' ')[0] in LIVE_SLURM:
+            print(f'[waiting] {run["setting"]} seed {run["seed"]}: Slurm job {job.job_id} ({job.state}) from an '
+                  'earlier call', flush=True)
+            active[job] = run
+            waiting.remove(run)
+    try:
+        while waiting or active:
+            while waiting and len(active) < window:
+                run = waiting.pop(0)
+                gpus = 0 if args.executor == 'local' or args.gpus_per_run == 0 else run['processes']
+                cpus = args.cpus_per_run or 8 * max(1, gpus)
+                env = {'OMP_NUM_THREADS': str(threads or max(1, cpus // run['processes']))}
+                cmd = command(run, 'cuda' if gpus else None)
+                params = dict(name=f'{args.experiment}.{run["setting"]}.seed{run["seed"]}', nodes=1, tasks_per_node=1,
+                              timeout_min=int(args.time * 60))
+                if args.executor == 'slurm':
+                    params.update(slurm_partition=args.partition, gpus_per_node=gpus, cpus_per_task=cpus)
+                executor.update_parameters(**params)
+                job = executor.submit(reproduce.execute, cmd, env, os.getcwd(), run['dir'])
+                os.makedirs(run['dir'], exist_ok=True)
+                with open(os.path.join(run['dir'], SUBMITTED), 'w') as f:
+                    json.dump(dict(executor=args.executor, job_id=job.job_id, folder=folder, command=cmd), f, indent=1)
+                reporter.start(run, shown(cmd, env) + f'   [{args.executor} job {job.job_id}]')
+                active[job] = run
+            for job in [j for j in active if j.done()]:
+                run = active.pop(job)
+                try:
+                    code, seconds = job.result()
+                except Exception:                      # the job died (time limit, node failure, ...)
+                    code, seconds = None, 0.0
+                reporter.end(run, code, seconds, log=None if code is not None else str(job.paths.stderr))
+            time.sleep(1.0 if args.executor == 'local' else 30.0)
+    except KeyboardInterrupt:
+        print(f'\nstopping: cancelling {len(active)} job(s); their scripts write a checkpoint and stop; the same '
+              'command continues them.', flush=True)
+        for job in active:
+            job.cancel(check=False)
+        return False
+    return True
+
+
+def submitted_job(run, submitit):
+    """The Slurm job an earlier call submitted for this run, or None."""
+    try:
+        with open(os.path.join(run['dir'], SUBMITTED)) as f:
+            sub = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return submitit.SlurmJob(sub['folder'], sub['job_id']) if sub.get('executor') == 'slurm' else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's table and figure, from the finished run folders (read with results.py)
+# ----------------------------------------------------------------------------------------------------
+
+def finished_runs(experiment, runs_dir):
+    """{setting: [results.read_run(...) of each finished seed, in seed order]} and the count of seed
+    folders that are not finished, per setting."""
+    import results
+    done, unfinished = {}, {}
+    for setting in EXPERIMENTS[experiment]['settings']:
+        folders = [os.path.join(runs_dir, setting, name) for name in sorted(
+            (n for n in os.listdir(os.path.join(runs_dir, setting)) if n[4:].isdigit() and n.startswith('seed')),
+            key=lambda n: int(n[4:]))] if os.path.isdir(os.path.join(runs_dir, setting)) else []
+        done[setting] = [results.read_run(p) for p in folders if run_state(p) == 'finished']
+        unfinished[setting] = len(folders) - len(done[setting])
+    return done, unfinished
+
+
+def value_of(run, column):
+    """The number a cell reports from one run: the method's best (results.measures: the best test accuracy;
+    SLA the test accuracy at the best validation), or the top-5 accuracy at the best top-1."""
+    import results
+    if column == 'test_acc5':
+        rows = [r for r in run['rows'] if isinstance(r.get('test_acc'), float)]
+        return max(rows, key=lambda r: r['test_acc'])['test_acc5'] if rows else None
+    return next((m['best'] for m in results.measures(run) if m['column'] == column), None)
+
+
+def cell_text(values, measure, unfinished):
+    import results
+    n = len(values)
+    seeds = f'{n} seed{"s" * (n != 1)}' if not unfinished else f'{n} of {n + unfinished} seeds'
+    if not values:
+        return f'— (0 of {unfinished} seeds finished)' if unfinished else '—'
+    mean, std, _ = results.mean_std([100 * (1 - v) if measure == 'error' else 100 * v for v in values])
+    return f'{mean:.2f}' + (f' ± {std:.2f}' if std is not None else '') + f' ({seeds})'
+
+
+def paper_text(exp, row, columns):
+    known = [(c, exp['paper'][(row, c)]) for c in columns if (row, c) in exp['paper']]
+    if not known:
+        return NOT_PUBLISHED
+    rest = [c for c in columns if (row, c) not in exp['paper']]
+    return '; '.join(f'{c}: {v}' for c, v in known) + (f'; {", ".join(rest)}: {NOT_PUBLISHED}' if rest else '')
+
+
+def report(experiment, runs_dir, quick):
+    """Write <runs_dir>/results.md (and the figure, where the paper has one); return the table's text."""
+    import results
+    exp = EXPERIMENTS[experiment]
+    done, unfinished = finished_runs(experiment, runs_dir)
+    columns = list(dict.fromkeys(c for row in exp['table'].values() for c in row))
+    unit = 'test error, %' if exp['measure'] == 'error' else 'test accuracy, %'
+    lines = [f'| {unit} | ' + ' | '.join(columns) + ' | paper |', '|---' * (len(columns) + 2) + '|']
+    for row, cells in exp['table'].items():
+        texts = []
+        for c in columns:
+            if c not in cells:
+                texts.append('')
+                continue
+            setting, column = cells[c]
+            values = [v for v in (value_of(run, column) for run in done[setting]) if v is not None]
+            texts.append(cell_text(values, exp['measure'], unfinished[setting]))
+        lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(exp, row, list(cells))} |')
+    table = '\n'.join(lines)
+    all_runs = [run for setting in exp['settings'] for run in done[setting]]
+    n_done = len(all_runs)
+    n_open = sum(unfinished.values())
+    text = [f'# {experiment}{" --quick" if quick else ""}', '', exp['title'] + '.', '']
+    if quick:
+        text += ['**Synthetic stand-in (`--quick`): small networks trained briefly on synthetic images. These numbers '
+                 'check that the runs, the table and the figure work end to end; they are not the paper\'s and say '
+                 'nothing about the methods.**', '']
+    text += [f'Made by `reproduce.py {experiment}{" --quick" if quick else ""}` from {n_done} finished run(s) in '
+             f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '') + ', '
+             f'{datetime.datetime.now():%Y-%m-%d %H:%M}. Each cell: mean ± sample standard deviation over the '
+             'finished seeds (one seed: its value) of ' + ('the best test error (100 − the best test accuracy)'
+                                                          if exp['measure'] == 'error' else 'the reported test accuracy')
+             + ', in %, and the number of seeds; — where none has finished. '
+             + ('SLA: the test accuracy at the best validation single accuracy (on ImageNet, which has no '
+                'validation split, the best test accuracy). ' if 'SLA' in exp['title'][:4] else
+                'The best test accuracy over the run\'s evaluations. ')
+             + 'The paper column: the paper\'s number where it could be read here, '
+             f'"{NOT_PUBLISHED}" where it could not.', '', table, '']
+    if all_runs:
+        text += ['## Every setting (results.py)', '', results.table(all_runs), '']
+    figure = exp.get('figure')
+    if figure:
+        try:
+            plt = results.import_pyplot()
+        except UserError as e:
+            text += [f'No figure: {e}', '']
+            print(f'note: no figure ({e})')
+        else:
+            if draw_figure3(plt, experiment, done, os.path.join(runs_dir, figure), quick):
+                text += [f'![MAXL Figure 3 setting: test accuracy of the primary task per epoch]({figure})', '']
+    with open(os.path.join(runs_dir, 'results.md'), 'w') as f:
+        f.write('\n'.join(text))
+    return table
+
+
+def draw_figure3(plt, experiment, done, path, quick):
+    """MAXL's Figure 3: one panel per level pair, the primary task's test accuracy per epoch of the five
+    methods, mean over the finished seeds with a ±std band. False when nothing has finished."""
+    exp = EXPERIMENTS[experiment]
+    if not any(done.values()):
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.2), sharex=True)
+    for ax, (row, cells) in zip(axes.flat, exp['table'].items()):
+        drawn = 0
+        for k, (method, (setting, column)) in enumerate(cells.items()):
+            curves = [[r[column] for r in run['rows'] if isinstance(r.get(column), float)] for run in done[setting]]
+            length = min((len(c) for c in curves), default=0)
+            if not length:
+                continue
+            epochs = range(1, length + 1)
+            per_epoch = [[100 * c[e] for c in curves] for e in range(length)]
+            mean = [sum(v) / len(v) for v in per_epoch]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_epoch]
+            ax.plot(epochs, mean, color=f'C{k}', label=f'{method}, n={len(curves)}')
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=f'C{k}', alpha=0.2, linewidth=0)
+            drawn += 1
+        ax.set_title(row, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if drawn:
+            ax.legend(fontsize=7, loc='lower right')
+        else:
+            ax.text(0.5, 0.5, 'no finished runs', ha='center', va='center', transform=ax.transAxes, color='grey')
+    for ax in axes[1]:
+        ax.set_xlabel('epoch')
+    for ax in axes[:, 0]:
+        ax.set_ylabel('primary test accuracy (%)')
+    fig.suptitle('MAXL Figure 3 setting: primary-task test accuracy per epoch, mean ± std over n seeds'
+                 + ('\nSYNTHETIC STAND-IN (--quick): not the paper\'s numbers' if quick else ''), fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=72, format='png')
+    plt.close(fig)
+    from PIL import Image                 # matplotlib's own dependency: a palette PNG is a few tens of KB
+    Image.open(buffer).convert('RGB').quantize(colors=96).save(path, optimize=True)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# `list`: the experiments and the projected time of their runs (benchmarks/bench.py's figures)
+# ----------------------------------------------------------------------------------------------------
+
+def bench_parts(flags):
+    """A full run of a setting as benchmarks/project.py counts it: [(bench.py row, count, what)], or None
+    where bench.py times no step of its kind (K-means' autoencoder, SLA's da / mt / sla+sd / colour
+    permutations, the labeled-only MetaSemi baseline, ImageNet)."""
+    import create_dataset
+    import model_vgg_maxl
+    import train_meta_semi
+    import train_sla
+    script = flags[0]
+    sizes = {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}   # the real (train, test)
+    if script.startswith('model_vgg'):
+        M = model_vgg_maxl.HYPERPARAMETERS
+        n_train, n_test = sizes['cifar100']
+        steps = M['epochs'] * math.ceil(n_train / M['batch_size'])
+        tests = [('eval_maxl', M['epochs'] * math.ceil(n_test / M['batch_size']), 'test batches')]
+        if script == 'model_vgg_single.py':
+            return [('single', steps, 'training steps')] + tests
+        if script == 'model_vgg_human.py':
+            return None if flag_value(flags, '--aux_labels') == 'kmeans' else [('human', steps, 'training steps')] + tests
+        return [('maxl_train', steps, 'training steps'), ('maxl_meta2', steps, 'meta steps')] + tests
+    dataset = dataset_of(flags)
+    if dataset not in sizes:
+        return None
+    n_train, n_test = sizes[dataset]
+    if script == 'train_sla.py':
+        S = train_sla.HYPERPARAMETERS
+        mode, aug = flag_value(flags, '--mode', S['mode']), flag_value(flags, '--aug', S['aug'])
+        row = 'sla_baseline' if mode == 'baseline' else 'sla_rotation' if (mode, aug) == ('sla', 'rotation') else None
+        evaluations = math.ceil(S['total_steps'] / S['eval_every'])
+        per_evaluation = math.ceil(S['val_size'] / S['batch_size']) + math.ceil(n_test / S['batch_size'])
+        return row and [(row, S['total_steps'], 'iterations'),
+                        ('eval_sla', evaluations * per_evaluation, 'evaluation batches (validation + test)')]
+    T = train_meta_semi.HYPERPARAMETERS
+    baseline, mixup = '--baseline' in flags, '--mix-up' in flags
+    row = {(False, True): 'semi_meta_mixup', (True, True): 'semi_baseline_mixup'}.get((baseline, mixup))
+    tests = math.ceil(T['total_steps'] / T['eval_every']) * math.ceil(n_test / T['test_batch_size'])
+    return row and [(row, T['total_steps'], 'steps'), ('eval_semi', tests, 'test batches')]
+
+
+def load_project():
+    spec = importlib.util.spec_from_file_location('project', os.path.join(ROOT, 'benchmarks', 'project.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_results(paths):
+    """[(where it was measured, bench.py result)] of the files given, else of benchmarks/results/*.json."""
+    out = []
+    for path in paths or sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', '*.json'))):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f'--bench {path}: cannot read it as a bench.py result ({e}).') from None
+        if not result.get('concurrent'):
+            out.append((path, result))
+    return out
+
+
+def projection(experiment, seeds, results_files, project):
+    """Text: the projected device time of the experiment's full runs (all its settings, `seeds` seeds each),
+    per bench.py result; 'unknown' where no result times a setting."""
+    settings = EXPERIMENTS[experiment]['settings']
+    parts = {name: bench_parts(flags) for name, flags in settings.items()}
+    known = [n for n, p in parts.items() if p]
+    if not results_files:
+        return 'unknown (no bench.py result in benchmarks/results/)'
+    texts = []
+    for path, result in results_files:
+        runs = [dict(method=n, parts=parts[n]) for n in known]
+        hours = [p['hours'] for p in project.project(result, runs)]
+        where = project.where(result)
+        if not known or any(h is None for h in hours):
+            texts.append(f'unknown on {where}')
+            continue
+        total = sum(hours) * seeds
+        missing = len(settings) - len(known)
+        texts.append(f'{total:,.0f} h on {where}' + (f' + {missing} of {len(settings)} settings unknown '
+                                                     '(not timed by bench.py)' if missing else ''))
+    return '; '.join(texts)
+
+
+def list_experiments(which, bench_paths):
+    project = load_project()
+    files = bench_results(bench_paths)
+    if which:
+        exp = EXPERIMENTS[which]
+        print(f'{which}: {exp["title"]}\n')
+        for setting in exp['settings']:
+            flags = setting_flags(which, setting, False)
+            gpus = gpus_of(which, setting)
+            print(f'  {setting:<24} {shown([sys.executable, *flags])}' + (f'   [{gpus} GPUs]' if gpus > 1 else ''))
+        print('\n--quick adds: ' + '; '.join(f'{k}: {" ".join(v)}' for k, v in exp['quick'].items()))
+        return
+    print('| experiment | runs (settings x default seeds) | projected time of the full runs, one device | what |')
+    print('|---|---|---|---|')
+    for name, exp in EXPERIMENTS.items():
+        n, seeds = len(exp['settings']), len(exp['seeds'])
+        print(f'| {name} | {n * seeds} ({n} x {seeds}) | {projection(name, seeds, files, project)} | {exp["title"]} |')
+    print('\nProjections: benchmarks/project.py\'s arithmetic on the bench.py result files '
+          '(benchmarks/results/*.json, or --bench FILE); run `.venv/bin/python benchmarks/bench.py --device cuda` '
+          'on the GPU to make one. `reproduce.py list EXPERIMENT` shows its settings\' command lines.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='experiments: ' + ', '.join(EXPERIMENTS))
+    p.add_argument('experiment', help='an experiment, or `list` (then optionally an experiment)')
+    p.add_argument('which', nargs='?', default='', help=argparse.SUPPRESS)
+    p.add_argument('--seeds', default='', help='comma-separated seeds (default: the experiment\'s, e.g. 0,1,2)')
+    p.add_argument('--only', nargs='+', default=[], metavar='SETTING',
+                   help='only these settings (names as `list EXPERIMENT` shows them; shell patterns allowed)')
+    p.add_argument('--quick', action='store_true',
+                   help='the whole grid on the synthetic stand-in with small widths and budgets (CPU, minutes); '
+                        'its numbers are not the papers\'')
+    p.add_argument('--report', action='store_true', help='only write the table (and figure) of the finished runs')
+    p.add_argument('--runs', default='', help='the runs folder (default: runs/<experiment>, runs/<experiment>-quick)')
+    p.add_argument('--data_root', '--data-root', default='',
+                   help=f'the data root given to every script (default: theirs, dataset; with --quick {QUICK_DATA_ROOT})')
+    p.add_argument('--jobs', type=int, default=1, help='runs at once on this machine (CPU threads split between them)')
+    p.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1,2,3: one run per GPU (group) at a time')
+    p.add_argument('--executor', choices=['local', 'slurm'], default=None,
+                   help='submit each run through submitit: slurm (a Slurm job each) or local (this machine)')
+    p.add_argument('--partition', default='', help='--executor slurm: the Slurm partition')
+    p.add_argument('--gpus-per-run', '--gpus_per_run', type=int, default=None,
+                   help='GPUs (processes, under torchrun when more than one) per run (default: the experiment\'s)')
+    p.add_argument('--cpus-per-run', '--cpus_per_run', type=int, default=0,
+                   help='--executor slurm: CPUs per job (default 8 per GPU)')
+    p.add_argument('--time', type=float, default=24.0, help='--executor: the time limit of each job, hours')
+    p.add_argument('--bench', nargs='+', default=[], metavar='FILE',
+                   help='list: bench.py result files to project from (default: benchmarks/results/*.json)')
+    return p.parse_args(argv)
+
+
+def check(args):
+    """Every input checked before anything is started or written: a UserError (exit code 2) otherwise."""
+    if args.experiment not in EXPERIMENTS:
+        raise UserError(f'unknown experiment {args.experiment!r}: choose one of {", ".join(EXPERIMENTS)} '
+                        '(`reproduce.py list` describes them).')
+    exp = EXPERIMENTS[args.experiment]
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(',')] if args.seeds else list(exp['seeds'])
+    except ValueError:
+        raise UserError(f'--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2.') from None
+    unknown = [pattern for pattern in args.only if not fnmatch.filter(exp['settings'], pattern)]
+    if unknown:
+        raise UserError(f'unknown setting(s) of {args.experiment}: {", ".join(unknown)}. Its settings: '
+                        f'{", ".join(exp["settings"])} (`reproduce.py list {args.experiment}` shows their commands).')
+    args.settings = [s for s in exp['settings'] if not args.only or any(fnmatch.fnmatch(s, p) for p in args.only)]
+    if args.jobs < 1 or (args.gpus_per_run is not None and args.gpus_per_run < 0) or args.time <= 0:
+        raise UserError('--jobs must be at least 1, --gpus-per-run at least 0 and --time positive.')
+    args.runs = args.runs or os.path.join('runs', args.experiment + ('-quick' if args.quick else ''))
+    args.gpu_ids = check_gpus(args) if args.gpus else []
+    if args.executor:
+        check_executor(args)
+    check_runs_folder(args)
+    if not args.report and not args.quick:
+        check_data(args)
+
+
+def check_gpus(args):
+    """--gpus as CUDA_VISIBLE_DEVICES values for the runs (mapped through this process's own
+    CUDA_VISIBLE_DEVICES, if set)."""
+    if args.executor:
+        raise UserError(f'--gpus is for runs started here; with --executor {args.executor} the '
+                        + ('Slurm jobs get their GPUs from Slurm (--gpus-per-run K).' if args.executor == 'slurm' else
+                           'local executor runs on the CPU: drop --executor to run on --gpus.'))
+    try:
+        ids = [int(g) for g in args.gpus.split(',')]
+    except ValueError:
+        raise UserError(f'--gpus {args.gpus!r}: give comma-separated GPU numbers, e.g. --gpus 0,1,2,3.') from None
+    import torch
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        raise UserError(f'--gpus {args.gpus}: PyTorch sees no CUDA GPU on this machine; leave --gpus out to run on the '
+                        'CPU (--jobs N). Nothing was started.')
+    missing = [g for g in ids if not 0 <= g < count]
+    if missing or len(set(ids)) < len(ids):
+        raise UserError(f'--gpus {args.gpus}: this machine has {count} GPU(s), numbered 0 to {count - 1}'
+                        + (f'; there is no GPU {", ".join(map(str, missing))}' if missing else '; a GPU is named twice')
+                        + '. Nothing was started.')
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES', '')
+    mapping = visible.split(',') if visible else [str(g) for g in range(count)]
+    need = max(args.gpus_per_run or 0, max(1 if args.quick else gpus_of(args.experiment, s) for s in args.settings))
+    if need > len(ids):
+        raise UserError(f'a run of {args.experiment} needs {need} GPUs but --gpus names {len(ids)}: name more, or '
+                        'give --gpus-per-run (the batch flags are per process, so fewer GPUs is a smaller global batch).')
+    return [mapping[g] for g in ids]
+
+
+def check_executor(args):
+    try:
+        importlib.import_module('submitit')
+    except ImportError:
+        raise UserError(f'--executor {args.executor} needs submitit: pip install submitit (it is in requirements.txt); '
+                        'or leave --executor out to run here (--jobs N, --gpus LIST).') from None
+    if args.executor == 'slurm':
+        if shutil.which('sbatch') is None:
+            raise UserError('--executor slurm needs Slurm\'s sbatch on the PATH, and this machine has none: run it on '
+                            'the cluster\'s login node, or leave --executor out to run here (--jobs N, --gpus LIST).')
+        if not args.partition:
+            raise UserError('--executor slurm needs --partition P (the Slurm partition to submit to).')
+
+
+def check_runs_folder(args):
+    """The runs folder is this experiment's (same --quick), or new or empty."""
+    path = args.runs
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'--runs {path!r} is a file, not a folder.')
+    marker = os.path.join(path, MARKER)
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                mine = json.load(f)
+        except (OSError, ValueError):
+            mine = {}
+        wrote = f'{mine.get("experiment")}{" --quick" if mine.get("quick") else ""}'
+        if (mine.get('experiment'), bool(mine.get('quick'))) != (args.experiment, args.quick):
+            raise UserError(f'{path} holds the runs of `reproduce.py {wrote}`, not of `reproduce.py {args.experiment}'
+                            f'{" --quick" if args.quick else ""}`: nothing was started or changed. Give another '
+                            f'folder with --runs DIR (by default each experiment has its own: runs/<experiment>, '
+                            'runs/<experiment>-quick).')
+        for setting in args.settings:            # the runs there were made with the flags this code gives
+            then, now = mine.get('settings', {}).get(setting), setting_flags(args.experiment, setting, args.quick)
+            if then is not None and then != now and not args.report:
+                raise UserError(f'the runs of {setting} in {path} were made with other flags ({shlex.join(then)}) '
+                                f'than this code gives it ({shlex.join(now)}): nothing was started or changed. '
+                                'Give another folder with --runs DIR, or move those runs away.')
+    elif os.path.isdir(path) and os.listdir(path):
+        raise UserError(f'{path} already holds files that reproduce.py did not write (no {MARKER}): nothing was '
+                        'started or changed. Give an empty or new folder with --runs DIR.')
+    elif args.report:
+        raise UserError(f'nothing to report: {path} holds no runs of {args.experiment} yet (start them with '
+                        f'`reproduce.py {args.experiment}{" --quick" if args.quick else ""}`, or give --runs DIR).')
+
+
+def check_data(args):
+    """The real CIFAR/SVHN files are there (ImageNet's the scripts check themselves)."""
+    import create_dataset
+    root = args.data_root or create_dataset.DATA_ROOT
+    for name in sorted({dataset_of(EXPERIMENTS[args.experiment]['settings'][s]) for s in args.settings}):
+        if name in create_dataset.DATASETS:
+            try:
+                create_dataset.check_data_present(name, root, False, False)
+            except UserError as e:
+                raise UserError(f'{e} Nothing was started. (`reproduce.py {args.experiment} --quick` runs on the '
+                                'synthetic stand-in instead.)') from None
+
+
+def write_marker(args):
+    """<runs>/experiment.json: the experiment, --quick or not, and the flags of each setting run there."""
+    path = os.path.join(args.runs, MARKER)
+    marker = dict(experiment=args.experiment, quick=args.quick, created=f'{datetime.datetime.now():%Y-%m-%d %H:%M}',
+                  settings={})
+    if os.path.isfile(path):
+        with open(path) as f:
+            marker |= json.load(f)
+    marker['settings'] |= {s: setting_flags(args.experiment, s, args.quick) for s in args.settings}
+    os.makedirs(args.runs, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(marker, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def prepare_stand_ins(args, runs):
+    """--quick: write the stand-ins the runs need before any starts (runs started together would each
+    write it). In --quick's own data root (dataset/quick) the small ones have QUICK_SIZES; in a --data_root
+    given, the scripts' own sizes, as their --synthetic would write them there."""
+    import create_dataset
+    import large_datasets
+    for name, size in sorted({(dataset_of(r['flags']), flag_value(r['flags'], '--synthetic_size', 'small'))
+                              for r in runs if r['state'] == 'new'}):
+        folder = create_dataset.dataset_root(args.data_root, 'full' if size == 'full' else True)
+        if large_datasets.is_large(name):
+            large_datasets.ensure_synthetic_folder(name, folder)
+        elif size == 'full' or args.data_root != QUICK_DATA_ROOT:
+            create_dataset.ensure_synthetic(folder, [name], full=size == 'full')
+        elif not os.path.isfile(os.path.join(folder, create_dataset.record(name).folder, 'md5.json')):
+            print(f'writing the synthetic {name} stand-in ({QUICK_SIZES[name][0]:,} + {QUICK_SIZES[name][1]:,} '
+                  f'images) into {folder}/', flush=True)
+            create_dataset.write_synthetic(name, folder, sizes=QUICK_SIZES[name])
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.experiment == 'list':
+        if args.which and args.which not in EXPERIMENTS:
+            raise UserError(f'unknown experiment {args.which!r}: choose one of {", ".join(EXPERIMENTS)}.')
+        return list_experiments(args.which, args.bench)
+    if args.which:
+        raise UserError(f'unexpected argument {args.which!r} (settings are chosen with --only SETTING ...).')
+    check(args)
+    if args.report:
+        print(report(args.experiment, args.runs, args.quick))
+        print(f'\nwrote {os.path.join(args.runs, "results.md")}')
+        return
+    if args.quick and not args.data_root:
+        args.data_root = QUICK_DATA_ROOT
+    runs = plan(args)
+    todo = [r for r in runs if r['state'] != 'finished']
+    counts = {s: sum(r['state'] == s for r in runs) for s in ('finished', 'resume', 'new')}
+    print(f'{args.experiment}: {len(runs)} run(s) ({len(args.settings)} setting(s) x seeds '
+          f'{",".join(map(str, args.seed_list))}) in {args.runs}/: {counts["finished"]} finished (skipped), '
+          f'{counts["resume"]} to resume, {counts["new"]} to start; each run\'s output in <run folder>/{OUTPUT}')
+    if args.quick:
+        print('--quick: the synthetic stand-in, small networks, short budgets: a check of the pipeline; its numbers '
+              'are not the papers\'.')
+    write_marker(args)
+    reporter = Reporter(len(todo))
+    completed = True
+    if todo:
+        if args.quick:
+            prepare_stand_ins(args, todo)
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)    # SIGTERM stops as Ctrl-C does
+        try:
+            completed = (run_submitit if args.executor else run_here)(todo, args, reporter)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    table = report(args.experiment, args.runs, args.quick)
+    print('\n' + table + f'\n\nwrote {os.path.join(args.runs, "results.md")}'
+          + (f' and {os.path.join(args.runs, EXPERIMENTS[args.experiment]["figure"])}'
+             if EXPERIMENTS[args.experiment].get('figure') and os.path.isfile(
+                 os.path.join(args.runs, EXPERIMENTS[args.experiment]['figure'])) else ''))
+    if reporter.failed:
+        print(f'\n{len(reporter.failed)} of {len(todo)} run(s) failed:')
+        for run, log in reporter.failed:
+            print(f'  {run["setting"]} seed {run["seed"]}: {log}')
+        print('The same command runs them again (the others are skipped).')
+    if not completed:
+        sys.exit(130)
+    if reporter.failed:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    from utils import run_main
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,201 @@
+"""reproduce.py, the experiment runner, on the tiny synthetic stand-in: two settings of MAXL's Figure 3 run
+through the scripts and give results.md and the figure, and a second call starts nothing; submitit's local
+executor runs a setting; the command lines of new, stopped and several-GPU runs; a failed run is reported
+with its log and does not stop the others; the table's arithmetic on hand-made run folders; every bad
+input exits with code 2 before anything is started or written."""
+import json
+import os
+import sys
+import types
+
+import pytest
+
+import reproduce as reproduce_module
+from conftest import run_in_process
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def reproduce(*args):
+    return run_in_process('reproduce.py', *args)
+
+
+def started(out):
+    return [ln for ln in out.splitlines() if ln.startswith('[start ')]
+
+
+def test_two_settings_run_then_a_second_call_starts_nothing(tiny_root, tmp_path):
+    pytest.importorskip('matplotlib', reason='the figure needs matplotlib (requirements.txt)')
+    runs = str(tmp_path / 'fig3')
+    args = ['maxl-fig3', '--quick', '--seeds', '0', '--only', 'single-p2', 'human-p2-a3', '--data_root', tiny_root,
+            '--runs', runs, '--jobs', '2']
+    first = reproduce(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = started(first.stdout)
+    assert len(lines) == 2 and 'not the papers' in first.stdout
+    # the commands are the scripts' own, one run folder per setting and seed
+    assert any('model_vgg_single.py --primary_level 2 --synthetic' in ln and f'--run_dir {runs}/single-p2/seed0' in ln
+               for ln in lines)
+    assert any('model_vgg_human.py --primary_level 2 --aux_level 3 --aux_labels human' in ln for ln in lines)
+    for setting in ('single-p2', 'human-p2-a3'):
+        folder = os.path.join(runs, setting, 'seed0')
+        assert {'config.json', 'metrics.csv', 'finished.json', 'output.txt'} <= set(os.listdir(folder))
+    with open(os.path.join(runs, 'results.md')) as f:
+        md = f.read()
+    assert 'Synthetic stand-in' in md and 'not published in readable form' in md
+    row = next(ln for ln in md.splitlines() if ln.startswith('| 20 / 100 classes'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1].endswith('(1 seed)') and cells[4].endswith('(1 seed)')      # Single, Human
+    assert cells[2] == cells[3] == cells[5] == '—'                               # Random, K-means, MAXL: not run
+    with open(os.path.join(runs, 'figure3.png'), 'rb') as f:
+        assert f.read(8) == PNG
+
+    finished = os.path.getmtime(os.path.join(runs, 'single-p2', 'seed0', 'finished.json'))
+    second = reproduce(*args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert started(second.stdout) == [] and '2 finished (skipped)' in second.stdout
+    assert os.path.getmtime(os.path.join(runs, 'single-p2', 'seed0', 'finished.json')) == finished
+
+
+def test_submitit_local_executor_runs_a_setting(tiny_root, tmp_path):
+    pytest.importorskip('submitit', reason='--executor needs submitit (requirements.txt)')
+    runs = str(tmp_path / 'local')
+    out = reproduce('maxl-fig3', '--quick', '--seeds', '1', '--only', 'single-p1', '--data_root', tiny_root,
+                    '--runs', runs, '--executor', 'local')
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(started(out.stdout)) == 1 and '[local job ' in out.stdout
+    folder = os.path.join(runs, 'single-p1', 'seed1')
+    with open(os.path.join(folder, 'submitted.json')) as f:
+        assert json.load(f)['executor'] == 'local'
+    assert os.path.isfile(os.path.join(folder, 'finished.json'))
+    with open(os.path.join(runs, 'results.md')) as f:
+        assert '(1 seed)' in f.read()
+
+
+def test_commands_new_resumed_finished_and_torchrun(tmp_path):
+    runs = str(tmp_path / 'runs')
+    args = reproduce_module.parse(['maxl-fig3', '--seeds', '0,1', '--only', 'maxl-p1-a3', '--runs', runs, '--report'])
+    os.makedirs(os.path.join(runs, 'maxl-p1-a3', 'seed0'))
+    (tmp_path / 'runs' / 'experiment.json').write_text(json.dumps({'experiment': 'maxl-fig3', 'quick': False}))
+    reproduce_module.check(args)
+    open(os.path.join(runs, 'maxl-p1-a3', 'seed0', 'checkpoint.pt'), 'w').close()          # stopped after a checkpoint
+    new, stopped = sorted(reproduce_module.plan(args), key=lambda r: -r['seed'])
+    assert (new['state'], stopped['state']) == ('new', 'resume')
+    assert reproduce_module.command(new)[1:] == [
+        'model_vgg_maxl.py', '--primary_level', '1', '--aux_level', '3', '--seed', '1', '--run_dir',
+        os.path.join(runs, 'maxl-p1-a3', 'seed1')]
+    assert reproduce_module.command(stopped, 'cuda')[1:] == [
+        'model_vgg_maxl.py', '--resume', os.path.join(runs, 'maxl-p1-a3', 'seed0'), '--device', 'cuda']
+    open(os.path.join(runs, 'maxl-p1-a3', 'seed0', 'finished.json'), 'w').close()
+    assert reproduce_module.run_state(os.path.join(runs, 'maxl-p1-a3', 'seed0')) == 'finished'
+    # MetaSemi on ImageNet: 8 processes under torchrun, the setting's flags as the README's command
+    args = reproduce_module.parse(['metasemi-imagenet', '--only', 'meta', '--runs', str(tmp_path / 'in'),
+                                   '--data_root', '/data/imagenet'])
+    reproduce_module.check(args)
+    cmd = reproduce_module.command(reproduce_module.plan(args)[0])
+    assert cmd[1:7] == ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '8', 'train_meta_semi.py']
+    assert cmd[7:13] == ['--dataset', 'imagenet', '-a', 'resnet18', '--batch-size', '64']
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tiny_root, tmp_path, monkeypatch):
+    # each run's command replaced by a Python that fails at once (no torch to import)
+    def failing(run, device=None):
+        code = {'single-p0': 3, 'single-p1': 4}[run['setting']]
+        return [sys.executable, '-c', f'print("going wrong"); print("the reason {code}"); raise SystemExit({code})']
+    monkeypatch.setattr(reproduce_module, 'command', failing)
+    runs = str(tmp_path / 'runs')
+    out = reproduce('maxl-fig3', '--quick', '--seeds', '0', '--only', 'single-p0', 'single-p1', '--runs', runs,
+                    '--data_root', tiny_root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert len(started(out.stdout)) == 2                                      # the first failure stopped nothing
+    for setting, code in (('single-p0', 3), ('single-p1', 4)):
+        log = os.path.join(runs, setting, 'seed0', 'output.txt')
+        assert f'[FAILED] {setting} seed 0: exit code {code}; log: {log}\n    going wrong\n    the reason {code}' \
+            in out.stdout
+        assert not os.path.exists(os.path.join(runs, setting, 'seed0', 'finished.json'))
+    assert '2 of 2 run(s) failed' in out.stdout
+
+
+def test_the_table_from_finished_seeds(tmp_path):
+    """--report on hand-made run folders: MetaSemi's error in %, mean ± std over the finished seeds, the
+    paper's number beside it, an unfinished seed counted apart."""
+    runs = tmp_path / 'runs'
+    runs.mkdir()
+    (runs / 'experiment.json').write_text(json.dumps({'experiment': 'metasemi-table', 'quick': False}))
+    cfg = {'script': 'train_meta_semi', 'dataset': 'cifar10', 'num_label': 4000, 'architecture': 'convlarge',
+           'width': 1.0, 'mix_up': True, 'alpha': 1.0, 'baseline': False}
+    for seed, accs in ((0, [0.90, 0.92]), (1, [0.94, 0.93]), (2, [0.5])):
+        folder = runs / 'cifar10-meta-mixup' / f'seed{seed}'
+        folder.mkdir(parents=True)
+        (folder / 'config.json').write_text(json.dumps(cfg | {'seed': seed}))
+        (folder / 'metrics.csv').write_text('step,test_acc\n' + ''.join(f'{400 * (k + 1)},{a}\n' for k, a in enumerate(accs)))
+        if seed < 2:
+            (folder / 'finished.json').write_text('{}')
+    out = reproduce('metasemi-table', '--report', '--runs', str(runs))
+    assert out.returncode == 0, out.stdout + out.stderr
+    md = (runs / 'results.md').read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith('| CIFAR-10, 4,000 labels'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1:4] == ['—', '—', '7.00 ± 1.41 (2 of 3 seeds)']            # errors 8 and 6 %
+    assert cells[4] == 'MetaSemi + mixup: 7.78 % error; Baseline, Baseline + mixup: not published in readable form'
+    assert 'Synthetic' not in md
+
+
+def written_folder(tmp_path, marker):
+    folder = tmp_path / 'other'
+    folder.mkdir()
+    (folder / 'experiment.json').write_text(json.dumps(marker))
+    return str(folder)
+
+
+@pytest.mark.parametrize('case', ['experiment', 'setting', 'gpus', 'no-submitit', 'no-sbatch', 'other-experiment',
+                                  'other-flags'])
+def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
+    runs = str(tmp_path / 'runs')
+    args = {'experiment': ['maxl-fig4', '--quick'],
+            'setting': ['maxl-fig3', '--quick', '--only', 'single-p2', 'single-p9'],
+            'gpus': ['maxl-fig3', '--quick', '--gpus', '0,99'],
+            'no-submitit': ['maxl-fig3', '--quick', '--executor', 'slurm', '--partition', 'gpu'],
+            'no-sbatch': ['maxl-fig3', '--quick', '--executor', 'slurm', '--partition', 'gpu'],
+            'other-experiment': ['maxl-fig3', '--quick'],
+            'other-flags': ['maxl-fig3', '--quick', '--only', 'single-p2']}[case]
+    if case == 'no-submitit':
+        monkeypatch.setitem(sys.modules, 'submitit', None)              # `import submitit` raises ImportError
+    if case == 'no-sbatch':
+        monkeypatch.setitem(sys.modules, 'submitit', types.ModuleType('submitit'))
+        monkeypatch.setenv('PATH', str(tmp_path))                         # no sbatch there
+    if case == 'other-experiment':
+        runs = written_folder(tmp_path, {'experiment': 'sla-cifar', 'quick': True})
+    if case == 'other-flags':                  # made when --quick trained 99 epochs
+        runs = written_folder(tmp_path, {'experiment': 'maxl-fig3', 'quick': True, 'settings': {
+            'single-p2': ['model_vgg_single.py', '--primary_level', '2', '--synthetic', '--epochs', '99']}})
+    before = sorted(os.listdir(runs)) if os.path.isdir(runs) else None
+    out = reproduce(*args, '--runs', runs)
+    assert out.returncode == 2, out.stdout + out.stderr
+    message = out.stderr.strip()
+    assert message.startswith('error: ') and '\n' not in message               # one paragraph
+    assert {'experiment': 'maxl-fig4', 'setting': 'single-p9', 'gpus': '--gpus', 'no-submitit': 'pip install submitit',
+            'no-sbatch': 'sbatch', 'other-experiment': 'sla-cifar --quick', 'other-flags': '--epochs 99'}[case] in message
+    assert out.stdout == ''                                                     # nothing started
+    assert (sorted(os.listdir(runs)) if os.path.isdir(runs) else None) == before    # nothing written
+
+
+def test_list_projects_from_a_bench_result(tmp_path):
+    """`list` with a bench.py result: benchmarks/project.py's arithmetic per setting, times the seeds;
+    settings bench.py does not time are said to be unknown."""
+    rows = ['single', 'human', 'maxl_train', 'maxl_meta2', 'sla_baseline', 'sla_rotation', 'semi_baseline_mixup',
+            'semi_meta_mixup', 'eval_maxl', 'eval_sla', 'eval_semi']
+    bench = tmp_path / 'cpu.json'
+    bench.write_text(json.dumps({'device': 'cpu', 'torch': 'x', 'rows': {r: {'median_s': 1.0, 'mean_s': 1.0} for r in rows}}))
+    out = reproduce('list', '--bench', str(bench))
+    assert out.returncode == 0, out.stdout + out.stderr
+    table = {ln.split(' | ')[0][2:]: ln.split(' | ') for ln in out.stdout.splitlines() if ln.startswith('| ')}
+    # maxl-psi: Single 200 x (500 steps + 100 test batches) s, each MAXL 200 x (2 x 500 + 100) s; 3 seeds
+    assert table['maxl-psi'][1] == '15 (5 x 3)'
+    assert table['maxl-psi'][2] == f'{(120000 + 4 * 220000) * 3 / 3600:,.0f} h on cpu, float32, torch x'
+    # maxl-fig3: K-means (6 settings) has an autoencoder bench.py does not time
+    assert table['maxl-fig3'][2].endswith('+ 6 of 27 settings unknown (not timed by bench.py)')
+    assert table['metasemi-imagenet'][2] == 'unknown on cpu, float32, torch x'
+    out = reproduce('list', 'sla-cifar')
+    assert out.returncode == 0 and 'cifar100-sla+sd-color_perm' in out.stdout
+    assert 'train_sla.py --dataset cifar100 --model cresnet32 --mode sla+sd --aug color_perm' in out.stdout
