@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 
-from options import UserError     # (utils, results, the scripts and torch are imported where they are used:
+from options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
                                   # a submitit job imports this file to run `execute` and needs none of them)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -773,16 +773,16 @@ def parse(argv):
                         'its numbers are not the papers\'')
     p.add_argument('--report', action='store_true', help='only write the table (and figure) of the finished runs')
     p.add_argument('--runs', default='', help='the runs folder (default: runs/<experiment>, runs/<experiment>-quick)')
-    p.add_argument('--data_root', '--data-root', default='',
+    p.add_argument(*spellings('data_root'), default='',
                    help=f'the data root given to every script (default: theirs, dataset; with --quick {QUICK_DATA_ROOT})')
     p.add_argument('--jobs', type=int, default=1, help='runs at once on this machine (CPU threads split between them)')
     p.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1,2,3: one run per GPU (group) at a time')
     p.add_argument('--executor', choices=['local', 'slurm'], default=None,
                    help='submit each run through submitit: slurm (a Slurm job each) or local (this machine)')
     p.add_argument('--partition', default='', help='--executor slurm: the Slurm partition')
-    p.add_argument('--gpus-per-run', '--gpus_per_run', type=int, default=None,
+    p.add_argument(*spellings('gpus_per_run'), dest='gpus_per_run', type=int, default=None,
                    help='GPUs (processes, under torchrun when more than one) per run (default: the experiment\'s)')
-    p.add_argument('--cpus-per-run', '--cpus_per_run', type=int, default=0,
+    p.add_argument(*spellings('cpus_per_run'), dest='cpus_per_run', type=int, default=0,
                    help='--executor slurm: CPUs per job (default 8 per GPU)')
     p.add_argument('--time', type=float, default=24.0, help='--executor: the time limit of each job, hours')
     p.add_argument('--bench', nargs='+', default=[], metavar='FILE',
