@@ -25,8 +25,9 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from options import UserError, spellings
-from utils import atomic_write_text, device_generator, python_command, run_main, stream_seed
+from checkpoints import atomic_write_text
+from options import UserError, python_command, spellings
+from utils import device_generator, run_main, stream_seed
 
 DATA_ROOT = 'dataset'
 SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data

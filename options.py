@@ -7,12 +7,24 @@
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
   checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
   unused          unused_options                                                   results.py, MetaSemi's start line
+  python_command  the Python to name in a printed command (.venv/bin/python)       every message that prints a command
 
 Plain Python (argparse); nothing here imports torch.
 """
 import argparse
 import math
+import os
 import re
+import sys
+
+def python_command():
+    """The Python to name in a command printed for the user: a virtual environment's interpreter by its
+    path from the working directory (.venv/bin/python in this project), else `python`."""
+    if sys.prefix == sys.base_prefix:
+        return 'python'
+    path = os.path.relpath(sys.executable)
+    return sys.executable if path.startswith('..') else path
+
 
 # ----------------------------------------------------------------------------------------------------
 # Errors a user can fix: printed as one paragraph, exit code 2, no traceback

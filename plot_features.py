@@ -27,8 +27,9 @@ import torch
 import create_dataset
 from distributed import pick_device
 from models import semi_network
-from options import UserError, spellings
-from utils import load_checkpoint, python_command, run_main
+from options import UserError, python_command, spellings
+from checkpoints import load_checkpoint
+from utils import run_main
 
 # the original's class colours (10 classes); more classes use a colour map
 COLOURS = ['lightcoral', 'darkgreen', 'cadetblue', 'darkorange', 'peru', 'cornflowerblue', 'khaki', 'magenta',

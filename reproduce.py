@@ -17,238 +17,36 @@ seeds, the paper's number beside it where it is known) and, for MAXL's Figure 3,
 are read from the run folders with results.py's functions.
 
 Used by people reproducing the papers (docs/reproduce.md) and by tests/test_reproduce.py. The experiments
-are the one table EXPERIMENTS below, each setting the script's own command line.
+are the one table EXPERIMENTS in experiments.py, each setting the script's own command line; the table
+and figure are made there too.
 """
 import argparse
 import concurrent.futures
 import datetime
 import fnmatch
-import glob
 import importlib.util
-import io
 import json
-import math
 import os
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 
+from experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, bench_results, dataset_of,
+                         flag_value, gpus_of, load_project, projection, report, run_state, setting_flags)
 from options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
                                   # a submitit job imports this file to run `execute` and needs none of them)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-NOT_PUBLISHED = 'not published in readable form'
 OUTPUT = 'output.txt'            # in each run folder: the run's stdout and stderr, every attempt appended
-FINISHED = 'finished.json'       # in each run folder: written when the script exited with code 0
 SUBMITTED = 'submitted.json'     # in each run folder: the submitit job that runs it (--executor)
 MARKER = 'experiment.json'       # in the runs folder: the experiment (and --quick or not) that wrote it
 
 # ----------------------------------------------------------------------------------------------------
-# The experiments
-# ----------------------------------------------------------------------------------------------------
-
-LEVEL_CLASSES = [3, 10, 20, 100]                          # 4-level CIFAR-100
-PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # MAXL's Figure 3: (primary level, auxiliary level)
-AUX_METHODS = {'Random': 'random', 'K-means': 'kmeans', 'Human': 'human', 'MAXL': 'maxl'}
-PSIS = [2, 5, 10, 20]
-CIFARS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
-SLA_AUGS = ['rotation', 'color_perm']
-SEMI = {'svhn': ('SVHN', '1000', ['--alpha', '0.1'], '5e-5', '3.15 % error'),   # the original's run.sh; the paper
-        'cifar10': ('CIFAR-10', '4000', ['--alpha', '1.0'], '1e-4', '7.78 % error'),
-        'cifar100': ('CIFAR-100', '10000', ['--alpha', '1.0'], '1e-4', '30.74 % error')}
-SEMI_METHODS = {'baseline': ['--baseline'], 'baseline-mixup': ['--baseline', '--mix-up'], 'meta-mixup': ['--mix-up']}
-
-# --quick appends these flags to a setting's own (argparse keeps a flag's last value): per script, and per
-# setting where the setting's own value does not fit the stand-in, whose sizes are QUICK_SIZES.
-QUICK_MAXL = {'model_vgg_single.py': ['--synthetic', '--epochs', '3', '--width', '0.0625'],
-              'model_vgg_human.py': ['--synthetic', '--epochs', '3', '--width', '0.0625',
-                                     '--ae_epochs', '1', '--ae_width', '8', '--kmeans_n_init', '1'],   # K-means reads ae_*
-              'model_vgg_maxl.py': ['--synthetic', '--epochs', '3', '--width', '0.0625']}
-QUICK_SLA = ['--synthetic', '--model', 'cresnet20', '--width', '0.25', '--batchsize', '32', '--num-iterations', '120',
-             '--val-freq', '40']
-QUICK_SEMI = ['--synthetic', '--width', '0.125', '--batch-size', '32', '--total-steps', '150', '--warmup', '20',
-              '--test-freq', '50']
-QUICK_SEMI_LABELS = {'svhn': '100', 'cifar10': '100', 'cifar100': '500'}      # of the stand-in's 1,000 images
-QUICK_SIZES = {'cifar100': (1000, 500), 'cifar10': (1000, 500), 'svhn': (1000, 500)}   # (train, test) images
-QUICK_DATA_ROOT = os.path.join('dataset', 'quick')        # --quick's data root unless --data_root is given
-
-
-def pair_name(p, a):
-    return f'{LEVEL_CLASSES[p]} / {LEVEL_CLASSES[a]} classes (levels {p}, {a})'
-
-
-# Each experiment: title; seeds (default); settings {name: [script, its flags...]}; table {row: {column:
-# (setting, metrics column)}} (test_acc, test_single_acc, test_agg_acc as results.py reports them; test_acc5:
-# top-5 at the best top-1); measure (accuracy or error, in %); paper {(row, column): the paper's number};
-# gpus (per run; an int or {setting: int}, default 1); quick {script or setting: flags}; figure (a PNG name).
-EXPERIMENTS = {
-    'maxl-fig3': dict(
-        title='MAXL (NeurIPS 2019), Figure 3: Single, Random, K-means, Human and MAXL on the six (primary, '
-              'auxiliary) level pairs of 4-level CIFAR-100; VGG-16, 200 epochs; primary-task test accuracy',
-        seeds=[0, 1, 2],
-        settings={
-            **{f'single-p{p}': ['model_vgg_single.py', '--primary_level', f'{p}'] for p in (0, 1, 2)},
-            **{f'{m}-p{p}-a{a}': ['model_vgg_human.py', '--primary_level', f'{p}', '--aux_level', f'{a}',
-                                  '--aux_labels', m] for p, a in PAIRS for m in ('random', 'kmeans', 'human')},
-            **{f'maxl-p{p}-a{a}': ['model_vgg_maxl.py', '--primary_level', f'{p}', '--aux_level', f'{a}']
-               for p, a in PAIRS},
-        },
-        table={pair_name(p, a): {'Single': (f'single-p{p}', 'test_acc'),
-                                 **{m: (f'{key}-p{p}-a{a}', 'test_acc') for m, key in AUX_METHODS.items()}}
-               for p, a in PAIRS},
-        measure='accuracy',
-        paper={},                    # Figure 3 is learning curves: no number of it could be read
-        figure='figure3.png',
-        quick=QUICK_MAXL,
-    ),
-    'maxl-psi': dict(
-        title='MAXL (NeurIPS 2019): MAXL with 2, 5, 10 and 20 auxiliary classes per primary class on the 20-class '
-              'task (level 2) of CIFAR-100, Single beside it; VGG-16, 200 epochs; primary-task test accuracy',
-        seeds=[0, 1, 2],
-        settings={'single': ['model_vgg_single.py', '--primary_level', '2'],
-                  **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--primary_level', '2', '--psi', f'{n}x20'] for n in PSIS}},
-        table={'Single': {'20-class primary task': ('single', 'test_acc')},
-               **{f'MAXL, psi {n} ({20 * n} auxiliary classes)': {'20-class primary task': (f'maxl-psi{n}', 'test_acc')}
-                  for n in PSIS}},
-        measure='accuracy',
-        paper={},
-        quick=QUICK_MAXL,
-    ),
-    'sla-cifar': dict(
-        title='SLA (ICML 2020), its CIFAR table: Baseline, DA, MT, SLA+SI and SLA+AG (both read from the sla runs), '
-              'SLA+SD; rotation and colour permutation; CIFAR-10 and CIFAR-100; ResNet-32, 80,000 iterations; test '
-              'accuracy at the best validation single accuracy',
-        seeds=[0, 1, 2],
-        settings={
-            **{f'{d}-baseline': ['train_sla.py', '--dataset', d, '--model', 'cresnet32', '--mode', 'baseline']
-               for d in CIFARS},
-            **{f'{d}-{mode}-{aug}': ['train_sla.py', '--dataset', d, '--model', 'cresnet32', '--mode', mode,
-                                     '--aug', aug]
-               for d in CIFARS for aug in SLA_AUGS for mode in ('da', 'mt', 'sla', 'sla+sd')},
-        },
-        table={f'{name}, {aug}': {'Baseline': (f'{d}-baseline', 'test_single_acc'),
-                                  'DA': (f'{d}-da-{aug}', 'test_single_acc'),
-                                  'MT': (f'{d}-mt-{aug}', 'test_single_acc'),
-                                  'SLA+SI': (f'{d}-sla-{aug}', 'test_single_acc'),
-                                  'SLA+AG': (f'{d}-sla-{aug}', 'test_agg_acc'),
-                                  'SLA+SD': (f'{d}-sla+sd-{aug}', 'test_single_acc')}
-               for d, name in CIFARS.items() for aug in SLA_AUGS},
-        measure='accuracy',
-        paper={},
-        quick={'train_sla.py': QUICK_SLA},
-    ),
-    'sla-imbalanced': dict(
-        title='SLA (ICML 2020) on long-tailed CIFAR: train_sla.py --imbalance_ratio R, R = 100 and 10 (Cui et '
-              "al.'s profile: the paper's own long-tailed protocol could not be read); Baseline, SLA+SI, SLA+AG, "
-              'SLA+SD; rotation; ResNet-32, 80,000 iterations',
-        seeds=[0, 1, 2],
-        settings={f'{d}-r{r}-{mode}': ['train_sla.py', '--dataset', d, '--model', 'cresnet32', '--mode', mode,
-                                       *(['--aug', 'rotation'] if mode != 'baseline' else []),
-                                       '--imbalance_ratio', f'{r}']
-                  for d in CIFARS for r in (100, 10) for mode in ('baseline', 'sla', 'sla+sd')},
-        table={f'{name}, R = {r}': {'Baseline': (f'{d}-r{r}-baseline', 'test_single_acc'),
-                                    'SLA+SI': (f'{d}-r{r}-sla', 'test_single_acc'),
-                                    'SLA+AG': (f'{d}-r{r}-sla', 'test_agg_acc'),
-                                    'SLA+SD': (f'{d}-r{r}-sla+sd', 'test_single_acc')}
-               for d, name in CIFARS.items() for r in (100, 10)},
-        measure='accuracy',
-        paper={},
-        # R = 100 would leave the last CIFAR-100 class no image of a small stand-in: the full-size one
-        quick={'train_sla.py': QUICK_SLA + ['--synthetic_size', 'full', '--val-freq', '60']},
-    ),
-    'metasemi-table': dict(
-        title='MetaSemi (AISTATS 2021), its table: SVHN 1,000, CIFAR-10 4,000 and CIFAR-100 10,000 labels; the '
-              'labeled-only baseline, the baseline with mixup, MetaSemi with mixup; ConvLarge, 400,000 steps; best '
-              'test error',
-        seeds=[0, 1, 2],
-        settings={f'{d}-{method}': ['train_meta_semi.py', '--dataset', d, '--num-label', labels, '-a', 'convlarge',
-                                    *flags, *(mixup if '--mix-up' in flags else []), '--weight-decay', wd]
-                  for d, (_, labels, mixup, wd, _) in SEMI.items() for method, flags in SEMI_METHODS.items()},
-        table={f'{name}, {int(labels):,} labels': {'Baseline': (f'{d}-baseline', 'test_acc'),
-                                                   'Baseline + mixup': (f'{d}-baseline-mixup', 'test_acc'),
-                                                   'MetaSemi + mixup': (f'{d}-meta-mixup', 'test_acc')}
-               for d, (name, labels, _, _, _) in SEMI.items()},
-        measure='error',
-        paper={(f'{name}, {int(labels):,} labels', 'MetaSemi + mixup'): error
-               for name, labels, _, _, error in SEMI.values()},
-        quick={'train_meta_semi.py': QUICK_SEMI,
-               **{f'{d}-{method}': ['--num-label', QUICK_SEMI_LABELS[d]] for d in SEMI for method in SEMI_METHODS}},
-    ),
-    'metasemi-imagenet': dict(
-        title='MetaSemi (AISTATS 2021) on ImageNet with 10 % labels, ResNet-18, 600 epochs: MetaSemi on 8 GPUs '
-              '(64 + 64 images each), the labeled-only baseline on 4 (128 each); needs ImageNet (--data_root)',
-        seeds=[0],
-        settings={'meta': ['train_meta_semi.py', '--dataset', 'imagenet', '-a', 'resnet18', '--batch-size', '64',
-                           '--alpha', '1.0'],
-                  'baseline': ['train_meta_semi.py', '--dataset', 'imagenet', '--baseline', '-a', 'resnet18',
-                               '--batch-size', '128']},
-        gpus={'meta': 8, 'baseline': 4},
-        table={'Labeled-only baseline': {'top-1 error': ('baseline', 'test_acc'), 'top-5 error': ('baseline', 'test_acc5')},
-               'MetaSemi + mixup': {'top-1 error': ('meta', 'test_acc'), 'top-5 error': ('meta', 'test_acc5')}},
-        measure='error',
-        paper={('MetaSemi + mixup', 'top-1 error'): '44.87 %', ('MetaSemi + mixup', 'top-5 error'): '18.88 %'},
-        quick={'train_meta_semi.py': ['--synthetic', '--image-size', '32', '--width', '0.125', '--batch-size', '8',
-                                      '--epochs', '3', '--warmup-epochs', '1', '--workers', '1']},
-    ),
-    'sla-imagenet': dict(
-        title='SLA (ICML 2020) on ImageNet, ResNet-18, rotation, 900,000 iterations of 128 images (8 GPUs x 16): '
-              "Baseline, SLA+SI, SLA+AG, SLA+SD (with --with-large-loss, the original README's advice); needs "
-              'ImageNet (--data_root)',
-        seeds=[0],
-        settings={'baseline': ['train_sla.py', '--dataset', 'imagenet', '--model', 'resnet18', '--batchsize', '16',
-                               '--mode', 'baseline'],
-                  **{mode: ['train_sla.py', '--dataset', 'imagenet', '--model', 'resnet18', '--batchsize', '16',
-                            '--mode', mode, '--aug', 'rotation', '--with-large-loss'] for mode in ('sla', 'sla+sd')}},
-        gpus=8,
-        table={'ImageNet, rotation': {'Baseline': ('baseline', 'test_single_acc'), 'SLA+SI': ('sla', 'test_single_acc'),
-                                      'SLA+AG': ('sla', 'test_agg_acc'), 'SLA+SD': ('sla+sd', 'test_single_acc')}},
-        measure='accuracy',
-        paper={},
-        quick={'train_sla.py': ['--synthetic', '--image-size', '32', '--width', '0.125', '--batchsize', '16',
-                                '--num-iterations', '40', '--val-freq', '20', '--workers', '1']},
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------------
 # The runs of an experiment: their folders, states and command lines
 # ----------------------------------------------------------------------------------------------------
-
-def flag_value(flags, name, default=None):
-    """The last value of `name` in a command line (as argparse reads it), or default."""
-    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
-    return values[-1] if values else default
-
-
-def dataset_of(flags):
-    return 'cifar100' if flags[0].startswith('model_vgg') else flag_value(flags, '--dataset', 'cifar10')
-
-
-def gpus_of(experiment, setting):
-    gpus = EXPERIMENTS[experiment].get('gpus', 1)
-    return gpus.get(setting, 1) if isinstance(gpus, dict) else gpus
-
-
-def setting_flags(experiment, setting, quick):
-    """[script, flags...] of a setting, with --quick's flags appended."""
-    exp = EXPERIMENTS[experiment]
-    flags = list(exp['settings'][setting])
-    if quick:
-        flags += exp['quick'].get(flags[0], []) + exp['quick'].get(setting, [])
-    return flags
-
-
-def run_state(run_dir):
-    """'finished' (the script exited with 0), 'resume' (a checkpoint to continue from) or 'new'."""
-    if os.path.isfile(os.path.join(run_dir, FINISHED)):
-        return 'finished'
-    return 'resume' if os.path.isfile(os.path.join(run_dir, 'checkpoint.pt')) else 'new'
-
 
 def plan(args):
     """One dict per (setting, seed): setting, seed, dir (its run folder), state, flags ([script, its
@@ -282,7 +80,7 @@ def command(run, device=None):
 
 def shown(cmd, env=None):
     """A command as a user would type it (the virtual environment's python by its path)."""
-    from utils import python_command
+    from options import python_command
     words = [python_command() if w == sys.executable else w for w in cmd]
     return ' '.join([f'{k}={v}' for k, v in (env or {}).items()] + [shlex.join(words)])
 
@@ -503,236 +301,8 @@ def submitted_job(run, submitit):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The paper's table and figure, from the finished run folders (read with results.py)
+# `list`: the experiments, their settings and the projected time of their runs
 # ----------------------------------------------------------------------------------------------------
-
-def finished_runs(experiment, runs_dir):
-    """{setting: [results.read_run(...) of each finished seed, in seed order]} and the count of seed
-    folders that are not finished, per setting."""
-    import results
-    done, unfinished = {}, {}
-    for setting in EXPERIMENTS[experiment]['settings']:
-        folders = [os.path.join(runs_dir, setting, name) for name in sorted(
-            (n for n in os.listdir(os.path.join(runs_dir, setting)) if n[4:].isdigit() and n.startswith('seed')),
-            key=lambda n: int(n[4:]))] if os.path.isdir(os.path.join(runs_dir, setting)) else []
-        done[setting] = [results.read_run(p) for p in folders if run_state(p) == 'finished']
-        unfinished[setting] = len(folders) - len(done[setting])
-    return done, unfinished
-
-
-def value_of(run, column):
-    """The number a cell reports from one run: the method's best (results.measures: the best test accuracy;
-    SLA the test accuracy at the best validation), or the top-5 accuracy at the best top-1."""
-    import results
-    if column == 'test_acc5':
-        rows = [r for r in run['rows'] if isinstance(r.get('test_acc'), float)]
-        return max(rows, key=lambda r: r['test_acc'])['test_acc5'] if rows else None
-    return next((m['best'] for m in results.measures(run) if m['column'] == column), None)
-
-
-def cell_text(values, measure, unfinished):
-    import results
-    n = len(values)
-    seeds = f'{n} seed{"s" * (n != 1)}' if not unfinished else f'{n} of {n + unfinished} seeds'
-    if not values:
-        return f'— (0 of {unfinished} seeds finished)' if unfinished else '—'
-    mean, std, _ = results.mean_std([100 * (1 - v) if measure == 'error' else 100 * v for v in values])
-    return f'{mean:.2f}' + (f' ± {std:.2f}' if std is not None else '') + f' ({seeds})'
-
-
-def paper_text(exp, row, columns):
-    known = [(c, exp['paper'][(row, c)]) for c in columns if (row, c) in exp['paper']]
-    if not known:
-        return NOT_PUBLISHED
-    rest = [c for c in columns if (row, c) not in exp['paper']]
-    return '; '.join(f'{c}: {v}' for c, v in known) + (f'; {", ".join(rest)}: {NOT_PUBLISHED}' if rest else '')
-
-
-def report(experiment, runs_dir, quick):
-    """Write <runs_dir>/results.md (and the figure, where the paper has one); return the table's text."""
-    import results
-    exp = EXPERIMENTS[experiment]
-    done, unfinished = finished_runs(experiment, runs_dir)
-    columns = list(dict.fromkeys(c for row in exp['table'].values() for c in row))
-    unit = 'test error, %' if exp['measure'] == 'error' else 'test accuracy, %'
-    lines = [f'| {unit} | ' + ' | '.join(columns) + ' | paper |', '|---' * (len(columns) + 2) + '|']
-    for row, cells in exp['table'].items():
-        texts = []
-        for c in columns:
-            if c not in cells:
-                texts.append('')
-                continue
-            setting, column = cells[c]
-            values = [v for v in (value_of(run, column) for run in done[setting]) if v is not None]
-            texts.append(cell_text(values, exp['measure'], unfinished[setting]))
-        lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(exp, row, list(cells))} |')
-    table = '\n'.join(lines)
-    all_runs = [run for setting in exp['settings'] for run in done[setting]]
-    n_done = len(all_runs)
-    n_open = sum(unfinished.values())
-    text = [f'# {experiment}{" --quick" if quick else ""}', '', exp['title'] + '.', '']
-    if quick:
-        text += ['**Synthetic stand-in (`--quick`): small networks trained briefly on synthetic images. These numbers '
-                 'check that the runs, the table and the figure work end to end; they are not the paper\'s and say '
-                 'nothing about the methods.**', '']
-    text += [f'Made by `reproduce.py {experiment}{" --quick" if quick else ""}` from {n_done} finished run(s) in '
-             f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '') + ', '
-             f'{datetime.datetime.now():%Y-%m-%d %H:%M}. Each cell: mean ± sample standard deviation over the '
-             'finished seeds (one seed: its value) of ' + ('the best test error (100 − the best test accuracy)'
-                                                          if exp['measure'] == 'error' else 'the reported test accuracy')
-             + ', in %, and the number of seeds; — where none has finished. '
-             + ('SLA: the test accuracy at the best validation single accuracy (on ImageNet, which has no '
-                'validation split, the best test accuracy). ' if 'SLA' in exp['title'][:4] else
-                'The best test accuracy over the run\'s evaluations. ')
-             + 'The paper column: the paper\'s number where it could be read here, '
-             f'"{NOT_PUBLISHED}" where it could not.', '', table, '']
-    if all_runs:
-        text += ['## Every setting (results.py)', '', results.table(all_runs), '']
-    figure = exp.get('figure')
-    if figure:
-        try:
-            plt = results.import_pyplot()
-        except UserError as e:
-            text += [f'No figure: {e}', '']
-            print(f'note: no figure ({e})')
-        else:
-            if draw_figure3(plt, experiment, done, os.path.join(runs_dir, figure), quick):
-                text += [f'![MAXL Figure 3 setting: test accuracy of the primary task per epoch]({figure})', '']
-    with open(os.path.join(runs_dir, 'results.md'), 'w') as f:
-        f.write('\n'.join(text))
-    return table
-
-
-def draw_figure3(plt, experiment, done, path, quick):
-    """MAXL's Figure 3: one panel per level pair, the primary task's test accuracy per epoch of the five
-    methods, mean over the finished seeds with a ±std band. False when nothing has finished."""
-    exp = EXPERIMENTS[experiment]
-    if not any(done.values()):
-        return False
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6.2), sharex=True)
-    for ax, (row, cells) in zip(axes.flat, exp['table'].items()):
-        drawn = 0
-        for k, (method, (setting, column)) in enumerate(cells.items()):
-            curves = [[r[column] for r in run['rows'] if isinstance(r.get(column), float)] for run in done[setting]]
-            length = min((len(c) for c in curves), default=0)
-            if not length:
-                continue
-            epochs = range(1, length + 1)
-            per_epoch = [[100 * c[e] for c in curves] for e in range(length)]
-            mean = [sum(v) / len(v) for v in per_epoch]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_epoch]
-            ax.plot(epochs, mean, color=f'C{k}', label=f'{method}, n={len(curves)}')
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=f'C{k}', alpha=0.2, linewidth=0)
-            drawn += 1
-        ax.set_title(row, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if drawn:
-            ax.legend(fontsize=7, loc='lower right')
-        else:
-            ax.text(0.5, 0.5, 'no finished runs', ha='center', va='center', transform=ax.transAxes, color='grey')
-    for ax in axes[1]:
-        ax.set_xlabel('epoch')
-    for ax in axes[:, 0]:
-        ax.set_ylabel('primary test accuracy (%)')
-    fig.suptitle('MAXL Figure 3 setting: primary-task test accuracy per epoch, mean ± std over n seeds'
-                 + ('\nSYNTHETIC STAND-IN (--quick): not the paper\'s numbers' if quick else ''), fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=72, format='png')
-    plt.close(fig)
-    from PIL import Image                 # matplotlib's own dependency: a palette PNG is a few tens of KB
-    Image.open(buffer).convert('RGB').quantize(colors=96).save(path, optimize=True)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------
-# `list`: the experiments and the projected time of their runs (benchmarks/bench.py's figures)
-# ----------------------------------------------------------------------------------------------------
-
-def bench_parts(flags):
-    """A full run of a setting as benchmarks/project.py counts it: [(bench.py row, count, what)], or None
-    where bench.py times no step of its kind (K-means' autoencoder, SLA's da / mt / sla+sd / colour
-    permutations, the labeled-only MetaSemi baseline, ImageNet)."""
-    import create_dataset
-    import model_vgg_maxl
-    import train_meta_semi
-    import train_sla
-    script = flags[0]
-    sizes = {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}   # the real (train, test)
-    if script.startswith('model_vgg'):
-        M = model_vgg_maxl.HYPERPARAMETERS
-        n_train, n_test = sizes['cifar100']
-        steps = M['epochs'] * math.ceil(n_train / M['batch_size'])
-        tests = [('eval_maxl', M['epochs'] * math.ceil(n_test / M['batch_size']), 'test batches')]
-        if script == 'model_vgg_single.py':
-            return [('single', steps, 'training steps')] + tests
-        if script == 'model_vgg_human.py':
-            return None if flag_value(flags, '--aux_labels') == 'kmeans' else [('human', steps, 'training steps')] + tests
-        return [('maxl_train', steps, 'training steps'), ('maxl_meta2', steps, 'meta steps')] + tests
-    dataset = dataset_of(flags)
-    if dataset not in sizes:
-        return None
-    n_train, n_test = sizes[dataset]
-    if script == 'train_sla.py':
-        S = train_sla.HYPERPARAMETERS
-        mode, aug = flag_value(flags, '--mode', S['mode']), flag_value(flags, '--aug', S['aug'])
-        row = 'sla_baseline' if mode == 'baseline' else 'sla_rotation' if (mode, aug) == ('sla', 'rotation') else None
-        evaluations = math.ceil(S['total_steps'] / S['eval_every'])
-        per_evaluation = math.ceil(S['val_size'] / S['batch_size']) + math.ceil(n_test / S['batch_size'])
-        return row and [(row, S['total_steps'], 'iterations'),
-                        ('eval_sla', evaluations * per_evaluation, 'evaluation batches (validation + test)')]
-    T = train_meta_semi.HYPERPARAMETERS
-    baseline, mixup = '--baseline' in flags, '--mix-up' in flags
-    row = {(False, True): 'semi_meta_mixup', (True, True): 'semi_baseline_mixup'}.get((baseline, mixup))
-    tests = math.ceil(T['total_steps'] / T['eval_every']) * math.ceil(n_test / T['test_batch_size'])
-    return row and [(row, T['total_steps'], 'steps'), ('eval_semi', tests, 'test batches')]
-
-
-def load_project():
-    spec = importlib.util.spec_from_file_location('project', os.path.join(ROOT, 'benchmarks', 'project.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def bench_results(paths):
-    """[(where it was measured, bench.py result)] of the files given, else of benchmarks/results/*.json."""
-    out = []
-    for path in paths or sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', '*.json'))):
-        try:
-            with open(path) as f:
-                result = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f'--bench {path}: cannot read it as a bench.py result ({e}).') from None
-        if not result.get('concurrent'):
-            out.append((path, result))
-    return out
-
-
-def projection(experiment, seeds, results_files, project):
-    """Text: the projected device time of the experiment's full runs (all its settings, `seeds` seeds each),
-    per bench.py result; 'unknown' where no result times a setting."""
-    settings = EXPERIMENTS[experiment]['settings']
-    parts = {name: bench_parts(flags) for name, flags in settings.items()}
-    known = [n for n, p in parts.items() if p]
-    if not results_files:
-        return 'unknown (no bench.py result in benchmarks/results/)'
-    texts = []
-    for path, result in results_files:
-        runs = [dict(method=n, parts=parts[n]) for n in known]
-        hours = [p['hours'] for p in project.project(result, runs)]
-        where = project.where(result)
-        if not known or any(h is None for h in hours):
-            texts.append(f'unknown on {where}')
-            continue
-        total = sum(hours) * seeds
-        missing = len(settings) - len(known)
-        texts.append(f'{total:,.0f} h on {where}' + (f' + {missing} of {len(settings)} settings unknown '
-                                                     '(not timed by bench.py)' if missing else ''))
-    return '; '.join(texts)
-
 
 def list_experiments(which, bench_paths):
     project = load_project()

@@ -30,7 +30,8 @@ import large_datasets
 from distributed import Wrapped, all_reduce_sum, dist_env
 from models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
 from options import UserError, check_positive, hyperparameters, stand_in
-from utils import Run, device_generator, load_checkpoint, resolve_run_dir, run_main
+from checkpoints import load_checkpoint
+from utils import Run, device_generator, resolve_run_dir, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10, cifar100, or a large dataset: imagenet, imagenetN (N of its classes, e.g. imagenet100), tiny-imagenet, inat, cub200, indoor, dogs (their own defaults: LARGE, IMAGENET below)

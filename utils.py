@@ -3,15 +3,16 @@
   run_main                      every script's entry: a UserError (options.py) becomes a one-paragraph
                                 message and exit code 2 (3: diverged; 128 + signal: stopped), no traceback
   Run                           every script: configuration (options.parse_config), processes and device
-                                (distributed.Processes), run folder, log, metrics, best.pt / checkpoint.pt,
-                                resume, Ctrl-C / SIGTERM, divergence checks, the start line
+                                (distributed.Processes), run folder, log, checkpoints and resume
+                                (checkpoints.Checkpoints), Ctrl-C / SIGTERM, divergence checks
+                                (Divergence, here), the start line
   Meters, Progress, Timer       the training loops: device-side sums, progress lines, epoch times
   stream_seed, device_generator the data streams (create_dataset, large_datasets, the scripts)
-  atomic_write, RunLog,         the run folder's files, written atomically; checkpoints hold tensors and
-  save/load_checkpoint          plain values only and load with weights_only=True
-  python_command                the Python to name in a printed command (.venv/bin/python in this project)
+  RunLog                        log.txt, metrics.csv (brought back in line with the checkpoint on resume),
+                                config.json, TensorBoard scalars
 
-The networks are in models.py, the fast paths in fast_paths.py, several processes in distributed.py.
+Files and checkpoints (atomic writes, weights-only loading) are in checkpoints.py, the networks in models.py,
+the fast paths in fast_paths.py, several processes in distributed.py, the command line in options.py.
 """
 import argparse
 import csv
@@ -21,9 +22,7 @@ import io
 import json
 import math
 import os
-import pickle
 import random
-import re
 import shlex
 import sys
 import time
@@ -33,9 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from checkpoints import (Checkpoints, atomic_write_text, load_checkpoint, load_run_checkpoint, read_run_config,
+                         write_error)
 from distributed import Processes, all_reduce_sum, distributed
 from fast_paths import set_tf32
-from options import RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config
+from options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config,
+                     python_command)
 
 
 def run_main(main, argv=None):
@@ -63,15 +65,6 @@ def run_main(main, argv=None):
         os._exit(code)
     if code:
         sys.exit(code)
-
-
-def python_command():
-    """The Python to name in a command printed for the user: a virtual environment's interpreter by its
-    path from the working directory (.venv/bin/python in this project), else `python`."""
-    if sys.prefix == sys.base_prefix:
-        return 'python'
-    path = os.path.relpath(sys.executable)
-    return sys.executable if path.startswith('..') else path
 
 
 def seed_everything(seed):
@@ -150,76 +143,6 @@ def resolve_run_dir(resume, logdir, script):
     elsewhere = ''.join(f' nor in {c!r}' for c in candidates[1:])
     raise UserError(f'cannot resume {resume!r}: no {Run.CHECKPOINT} there{elsewhere}. Give the run folder printed '
                     'when the run started (logs/<script>/<run>).')
-
-
-def write_error(path, e, size=None):
-    """The UserError of a failed write of `path` (a file of a run folder): the OS's words for errno (No space
-    left on device, ...), the bytes it needed when known, and advice that fits the run's state: continue
-    with --resume where a checkpoint exists, else start again."""
-    import errno as errnos
-    import shutil
-    code = e.errno
-    words = e.strerror or (os.strerror(code) if code else str(e))
-    folder = os.path.dirname(os.path.abspath(path))
-    detail = f'errno {code}'
-    if size is not None:
-        detail += f'; {size:,} bytes to write'
-        try:
-            free = shutil.disk_usage(folder).free
-            if free < size:
-                detail += f', {free:,} free there'
-        except OSError:
-            pass
-    if code in (errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG):
-        fix = f'Free space for {folder} (or raise the limit on file size or disk quota)'
-    elif code in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
-        fix = f'Make {folder} writable'
-    else:
-        fix = f'Fix what keeps {folder} from being written'
-    if os.path.isfile(os.path.join(folder, Run.CHECKPOINT)):
-        try:
-            with open(os.path.join(folder, 'config.json')) as f:
-                script = json.load(f)['script']
-        except (OSError, ValueError, KeyError, TypeError):
-            script = '<script>'
-        then = (f'then continue from the last checkpoint with {python_command()} {script}.py --resume {folder}')
-    else:
-        then = ('then start the run again: no checkpoint was written yet, so there is nothing to resume (the '
-                f'folder {folder} holds only what this attempt wrote before)')
-    return UserError(f'cannot write {path}: {words} ({detail}). The previous file, if any, is unchanged and no '
-                     f'partial file is left. {fix}, {then}.')
-
-
-def atomic_write(path, data):
-    """`data` (bytes, or a function returning them) into a temporary file, flushed and fsynced, renamed over
-    `path`, the folder fsynced: readers see the old or the new file, never half of one, also after a power
-    cut. On an OSError (disk full, permissions, read-only filesystem) the temporary file is removed, the old
-    file is untouched, and a UserError names the path, the OS's words for the cause and the bytes needed."""
-    tmp, size = path + '.tmp', None
-    try:
-        if callable(data):
-            data = data()
-        size = len(data)
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except BaseException as e:               # also Ctrl-C: never leave a half-written temporary file
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise write_error(path, e, size) from None
-        raise
-
-
-def atomic_write_text(path, text):
-    atomic_write(path, text.encode())
 
 
 class RunLog:
@@ -305,183 +228,6 @@ class RunLog:
             if k != position and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.tb.add_scalar(k, v, int(row[position]))
         self.tb.flush()
-
-
-def rng_state():
-    """The random states as tensors and plain values (so checkpoints load with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                     int(has_gauss), float(cached)],
-             'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(tuple(state['python'][:1]) + (tuple(state['python'][1]),) + tuple(state['python'][2:]))
-    kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'].cpu())       # a checkpoint loaded onto the device moved these
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
-
-
-def save_checkpoint(path, **state):
-    def serialise():
-        # In memory first, then written as bytes: a failed write is then the OS's own error (torch's file
-        # writer turns one into '[enforce fail at inline_container.cc] unexpected pos', errno lost).
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.getbuffer()
-    atomic_write(path, serialise)
-
-
-def load_checkpoint(path, device='cpu'):
-    """A checkpoint of this code: tensors and plain Python values only, loaded with weights_only=True,
-    so a file from elsewhere cannot run code on load; anything else is refused (checkpoint_error)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated, foreign or unsafe file
-        raise checkpoint_error(path, e) from None
-
-
-ZIP_MAGIC = b'PK\x03\x04'          # torch.save's file format is a zip archive
-
-
-def checkpoint_damage(path):
-    """Why the file at `path` is not a whole checkpoint (empty, cut short, a part failing its checksum), or
-    None when it is a complete file (of some other content)."""
-    import pickletools
-    import zipfile
-    size = os.path.getsize(path)
-    if size == 0:
-        return 'it is empty (0 bytes)'
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    if head == ZIP_MAGIC or (len(head) < 4 and ZIP_MAGIC.startswith(head)):
-        try:
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-            return f'it ends part way ({size:,} bytes, without the end of its archive): cut short or overwritten'
-        return f'its part {bad} fails its checksum' if bad else None
-    try:                                       # not an archive: is it at least one whole pickle?
-        with open(path, 'rb') as f:
-            for _ in pickletools.genops(f):
-                pass
-    except Exception:
-        return f'it ends part way ({size:,} bytes)'
-    return None
-
-
-def checkpoint_error(path, e):
-    """The UserError for a checkpoint torch.load(weights_only=True) refused with `e`: damaged (say so, and
-    what to do), or holding other Python objects (refused: loading it could run code). torch's own text,
-    which advises weights_only=False, is never shown."""
-    damage = checkpoint_damage(path) if os.path.isfile(path) else None
-    folder, name = os.path.split(path)
-    if damage:
-        other = ''
-        if name == Run.CHECKPOINT:
-            best = os.path.join(folder, Run.BEST)
-            try:
-                kept = torch.load(best, map_location='cpu', weights_only=True) if os.path.isfile(best) else None
-            except Exception:
-                kept = None
-            if kept is not None:
-                at = ', '.join(f'{k} {v}' for k, v in list((kept.get('best') or {}).items())[:1])
-                other = (f' {best} is whole: it holds the networks of the best evaluation ({at}) to evaluate or '
-                         'start from, but not the optimiser and data-stream states needed to continue.')
-        return UserError(f'{path} is damaged: {damage}. This code writes checkpoints whole (atomically), so it was '
-                         'cut or changed afterwards (a copy interrupted, a disk error). Restore it from a copy of the '
-                         f'run folder if you have one, or start a new run.{other} Nothing was written.')
-    text = str(e)
-    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', text)
-    what = f' (it names {found.group(1)})' if found else ''
-    if found or isinstance(e, pickle.UnpicklingError):
-        return UserError(f'{path} holds Python objects other than tensors and plain values{what}: refused, since '
-                         'loading it could run code. A checkpoint written by this code never does: point --resume at '
-                         'a run folder written by this code.')
-    return UserError(f'cannot read {path} as a checkpoint of this code ({type(e).__name__}): it is a whole file, but '
-                     'not one this code wrote. Point --resume at a run folder written by this code. Nothing was '
-                     'written.')
-
-
-def load_run_checkpoint(path, script, format):
-    """The checkpoint of a run to resume: written by this code, in this layout, by this script."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get('format') != format:
-        raise UserError(f'{path} was written by an earlier version of this code (checkpoint format '
-                        f'{ckpt.get("format", 1)}, now {format}): resume it with that version '
-                        '(git checkout ff31508) or start a new run.')
-    if ckpt.get('script') != script:
-        raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {script}.py: resume it '
-                        f'with {python_command()} {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
-    return ckpt
-
-
-def read_run_config(run_dir, ckpt, restore, command):
-    """The configuration of a run to resume: its config.json, or, when that is missing or damaged and
-    `restore` (--restore_config) is given, the copy its checkpoint carries (a checkpoint from before that:
-    best.pt's). Returns (config, where it came from or None, the problem with config.json or None); a
-    damaged file without --restore_config is a UserError naming `command` (the one typed, plus the flag)."""
-    path = os.path.join(run_dir, 'config.json')
-    problem, config = None, None
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        problem = 'is missing'
-    except (OSError, UnicodeDecodeError) as e:
-        problem = f'cannot be read ({getattr(e, "strerror", None) or e})'
-    else:
-        try:
-            config = json.loads(text) if text.strip() else None
-        except ValueError as e:
-            problem = f'is not valid JSON ({e})'
-        if problem is None and not isinstance(config, dict):
-            problem = 'is empty' if not text.strip() else 'does not hold a configuration (a JSON object)'
-    if problem is None:
-        if restore:
-            raise UserError(f'--restore_config replaces a missing or damaged config.json, but {path} reads fine: '
-                            'drop --restore_config.')
-        return config, None, None
-    kept, source = ckpt.get('config'), os.path.join(run_dir, Run.CHECKPOINT)
-    if not isinstance(kept, dict):                      # a checkpoint from before it carried the configuration
-        kept, source = None, os.path.join(run_dir, Run.BEST)
-        try:
-            best = load_checkpoint(source) if os.path.isfile(source) else {}
-        except UserError:
-            best = {}
-        if isinstance(best.get('config'), dict):
-            position = ', '.join(f'{k} {v}' for k, v in list((best.get('best') or {}).items())[:1])
-            kept = {k: v for k, v in best['config'].items() if k not in TRANSIENT} | {'script': ckpt.get('script')}
-            source += (f' (the configuration of its best evaluation{", " + position if position else ""}; '
-                       'a value typed on a later --resume is not in it: check it)')
-    if kept is None:
-        raise UserError(f'cannot resume {run_dir}: its config.json {problem}, and no copy of the configuration is '
-                        f'left: {Run.CHECKPOINT} was written before checkpoints carried it, and {Run.BEST} has '
-                        'none either. Write config.json again by hand (a JSON object of the run\'s options, as in '
-                        'the config.json of another run of this script, with this run\'s values), or start a new '
-                        'run. Nothing was written.')
-    if not restore:
-        raise UserError(f'cannot resume {run_dir}: its config.json ({path}) {problem}. The run\'s configuration is '
-                        f'also kept in {source}: continue with {command} --restore_config, which keeps the '
-                        'damaged file as config.json.damaged and writes config.json again from that copy; or '
-                        'start a new run. Nothing was written.')
-    return kept, source, problem
-
-
-def scale_learning_rates(optimizer, scheduler, factor):
-    """Every learning rate of `optimizer` (and the base rates of its `scheduler`) times `factor`."""
-    for group in optimizer.param_groups:
-        group['lr'] *= factor
-        if 'initial_lr' in group:
-            group['initial_lr'] *= factor
-    if scheduler is not None:
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        scheduler._last_lr = [group['lr'] for group in optimizer.param_groups]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,7 +459,94 @@ class StopSignals:
         return signal.Signals(self.signum).name
 
 
-class Run(Processes):
+class Divergence:
+    """The divergence half of Run: a run whose loss or weights become non-finite, or blow up while finite
+    (the training loss above LOSS_FACTOR times its first value in most steps between two evaluations, a
+    weight beyond WEIGHT_BOUND), stops with exit code 3 before anything is evaluated or written from those
+    weights, quoting the learning rate typed and advising a tenth of it."""
+
+
+    def meters(self, loss, state=None):
+        """The Meters of the steps up to the next evaluation (or continued from `state`, saved by a run stopped
+        between two), watching the training loss named `loss` (see LOSS_FACTOR; None: a script that logs no
+        loss it trains on; not on a run resumed from a checkpoint written before the loss check, which lacks
+        the reference)."""
+        m = Meters.from_state(state)
+        for k in ('reference', 'high', 'first_bad'):            # a checkpoint's tensors come back on the CPU
+            if getattr(m, k) is not None:
+                setattr(m, k, getattr(m, k).to(self.device))
+        if self.watch_loss and loss and m.watch is None:
+            m.watch = loss
+            if self.loss_reference is not None:
+                m.reference = torch.tensor(self.loss_reference, device=self.device)
+        return m
+
+    def check_finite(self, meters, first_step, lr, unit='step', option='lr'):
+        """Stop the run (exit code 3) if `meters` saw a non-finite value, or its watched training loss stayed
+        above LOSS_FACTOR times its first value in most of its steps: before anything is evaluated or
+        written from these weights. first_step: the step of the meters' first add; lr: the rate of --`option`
+        now."""
+        found = meters.first_non_finite()
+        if found:
+            k, name = found
+            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr, option)
+        watched = meters.loss_watch() if meters.watch else None
+        if watched:
+            high, steps, reference = watched
+            if self.loss_reference is None:
+                self.loss_reference = reference         # the run's first step: kept in every checkpoint
+            if 2 * high > steps:
+                self.diverged(f'the training {meters.watch} stayed above {LOSS_FACTOR:g} times its value at the first '
+                              f'step of the run ({self.loss_reference:.4g}) in {high} of the {steps} {unit}s from '
+                              f'{unit} {first_step} on, mean {meters.means()[meters.watch]:.4g}', lr, option)
+
+    def rate_of(self, objects, param=None):
+        """(the rate now, its option) of the optimiser that trains `param` (default: the first one)."""
+        for option, (name, _) in self.RATES.items():
+            optimizer = objects.get(name)
+            if optimizer is not None and (param is None or any(p is param for g in optimizer.param_groups
+                                                                 for p in g['params'])):
+                return optimizer.param_groups[0]['lr'], option
+        return None, 'lr'
+
+    def check_weights(self, objects, where):
+        """Stop the run (exit code 3) if a weight of the networks among `objects` is non-finite or beyond
+        WEIGHT_BOUND. One host read."""
+        named = [(f'{k}.{n}', p) for k, v in objects.items() if isinstance(v, nn.Module)
+                 for n, p in v.named_parameters()]
+        biggest = float(torch.stack([p.detach().abs().max().float() for _, p in named]).max())
+        if math.isfinite(biggest) and biggest <= WEIGHT_BOUND:
+            return
+        name, param = max(named, key=lambda np_: (not bool(torch.isfinite(np_[1]).all()),
+                                                  float(np_[1].detach().abs().max().nan_to_num(math.inf))))
+        if not math.isfinite(biggest):
+            self.diverged(f'at {where} the weights became non-finite (first in {name})', *self.rate_of(objects, param))
+        self.diverged(f'at {where} a weight grew beyond {WEIGHT_BOUND:g} in absolute value ({biggest:.3g} in {name}; '
+                      'healthy weights stay of order 1)', *self.rate_of(objects, param))
+
+    def diverged(self, what, lr=None, option='lr'):
+        """Stop with exit code 3, quoting the rate typed (--`option`; `lr`: its value now, after any schedule)
+        and advising a tenth of it: from the last checkpoint, or from the start when there is none."""
+        typed = getattr(self.cfg, option, None)
+        if typed is None:
+            typed, option = lr, 'lr'
+        rate = f'--{option} {typed:g} as typed' + (f'; {lr:g} by its schedule at this check' if lr is not None and
+                                                   not math.isclose(lr, typed, rel_tol=1e-6) else '')
+        lower = f'--{option} {typed / 10:g}'
+        ckpt = self.checkpoint_path
+        if os.path.isfile(ckpt):
+            saved = load_checkpoint(ckpt)['last'] or {}
+            where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
+            advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
+                      f'e.g. {self.resume_command()} {lower}')
+        else:
+            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. {lower} '
+                      f'(the folder {self.dir} holds only the configuration and log of this attempt)')
+        raise Diverged(f'training diverged: {what} (learning rate: {rate}). Nothing was saved from these weights: '
+                       f'{advice}.')
+
+
+class Run(Checkpoints, Divergence, Processes):
     """One training run: its configuration, processes and device (Processes), folder, log, checkpoints,
     resume, stops and divergence checks.
 
@@ -722,12 +555,6 @@ class Run(Processes):
     `--resume RUN` reopens a folder: the saved configuration is used, except the values typed on this
     command line (so `--resume RUN --epochs 300` extends a run), and restore() brings back every state.
     """
-
-    CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'
-    # option -> (the optimiser, its scheduler) among a script's objects: what `--resume RUN --lr X` scales,
-    # and which rate a divergence advises lowering
-    RATES = {'lr': ('optimizer', 'scheduler'), 'gen_lr': ('gen_optimizer', 'gen_scheduler')}
-    FORMAT = 2        # checkpoint layout; 1 (no 'format' key) is the layout before the shared skeleton
 
     def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None, presets=None):
         self.script = script
@@ -837,101 +664,6 @@ class Run(Processes):
         images = images_per_step or self.cfg.batch_size * self.world
         return Progress(self, total, desc, images, done_before, run_total)
 
-    # ---- checkpoints ----
-
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.dir, self.CHECKPOINT)
-
-    def save(self, objects, **extra):
-        """Atomically save the state_dicts of `objects` (name -> network/optimiser/scheduler), the RNG
-        states, the best evaluation and `extra` (position, data-stream state, ...). Only the first process
-        writes (every process holds the same state)."""
-        if self.rank != 0:
-            return
-        save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
-                        state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
-                        last=self.last, best_keys=list(self.best_keys), config=self.config_record(),
-                        loss_reference=self.loss_reference, processes=self.world, **extra)
-
-    def restore(self, objects, **defaults):
-        """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
-        return `defaults` updated with the saved extras. On a new run: return `defaults`."""
-        if not self.resuming:
-            return defaults
-        ckpt, self._resumed = self._resumed, None
-        try:
-            for k, obj in objects.items():
-                obj.load_state_dict(ckpt['state'][k])
-        except (KeyError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise UserError(f'{self.checkpoint_path} does not fit the networks of this run ({type(e).__name__}: '
-                            f'{first}); it was written with other settings (width, psi, mode, model, ...) than '
-                            'the ones in its config.json. Nothing was written; start a new run instead.') from None
-        set_rng_state(ckpt['rng'])
-        self.best, self.last, self.best_keys = ckpt['best'], ckpt['last'], tuple(ckpt.get('best_keys', ()))
-        self.watch_loss = 'loss_reference' in ckpt       # a checkpoint from before the loss check: weights only
-        self.loss_reference = ckpt.get('loss_reference')
-        for option, (optimizer, scheduler) in self.RATES.items():   # --resume RUN --lr X: saved rates x X / old
-            old, new = self.saved_config.get(option), getattr(self.cfg, option, None)
-            if option in self.given and old and old != new and optimizer in objects:
-                scale_learning_rates(objects[optimizer], objects.get(scheduler), new / old)
-                self.log.print(f'note: --{option} {new:g} scales the saved learning rates by {new / old:g}')
-        if self.config_source:                   # --restore_config: the damaged file kept beside the new one
-            path = os.path.join(self.dir, 'config.json')
-            kept = ''
-            if os.path.exists(path):
-                kept = next(f'{path}.damaged{f"-{k}" if k else ""}' for k in range(1000)
-                            if not os.path.exists(f'{path}.damaged{f"-{k}" if k else ""}'))
-                os.replace(path, kept)
-        self.save_config()                       # the state fits: now the resumed run may write
-        self.log.commit()
-        if self.config_source:
-            self.log.print(f'note: config.json {self.config_problem}: restored from {self.config_source}'
-                           + (f'; the damaged file is kept as {kept}' if kept else ''))
-        if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
-            position = next(iter(self.last))
-            self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference',
-                'processes')
-        return defaults | {k: v for k, v in ckpt.items() if k not in skip}
-
-    def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
-        """The end of an epoch or evaluation interval. `row`: the metrics (plain numbers, accuracies as
-        fractions), its first column the position (epoch, iteration or step). The best evaluation is
-        kept on row[score] (higher is better) with the columns `keep`; then the lines of
-        `lines(improved)` are printed, the row is appended to metrics.csv with best_<score> and
-        best_<kept> columns, best.pt is written when the score improved (the networks among `objects`),
-        and checkpoint.pt always (every object, RNG states, the best, `extra`). Returns `improved`."""
-        position = next(iter(row))
-        self.check_weights(objects, f'{position} {row[position]}')
-        bad = [k for k, v in row.items() if ('loss' in k or k.endswith('acc')) and isinstance(v, float)
-               and not math.isfinite(v)]
-        if bad:
-            self.diverged(f'at {position} {row[position]} the {", ".join(bad)} became non-finite',
-                          *self.rate_of(objects))
-        self.last = row
-        improved = self.best is None or row[score] > self.best[score]
-        if improved:
-            self.best = {k: row[k] for k in (position, score, *keep)}
-        for line in (lines(improved) if lines else ()):
-            self.log.print(line)
-        self.best_keys = (score, *keep)
-        # best.pt, then checkpoint.pt, then the metrics row: a run killed between two of these writes is
-        # resumed from checkpoint.pt, and restore() brings metrics.csv back in line with it.
-        if improved and self.rank == 0:
-            nets = {k: v.state_dict() for k, v in objects.items() if isinstance(v, nn.Module)}
-            save_checkpoint(os.path.join(self.dir, self.BEST), format=self.FORMAT, script=self.script, state=nets,
-                            best=self.best, row=row, config=vars(self.cfg))
-        self.save(objects, **extra)
-        self.log.metrics(self.metrics_row(row))
-        if self.cfg.tensorboard:
-            self.log.tensorboard(self.metrics_row(row))
-        return improved
-
-    def metrics_row(self, row):
-        return row | {f'best_{k}': self.best[k] for k in self.best_keys}
-
     def describe(self, nets, data, total_steps, unit='steps'):
         """The start line: what will run, where, on how much."""
         dtype = 'bf16 autocast' if self.cfg.amp else 'float32'
@@ -942,87 +674,6 @@ class Run(Processes):
         sizes = ', '.join(f'{k} {v:,}' for k, v in data.items())
         self.log.print(f'will run {total_steps:,} {unit} on {self.device} ({dtype}), {self.world} process(es), '
                        f'{params:,} parameters; images: {sizes}')
-
-    # ---- divergence ----
-
-    def meters(self, loss, state=None):
-        """The Meters of the steps up to the next evaluation (or continued from `state`, saved by a run stopped
-        between two), watching the training loss named `loss` (see LOSS_FACTOR; None: a script that logs no
-        loss it trains on; not on a run resumed from a checkpoint written before the loss check, which lacks
-        the reference)."""
-        m = Meters.from_state(state)
-        for k in ('reference', 'high', 'first_bad'):            # a checkpoint's tensors come back on the CPU
-            if getattr(m, k) is not None:
-                setattr(m, k, getattr(m, k).to(self.device))
-        if self.watch_loss and loss and m.watch is None:
-            m.watch = loss
-            if self.loss_reference is not None:
-                m.reference = torch.tensor(self.loss_reference, device=self.device)
-        return m
-
-    def check_finite(self, meters, first_step, lr, unit='step', option='lr'):
-        """Stop the run (exit code 3) if `meters` saw a non-finite value, or its watched training loss stayed
-        above LOSS_FACTOR times its first value in most of its steps: before anything is evaluated or
-        written from these weights. first_step: the step of the meters' first add; lr: the rate of --`option`
-        now."""
-        found = meters.first_non_finite()
-        if found:
-            k, name = found
-            self.diverged(f'the training {name} became non-finite at {unit} {first_step + k}', lr, option)
-        watched = meters.loss_watch() if meters.watch else None
-        if watched:
-            high, steps, reference = watched
-            if self.loss_reference is None:
-                self.loss_reference = reference         # the run's first step: kept in every checkpoint
-            if 2 * high > steps:
-                self.diverged(f'the training {meters.watch} stayed above {LOSS_FACTOR:g} times its value at the first '
-                              f'step of the run ({self.loss_reference:.4g}) in {high} of the {steps} {unit}s from '
-                              f'{unit} {first_step} on, mean {meters.means()[meters.watch]:.4g}', lr, option)
-
-    def rate_of(self, objects, param=None):
-        """(the rate now, its option) of the optimiser that trains `param` (default: the first one)."""
-        for option, (name, _) in self.RATES.items():
-            optimizer = objects.get(name)
-            if optimizer is not None and (param is None or any(p is param for g in optimizer.param_groups
-                                                                 for p in g['params'])):
-                return optimizer.param_groups[0]['lr'], option
-        return None, 'lr'
-
-    def check_weights(self, objects, where):
-        """Stop the run (exit code 3) if a weight of the networks among `objects` is non-finite or beyond
-        WEIGHT_BOUND. One host read."""
-        named = [(f'{k}.{n}', p) for k, v in objects.items() if isinstance(v, nn.Module)
-                 for n, p in v.named_parameters()]
-        biggest = float(torch.stack([p.detach().abs().max().float() for _, p in named]).max())
-        if math.isfinite(biggest) and biggest <= WEIGHT_BOUND:
-            return
-        name, param = max(named, key=lambda np_: (not bool(torch.isfinite(np_[1]).all()),
-                                                  float(np_[1].detach().abs().max().nan_to_num(math.inf))))
-        if not math.isfinite(biggest):
-            self.diverged(f'at {where} the weights became non-finite (first in {name})', *self.rate_of(objects, param))
-        self.diverged(f'at {where} a weight grew beyond {WEIGHT_BOUND:g} in absolute value ({biggest:.3g} in {name}; '
-                      'healthy weights stay of order 1)', *self.rate_of(objects, param))
-
-    def diverged(self, what, lr=None, option='lr'):
-        """Stop with exit code 3, quoting the rate typed (--`option`; `lr`: its value now, after any schedule)
-        and advising a tenth of it: from the last checkpoint, or from the start when there is none."""
-        typed = getattr(self.cfg, option, None)
-        if typed is None:
-            typed, option = lr, 'lr'
-        rate = f'--{option} {typed:g} as typed' + (f'; {lr:g} by its schedule at this check' if lr is not None and
-                                                   not math.isclose(lr, typed, rel_tol=1e-6) else '')
-        lower = f'--{option} {typed / 10:g}'
-        ckpt = self.checkpoint_path
-        if os.path.isfile(ckpt):
-            saved = load_checkpoint(ckpt)['last'] or {}
-            where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
-            advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
-                      f'e.g. {self.resume_command()} {lower}')
-        else:
-            advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. {lower} '
-                      f'(the folder {self.dir} holds only the configuration and log of this attempt)')
-        raise Diverged(f'training diverged: {what} (learning rate: {rate}). Nothing was saved from these weights: '
-                       f'{advice}.')
 
     # ---- the epoch-based scripts (the MAXL paper's three) ----
 
