@@ -13,6 +13,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# pytest.ini runs the suite in one worker process per core (pytest-xdist, at most 4): one thread each (and in
+# the scripts they start), unless OMP_NUM_THREADS says otherwise; threads fighting over cores run 10x slower.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import create_dataset  # noqa: E402
 
@@ -21,6 +24,15 @@ SMALL = {'cifar100': (2000, 500), 'cifar10': (1000, 300), 'svhn': (1000, 300)}
 # uninterrupted one, the files a run writes): 5 MAXL steps an epoch (not a multiple of anything a
 # schedule counts in), a few evaluation batches.
 TINY = {'cifar100': (500, 200), 'cifar10': (400, 200)}
+
+
+def pytest_itemcollected(item):
+    """A test that shares a module-scoped fixture (one torchrun job, one set of runs) goes to the worker of
+    its module's other such tests (pytest-xdist's loadgroup), so the fixture is made once; every other test
+    goes to whichever worker is free."""
+    info = getattr(item, '_fixtureinfo', None)
+    if info and any(d.scope == 'module' for defs in info.name2fixturedefs.values() for d in defs):
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope='session')
