@@ -17,7 +17,7 @@ import torch
 
 import create_dataset as cd
 import large_datasets as ld
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process
 from test_pinned_runs import TIMING_COLUMNS
 from models import topk_count
 from options import UserError
@@ -248,27 +248,36 @@ def rows(run_dir):
         return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
 
 
-def test_meta_semi_on_imagenet_runs_and_writes_its_split(tmp_path):
-    data = str(tmp_path / 'data')
-    p = run_script('train_meta_semi.py', *SEMI, '--epochs', '1', '--data-path', data, '--run_dir', tmp_path / 'r')
+@pytest.fixture(scope='module')
+def semi_imagenet(tmp_path_factory):
+    """One uninterrupted 2-epoch MetaSemi run on the ImageNet stand-in (written once into data/): the run
+    whose split the split test reads and whose end the stopped-and-resumed run must reach."""
+    tmp = tmp_path_factory.mktemp('semi_imagenet')
+    data = str(tmp / 'data')
+    p = run_in_process('train_meta_semi.py', *SEMI, '--epochs', '2', '--data-path', data, '--run_dir', tmp / 'a')
     assert p.returncode == 0, p.stderr[-2000:]
+    return p, data, tmp / 'a'
+
+
+def test_meta_semi_on_imagenet_runs_and_writes_its_split(semi_imagenet, tmp_path):
+    p, data, run = semi_imagenet
     assert ' * Prec@1 ' in p.stdout and 'top-5 error' in p.stdout
-    (row,) = rows(tmp_path / 'r')
+    row = rows(run)[0]
     ds = ld.LARGE_DATASETS['imagenet']
     n = ds.synthetic_classes * ds.synthetic_per_class[0]
     assert int(row['step']) == math.ceil(n * 0.9 / 8) and float(row['epoch']) == 1.0
     assert 0 <= float(row['test_acc']) <= float(row['test_acc5']) <= 1 and row['bad_images'] == '0'
-    listed = (tmp_path / 'r' / 'train_labeled.txt').read_text().split()
+    listed = (run / 'train_labeled.txt').read_text().split()
     assert len(listed) == n // 10 and all(line.count('/') == 1 for line in listed)
     # the list file is the original's format: a new run given it labels the same images
-    q = run_script('train_meta_semi.py', *SEMI, '--total-steps', '1', '--epochs', '0', '--data-path', data,
-                   '--label-list', tmp_path / 'r' / 'train_labeled.txt', '--run_dir', tmp_path / 's')
+    q = run_in_process('train_meta_semi.py', *SEMI, '--total-steps', '1', '--epochs', '0', '--data-path', data,
+                       '--label-list', run / 'train_labeled.txt', '--run_dir', tmp_path / 's')
     assert q.returncode == 0, q.stderr[-2000:]
     assert (tmp_path / 's' / 'train_labeled.txt').read_text().split() == listed
 
 
 def test_meta_semi_imagenet_baseline_counts_epochs_over_the_labeled_set(tmp_path):
-    p = run_script('train_meta_semi.py', *SEMI, '--baseline', '--epochs', '2', '--batch-size', '4', '--data-path',
+    p = run_in_process('train_meta_semi.py', *SEMI, '--baseline', '--epochs', '2', '--batch-size', '4', '--data-path',
                    tmp_path / 'data', '--run_dir', tmp_path / 'r')
     assert p.returncode == 0, p.stderr[-2000:]
     assert [int(r['step']) for r in rows(tmp_path / 'r')] == [5, 10]          # 20 labeled / 4
@@ -276,17 +285,15 @@ def test_meta_semi_imagenet_baseline_counts_epochs_over_the_labeled_set(tmp_path
 
 
 def test_a_resnet_on_cifar_is_refused(tmp_path, data_root):
-    p = run_script('train_meta_semi.py', '--synthetic', '--data-path', data_root, '-a', 'resnet18', '--run_dir',
+    p = run_in_process('train_meta_semi.py', '--synthetic', '--data-path', data_root, '-a', 'resnet18', '--run_dir',
                    tmp_path / 'r')
     assert p.returncode == 2 and 'does not go with' in p.stderr and 'Traceback' not in p.stderr
     assert not (tmp_path / 'r').exists()
 
 
-def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(tmp_path):
-    data = str(tmp_path / 'data')
+def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(semi_imagenet, tmp_path):
+    _, data, full = semi_imagenet
     args = SEMI + ['--epochs', '2', '--data-path', data]
-    full = run_script('train_meta_semi.py', *args, '--run_dir', tmp_path / 'a')
-    assert full.returncode == 0, full.stderr[-2000:]
     # SIGTERM once step 25 is printed (epoch 2 is steps 23-45): a stop mid-epoch, not racing the epoch's end
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_meta_semi.py'), *args, '--run_dir',
@@ -300,10 +307,10 @@ def test_meta_semi_imagenet_stopped_mid_epoch_resumes_exactly(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
     stopped = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['step']
     assert stopped % 23 != 0                                    # mid-epoch (23 steps an epoch)
-    rest = run_script('train_meta_semi.py', '--resume', tmp_path / 'b')
+    rest = run_in_process('train_meta_semi.py', '--resume', tmp_path / 'b')
     assert rest.returncode == 0, rest.stderr[-2000:]
-    assert rows(tmp_path / 'a') == rows(tmp_path / 'b')
-    a, b = (torch.load(tmp_path / r / 'checkpoint.pt', weights_only=True)['state']['model'] for r in 'ab')
+    assert rows(full) == rows(tmp_path / 'b')
+    a, b = (torch.load(r / 'checkpoint.pt', weights_only=True)['state']['model'] for r in (full, tmp_path / 'b'))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
@@ -318,7 +325,7 @@ def test_meta_semi_reads_the_originals_recordio_files(tmp_path):
                                ('val', test, range(len(test)))):
         ld.write_recordio(str(rec / f'{name}.rec'), str(rec / f'{name}.idx'),
                           [ld.recordio_pack(int(files.labels[i]), files.read(i)[0], key=k) for k, i in enumerate(index)])
-    p = run_script('train_meta_semi.py', *[a for a in SEMI if a != '--synthetic'], '--num-classes', '10', '--data', rec,
+    p = run_in_process('train_meta_semi.py', *[a for a in SEMI if a != '--synthetic'], '--num-classes', '10', '--data', rec,
                    '--epochs', '1', '--run_dir', tmp_path / 'r')
     assert p.returncode == 0, p.stderr[-2000:]
     assert f'20 labeled, 180 unlabeled, 40 test images; RecordIO files in {rec}' in p.stdout

@@ -197,10 +197,10 @@ def read_metrics(logdir, script):
                                           ('model_vgg_maxl.py', ['--meta_order', '2']),
                                           ('model_vgg_maxl.py', ['--meta_order', '1'])])
 def test_script_runs_and_beats_chance(tmp_path, data_root, script, extra):
-    p = run_in_process(script, '--synthetic', '--data_root', data_root, '--epochs', 4, '--width', 0.0625,
+    p = run_in_process(script, '--synthetic', '--data_root', data_root, '--epochs', 3, '--width', 0.0625,
                    '--logdir', tmp_path, *extra)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count('EPOCH: ') == 4 and 'TEST' in p.stdout
+    assert p.stdout.count('EPOCH: ') == 3 and 'TEST' in p.stdout      # MAXL here: 0.30 (second order), 0.26
     _, rows = read_metrics(tmp_path, script[:-3])
     assert float(rows[-1]['test_acc']) > 0.15          # 20 primary classes: chance is 0.05
 
