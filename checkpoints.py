@@ -9,6 +9,8 @@
   load_run_checkpoint,              --resume: the checkpoint of this script and layout, the configuration
   read_run_config                   (config.json, or the copy the checkpoint carries: --restore_config)
   rng_state, set_rng_state          every random state, as tensors and plain values
+  safe_unpickle                     a CIFAR pickle (official or stand-in) read with an unpickler that allows
+                                    only what those files hold (create_dataset)
   Checkpoints                       utils.Run's methods that save, restore and keep the best evaluation
 
 Used by utils.Run (a Run is a Checkpoints), and by the files named above.
@@ -276,6 +278,53 @@ def scale_learning_rates(optimizer, scheduler, factor):
     if scheduler is not None:
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
         scheduler._last_lr = [group['lr'] for group in optimizer.param_groups]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data pickles read without running code (the CIFAR files: create_dataset)
+# ----------------------------------------------------------------------------------------------------
+
+def _latin1_encode(text, encoding='latin1'):
+    """What a Python 3 pickle of bytes calls (_codecs.encode(text, 'latin1')), for that encoding only."""
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise pickle.UnpicklingError(f'_codecs.encode with {encoding!r}')
+    return text.encode('latin1')
+
+
+# The only callables a CIFAR pickle may name: a numpy array's reconstruction (numpy.core in the official
+# Python 2 files, numpy._core in files numpy 2 writes) and bytes as Python 3 pickles them. Everything else
+# (os.system, builtins.eval, any class) is refused before it is looked up.
+_SAFE_GLOBALS = {('numpy.core.multiarray', '_reconstruct'): np.zeros(1).__reduce__()[0],
+                 ('numpy._core.multiarray', '_reconstruct'): np.zeros(1).__reduce__()[0],
+                 ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+                 ('_codecs', 'encode'): _latin1_encode}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f'{module}.{name}')
+        return _SAFE_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('a persistent id')
+
+
+def safe_unpickle(f, name):
+    """A pickle of the types the official CIFAR files hold (dicts, lists, strings, bytes, numbers, numpy
+    arrays), read with a restricted unpickler: anything that would call other code is a UserError."""
+    try:
+        return _DataUnpickler(f, encoding='latin1').load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f'{name} holds a Python object other than the data CIFAR\'s files hold ({e}): refused, '
+                        'since reading it could run code. Neither the official files nor the stand-in this code '
+                        'writes hold one: replace the file (the stand-in: delete its folder and run again, it is '
+                        'written anew; the official files: unpack the archive again, or rerun with --download).'
+                        ) from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError) as e:
+        raise UserError(f'{name} cannot be read as a CIFAR pickle ({type(e).__name__}: {e}): it is damaged. Replace '
+                        'it (the stand-in: delete its folder and run again; the official files: unpack the archive '
+                        'again, or rerun with --download).') from None
 
 
 class Checkpoints:

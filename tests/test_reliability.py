@@ -12,6 +12,7 @@ import pickle
 import pytest
 import torch
 
+import checkpoints
 import create_dataset
 import model_vgg_human
 import model_vgg_maxl
@@ -535,6 +536,6 @@ def test_the_restricted_reader_reads_the_official_pickle_layout():
     py2 = py3.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
     assert b'numpy.core.multiarray' in py2 and b'_codecs' in py3
     for blob in (py3, py2):
-        got = create_dataset.safe_unpickle(io.BytesIO(blob), 'the file')
+        got = checkpoints.safe_unpickle(io.BytesIO(blob), 'the file')
         assert got['labels'] == [3, 4] and got['raw'] == b'\x00\xff' and got['x'] == 1.5
         assert got['data'].dtype == np.uint8 and got['data'].tolist() == data['data'].tolist()
