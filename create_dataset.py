@@ -15,6 +15,7 @@ sums, where to fetch them, label columns, normalisation and augmentation.
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -44,9 +45,12 @@ _MD5_SEEN = {}      # (path, size, mtime) -> md5: a file checked before its run 
 def md5sum(path, chunk=1 << 20):
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _MD5_SEEN:
-        from torchvision.datasets.utils import calculate_md5
-        _MD5_SEEN[key] = calculate_md5(path, chunk_size=chunk)
+    if key not in _MD5_SEEN:       # hashlib, not torchvision's helper: importing torchvision costs 3-4 s a run
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(chunk), b''):
+                digest.update(block)
+        _MD5_SEEN[key] = digest.hexdigest()
     return _MD5_SEEN[key]
 
 
