@@ -352,7 +352,7 @@ class Checkpoints:
         save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
                         state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
                         last=self.last, best_keys=list(self.best_keys), config=self.config_record(),
-                        loss_reference=self.loss_reference, processes=self.world, **extra)
+                        loss_reference=self.loss_reference, **extra)
 
     def restore(self, objects, **defaults):
         """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
@@ -392,8 +392,7 @@ class Checkpoints:
         if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
             position = next(iter(self.last))
             self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference',
-                'processes')
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference')
         return defaults | {k: v for k, v in ckpt.items() if k not in skip}
 
     def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):

@@ -17,7 +17,6 @@ import glob
 import importlib.util
 import io
 import json
-import math
 import os
 import statistics
 
@@ -379,43 +378,29 @@ def draw_figure3(plt, experiment, done, path, quick):
 # `list`: the experiments and the projected time of their runs (benchmarks/bench.py's figures)
 # ----------------------------------------------------------------------------------------------------
 
-def bench_parts(flags):
-    """A full run of a setting as benchmarks/project.py counts it: [(bench.py row, count, what)], or None
-    where bench.py times no step of its kind (K-means' autoencoder, SLA's da / mt / sla+sd / colour
-    permutations, the labeled-only MetaSemi baseline, ImageNet)."""
-    import create_dataset
-    import model_vgg_maxl
-    import train_meta_semi
+def bench_parts(flags, project):
+    """A full run of a setting as benchmarks/project.py counts it (its maxl_parts, sla_parts, semi_parts):
+    [(bench.py row, count, what)], or None where bench.py times no step of its kind (K-means' autoencoder,
+    SLA's da / mt / sla+sd / colour permutations, the labeled-only MetaSemi baseline, ImageNet)."""
     import train_sla
     script = flags[0]
-    sizes = {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}   # the real (train, test)
-    if script.startswith('model_vgg'):
-        M = model_vgg_maxl.HYPERPARAMETERS
-        n_train, n_test = sizes['cifar100']
-        steps = M['epochs'] * math.ceil(n_train / M['batch_size'])
-        tests = [('eval_maxl', M['epochs'] * math.ceil(n_test / M['batch_size']), 'test batches')]
-        if script == 'model_vgg_single.py':
-            return [('single', steps, 'training steps')] + tests
-        if script == 'model_vgg_human.py':
-            return None if flag_value(flags, '--aux_labels') == 'kmeans' else [('human', steps, 'training steps')] + tests
-        return [('maxl_train', steps, 'training steps'), ('maxl_meta2', steps, 'meta steps')] + tests
+    if script == 'model_vgg_single.py':
+        return project.maxl_parts('single')
+    if script == 'model_vgg_human.py':
+        return None if flag_value(flags, '--aux_labels') == 'kmeans' else project.maxl_parts('human')
+    if script == 'model_vgg_maxl.py':
+        return project.maxl_parts(meta_row='maxl_meta2')
     dataset = dataset_of(flags)
-    if dataset not in sizes:
+    if dataset not in project.real_sizes():
         return None
-    n_train, n_test = sizes[dataset]
     if script == 'train_sla.py':
         S = train_sla.HYPERPARAMETERS
         mode, aug = flag_value(flags, '--mode', S['mode']), flag_value(flags, '--aug', S['aug'])
         row = 'sla_baseline' if mode == 'baseline' else 'sla_rotation' if (mode, aug) == ('sla', 'rotation') else None
-        evaluations = math.ceil(S['total_steps'] / S['eval_every'])
-        per_evaluation = math.ceil(S['val_size'] / S['batch_size']) + math.ceil(n_test / S['batch_size'])
-        return row and [(row, S['total_steps'], 'iterations'),
-                        ('eval_sla', evaluations * per_evaluation, 'evaluation batches (validation + test)')]
-    T = train_meta_semi.HYPERPARAMETERS
+        return row and project.sla_parts(row, dataset)
     baseline, mixup = '--baseline' in flags, '--mix-up' in flags
     row = {(False, True): 'semi_meta_mixup', (True, True): 'semi_baseline_mixup'}.get((baseline, mixup))
-    tests = math.ceil(T['total_steps'] / T['eval_every']) * math.ceil(n_test / T['test_batch_size'])
-    return row and [(row, T['total_steps'], 'steps'), ('eval_semi', tests, 'test batches')]
+    return row and project.semi_parts(row, dataset)
 
 
 def load_project():
@@ -443,7 +428,7 @@ def projection(experiment, seeds, results_files, project):
     """Text: the projected device time of the experiment's full runs (all its settings, `seeds` seeds each),
     per bench.py result; 'unknown' where no result times a setting."""
     settings = EXPERIMENTS[experiment]['settings']
-    parts = {name: bench_parts(flags) for name, flags in settings.items()}
+    parts = {name: bench_parts(flags, project) for name, flags in settings.items()}
     known = [n for n, p in parts.items() if p]
     if not results_files:
         return 'unknown (no bench.py result in benchmarks/results/)'

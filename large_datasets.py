@@ -29,9 +29,9 @@ import struct
 import numpy as np
 import torch
 
+from checkpoints import atomic_write_text
 from create_dataset import dataset_root
 from options import UserError
-from checkpoints import atomic_write_text
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')

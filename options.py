@@ -7,7 +7,7 @@
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
   checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
   unused          unused_options                                                   results.py, MetaSemi's start line
-  python_command  the Python to name in a printed command (.venv/bin/python)       every message that prints a command
+  python_command  the Python (and torchrun) to name in a printed command            every message that prints a command
 
 Plain Python (argparse); nothing here imports torch.
 """
@@ -17,6 +17,7 @@ import os
 import re
 import sys
 
+
 def python_command():
     """The Python to name in a command printed for the user: a virtual environment's interpreter by its
     path from the working directory (.venv/bin/python in this project), else `python`."""
@@ -24,6 +25,13 @@ def python_command():
         return 'python'
     path = os.path.relpath(sys.executable)
     return sys.executable if path.startswith('..') else path
+
+
+def torchrun_command():
+    """The torchrun to name in a printed command: the one beside python_command()'s interpreter
+    (.venv/bin/torchrun in this project), else `torchrun`."""
+    folder = os.path.dirname(python_command())
+    return os.path.join(folder, 'torchrun') if folder else 'torchrun'
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from checkpoints import (Checkpoints, atomic_write_text, load_checkpoint, load_r
 from distributed import Processes, all_reduce_sum, distributed
 from fast_paths import set_tf32
 from options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config,
-                     python_command)
+                     python_command, torchrun_command)
 
 
 def run_main(main, argv=None):
@@ -586,7 +586,8 @@ class Run(Checkpoints, Divergence, Processes):
         self.cfg, self.given = cfg, given
         set_tf32(cfg.tf32)
         self.device = self.start_processes(cfg)
-        note = (self.resumed_processes(self._resumed.get('processes'), self.saved_config.get('batch_size'),
+        note = (self.resumed_processes((self._resumed.get('config') or {}).get('processes'),
+                                       self.saved_config.get('batch_size'),
                                        cfg.batch_size) if self.resuming else None)     # refused: nothing written
         if not self.resuming:                   # the first process makes the folder and tells the others
             if self.rank == 0:
@@ -633,8 +634,9 @@ class Run(Checkpoints, Divergence, Processes):
         if self.world == 1:
             return f'{python_command()} {self.script}.py --resume {self.dir}'
         per_node = int(os.environ.get('LOCAL_WORLD_SIZE', self.world))
-        launch = (f'torchrun --standalone --nproc_per_node {self.world}' if per_node == self.world else
-                  f'torchrun --nnodes {self.world // per_node} --node_rank R --master_addr HOST '
+        torchrun = torchrun_command()
+        launch = (f'{torchrun} --standalone --nproc_per_node {self.world}' if per_node == self.world else
+                  f'{torchrun} --nnodes {self.world // per_node} --node_rank R --master_addr HOST '
                   f'--nproc_per_node {per_node}')
         return f'{launch} {self.script}.py --resume {self.dir}'
 

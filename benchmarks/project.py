@@ -35,39 +35,59 @@ sys.path.insert(0, ROOT)
 STATISTIC = {'maxl_train': 'mean_s'}
 
 
+def real_sizes():
+    """(train, test) images of the real CIFAR-100, CIFAR-10 and SVHN (the stand-ins' full sizes)."""
+    import create_dataset
+    return {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}
+
+
+def maxl_parts(train_row='maxl_train', meta_row=None):
+    """A full run of one of the MAXL paper's scripts (their defaults, CIFAR-100): [(bench row, count, what)]:
+    the training steps (train_row: single, human or maxl_train), MAXL's meta steps (meta_row) and the tests."""
+    import model_vgg_maxl
+    M = model_vgg_maxl.HYPERPARAMETERS
+    n_train, n_test = real_sizes()['cifar100']
+    epochs, B = M['epochs'], M['batch_size']
+    steps, test_batches = epochs * math.ceil(n_train / B), epochs * math.ceil(n_test / B)
+    return ([(train_row, steps, 'training steps')] + ([(meta_row, steps, 'meta steps')] if meta_row else [])
+            + [('eval_maxl', test_batches, 'test batches')])
+
+
+def sla_parts(row, dataset):
+    """A full SLA run on a CIFAR dataset (train_sla's defaults): its iterations (bench row `row`) and the
+    evaluation batches (validation + test)."""
+    import train_sla
+    S = train_sla.HYPERPARAMETERS
+    n_test = real_sizes()[dataset][1]
+    N, B = S['total_steps'], S['batch_size']
+    per_evaluation = math.ceil(S['val_size'] / B) + math.ceil(n_test / B)
+    return [(row, N, 'iterations'),
+            ('eval_sla', math.ceil(N / S['eval_every']) * per_evaluation, 'evaluation batches (validation + test)')]
+
+
+def semi_parts(row, dataset):
+    """A full MetaSemi run on CIFAR or SVHN (train_meta_semi's defaults): its steps (bench row `row`) and
+    the test batches."""
+    import train_meta_semi
+    T = train_meta_semi.HYPERPARAMETERS
+    n_test = real_sizes()[dataset][1]
+    N = T['total_steps']
+    tests = math.ceil(N / T['eval_every']) * math.ceil(n_test / T['test_batch_size'])
+    return [(row, N, 'steps'), ('eval_semi', tests, 'test batches')]
+
+
 def paper_runs():
     """The full runs of the papers: a list of dict(method, parts=[(bench row, count, what is counted)])."""
-    import create_dataset
     import model_vgg_maxl
     import train_meta_semi
     import train_sla
     M, S, T = model_vgg_maxl.HYPERPARAMETERS, train_sla.HYPERPARAMETERS, train_meta_semi.HYPERPARAMETERS
-    sizes = {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}   # the real (train, test)
-
-    n_train, n_test = sizes['cifar100']
-    epochs, B = M['epochs'], M['batch_size']
-    steps, test_batches = math.ceil(n_train / B), math.ceil(n_test / B)
-    runs = []
-    for order, row in ((2, 'maxl_meta2'), (1, 'maxl_meta1')):
-        runs.append(dict(method=f'MAXL, {"second order (jvp)" if order == 2 else "first order"}, {epochs} epochs',
-                         parts=[('maxl_train', epochs * steps, 'training steps'),
-                                (row, epochs * steps, 'meta steps'),
-                                ('eval_maxl', epochs * test_batches, 'test batches')]))
-
-    n_train, n_test = sizes[S['dataset']]
-    N, B = S['total_steps'], S['batch_size']
-    evaluations = math.ceil(N / S['eval_every'])
-    per_evaluation = math.ceil(S['val_size'] / B) + math.ceil(n_test / B)
-    runs.append(dict(method=f'SLA, rotation, {S["model"]}, {N:,} iterations',
-                     parts=[('sla_rotation', N, 'iterations'),
-                            ('eval_sla', evaluations * per_evaluation, 'evaluation batches (validation + test)')]))
-
-    n_train, n_test = sizes[T['dataset']]
-    N = T['total_steps']
-    evaluations = math.ceil(N / T['eval_every'])
-    runs.append(dict(method=f'MetaSemi, meta + mixup, {T["architecture"]}, {N:,} steps',
-                     parts=[('semi_meta_mixup', N, 'steps'),
-                            ('eval_semi', evaluations * math.ceil(n_test / T['test_batch_size']), 'test batches')]))
+    runs = [dict(method=f'MAXL, {"second order (jvp)" if order == 2 else "first order"}, {M["epochs"]} epochs',
+                 parts=maxl_parts(meta_row=row)) for order, row in ((2, 'maxl_meta2'), (1, 'maxl_meta1'))]
+    runs.append(dict(method=f'SLA, rotation, {S["model"]}, {S["total_steps"]:,} iterations',
+                     parts=sla_parts('sla_rotation', S['dataset'])))
+    runs.append(dict(method=f'MetaSemi, meta + mixup, {T["architecture"]}, {T["total_steps"]:,} steps',
+                     parts=semi_parts('semi_meta_mixup', T['dataset'])))
     return runs
 
 

@@ -9,6 +9,7 @@ number of processes: test_equivalence.py.)"""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -148,12 +149,16 @@ def test_sigterm_to_a_torchrun_job_mid_run_stops_both_processes_at_one_step_and_
     out, err = finish(job, tmp_path)
     assert records(tmp_path) == {0: {'code': 143, 'steps': 20}, 1: {'code': 143, 'steps': 20}}, err[-3000:]
     ckpt = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
-    assert ckpt['step'] == 20 and ckpt['meters']['adds'] == 2 and ckpt['processes'] == 2
+    assert ckpt['step'] == 20 and ckpt['meters']['adds'] == 2 and ckpt['config']['processes'] == 2
     assert ckpt['meters']['counts']['label_loss'] == 2 * 16          # two steps of both processes' 8 + 8
     assert [r['step'] for r in rows(tmp_path / 'b')] == ['6', '12', '18']
     assert not [f for f in os.listdir(tmp_path / 'b') if f.endswith('.tmp')]
-    assert (f'stopped by SIGTERM; the checkpoint is written. Continue with: torchrun --standalone --nproc_per_node 2 '
-            f'train_meta_semi.py --resume {tmp_path / "b"}') in err
+    found = re.search(rf'stopped by SIGTERM; the checkpoint is written\. Continue with: (\S+) --standalone '
+                      rf'--nproc_per_node 2 train_meta_semi\.py --resume {re.escape(str(tmp_path / "b"))}', err)
+    assert found, err[-3000:]               # the torchrun beside this Python (the project's .venv/bin/torchrun)
+    launcher = found.group(1)
+    assert os.path.samefile(os.path.join(ROOT, launcher), os.path.join(os.path.dirname(sys.executable), 'torchrun')) \
+        if launcher != 'torchrun' else sys.prefix == sys.base_prefix
     rest = torchrun('train_meta_semi.py', '--resume', tmp_path / 'b')
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert rows(run_a) == rows(tmp_path / 'b') and same_weights(run_a, tmp_path / 'b')
