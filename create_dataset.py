@@ -15,7 +15,6 @@ sums, where to fetch them, label columns, normalisation and augmentation.
 """
 import argparse
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,32 +25,16 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from checkpoints import atomic_write_text, safe_unpickle
-from options import UserError, python_command, spellings
+from machinery.files import SYNTHETIC_DIR, dataset_root, md5sum, safe_unpickle, write_indices
+from machinery.options import UserError, python_command, spellings
 from utils import device_generator, run_main, stream_seed
 
 DATA_ROOT = 'dataset'
-SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
 
 # CIFAR-100's 4-level hierarchy (MAXL, Appendix A): 20 coarse classes -> 10 -> 3.
 COARSE20_TO_10 = [1, 2, 5, 6, 5, 6, 6, 3, 0, 7, 8, 0, 1, 3, 4, 0, 2, 5, 9, 9]
 LEVEL10_TO_3 = [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
 LEVEL_CLASSES = [3, 10, 20, 100]      # label level k = 0, 1, 2, 3
-
-
-_MD5_SEEN = {}      # (path, size, mtime) -> md5: a file checked before its run folder is made is not read twice
-
-
-def md5sum(path, chunk=1 << 20):
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _MD5_SEEN:       # hashlib, not torchvision's helper: importing torchvision costs 3-4 s a run
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, 'rb') as f:
-            for block in iter(lambda: f.read(chunk), b''):
-                digest.update(block)
-        _MD5_SEEN[key] = digest.hexdigest()
-    return _MD5_SEEN[key]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,6 +145,50 @@ def read_cifar100(folder, train):
     d = _unpickle(os.path.join(folder, 'train' if train else 'test'))
     images = np.asarray(d['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return images, cifar100_hierarchy(d['coarse_labels'], d['fine_labels'])
+
+
+# ---- the hierarchy's groups (MAXL's psi with --aux_level; the Human, Random and K-means groups) ----
+
+def check_levels(primary_level, aux_level):
+    if aux_level <= primary_level:
+        raise UserError(f'aux_level {aux_level} does not refine primary_level {primary_level}: the auxiliary '
+                        f'labels must be a finer level of the hierarchy (a larger level number), e.g. '
+                        f'--primary_level 2 --aux_level 3.')
+
+
+def hierarchy_table():
+    """One row per fine class of CIFAR-100: its labels at levels 0..3 (cifar100_hierarchy).
+    CIFAR-100 puts 5 of its 100 fine classes in each of its 20 coarse classes; which 5 differs between the
+    real files and the stand-in (whose fine class f lies in coarse class f % 20), how many does not, and
+    the group sizes depend only on how many."""
+    fine = np.arange(LEVEL_CLASSES[3])
+    return cifar100_hierarchy(fine % LEVEL_CLASSES[2], fine)
+
+
+def hierarchy_psi(primary_level, aux_level):
+    """psi[i]: how many level-`aux_level` classes the hierarchy puts under primary class i, in
+    primary-class order (sum: the level's class count). (2, 3): [5] * 20; (0, 1): [5, 1, 4]."""
+    check_levels(primary_level, aux_level)
+    table = hierarchy_table()
+    return [len(np.unique(table[table[:, primary_level] == i, aux_level]))
+            for i in range(LEVEL_CLASSES[primary_level])]
+
+
+def hierarchy_groups(labels, primary_level, aux_level):
+    """groups[i]: the level-`aux_level` classes under primary class i in this data ([N, 4] labels), in
+    increasing order; their sizes are checked against hierarchy_psi."""
+    pairs = np.unique(labels[:, [aux_level, primary_level]], axis=0)
+    if len(pairs) != len(np.unique(pairs[:, 0])):
+        raise UserError(f'in this data, level {aux_level} does not refine level {primary_level} (some auxiliary '
+                        f'class appears under two primary classes); pick levels of one hierarchy.')
+    groups = [pairs[pairs[:, 1] == i, 0] for i in range(LEVEL_CLASSES[primary_level])]
+    expected = hierarchy_psi(primary_level, aux_level)
+    if [len(g) for g in groups] != expected:
+        raise UserError(f'this training file has {[len(g) for g in groups]} level-{aux_level} classes under the '
+                        f'level-{primary_level} classes, not the hierarchy\'s {expected}: some class has no '
+                        'training image. Use the full training file (or a stand-in written with at least one '
+                        'image of every fine class).')
+    return groups
 
 
 def read_cifar10(folder, train):
@@ -402,14 +429,6 @@ def check_data_present(name, root, synthetic, download_missing):
     check_files(name, root)
 
 
-def dataset_root(root, synthetic):
-    """The folder of the official files (synthetic False), of the small stand-in (True or 'small') or of the
-    full-size one ('full', in <root>/synthetic-full/)."""
-    if not synthetic:
-        return root
-    return os.path.join(root, SYNTHETIC_DIR + ('-full' if synthetic == 'full' else ''))
-
-
 def _synthetic_md5(ds, root):
     """The md5 sums the stand-in's writer recorded (its files' own, not the official ones)."""
     path = os.path.join(root, ds.folder, 'md5.json')
@@ -604,12 +623,6 @@ def sla_draw_val_indices(n_train, n_val, seed):
     return np.sort(np.random.default_rng([seed, 0]).permutation(n_train)[:n_val]).astype(np.int64)
 
 
-def write_indices(path, indices):
-    """One integer a line, written atomically (the splits a run keeps in its folder; a failed write is a
-    UserError naming the cause, as every file of a run folder)."""
-    atomic_write_text(path, ''.join(f'{int(i)}\n' for i in indices))
-
-
 def sla_load_indices(path, n_train):
     """Indices from a text file (one integer a line, as write_indices writes) or a .npy file (the
     original code's splits/<dataset>_val_idx.npy); checked: integers, distinct, within the training file."""
@@ -756,7 +769,7 @@ class EndlessBatches:
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    from large_datasets import LARGE_DATASETS, ensure_synthetic_folder, is_large, large_record
+    from machinery.large_datasets import LARGE_DATASETS, ensure_synthetic_folder, is_large, large_record
     p = argparse.ArgumentParser(description='Write the synthetic stand-ins, or download and md5-check the '
                                             'official files of a dataset.')
     p.add_argument(*spellings('data_root'), '--root', dest='root', default=DATA_ROOT,

@@ -8,6 +8,7 @@ clusters of autoencoder features inside each primary class (K-means).
     python model_vgg_human.py --aux_labels kmeans              # the K-means baseline (random: Random)
     python model_vgg_human.py --synthetic --epochs 3 --width 0.125
 """
+import os
 import sys
 import time
 
@@ -16,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from auxiliary_labels import check_levels, hierarchy_groups, kept_labels, kmeans_labels, random_labels, \
-    require_sklearn
+from create_dataset import check_levels, hierarchy_groups
+from machinery.files import write_indices
+from machinery.models import VGG16, AutoEncoder, accuracy_count, focal_loss
+from machinery.options import UserError, check_positive, hyperparameters, stand_in
 from model_vgg_single import MEAN, STD, fit
-from models import VGG16, AutoEncoder, accuracy_count, focal_loss
-from options import check_positive, hyperparameters, stand_in
 from utils import STREAM_STRIDE, Run, device_generator, run_main, stream_seed
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
@@ -55,6 +56,99 @@ def validate(cfg):
         if not cfg.resume:                         # a resumed run reads its labels back: no clustering
             require_sklearn()
     create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
+
+
+# ---- Random and K-means: every training image gets one auxiliary class of its primary class's group ----
+
+AUX_LABELS_FILE = 'aux_labels.txt'     # in the run folder, line k: the auxiliary class of training image k
+
+
+def group_class(groups, primary, slot):
+    """The slot-th class of each image's primary-class group: groups[primary[k]][slot[k]]."""
+    flat = np.concatenate(groups)
+    start = np.cumsum([0] + [len(g) for g in groups[:-1]])
+    return flat[start[primary] + slot].astype(np.int64)
+
+
+def random_labels(primary, groups, seed):
+    """Random: each image's class drawn uniformly from its primary class's group, independently, with
+    the seed (its own stream: the weights and data streams of the run are those of the same seed's
+    Human run)."""
+    rng = np.random.default_rng([seed, 7])
+    sizes = np.array([len(g) for g in groups])
+    return group_class(groups, primary, rng.integers(0, sizes[primary]))
+
+
+def require_sklearn():
+    """scikit-learn's KMeans, or a UserError saying how to install it."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise UserError('--aux_labels kmeans clusters the autoencoder features with scikit-learn, which is not '
+                        'installed in this Python: pip install scikit-learn (it is in requirements.txt), then run '
+                        'the same command again; the other --aux_labels (human, random) do not need it.') from None
+    return KMeans
+
+
+def kmeans_labels(features, primary, groups, seed, n_init):
+    """K-means: inside each primary class i, the images' features ([N, d]) are clustered by k-means
+    (scikit-learn, k = len(groups[i]), n_init restarts, seeded); cluster j becomes class groups[i][j]."""
+    KMeans = require_sklearn()
+    out = np.empty(len(primary), dtype=np.int64)
+    for i, group in enumerate(groups):
+        members = np.flatnonzero(primary == i)
+        if len(group) == 1:
+            out[members] = group[0]
+            continue
+        if len(members) < len(group):
+            raise UserError(f'primary class {i} has {len(members)} training images, fewer than its {len(group)} '
+                            'auxiliary classes: k-means cannot fill them. Use more training images.')
+        km = KMeans(n_clusters=len(group), n_init=n_init, random_state=seed % 2**32)
+        out[members] = group[km.fit(features[members].astype(np.float64)).labels_]
+    return out
+
+
+# ---- kept in the run folder -------------------------------------------------------------------------------
+
+def read_labels(path, primary, groups):
+    """An assignment written by kept_labels, checked against this training file: one class a line, each
+    inside its image's primary-class group."""
+    try:
+        labels = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {path} ({e}): this run keeps its auxiliary labels there; without them it '
+                        'cannot continue with the same labels. Start a new run instead.') from None
+    inside = len(labels) == len(primary) and all(np.isin(labels[primary == i], g).all() for i, g in enumerate(groups))
+    if not inside:
+        raise UserError(f'{path} does not fit this training file ({len(labels)} labels for {len(primary)} images, or '
+                        'labels outside their primary class\'s group): was the data root changed? Resume with '
+                        'the data the run started with, or start a new run.')
+    return labels
+
+
+def kept_labels(run, primary, groups, draw):
+    """The run's auxiliary labels: on --resume read back from its folder (never drawn again), else
+    draw() once and written there. Under torchrun the first process reads or draws them and sends them
+    to the others, so every process trains on the same labels (and only one trains the autoencoder)."""
+    path = os.path.join(run.dir, AUX_LABELS_FILE)
+    got = None
+    if run.rank == 0:
+        try:
+            if run.resuming:
+                got = read_labels(path, primary, groups)
+            else:
+                got = draw()
+                write_indices(path, got)
+        except UserError as e:
+            got = e
+    if run.world > 1:
+        import torch.distributed as dist
+        box = [got]
+        dist.broadcast_object_list(box, src=0)
+        got = box[0]
+    if isinstance(got, UserError):
+        raise got
+    return got
 
 
 # ---- K-means: an autoencoder trained on the training images; its codes are clustered -----------------------

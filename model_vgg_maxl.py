@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import create_dataset
-from auxiliary_labels import hierarchy_psi
-from distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
-from fast_paths import eager, float32_meta
-from models import VGG16, accuracy_count, evaluate_heads, focal_loss, forward_with
-from options import UserError, check_positive, hyperparameters, parse_config, stand_in
+from create_dataset import hierarchy_psi
+from machinery.distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
+from machinery.fast_paths import eager, float32_meta
+from machinery.models import VGG16, accuracy_count, evaluate_heads, focal_loss, forward_with
+from machinery.options import UserError, check_positive, hyperparameters, parse_config, stand_in
 from utils import Meters, Run, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----

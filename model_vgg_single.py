@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from models import VGG16, accuracy_count, evaluate_heads, focal_loss
-from options import check_positive, hyperparameters, stand_in
+from machinery.models import VGG16, accuracy_count, evaluate_heads, focal_loss
+from machinery.options import check_positive, hyperparameters, stand_in
 from utils import Run, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 import create_dataset
-from distributed import pick_device
-from models import semi_network
-from options import UserError, python_command, spellings
-from checkpoints import load_checkpoint
+from machinery.distributed import pick_device
+from machinery.models import semi_network
+from machinery.options import UserError, python_command, spellings
+from machinery.checkpoints import load_checkpoint
 from utils import run_main
 
 # the original's class colours (10 classes); more classes use a colour map

@@ -35,9 +35,9 @@ import sys
 import threading
 import time
 
-from experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, bench_results, dataset_of,
+from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, bench_results, dataset_of,
                          flag_value, gpus_of, load_project, projection, report, run_state, setting_flags)
-from options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
+from machinery.options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
                                   # a submitit job imports this file to run `execute` and needs none of them)
 
 OUTPUT = 'output.txt'            # in each run folder: the run's stdout and stderr, every attempt appended
@@ -80,7 +80,7 @@ def command(run, device=None):
 
 def shown(cmd, env=None):
     """A command as a user would type it (the virtual environment's python by its path)."""
-    from options import python_command
+    from machinery.options import python_command
     words = [python_command() if w == sys.executable else w for w in cmd]
     return ' '.join([f'{k}={v}' for k, v in (env or {}).items()] + [shlex.join(words)])
 
@@ -495,7 +495,7 @@ def prepare_stand_ins(args, runs):
     write it). In --quick's own data root (dataset/quick) the small ones have QUICK_SIZES; in a --data_root
     given, the scripts' own sizes, as their --synthetic would write them there."""
     import create_dataset
-    import large_datasets
+    from machinery import large_datasets
     for name, size in sorted({(dataset_of(r['flags']), flag_value(r['flags'], '--synthetic_size', 'small'))
                               for r in runs if r['state'] == 'new'}):
         folder = create_dataset.dataset_root(args.data_root, 'full' if size == 'full' else True)

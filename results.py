@@ -19,7 +19,7 @@ import re
 import statistics
 import sys
 
-from options import UserError, unused_options
+from machinery.options import UserError, unused_options
 from utils import run_main
 
 MAXL_SCRIPTS = ('model_vgg_single', 'model_vgg_human', 'model_vgg_maxl')

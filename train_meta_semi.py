@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-import large_datasets
-from distributed import all_reduce_mean, all_reduce_sum
-from fast_paths import float32_meta
-from models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
-from options import UserError, check_positive, hyperparameters, stand_in, unused_options
+from machinery import large_datasets
+from machinery.distributed import all_reduce_mean, all_reduce_sum
+from machinery.fast_paths import float32_meta
+from machinery.models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
+from machinery.options import UserError, check_positive, hyperparameters, stand_in, unused_options
 from utils import Run, device_generator, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-import large_datasets
-from distributed import Wrapped, all_reduce_sum, dist_env
-from models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
-from options import UserError, check_positive, hyperparameters, stand_in
-from checkpoints import load_checkpoint
+from machinery import large_datasets
+from machinery.distributed import Wrapped, all_reduce_sum, dist_env
+from machinery.models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
+from machinery.options import UserError, check_positive, hyperparameters, stand_in
+from machinery.checkpoints import load_checkpoint
 from utils import Run, device_generator, resolve_run_dir, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----

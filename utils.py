@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoints import (Checkpoints, atomic_write_text, load_checkpoint, load_run_checkpoint, read_run_config,
-                         write_error)
-from distributed import Processes, all_reduce_sum, distributed
-from fast_paths import set_tf32
-from options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config,
+from machinery.checkpoints import Checkpoints, load_checkpoint, load_run_checkpoint, read_run_config
+from machinery.files import atomic_write_text, write_error
+from machinery.distributed import Processes, all_reduce_sum, distributed
+from machinery.fast_paths import set_tf32
+from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config,
                      python_command, torchrun_command)
 
 

@@ -87,10 +87,10 @@ def build(name, dev, fast, data_root, width=1.0):
     import model_vgg_single
     import train_meta_semi
     import train_sla
-    from distributed import Wrapped, distributed, wrap_ddp
-    from fast_paths import eager, fast_module
-    from models import VGG16, cifar_resnet, evaluate_heads, semi_network
-    from options import parse_config
+    from machinery.distributed import Wrapped, distributed, wrap_ddp
+    from machinery.fast_paths import eager, fast_module
+    from machinery.models import VGG16, cifar_resnet, evaluate_heads, semi_network
+    from machinery.options import parse_config
     from utils import device_generator
 
     def defaults(module):       # a script's hyperparameters and run options, as a run without flags has them
@@ -278,8 +278,8 @@ def wait_for_copies(barrier, copies, timeout=600):
 def measure(name, device, fast, warmup, steps, data_root, tf32=True, barrier='', copies=1, width=1.0):
     import torch
     import torch.distributed as dist
-    from distributed import pick_device
-    from fast_paths import set_tf32
+    from machinery.distributed import pick_device
+    from machinery.fast_paths import set_tf32
     set_tf32(tf32)
     torch.manual_seed(0)
     dev = pick_device(device)
@@ -446,7 +446,7 @@ def write(out, info):
 
 
 def main():
-    from options import _parse_bool, spellings
+    from machinery.options import _parse_bool, spellings
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N (default cpu)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as the scripts\' --amp)')

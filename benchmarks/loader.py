@@ -31,11 +31,11 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import large_datasets as cd  # noqa: E402
+from machinery import large_datasets as cd  # noqa: E402
 import train_meta_semi  # noqa: E402
-from distributed import pick_device  # noqa: E402
-from models import torchvision_resnet  # noqa: E402
-from options import spellings  # noqa: E402
+from machinery.distributed import pick_device  # noqa: E402
+from machinery.models import torchvision_resnet  # noqa: E402
+from machinery.options import spellings  # noqa: E402
 
 IMAGENET_TRAIN, IMAGENET_UNLABELED = 1_281_167, 1_153_050
 

@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 import model_vgg_maxl  # noqa: E402
 import train_meta_semi  # noqa: E402
-from fast_paths import fast_module, strict_float32  # noqa: E402
-from models import semi_network, torchvision_resnet  # noqa: E402
-from options import spellings  # noqa: E402
+from machinery.fast_paths import fast_module, strict_float32  # noqa: E402
+from machinery.models import semi_network, torchvision_resnet  # noqa: E402
+from machinery.options import spellings  # noqa: E402
 
 # case: (network, image size, batch on CUDA, batch on the CPU)
 CASES = {

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (also puts the repository root on sys.path)
-from options import spellings  # noqa: E402
+from machinery.options import spellings  # noqa: E402
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
     p.add_argument(*spellings('data_root'), default=os.path.join(bench.ROOT, 'dataset'))
     args = p.parse_args()
     import torch
-    from distributed import pick_device
+    from machinery.distributed import pick_device
     dev = pick_device(args.device)
     fast = dict(amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     if not args.goals and not any(fast.values()):

@@ -16,7 +16,7 @@ import model_vgg_maxl as maxl  # noqa: E402
 import model_vgg_single  # noqa: E402
 import train_meta_semi as semi  # noqa: E402
 import train_sla as sla  # noqa: E402
-from models import ConvLarge, VGG16  # noqa: E402
+from machinery.models import ConvLarge, VGG16  # noqa: E402
 
 GLOBAL_BATCH = 8
 PSI = [2, 3]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from options import UserError  # noqa: E402
+from machinery.options import UserError  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -28,7 +28,7 @@ def convlarge_without_dropout():
     state, which is the same on every process (seeded alike, for the shared draws: mixup's lambda, the
     weights), for that process's rows only: two processes of B rows draw the same B masks twice, one
     process of 2B rows draws 2B masks. No seed makes those equal."""
-    import models
+    from machinery import models
     import train_meta_semi
     saved = train_meta_semi.semi_network
     train_meta_semi.semi_network = lambda arch, n, width=1.0: (models.ConvLarge(n, width, stochastic=False)

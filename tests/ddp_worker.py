@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_cases  # noqa: E402
 from test_pinned_runs import weights_digest  # noqa: E402
-from distributed import convert_sync_bn, wrap_ddp  # noqa: E402
+from machinery.distributed import convert_sync_bn, wrap_ddp  # noqa: E402
 
 
 def main():

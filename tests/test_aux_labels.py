@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import auxiliary_labels as al
 import create_dataset as cd
 import model_vgg_human as human
 import model_vgg_maxl as maxl
 from conftest import run_in_process
-from options import UserError, parse_config
+from machinery.options import UserError, parse_config
 
 # (primary level, auxiliary level) -> the auxiliary classes under each primary class, written out from
 # create_dataset's COARSE20_TO_10 / LEVEL10_TO_3 and CIFAR-100's 5 fine classes per coarse class.
@@ -36,7 +35,7 @@ def train_labels(root):
 
 @pytest.mark.parametrize('pair', list(PAIRS))
 def test_hierarchy_psi_of_every_pair(pair):
-    psi = al.hierarchy_psi(*pair)
+    psi = cd.hierarchy_psi(*pair)
     assert psi == PAIRS[pair]
     assert sum(psi) == cd.LEVEL_CLASSES[pair[1]] and len(psi) == cd.LEVEL_CLASSES[pair[0]]
 
@@ -44,21 +43,21 @@ def test_hierarchy_psi_of_every_pair(pair):
 def test_a_pair_that_does_not_refine_is_refused():
     for pair in ((2, 2), (3, 1), (1, 0)):
         with pytest.raises(UserError, match='does not refine'):
-            al.hierarchy_psi(*pair)
+            cd.hierarchy_psi(*pair)
 
 
 def test_the_stand_in_and_the_real_mapping_give_the_same_groups(tiny_root):
     labels = train_labels(tiny_root)
     real_like = cd.cifar100_hierarchy(np.arange(100) // 5, np.arange(100))   # another 5-per-coarse mapping
     for pair, sizes in PAIRS.items():
-        groups = al.hierarchy_groups(labels, *pair)
+        groups = cd.hierarchy_groups(labels, *pair)
         assert [len(g) for g in groups] == sizes
         assert np.array_equal(np.sort(np.concatenate(groups)), np.arange(cd.LEVEL_CLASSES[pair[1]]))
         for i, g in enumerate(groups):                                   # each group lies under its class
             assert set(labels[np.isin(labels[:, pair[1]], g), pair[0]]) == {i}
-        assert [len(g) for g in al.hierarchy_groups(real_like, *pair)] == sizes
+        assert [len(g) for g in cd.hierarchy_groups(real_like, *pair)] == sizes
     with pytest.raises(UserError, match='has no training image'):
-        al.hierarchy_groups(labels[labels[:, 3] != 7], 2, 3)              # a fine class missing
+        cd.hierarchy_groups(labels[labels[:, 3] != 7], 2, 3)              # a fine class missing
 
 
 # ---- MAXL: psi from the hierarchy ----
@@ -116,14 +115,14 @@ def inside_and_complete(assigned, primary, groups):
 @pytest.mark.parametrize('pair', list(PAIRS))
 def test_random_labels_lie_in_their_groups_and_follow_the_seed(data_root, pair):
     labels = train_labels(data_root)
-    groups = al.hierarchy_groups(labels, *pair)
+    groups = cd.hierarchy_groups(labels, *pair)
     primary = labels[:, pair[0]]
     state = np.random.get_state()[1].copy()
-    drawn = al.random_labels(primary, groups, seed=0)
+    drawn = human.random_labels(primary, groups, seed=0)
     assert np.array_equal(np.random.get_state()[1], state)                # its own stream
     inside_and_complete(drawn, primary, groups)
-    assert np.array_equal(drawn, al.random_labels(primary, groups, seed=0))
-    assert not np.array_equal(drawn, al.random_labels(primary, groups, seed=1))
+    assert np.array_equal(drawn, human.random_labels(primary, groups, seed=0))
+    assert not np.array_equal(drawn, human.random_labels(primary, groups, seed=1))
     assert not np.array_equal(drawn, labels[:, pair[1]])                   # not the human labels
 
 
@@ -132,15 +131,15 @@ def test_kmeans_labels_cluster_inside_each_group(tiny_root):
     labels = train_labels(tiny_root)
     rng = np.random.default_rng(0)
     for pair in ((2, 3), (0, 1)):                                          # (0, 1) has a group of one class
-        groups = al.hierarchy_groups(labels, *pair)
+        groups = cd.hierarchy_groups(labels, *pair)
         primary, truth = labels[:, pair[0]], labels[:, pair[1]]
         centres = rng.normal(0, 10, (cd.LEVEL_CLASSES[pair[1]], 6))
         features = centres[truth] + rng.normal(0, 0.1, (len(truth), 6))   # one tight blob per auxiliary class
-        got = al.kmeans_labels(features, primary, groups, seed=0, n_init=2)
+        got = human.kmeans_labels(features, primary, groups, seed=0, n_init=2)
         inside_and_complete(got, primary, groups)
         for c in np.unique(truth):                                         # each blob is one cluster
             assert len(np.unique(got[truth == c])) == 1, c
-        assert np.array_equal(got, al.kmeans_labels(features, primary, groups, seed=0, n_init=2))
+        assert np.array_equal(got, human.kmeans_labels(features, primary, groups, seed=0, n_init=2))
 
 
 def test_autoencoder_features_are_seeded_and_leave_the_global_random_state(tiny_root):
@@ -180,14 +179,14 @@ def test_labels_are_kept_in_the_run_folder_and_read_back_on_resume(tmp_path, tin
         pytest.importorskip('sklearn')
     run_a, p = human_run(tiny_root, tmp_path / 'a', method, '--epochs', 2)
     run_b, _ = human_run(tiny_root, tmp_path / 'b', method, '--epochs', 1)
-    kept = np.loadtxt(os.path.join(run_a, al.AUX_LABELS_FILE), dtype=np.int64)
+    kept = np.loadtxt(os.path.join(run_a, human.AUX_LABELS_FILE), dtype=np.int64)
     labels = train_labels(tiny_root)
-    primary, groups = labels[:, 2], al.hierarchy_groups(labels, 2, 3)
+    primary, groups = labels[:, 2], cd.hierarchy_groups(labels, 2, 3)
     assert len(kept) == len(labels)
     inside_and_complete(kept, primary, groups)
-    assert np.array_equal(kept, np.loadtxt(os.path.join(run_b, al.AUX_LABELS_FILE), dtype=np.int64))   # same seed
+    assert np.array_equal(kept, np.loadtxt(os.path.join(run_b, human.AUX_LABELS_FILE), dtype=np.int64))   # same seed
     if method == 'random':
-        assert np.array_equal(kept, al.random_labels(primary, groups, seed=0))
+        assert np.array_equal(kept, human.random_labels(primary, groups, seed=0))
     else:
         assert 'k-means labels: autoencoder' in p.stdout
     with open(os.path.join(run_a, 'metrics.csv')) as f:
@@ -205,7 +204,7 @@ def test_labels_are_kept_in_the_run_folder_and_read_back_on_resume(tmp_path, tin
     b = torch.load(os.path.join(run_b, 'checkpoint.pt'), weights_only=False)['state']['net']
     for k in a:                                    # trained on the same labels as the uninterrupted run
         assert torch.equal(a[k], b[k]), k
-    os.remove(os.path.join(run_b, al.AUX_LABELS_FILE))
+    os.remove(os.path.join(run_b, human.AUX_LABELS_FILE))
     r = run_in_process('model_vgg_human.py', '--resume', run_b, '--epochs', 3)
     assert r.returncode == 2 and 'aux_labels.txt' in r.stderr and 'Traceback' not in r.stderr
 

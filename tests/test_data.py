@@ -14,7 +14,7 @@ import torch
 
 import create_dataset as cd
 from conftest import run_in_process
-from options import UserError
+from machinery.options import UserError
 
 # The original's maps, written out independently: 20 coarse -> 10 classes, 10 -> 3 classes.
 CLASS_10 = {0: 1, 1: 2, 2: 5, 3: 6, 4: 5, 5: 6, 6: 6, 7: 3, 8: 0, 9: 7,

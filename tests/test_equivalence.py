@@ -34,7 +34,7 @@ import shutil
 import pytest
 
 import ddp_scripts
-import large_datasets as ld
+from machinery import large_datasets as ld
 from conftest import ROOT, run_in_process
 from test_distributed import torchrun
 from test_pinned_runs import TIMING_COLUMNS

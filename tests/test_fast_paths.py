@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import model_vgg_maxl
 import train_meta_semi
 from conftest import run_in_process
-from fast_paths import eager, fast_module, float32_meta
-from models import VGG16, cifar_resnet, forward_with, semi_network
+from machinery.fast_paths import eager, fast_module, float32_meta
+from machinery.models import VGG16, cifar_resnet, forward_with, semi_network
 
 CPU = torch.device('cpu')
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import create_dataset as cd
-import large_datasets as ld
+from machinery import large_datasets as ld
 from conftest import ROOT, run_in_process
 from test_pinned_runs import TIMING_COLUMNS
-from models import topk_count
-from options import UserError
+from machinery.models import topk_count
+from machinery.options import UserError
 
 CPU = torch.device('cpu')
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import create_dataset as cd
 import train_meta_semi as ms
 from conftest import run_in_process
-from models import ConvLarge, ShakeShake26
-from options import UserError
+from machinery.models import ConvLarge, ShakeShake26
+from machinery.options import UserError
 
 # ---- an independent, explicit eval-mode ConvLarge: conv, batch norm with running statistics, leaky ReLU ----
 

@@ -12,14 +12,14 @@ import pickle
 import pytest
 import torch
 
-import checkpoints
+from machinery import checkpoints, files
 import create_dataset
 import model_vgg_human
 import model_vgg_maxl
 import model_vgg_single
 import utils
 from conftest import run_in_process
-from options import UserError
+from machinery.options import UserError
 from utils import run_main
 
 TINY = ['--synthetic', '--width', '0.0625', '--batch_size', '100', '--device', 'cpu']
@@ -261,7 +261,7 @@ SHORT = {
 def float_options():
     """(script, option) for every float option of every script: its hyperparameters and the run options."""
     import importlib
-    from options import RUN_OPTIONS
+    from machinery.options import RUN_OPTIONS
     out = []
     for script in SHORT:
         hyper = importlib.import_module(script).HYPERPARAMETERS
@@ -536,6 +536,6 @@ def test_the_restricted_reader_reads_the_official_pickle_layout():
     py2 = py3.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
     assert b'numpy.core.multiarray' in py2 and b'_codecs' in py3
     for blob in (py3, py2):
-        got = checkpoints.safe_unpickle(io.BytesIO(blob), 'the file')
+        got = files.safe_unpickle(io.BytesIO(blob), 'the file')
         assert got['labels'] == [3, 4] and got['raw'] == b'\x00\xff' and got['x'] == 1.5
         assert got['data'].dtype == np.uint8 and got['data'].tolist() == data['data'].tolist()

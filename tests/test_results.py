@@ -359,7 +359,7 @@ def test_settings_a_run_does_not_use_are_left_out_of_its_row():
 def test_the_metasemi_imagenet_start_line_lists_only_what_the_run_uses(tmp_path, monkeypatch):
     """The start line lists the configuration the run uses, not the whole namespace: no CIFAR label budget
     (num_label) on ImageNet."""
-    from options import UserError
+    from machinery.options import UserError
 
     def stop(*a, **k):
         raise UserError('stopped after the start line')

@@ -12,9 +12,9 @@ import model_vgg_maxl
 import model_vgg_single
 import train_meta_semi
 import train_sla
-import options
+from machinery import options
 import utils
-from options import UserError, hyperparameters, parse_config
+from machinery.options import UserError, hyperparameters, parse_config
 from utils import Meters
 
 SCRIPTS = [model_vgg_single, model_vgg_human, model_vgg_maxl, train_sla, train_meta_semi]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import create_dataset as cd
 import train_sla as sla
 from conftest import run_in_process
-from models import CRESNET_DEPTHS, DownsampleA, cifar_resnet
-from options import UserError
+from machinery.models import CRESNET_DEPTHS, DownsampleA, cifar_resnet
+from machinery.options import UserError
 
 AUGS = list(sla.AUGMENTATIONS)
 EXPECTED_M = {'rotation': 4, 'rotation2': 2, 'color_perm': 6, 'color_perm3': 3, 'rot_color_perm6': 6,

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import create_dataset as cd
-import large_datasets as ld
+from machinery import large_datasets as ld
 import train_sla as sla
 from conftest import ROOT
 from test_pinned_runs import TIMING_COLUMNS
-from options import parse_config
+from machinery.options import parse_config
 from utils import run_main
 
 

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model_vgg_single
-import fast_paths
-import options
+from machinery import fast_paths
+from machinery import options
 import utils
 from conftest import ROOT, run_script
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fast_paths import fast_module
-from options import UserError
+from .fast_paths import fast_module
+from .options import UserError
 
 
 def pick_device(name='auto'):

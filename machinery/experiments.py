@@ -20,9 +20,9 @@ import json
 import os
 import statistics
 
-from options import UserError
+from .options import UserError
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository
 NOT_PUBLISHED = 'not published in readable form'
 FINISHED = 'finished.json'       # in each run folder: written when the script exited with code 0
 

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from distributed import all_reduce_sum
-from options import UserError
+from .distributed import all_reduce_sum
+from .options import UserError
 def scaled(channels, width):
     return max(1, int(round(channels * width)))
 

@@ -29,9 +29,8 @@ import struct
 import numpy as np
 import torch
 
-from checkpoints import atomic_write_text
-from create_dataset import dataset_root
-from options import UserError
+from .files import dataset_root, write_lines
+from .options import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -276,11 +275,6 @@ def draw_classes(num_classes, n, seed):
     if not 1 <= n <= num_classes:
         raise UserError(f'imagenet{n} asks for {n} classes, but the data has {num_classes}.')
     return np.sort(np.random.default_rng([seed, 2]).permutation(num_classes)[:n])
-
-
-def write_lines(path, lines):
-    """Text lines, written atomically (the split and class lists a run keeps in its folder)."""
-    atomic_write_text(path, ''.join(f'{line}\n' for line in lines))
 
 
 def read_names(path, known, what):

@@ -1,0 +1,174 @@
+"""Files: what the data files and the run skeleton both read and write, below both of them.
+
+  atomic_write, atomic_write_text   a file written whole or not at all; a failed write is a UserError with
+                                    the OS's words, the bytes needed and advice that fits the run's state
+                                    (checkpoints, utils.RunLog, the split and class lists of the data files)
+  write_indices, write_lines        the lists a run keeps in its folder (splits, classes, auxiliary labels)
+  md5sum                            the md5 of a data file (remembered per path, size and time)
+  safe_unpickle                     a CIFAR pickle (official or stand-in) read with an unpickler that allows
+                                    only what those files hold (create_dataset)
+  dataset_root, SYNTHETIC_DIR       where the official files and the synthetic stand-ins lie under a data root
+                                    (create_dataset, large_datasets)
+  CHECKPOINT, BEST                  the checkpoint files of a run folder
+
+Plain Python and numpy; nothing here imports torch.
+"""
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+
+from .options import UserError, python_command
+
+CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'      # in every run folder: the latest state, the best networks
+SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
+
+
+def write_error(path, e, size=None):
+    """The UserError of a failed write of `path` (a file of a run folder): the OS's words for errno (No space
+    left on device, ...), the bytes it needed when known, and advice that fits the run's state: continue
+    with --resume where a checkpoint exists, else start again."""
+    import errno as errnos
+    import shutil
+    code = e.errno
+    words = e.strerror or (os.strerror(code) if code else str(e))
+    folder = os.path.dirname(os.path.abspath(path))
+    detail = f'errno {code}'
+    if size is not None:
+        detail += f'; {size:,} bytes to write'
+        try:
+            free = shutil.disk_usage(folder).free
+            if free < size:
+                detail += f', {free:,} free there'
+        except OSError:
+            pass
+    if code in (errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG):
+        fix = f'Free space for {folder} (or raise the limit on file size or disk quota)'
+    elif code in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
+        fix = f'Make {folder} writable'
+    else:
+        fix = f'Fix what keeps {folder} from being written'
+    if os.path.isfile(os.path.join(folder, CHECKPOINT)):
+        try:
+            with open(os.path.join(folder, 'config.json')) as f:
+                script = json.load(f)['script']
+        except (OSError, ValueError, KeyError, TypeError):
+            script = '<script>'
+        then = (f'then continue from the last checkpoint with {python_command()} {script}.py --resume {folder}')
+    else:
+        then = ('then start the run again: no checkpoint was written yet, so there is nothing to resume (the '
+                f'folder {folder} holds only what this attempt wrote before)')
+    return UserError(f'cannot write {path}: {words} ({detail}). The previous file, if any, is unchanged and no '
+                     f'partial file is left. {fix}, {then}.')
+
+
+def atomic_write(path, data):
+    """`data` (bytes, or a function returning them) into a temporary file, flushed and fsynced, renamed over
+    `path`, the folder fsynced: readers see the old or the new file, never half of one, also after a power
+    cut. On an OSError (disk full, permissions, read-only filesystem) the temporary file is removed, the old
+    file is untouched, and a UserError names the path, the OS's words for the cause and the bytes needed."""
+    tmp, size = path + '.tmp', None
+    try:
+        if callable(data):
+            data = data()
+        size = len(data)
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except BaseException as e:               # also Ctrl-C: never leave a half-written temporary file
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e, size) from None
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, text.encode())
+
+
+def write_indices(path, indices):
+    """One integer a line, written atomically (the splits a run keeps in its folder; a failed write is a
+    UserError naming the cause, as every file of a run folder)."""
+    atomic_write_text(path, ''.join(f'{int(i)}\n' for i in indices))
+
+
+def write_lines(path, lines):
+    """Text lines, written atomically (the split and class lists a run keeps in its folder)."""
+    atomic_write_text(path, ''.join(f'{line}\n' for line in lines))
+
+
+_MD5_SEEN = {}      # (path, size, mtime) -> md5: a file checked before its run folder is made is not read twice
+
+
+def md5sum(path, chunk=1 << 20):
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _MD5_SEEN:       # hashlib, not torchvision's helper: importing torchvision costs 3-4 s a run
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(chunk), b''):
+                digest.update(block)
+        _MD5_SEEN[key] = digest.hexdigest()
+    return _MD5_SEEN[key]
+
+
+def dataset_root(root, synthetic):
+    """The folder of the official files (synthetic False), of the small stand-in (True or 'small') or of the
+    full-size one ('full', in <root>/synthetic-full/)."""
+    if not synthetic:
+        return root
+    return os.path.join(root, SYNTHETIC_DIR + ('-full' if synthetic == 'full' else ''))
+
+
+
+def _latin1_encode(text, encoding='latin1'):
+    """What a Python 3 pickle of bytes calls (_codecs.encode(text, 'latin1')), for that encoding only."""
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise pickle.UnpicklingError(f'_codecs.encode with {encoding!r}')
+    return text.encode('latin1')
+
+
+# The only callables a CIFAR pickle may name: a numpy array's reconstruction (numpy.core in the official
+# Python 2 files, numpy._core in files numpy 2 writes) and bytes as Python 3 pickles them. Everything else
+# (os.system, builtins.eval, any class) is refused before it is looked up.
+_SAFE_GLOBALS = {('numpy.core.multiarray', '_reconstruct'): np.zeros(1).__reduce__()[0],
+                 ('numpy._core.multiarray', '_reconstruct'): np.zeros(1).__reduce__()[0],
+                 ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+                 ('_codecs', 'encode'): _latin1_encode}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f'{module}.{name}')
+        return _SAFE_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('a persistent id')
+
+
+def safe_unpickle(f, name):
+    """A pickle of the types the official CIFAR files hold (dicts, lists, strings, bytes, numbers, numpy
+    arrays), read with a restricted unpickler: anything that would call other code is a UserError."""
+    try:
+        return _DataUnpickler(f, encoding='latin1').load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f'{name} holds a Python object other than the data CIFAR\'s files hold ({e}): refused, '
+                        'since reading it could run code. Neither the official files nor the stand-in this code '
+                        'writes hold one: replace the file (the stand-in: delete its folder and run again, it is '
+                        'written anew; the official files: unpack the archive again, or rerun with --download).'
+                        ) from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError) as e:
+        raise UserError(f'{name} cannot be read as a CIFAR pickle ({type(e).__name__}: {e}): it is damaged. Replace '
+                        'it (the stand-in: delete its folder and run again; the official files: unpack the archive '
+                        'again, or rerun with --download).') from None
