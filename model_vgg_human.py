@@ -19,10 +19,12 @@ import torch.nn.functional as F
 import create_dataset
 from create_dataset import check_levels, hierarchy_groups
 from machinery.files import write_indices
-from machinery.models import VGG16, AutoEncoder, accuracy_count, focal_loss
+from machinery.models import VGG16, AutoEncoder, accuracy_count
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
-from model_vgg_single import MEAN, STD, fit
-from utils import STREAM_STRIDE, Run, device_generator, run_main, stream_seed
+from machinery.streams import STREAM_STRIDE, DeviceData, device_generator, stream_seed
+import model_vgg_single
+from model_vgg_single import MEAN, STD, fit, focal_loss
+from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
 primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
@@ -41,14 +43,14 @@ ae_epochs = 20             # kmeans: autoencoder passes over the training images
 ae_batch_size = 128        # kmeans: autoencoder batch
 ae_lr = 1e-3               # kmeans: Adam learning rate, mean squared reconstruction error of the normalised pixels
 kmeans_n_init = 10         # kmeans: k-means restarts per primary class (scikit-learn keeps the lowest inertia)
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 AUX_LABELS = ['human', 'random', 'kmeans']
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'aux_labels': AUX_LABELS}
 AUX = 4                    # Random, K-means: the column of the training labels that holds the assignment
 
 
-def validate(cfg):
+def check(cfg):
     check_levels(cfg.primary_level, cfg.aux_level)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
     if cfg.aux_labels == 'kmeans':
@@ -111,7 +113,7 @@ def kmeans_labels(features, primary, groups, seed, n_init):
 # ---- kept in the run folder -------------------------------------------------------------------------------
 
 def read_labels(path, primary, groups):
-    """An assignment written by kept_labels, checked against this training file: one class a line, each
+    """An assignment written by auxiliary_labels, checked against this training file: one class a line, each
     inside its image's primary-class group."""
     try:
         labels = np.loadtxt(path, dtype=np.int64, ndmin=1)
@@ -126,18 +128,27 @@ def read_labels(path, primary, groups):
     return labels
 
 
-def kept_labels(run, primary, groups, draw):
-    """The run's auxiliary labels: on --resume read back from its folder (never drawn again), else
-    draw() once and written there. Under torchrun the first process reads or draws them and sends them
-    to the others, so every process trains on the same labels (and only one trains the autoencoder)."""
-    path = os.path.join(run.dir, AUX_LABELS_FILE)
+def auxiliary_labels(run, train_x, primary, groups):
+    """Random or K-means: each training image's auxiliary class, drawn once for the run and kept in its folder
+    (AUX_LABELS_FILE); a resumed run reads them back (never drawn again). Under torchrun the first process
+    reads or draws them and sends them to the others, so every process trains on the same labels (and only one
+    trains the autoencoder)."""
+    cfg, path = run.cfg, os.path.join(run.dir, AUX_LABELS_FILE)
     got = None
     if run.rank == 0:
         try:
             if run.resuming:
                 got = read_labels(path, primary, groups)
+            elif cfg.aux_labels == 'random':
+                got = random_labels(primary, groups, cfg.seed)
             else:
-                got = draw()
+                start = time.perf_counter()
+                features = autoencoder_features(train_x, cfg, run.device, run.log)
+                middle = time.perf_counter()
+                got = kmeans_labels(features, primary, groups, cfg.seed, cfg.kmeans_n_init)
+                run.log.print(f'k-means labels: autoencoder {middle - start:.1f} s, k-means '
+                              f'{time.perf_counter() - middle:.1f} s')
+            if not run.resuming:
                 write_indices(path, got)
         except UserError as e:
             got = e
@@ -158,7 +169,7 @@ def autoencoder_features(images, cfg, device, log):
     ae_epochs with Adam on the mean squared reconstruction error; return the codes of all of them, in
     order ([N, ae_code], float64). Seeded with its own streams: the global random state is left as it
     was, so the multi-task network starts from the same weights as the same seed's Human run."""
-    data = create_dataset.DeviceData(images, np.zeros(len(images), dtype=np.int64), device, MEAN, STD)
+    data = DeviceData(images, np.zeros(len(images), dtype=np.int64), device, MEAN, STD)
     seed = stream_seed(cfg.seed, STREAM_STRIDE - 1)           # a stream no epoch uses
     devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
@@ -181,24 +192,6 @@ def autoencoder_features(images, cfg, device, log):
     return codes.double().cpu().numpy()
 
 
-def assign_labels(run, train_x, train_y, groups):
-    """Random or K-means: each training image's auxiliary class, drawn once for the run (kept_labels)."""
-    cfg = run.cfg
-    primary = train_y[:, cfg.primary_level]
-
-    def draw():
-        if cfg.aux_labels == 'random':
-            return random_labels(primary, groups, cfg.seed)
-        start = time.perf_counter()
-        features = autoencoder_features(train_x, cfg, run.device, run.log)
-        middle = time.perf_counter()
-        labels = kmeans_labels(features, primary, groups, cfg.seed, cfg.kmeans_n_init)
-        run.log.print(f'k-means labels: autoencoder {middle - start:.1f} s, k-means {time.perf_counter() - middle:.1f} s')
-        return labels
-
-    return kept_labels(run, primary, groups, draw)
-
-
 def train_step(net, x, y1, y2, optimizer):
     """One SGD step on the sum of the two focal losses; returns sums over the batch."""
     logits1, logits2 = net(x)
@@ -211,29 +204,46 @@ def train_step(net, x, y1, y2, optimizer):
             'aux_loss': loss2.detach() * len(x), 'aux_acc': accuracy_count(logits2, y2)}
 
 
+# ---- how results.py tables this script's runs (as Single's, but for the method and its settings) ----
+
+UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.PAPER, model_vgg_single.TIME_NOTE,
+                                       model_vgg_single.run_seconds)
+HEADLINE = ['primary_level', 'aux_level', 'width']
+METHOD_OPTIONS = ['aux_labels']
+OLDER_RUNS = {'aux_labels': 'human'}       # a run from before --aux_labels trained Human
+
+
+def reported(cfg):
+    """Human, Random or K-means: the best test accuracy of the primary task."""
+    return [({'random': 'Random', 'kmeans': 'K-means'}.get(cfg.get('aux_labels'), 'Human'), 'test_acc', 'best')]
+
+
+def unused_options(cfg):
+    """The autoencoder's options: K-means only."""
+    return set() if cfg.get('aux_labels') == 'kmeans' else {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
+
+
 def main(argv=None):
-    run = Run('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=validate, choices=CHOICES)
-    cfg = run.cfg
+    cfg, cli = read_config('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
+    check(cfg)
     pri, aux = cfg.primary_level, cfg.aux_level
     train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
+    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
     groups = hierarchy_groups(train_y, pri, aux)          # primary class i -> its auxiliary classes
+
+    run = Run('model_vgg_human', cfg, cli)
     # Human: the hierarchy's labels, scored on the test set too. Random / K-means: the run's assignment as
     # an extra column; the test set has no such labels (no rule gives an unseen image a Random class, and
     # the comparison is on the primary task), so only the primary head is tested.
-    levels, tested = (pri, aux), (pri, aux)
+    columns, tested = (pri, aux), (pri, aux)
     if cfg.aux_labels != 'human':
-        train_y = np.concatenate([train_y, assign_labels(run, train_x, train_y, groups)[:, None]], axis=1)
-        levels, tested = (pri, AUX), (pri,)
-    train = create_dataset.DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)
-    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
-    test = create_dataset.DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
+        train_y = np.concatenate([train_y, auxiliary_labels(run, train_x, train_y[:, pri], groups)[:, None]], axis=1)
+        columns, tested = (pri, AUX), (pri,)
+    train = DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)
+    test = DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
     net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
                              'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))
-    # trained exactly as Single, with the second head's loss added to every step
-    first, second = levels
-    fit(run, net, train, test, levels, lambda net, x, labels, optimizer: train_step(net, x, labels[:, first],
-                                                                                    labels[:, second], optimizer),
-        tested=tested)
+    fit(run, net, train, test, train_step, columns, tested)      # as Single, with the second head's loss added
 
 
 if __name__ == '__main__':

@@ -20,9 +20,12 @@ import create_dataset
 from create_dataset import hierarchy_psi
 from machinery.distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
 from machinery.fast_paths import eager, float32_meta
-from machinery.models import VGG16, accuracy_count, evaluate_heads, focal_loss, forward_with
-from machinery.options import UserError, check_positive, hyperparameters, parse_config, stand_in
-from utils import Meters, Run, run_main
+from machinery.models import VGG16, accuracy_count, forward_with
+from machinery.options import UserError, check_positive, hyperparameters, stand_in
+from machinery.streams import DeviceData
+import model_vgg_single
+from model_vgg_single import MEAN, STD, epoch_line, evaluate, finish, focal_loss
+from utils import Meters, Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
 epochs = 200
@@ -41,12 +44,11 @@ second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode)
 fd_eps = 0.01              # first order: the step is fd_eps / ||d||
 cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
 width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'meta_order': [1, 2],
            'second_order': ['jvp', 'double_backward']}
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
 
 
 def hierarchy_sizes(cfg, typed):
@@ -64,7 +66,7 @@ def hierarchy_sizes(cfg, typed):
     cfg.psi = sizes
 
 
-def validate(cfg):
+def check(cfg):
     n_primary = create_dataset.LEVEL_CLASSES[cfg.primary_level]
     if len(cfg.psi) != n_primary or min(cfg.psi) < 1:
         raise UserError(f'bad psi {cfg.psi}: it needs one positive entry per primary class, i.e. {n_primary} '
@@ -234,7 +236,7 @@ class Lookahead(NamedTuple):
     aux_target: torch.Tensor   # generated labels t(phi), differentiable in the generator's parameters phi
     loss_fast: torch.Tensor    # L_pri(theta+), the primary loss after the virtual step
     v: tuple                   # dL_pri(theta+)/dtheta+, one tensor per parameter (None with create_graph)
-    stats: tuple               # detached (L_pri(theta), correct(theta), L_pri(theta+), correct(theta+))
+    stats: dict                # detached sums over the batch: pre_loss, pre_acc (at theta), post_loss, post_acc (theta+)
 
 
 def lookahead(net, gen, x, y, mask, optimizer, create_graph=False):
@@ -261,7 +263,8 @@ def lookahead(net, gen, x, y, mask, optimizer, create_graph=False):
     loss_fast = focal_loss(F.softmax(pri_fast, dim=1), y).mean()
     v = None if create_graph else global_mean(torch.autograd.grad(loss_fast, list(fast.values()), allow_unused=True,
                                                                   materialize_grads=True))
-    stats = (loss1.detach(), accuracy_count(pri_logits, y), loss_fast.detach(), accuracy_count(pri_fast, y))
+    stats = {'pre_loss': loss1.detach() * len(x), 'pre_acc': accuracy_count(pri_logits, y),
+             'post_loss': loss_fast.detach() * len(x), 'post_acc': accuracy_count(pri_fast, y)}
     return Lookahead(params, aux_target, loss_fast, v, stats)
 
 
@@ -340,24 +343,57 @@ def meta_gradient_first_order(net, gen, x, y, mask, optimizer, entropy_weight, f
 
 # ---- the run -----------------------------------------------------------------------------------------
 
+RATES = {'lr': ('optimizer', 'scheduler'), 'gen_lr': ('gen_optimizer', 'gen_scheduler')}   # --resume RUN --lr / --gen_lr
+
+
+def meta_step(net, gen, x, y, mask, optimizer, gen_optimizer, cfg):
+    """One SGD step of the label generator on its meta-gradient (--meta_order); returns the meta batch's
+    primary loss and accuracy before and after the virtual step (sums over the batch)."""
+    if cfg.meta_order == 2:
+        with eager(net, gen):                          # double backward / forward mode: never compiled
+            gen_grads, stats = meta_gradient_second_order(net, gen, x, y, mask, optimizer, cfg.entropy_weight,
+                                                          cfg.second_order)
+    else:
+        gen_grads, stats = meta_gradient_first_order(net, gen, x, y, mask, optimizer, cfg.entropy_weight, cfg.fd_eps)
+    for p, g in zip(gen.parameters(), gen_grads):
+        p.grad = g
+    gen_optimizer.step()
+    return stats
+
+
+# ---- how results.py tables this script's runs (as Single's, but for the method and its settings) ----
+
+UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.PAPER, model_vgg_single.TIME_NOTE,
+                                       model_vgg_single.run_seconds)
+HEADLINE = ['primary_level', 'psi', 'width']
+METHOD_OPTIONS = ['meta_order', 'second_order']
+
+
+def reported(cfg):
+    """MAXL with its meta-gradient: the best test accuracy of the primary task."""
+    order = f'second order ({cfg.get("second_order")})' if cfg.get('meta_order') == 2 else 'first order'
+    return [(f'MAXL, {order}', 'test_acc', 'best')]
+
+
+def unused_options(cfg):
+    """The options that do not decide a run's numbers: only the exact meta-gradient has two forms
+    (second_order), only the first order a step (fd_eps); psi says what a run computes (--aux_level only sets
+    it); cos_every changes what is logged."""
+    return {'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} & set(cfg)
+
+
 def main(argv=None):
-    description = __doc__.split('\n\n')[0]
-    typed = parse_config(HYPERPARAMETERS, argv, description, CHOICES)[1]     # which flags this command line gives
+    cfg, cli = read_config('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
+    hierarchy_sizes(cfg, cli.typed)                # --aux_level: psi from the hierarchy
+    check(cfg)
+    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
+    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
 
-    def check(cfg):                            # psi from the hierarchy with --aux_level, then the values
-        hierarchy_sizes(cfg, typed)
-        validate(cfg)
-
-    run = Run('model_vgg_maxl', HYPERPARAMETERS, argv, description, validate=check, choices=CHOICES)
-    cfg, dev = run.cfg, run.device
-
-    # Data: the whole uint8 dataset on the device; crop/flip/normalise per batch.
-    train, test = (create_dataset.DeviceData(*create_dataset.load('cifar100', cfg.data_root, split, stand_in(cfg),
-                                                                           cfg.download), dev, MEAN, STD,
-                                             shard=run.shard)
-                   for split in (True, False))
-    level = cfg.primary_level
-
+    run = Run('model_vgg_maxl', cfg, cli)
+    dev, level = run.device, cfg.primary_level
+    # the whole uint8 dataset on the device; crop/flip/normalise per batch
+    train = DeviceData(train_x, train_y, dev, MEAN, STD, shard=run.shard)
+    test = DeviceData(test_x, test_y, dev, MEAN, STD, shard=run.shard)
     gen = run.network(label_generator(cfg.psi, cfg.width))
     net = run.network(multi_task_network(cfg.psi, cfg.width))
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
@@ -369,7 +405,7 @@ def main(argv=None):
     heads = head_parameter_names(net)
     objects = dict(net=net, gen=gen, optimizer=optimizer, gen_optimizer=gen_optimizer,
                    scheduler=scheduler, gen_scheduler=gen_scheduler)
-    state = run.restore(objects, epoch=-1, step=0)
+    state = run.restore(objects, rates=RATES, epoch=-1, step=0)
     step = state['step']
     per_epoch = 2 * train.num_batches(cfg.batch_size)      # a pass of training steps, a pass of meta steps
     run.describe([net, gen], {'train': len(train), 'test': len(test)}, cfg.epochs * per_epoch,
@@ -379,8 +415,7 @@ def main(argv=None):
         net.train(), gen.train()
 
         # 1) a pass of training steps on the multi-task network
-        train_meters = run.meters('loss')          # summed on the device: no host sync inside the loop
-        first_step = step
+        train_meters, first_step = run.meters('loss'), step    # summed on the device: no host sync in the loop
         bar = run.progress(per_epoch, f'epoch {epoch}', epoch * per_epoch, cfg.epochs * per_epoch)
         cos_sum, cos_n = torch.zeros((), device=dev), 0
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
@@ -392,48 +427,32 @@ def main(argv=None):
                 cos_sum, cos_n = cos_sum + cosine, cos_n + 1
             step += 1
             bar.update()
-
-        run.check_finite(train_meters, first_step, scheduler.get_last_lr()[0])     # stops before anything is saved
+        run.check_finite(train_meters, first_step, optimizer.param_groups[0]['lr'])  # stops before anything is saved
 
         # 2) a pass of meta steps on the label generator
         meta_meters = Meters()
         for x, labels in train.batches(cfg.batch_size, data_rng, shuffle=True, augment=True):
-            y = labels[:, level]
-            if cfg.meta_order == 2:
-                with eager(net, gen):                      # double backward / forward mode: never compiled
-                    gen_grads, stats = meta_gradient_second_order(net, gen, x, y, mask, optimizer,
-                                                                  cfg.entropy_weight, cfg.second_order)
-            else:
-                gen_grads, stats = meta_gradient_first_order(net, gen, x, y, mask, optimizer,
-                                                             cfg.entropy_weight, cfg.fd_eps)
-            for p, g in zip(gen.parameters(), gen_grads):
-                p.grad = g
-            gen_optimizer.step()
-            meta_meters.add(len(x), pre_loss=stats[0] * len(x), pre_acc=stats[1], post_loss=stats[2] * len(x),
-                            post_acc=stats[3])
+            meta_meters.add(len(x), **meta_step(net, gen, x, labels[:, level], mask, optimizer, gen_optimizer, cfg))
             bar.update()
         bar.close()
-
-        run.check_finite(meta_meters, 0, gen_scheduler.get_last_lr()[0], unit=f'epoch {epoch}, meta step',
+        run.check_finite(meta_meters, 0, gen_optimizer.param_groups[0]['lr'], unit=f'epoch {epoch}, meta step',
                          option='gen_lr')
 
         # 3) test
         run.sync_buffers(net)
-        test_loss, test_acc = evaluate_heads(net, test, (level,), cfg.batch_size)
+        tests = evaluate(net, test, (level,), cfg.batch_size)
         scheduler.step(), gen_scheduler.step()
-        seconds = run.timer.lap()
-
         tr, meta = train_meters.means(), meta_meters.means()
-        cos = float(cos_sum) / cos_n if cos_n else float('nan')
-        row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'], cosine=cos,
-                   **{f'meta_{k}': v for k, v in meta.items()}, test_loss=test_loss, test_acc=test_acc,
-                   seconds=seconds)
-        run.end_epoch(objects, row, f'TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} COSSIM {cos:.4f} '
-                                    f'|| META [LOSS|ACC.]: PRE {meta["pre_loss"]:.4f} {meta["pre_acc"]:.4f} '
-                                    f'AFTER {meta["post_loss"]:.4f} {meta["post_acc"]:.4f} '
-                                    f'|| TEST: {test_loss:.4f} {test_acc:.4f}')
+        row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'],
+                   cosine=float(cos_sum) / cos_n if cos_n else float('nan'), **{f'meta_{k}': v for k, v in meta.items()},
+                   test_loss=tests['loss'], test_acc=tests['acc'], seconds=run.timer.lap())
+        run.evaluate_and_save(objects, row, 'test_acc', epoch=epoch, step=step)
+        run.log.print(epoch_line(row, f'TRAIN [LOSS|ACC.]: PRI {tr["loss"]:.4f} {tr["acc"]:.4f} COSSIM {row["cosine"]:.4f} '
+                                      f'|| META [LOSS|ACC.]: PRE {meta["pre_loss"]:.4f} {meta["pre_acc"]:.4f} '
+                                      f'AFTER {meta["post_loss"]:.4f} {meta["post_acc"]:.4f} '
+                                      f'|| TEST: {tests["loss"]:.4f} {tests["acc"]:.4f}'))
         run.stop_if_asked()                   # Ctrl-C / SIGTERM: after the epoch, whose checkpoint is written
-    run.finish_epochs()
+    finish(run)
 
 
 if __name__ == '__main__':

@@ -27,8 +27,10 @@ import torch
 import create_dataset
 from machinery.distributed import pick_device
 from machinery.models import semi_network
-from machinery.options import UserError, python_command, spellings
 from machinery.checkpoints import load_checkpoint
+from machinery.options import UserError, python_command, spellings
+from machinery.splits import read_label_indices
+from machinery.streams import DeviceData
 from utils import run_main
 
 # the original's class colours (10 classes); more classes use a colour map
@@ -133,9 +135,9 @@ def main(argv=None):
     train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_root'],
                                                                cfg['synthetic'] and cfg.get('synthetic_size', 'small'))
     mean, std = create_dataset.DATASETS[cfg['dataset']].normalisation
-    train = create_dataset.DeviceData(train_x, train_y, device, mean, std)
-    test = create_dataset.DeviceData(test_x, test_y, device, mean, std)
-    labeled, unlabeled = create_dataset.read_label_indices(indices, len(train))
+    train = DeviceData(train_x, train_y, device, mean, std)
+    test = DeviceData(test_x, test_y, device, mean, std)
+    labeled, unlabeled = read_label_indices(indices, len(train))
     rng = np.random.default_rng(args.seed)
     pick = lambda idx: np.sort(rng.choice(idx, args.num_point, replace=False)) if 0 < args.num_point < len(idx) else idx
     splits = {'labeled': labeled, 'unlabeled': pick(unlabeled), 'test': pick(np.arange(len(test)))}

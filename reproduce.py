@@ -24,6 +24,7 @@ import argparse
 import concurrent.futures
 import datetime
 import fnmatch
+import glob
 import importlib.util
 import json
 import os
@@ -35,8 +36,8 @@ import sys
 import threading
 import time
 
-from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, bench_results, dataset_of,
-                         flag_value, gpus_of, load_project, projection, report, run_state, setting_flags)
+from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, dataset_of, flag_value,
+                                   gpus_of, run_state, setting_flags)
 from machinery.options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
                                   # a submitit job imports this file to run `execute` and needs none of them)
 
@@ -320,10 +321,31 @@ def list_experiments(which, bench_paths):
     print('|---|---|---|---|')
     for name, exp in EXPERIMENTS.items():
         n, seeds = len(exp['settings']), len(exp['seeds'])
-        print(f'| {name} | {n * seeds} ({n} x {seeds}) | {projection(name, seeds, files, project)} | {exp["title"]} |')
+        print(f'| {name} | {n * seeds} ({n} x {seeds}) | {project.projection(name, seeds, files)} | {exp["title"]} |')
     print('\nProjections: benchmarks/project.py\'s arithmetic on the bench.py result files '
           '(benchmarks/results/*.json, or --bench FILE); run `.venv/bin/python benchmarks/bench.py --device cuda` '
           'on the GPU to make one. `reproduce.py list EXPERIMENT` shows its settings\' command lines.')
+
+
+def load_project():
+    spec = importlib.util.spec_from_file_location('project', os.path.join(ROOT, 'benchmarks', 'project.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_results(paths):
+    """[(where it was measured, bench.py result)] of the files given, else of benchmarks/results/*.json."""
+    out = []
+    for path in paths or sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', '*.json'))):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f'--bench {path}: cannot read it as a bench.py result ({e}).') from None
+        if not result.get('concurrent'):
+            out.append((path, result))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -510,6 +532,7 @@ def prepare_stand_ins(args, runs):
 
 
 def main(argv=None):
+    from results import experiment_report          # (torch and the scripts: here, not in a submitit job)
     args = parse(argv)
     if args.experiment == 'list':
         if args.which and args.which not in EXPERIMENTS:
@@ -519,7 +542,7 @@ def main(argv=None):
         raise UserError(f'unexpected argument {args.which!r} (settings are chosen with --only SETTING ...).')
     check(args)
     if args.report:
-        print(report(args.experiment, args.runs, args.quick))
+        print(experiment_report(args.experiment, args.runs, args.quick))
         print(f'\nwrote {os.path.join(args.runs, "results.md")}')
         return
     if args.quick and not args.data_root:
@@ -544,7 +567,7 @@ def main(argv=None):
             completed = (run_submitit if args.executor else run_here)(todo, args, reporter)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    table = report(args.experiment, args.runs, args.quick)
+    table = experiment_report(args.experiment, args.runs, args.quick)
     print('\n' + table + f'\n\nwrote {os.path.join(args.runs, "results.md")}'
           + (f' and {os.path.join(args.runs, EXPERIMENTS[args.experiment]["figure"])}'
              if EXPERIMENTS[args.experiment].get('figure') and os.path.isfile(

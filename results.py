@@ -11,68 +11,48 @@ resume points), never a checkpoint, and trains nothing.
 """
 import argparse
 import csv
+import datetime
 import glob
+import io
 import json
-import math
 import os
+import importlib
 import re
 import statistics
 import sys
 
-from machinery.options import UserError, unused_options
+from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
+from machinery.options import UserError
 from utils import run_main
 
-MAXL_SCRIPTS = ('model_vgg_single', 'model_vgg_human', 'model_vgg_maxl')
-SCRIPTS = MAXL_SCRIPTS + ('train_sla', 'train_meta_semi')
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# What each script's metrics.csv counts in its first column, as the table says it.
-UNITS = {'model_vgg_single': 'epochs', 'model_vgg_human': 'epochs', 'model_vgg_maxl': 'epochs',
-         'train_sla': 'iterations', 'train_meta_semi': 'steps'}
-
-# How each script's time column becomes a run's time (footnotes under the table).
-TIME_NOTES = {
-    'maxl': 'MAXL scripts: the sum of metrics.csv `seconds` (each epoch: training, meta pass for MAXL, test)',
-    'train_sla': 'SLA: Σ `seconds_per_iteration` × the iterations of each evaluation interval (training only; '
-                 'the evaluations are not counted)',
-    'train_meta_semi': 'MetaSemi: the mean step time (`batch_time` + `data_time`, averaged since the process '
-                       'started) × its steps, summed over the starts of a resumed run (training only; the tests '
-                       'are not counted)',
-}
-
-# Options that say where or how a run ran, not what it computed: runs differing only in these (and the
-# seed) are one setting. print_freq and cos_every change only what is printed.
+# The run options that say where or how a run ran, not what it computed: runs differing only in these (and
+# the seed, and what each script's unused_options() names) are one setting.
 NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
-               'local_rank', 'dist_backend', 'dist_timeout', 'eval_only', 'print_freq', 'cos_every', 'workers',
-               'decode_on', 'global_batch'}
+               'local_rank', 'dist_backend', 'dist_timeout', 'global_batch', 'progress', 'progress_every',
+               'tensorboard'}
 
-# Keys the method or dataset columns already show.
-METHOD_KEYS = {'meta_order', 'second_order', 'mode', 'aug', 'baseline', 'mix_up', 'dataset', 'synthetic', 'aux_labels'}
+DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN', 'fashion-mnist': 'Fashion-MNIST'}
 
-# Keys always shown in the setting column (besides any that differ between the rows of a script).
-HEADLINE = {'model_vgg_single': ['primary_level', 'width'],
-            'model_vgg_human': ['primary_level', 'aux_level', 'width'],
-            'model_vgg_maxl': ['primary_level', 'psi', 'width'],
-            'train_sla': ['model', 'width', 'num_samples_per_class'],
-            'train_meta_semi': ['num_label', 'label_fraction', 'architecture', 'width', 'alpha']}
 
-DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN'}
+# ----------------------------------------------------------------------------------------------------
+# What each script says of its runs
+# ----------------------------------------------------------------------------------------------------
 
-# The papers' headline numbers as README's "Results" section has them (MetaSemi: arXiv 2007.03966, test
-# error in %, ConvLarge with mixup, the seed's run.sh commands). MAXL's and SLA's are not available offline.
-METASEMI_ERROR = {('svhn', 1000): 3.15, ('cifar10', 4000): 7.78, ('cifar100', 10000): 30.74}
-METASEMI_STEPS = 400000
-NOT_OFFLINE = {'maxl': 'not available offline (MAXL paper, Figure 3 / Table 1)',
-               'sla': "not available offline (SLA paper's CIFAR table)",
-               'sla_limited': "not available offline (SLA paper's limited-data table)",
-               'semi': 'not available offline (not in README)'}
+def script_module(name):
+    """The training script `name` (a file <name>.py beside this one that says how its runs are reported:
+    reported(), unused_options(), UNIT, PAPER, HEADLINE, METHOD_OPTIONS, TIME_NOTE, run_seconds()), or None."""
+    if not (isinstance(name, str) and name.isidentifier() and os.path.isfile(os.path.join(ROOT, name + '.py'))):
+        return None
+    module = importlib.import_module(name)
+    return module if callable(getattr(module, 'reported', None)) else None
 
-PLOT_TITLES = {
-    'maxl': 'MAXL (NeurIPS 2019), its Figure 3 setting: CIFAR-100, primary task 20 classes (level 2), '
-            'psi = [5]*20, VGG-16',
-    'train_sla': 'SLA (ICML 2020): CIFAR-10/100, ResNet-32, M transformations; single inference',
-    'train_meta_semi': 'MetaSemi (AISTATS 2021): SVHN 1,000 / CIFAR-10 4,000 / CIFAR-100 10,000 labels, '
-                       'ConvLarge, mixup',
-}
+
+def scripts_here():
+    """The training scripts beside this file, in the order their papers' tables list them."""
+    names = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and f.startswith(('model_', 'train_')))
+    return [n for n in names if script_module(n)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,9 +114,9 @@ def read_run(path):
     except (OSError, ValueError) as e:
         raise not_a_run(path, f'its config.json cannot be read ({e})') from None
     script = cfg.get('script') if isinstance(cfg, dict) else None
-    if script not in SCRIPTS:
+    if script_module(script) is None:
         raise not_a_run(path, f'its config.json names no script of this project (script: {script!r}; one of '
-                              f'{", ".join(SCRIPTS)} expected)')
+                              f'{", ".join(scripts_here())} expected)')
     rows = {}
     metrics = os.path.join(path, 'metrics.csv')
     if os.path.isfile(metrics):
@@ -146,18 +126,15 @@ def read_run(path):
                 position = row.get(next(iter(raw)))
                 if isinstance(position, float):
                     rows[position] = row          # a position written twice (a resumed run): the later one
-    resumed_at, log = [], ''
+    log = ''
     if os.path.isfile(os.path.join(path, 'log.txt')):
         with open(os.path.join(path, 'log.txt'), errors='replace') as f:
             log = f.read()
-    if script == 'train_meta_semi':
-        resumed_at = [int(m.group(1)) for m in re.finditer(r'^resumed at step (\d+)', log, re.M)]
     if 'processes' not in cfg:          # a run from before config.json kept it: its start line says it
         found = re.search(r'^(?:run|resuming) .* on \S+, (\d+) processes \(', log, re.M)
         cfg = cfg | {'processes': int(found.group(1)) if found else 1}
         cfg.setdefault('global_batch', cfg.get('batch_size', 0) * cfg['processes'])
-    return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)],
-            'resumed_at': resumed_at}
+    return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)], 'log': log}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,14 +144,11 @@ def read_run(path):
 def setting(cfg):
     """The values of a configuration that decide what a run computes (not the seed, not where or how it
     ran), with the ones a method ignores dropped: name -> value."""
-    script = cfg.get('script')
-    unused = unused_options(script, cfg)                   # by its method, dataset and schedule
+    module = script_module(cfg.get('script'))
+    cfg = getattr(module, 'OLDER_RUNS', {}) | cfg          # a run from before an option existed ran as this
+    unused = module.unused_options(cfg)                    # by its method, dataset and schedule
     out = {k: v for k, v in cfg.items() if k not in NOT_SETTING and k not in unused}
     out.setdefault('processes', 1)                         # read_run fills it in for runs from before it was kept
-    if script == 'model_vgg_maxl':
-        out.pop('aux_level', None)                         # psi says what it computes (--aux_level only sets it)
-    if script == 'model_vgg_human' and out.get('aux_labels') == 'human':
-        out.pop('aux_labels')                              # as a run from before --aux_labels
     return out
 
 
@@ -192,96 +166,58 @@ def mean_std(values):
 
 
 def dataset_of(cfg):
-    name = 'CIFAR-100' if cfg['script'] in MAXL_SCRIPTS else DATASET_NAMES.get(cfg.get('dataset'), cfg.get('dataset'))
-    return name + (' (synthetic)' if cfg.get('synthetic') else '')
+    name = cfg.get('dataset', 'cifar100')                  # the MAXL scripts before --dataset: CIFAR-100
+    return DATASET_NAMES.get(name, name) + (' (synthetic)' if cfg.get('synthetic') else '')
 
 
 def methods_of(cfg):
-    """[(method label, accuracy column the method reports)]: SLA's sla mode reports two (SLA+SI, SLA+AG)."""
-    script = cfg['script']
-    if script == 'model_vgg_single':
-        return [('Single', 'test_acc')]
-    if script == 'model_vgg_human':            # Human, or the Random / K-means auxiliary labels
-        return [({'random': 'Random', 'kmeans': 'K-means'}.get(cfg.get('aux_labels'), 'Human'), 'test_acc')]
-    if script == 'model_vgg_maxl':
-        order = (f'second order ({cfg.get("second_order")})' if cfg.get('meta_order') == 2 else 'first order')
-        return [(f'MAXL, {order}', 'test_acc')]
-    if script == 'train_sla':
-        mode, aug = cfg.get('mode'), cfg.get('aug')
-        if mode == 'baseline':
-            return [('Baseline', 'test_single_acc')]
-        if mode == 'sla':
-            return [(f'SLA+SI, {aug}', 'test_single_acc'), (f'SLA+AG, {aug}', 'test_agg_acc')]
-        return [({'da': 'DA', 'mt': 'MT', 'sla+sd': 'SLA+SD'}.get(mode, mode) + f', {aug}', 'test_single_acc')]
-    name = 'labeled only (baseline)' if cfg.get('baseline') else 'MetaSemi'
-    if cfg.get('mix_up'):
-        name = 'mixup baseline' if cfg.get('baseline') else 'MetaSemi + mixup'
-    return [(name, 'test_acc')]
+    """[(method label, metrics column, selection)] a run reports (its script's reported())."""
+    return script_module(cfg['script']).reported(cfg)
 
 
 def run_seconds(run):
-    """A run's time from its metrics.csv (see TIME_NOTES), or None when it has no time column."""
-    rows, script = run['rows'], run['script']
+    """A run's time from its metrics.csv (its script's run_seconds, TIME_NOTE), or None without a time column."""
     try:
-        if script in MAXL_SCRIPTS:
-            return sum(r['seconds'] for r in rows)
-        if script == 'train_sla':
-            total, previous = 0.0, 0
-            for r in rows:
-                total += r['seconds_per_iteration'] * (r['iteration'] - previous)
-                previous = r['iteration']
-            return total
-        # MetaSemi: batch_time and data_time are means since the process started (at step 0 or at a resume):
-        # the last row of each start, times that start's steps.
-        starts = sorted({0, *run['resumed_at']})
-        total = 0.0
-        for k, start in enumerate(starts):
-            end = starts[k + 1] if k + 1 < len(starts) else math.inf
-            mine = [r for r in rows if start < r['step'] <= end]
-            if mine:
-                total += (mine[-1]['batch_time'] + mine[-1].get('data_time', 0.0)) * (mine[-1]['step'] - start)
-        return total
+        return script_module(run['script']).run_seconds(run['rows'], run.get('log', ''))
     except (KeyError, TypeError):
         return None
 
 
+def select(rows, column, selection):
+    """The number a run reports from its metrics rows: 'best', the highest value of `column`; 'at best val',
+    its value at the first best validation single_acc (at the best test single_acc where there is no
+    validation split)."""
+    usable = [r for r in rows if isinstance(r.get(column), float)]
+    if selection == 'at best val':
+        chosen_on = 'val_single_acc' if 'val_single_acc' in usable[0] else 'test_single_acc'
+        position = next(iter(usable[0]))
+        return max(usable, key=lambda r: (r[chosen_on], -r[position]))[column]
+    return max(r[column] for r in usable)
+
+
 def measures(run):
-    """[{'method', 'column', 'best', 'final', 'steps', 'seconds', 'curve'}] of a run with metrics: the
-    reported accuracy (best: at the best validation for SLA, its best test on the large datasets, the best test
-    otherwise), the last one, the positions done and the time."""
-    rows, script = run['rows'], run['script']
+    """[{'method', 'column', 'best', 'final', 'steps', 'seconds'}] of a run with metrics: the reported number
+    (see select), the last one, the positions done and the time."""
+    rows, module = run['rows'], script_module(run['script'])
     out = []
-    for method, column in methods_of(run['cfg']):
+    for method, column, selection in module.reported(run['cfg']):
         usable = [r for r in rows if isinstance(r.get(column), float)]
         if not usable:
             continue
-        if script == 'train_sla':           # the test accuracy at the first best validation single_acc
-            chosen_on = 'val_single_acc' if 'val_single_acc' in usable[0] else 'test_single_acc'   # large: no val
-            best_row = max(usable, key=lambda r: (r[chosen_on], -r['iteration']))
-            best = best_row[column]
-        else:
-            best = max(r[column] for r in usable)
         position = next(iter(rows[-1]))
-        steps = int(rows[-1][position]) + (1 if script in MAXL_SCRIPTS else 0)   # epochs are numbered from 0
-        out.append({'method': method, 'column': column, 'best': best, 'final': usable[-1][column], 'steps': steps,
-                    'seconds': run_seconds(run)})
+        steps = int(rows[-1][position]) + (1 if module.UNIT == 'epochs' else 0)   # epochs are numbered from 0
+        out.append({'method': method, 'column': column, 'best': select(rows, column, selection),
+                    'final': usable[-1][column], 'steps': steps, 'seconds': run_seconds(run)})
     return out
 
 
 def paper_number(cfg, method, steps):
-    """The paper's number for this row (README's Results section), or why there is none."""
+    """The paper's number for this row (its script's paper_number), or why there is none."""
     if cfg.get('synthetic'):
         return '— (synthetic stand-in)'
-    script = cfg['script']
-    if script in MAXL_SCRIPTS:
-        return NOT_OFFLINE['maxl']
-    if script == 'train_sla':
-        return NOT_OFFLINE['sla_limited' if cfg.get('num_samples_per_class', 0) > 0 else 'sla']
-    error = METASEMI_ERROR.get((cfg.get('dataset'), cfg.get('num_label')))
-    if (error is None or method != 'MetaSemi + mixup' or cfg.get('architecture') != 'convlarge'
-            or cfg.get('width') != 1.0):
-        return NOT_OFFLINE['semi']
-    return f'{error:.2f} % error' + (f' (after {METASEMI_STEPS:,} steps)' if steps < METASEMI_STEPS else '')
+    module = script_module(cfg['script'])
+    number = module.paper_number(cfg, method, steps) if hasattr(module, 'paper_number') else None
+    return number or f'not available offline ({module.PAPER})'
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,15 +267,18 @@ def build_rows(runs):
                                     'runs': []})['runs'].append((run, m))
     rows = list(groups.values())
     # the setting column: the headline keys, plus every key whose value differs between rows of a script
-    for script in SCRIPTS:
+    for script in {r['script'] for r in rows}:
         mine = [r for r in rows if r['script'] == script]
-        names = sorted({k for r in mine for k in setting(r['cfg'])} - METHOD_KEYS)
+        shown = {'dataset', 'synthetic', *script_module(script).METHOD_OPTIONS}     # in the other columns
+        names = sorted({k for r in mine for k in setting(r['cfg'])} - shown)
         varying = [k for k in names if len({json.dumps(setting(r['cfg']).get(k)) for r in mine}) > 1]
-        keys = HEADLINE[script] + [k for k in varying if k not in HEADLINE[script]]
+        headline = script_module(script).HEADLINE
+        keys = headline + [k for k in varying if k not in headline]
         for r in mine:
             r['setting'] = setting_text(keys, r['cfg'])
-    order = {s: i for i, s in enumerate(SCRIPTS)}
-    return sorted(rows, key=lambda r: order[r['script']])          # stable: first appearance within a script
+    papers = list(dict.fromkeys(script_module(r['script']).PAPER for r in rows))
+    scripts = list(dict.fromkeys(r['script'] for r in rows))
+    return sorted(rows, key=lambda r: (papers.index(script_module(r['script']).PAPER), scripts.index(r['script'])))
 
 
 def table(runs):
@@ -351,23 +290,24 @@ def table(runs):
         ms = [m for _, m in r['runs']]
         seeds = ', '.join(str(run['cfg'].get('seed')) for run, _ in r['runs'])
         steps = sorted({m['steps'] for m in ms})
-        unit = UNITS[r['script']] if steps != [1] else UNITS[r['script']][:-1]      # 1 epoch, 2 epochs
+        unit = script_module(r['script']).UNIT
+        unit = unit if steps != [1] else unit[:-1]                                   # 1 epoch, 2 epochs
         done = (f'{steps[0]:,}' if len(steps) == 1 else f'{steps[0]:,}–{steps[-1]:,}') + f' {unit}'
         seconds = [m['seconds'] for m in ms if m['seconds'] is not None]
-        error = r['script'] == 'train_meta_semi'
+        error = getattr(script_module(r['script']), 'ERROR', False)
         lines.append('| ' + ' | '.join([
             f'{r["method"]} (`{r["script"]}`)', dataset_of(r['cfg']), r['setting'] or '—', f'{len(ms)} ({seeds})',
             fmt_acc([m['best'] for m in ms], error), fmt_acc([m['final'] for m in ms], error), done,
             fmt_seconds(statistics.fmean(seconds)) if seconds else '—',
             paper_number(r['cfg'], r['method'], max(steps))]) + ' |')
-    notes = ['', 'Accuracies are fractions, mean ± sample standard deviation (n - 1) over the n runs of a row '
-             '(runs that differ only in seed, run folder, device or logging options); one run: its value. '
-             'Best: the best test accuracy (SLA: the test accuracy at the best validation single_acc, the '
-             'number the paper reports; on the large datasets, which have no validation split, at the best test '
-             'single_acc); final: the last evaluation. MetaSemi also as test error in %, as its '
-             'paper reports it.']
-    kinds = {'maxl' if r['script'] in MAXL_SCRIPTS else r['script'] for r in rows}
-    notes.append('Time per run: ' + '; '.join(TIME_NOTES[k] for k in TIME_NOTES if k in kinds) + '.')
+    notes = ['', 'Rows: the run folders given, grouped by paper and script in the order they came. Accuracies are '
+             'fractions, mean ± sample standard deviation (n - 1) over the n runs of a row (runs that differ only in '
+             'seed, run folder, device or logging options); one run: its value. Best: the best test accuracy '
+             '(SLA: the test accuracy at the best validation single_acc, the number the paper reports; on the large '
+             'datasets, which have no validation split, at the best test single_acc); final: the last evaluation. '
+             'MetaSemi also as test error in %, as its paper reports it.']
+    timed = {script_module(r['script']).PAPER: script_module(r['script']).TIME_NOTE for r in rows}
+    notes.append('Time per run: ' + '; '.join(f'{paper}: {note}' for paper, note in timed.items()) + '.')
     empty = [run['path'] for run in runs if not measures(run)]
     if empty:
         notes.append('Not in the table (no evaluation in metrics.csv yet): ' + ', '.join(empty) + '.')
@@ -405,38 +345,35 @@ def curve_labels(runs, settings):
 
 
 def plot(runs, out, plt):
-    """One PNG: a subplot per kind of run (the three MAXL scripts together, SLA, MetaSemi), one line per run."""
+    """One PNG: a subplot per paper (its scripts' runs together), one line per run: the first number its script
+    reports (as an error in % where the paper reports errors), against the positions of metrics.csv; with the
+    validation curve dashed where the number is chosen on a validation split."""
     settings = {}
     for r in build_rows(runs):
         for run, _ in r['runs']:
             settings.setdefault(id(run), r['setting'])
-    kinds = [k for k in ('maxl', 'train_sla', 'train_meta_semi')
-             if any((run['script'] in MAXL_SCRIPTS) == (k == 'maxl') and (k == 'maxl' or run['script'] == k)
-                    for run in runs if run['rows'])]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(8 * len(kinds), 5.5), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        mine = sorted((run for run in runs if run['rows'] and
-                       (run['script'] in MAXL_SCRIPTS if kind == 'maxl' else run['script'] == kind)),
-                      key=lambda run: SCRIPTS.index(run['script']))     # Single, Human, MAXL as in the paper
+    drawn = [run for run in runs if run['rows']]
+    papers = list(dict.fromkeys(script_module(run['script']).PAPER for run in drawn))
+    fig, axes = plt.subplots(1, len(papers), figsize=(8 * len(papers), 5.5), squeeze=False)
+    for ax, paper in zip(axes[0], papers):
+        mine = [run for run in drawn if script_module(run['script']).PAPER == paper]
         for k, (run, label) in enumerate(zip(mine, curve_labels(mine, settings))):
-            colour = f'C{k % 10}'
-            rows = run['rows']
-            if kind == 'maxl':
-                ax.plot([r['epoch'] + 1 for r in rows], [r['test_acc'] for r in rows], color=colour, label=label)
-                ax.set_xlabel('epoch'), ax.set_ylabel('test accuracy (primary task)')
-            elif kind == 'train_sla':
-                x = [r['iteration'] for r in rows]
-                ax.plot(x, [r['test_single_acc'] for r in rows], color=colour, label=label + ': test')
-                if 'val_single_acc' in rows[0]:          # the large datasets have no validation split
-                    ax.plot(x, [r['val_single_acc'] for r in rows], color=colour, linestyle='--',
-                            label=label + ': val')
-                ax.set_xlabel('iteration'), ax.set_ylabel('single_acc (val dashed, test solid)')
-            else:
-                ax.plot([r['step'] for r in rows], [100 * (1 - r['test_acc']) for r in rows], color=colour,
-                        label=label)
-                ax.set_xlabel('step'), ax.set_ylabel('test error (%)')
+            module, rows = script_module(run['script']), run['rows']
+            _, column, selection = module.reported(run['cfg'])[0]
+            error = getattr(module, 'ERROR', False)
+            position = next(iter(rows[0]))
+            x = [r[position] + (1 if module.UNIT == 'epochs' else 0) for r in rows]
+            values = {'test': column} | ({'val': column.replace('test_', 'val_')} if selection == 'at best val' and
+                                         column.replace('test_', 'val_') in rows[0] else {})
+            for split, name in values.items():
+                y = [100 * (1 - r[name]) if error else r[name] for r in rows]
+                ax.plot(x, y, color=f'C{k % 10}', linestyle='--' if split == 'val' else '-',
+                        label=label + (f': {split}' if len(values) > 1 else ''))
+            ax.set_xlabel(module.UNIT[:-1])
+            ax.set_ylabel(('test error (%)' if error else column.replace('_', ' '))
+                          + (' (val dashed, test solid)' if len(values) > 1 else ''))
         datasets = ', '.join(sorted({dataset_of(run['cfg']) for run in mine}))
-        ax.set_title(f'{PLOT_TITLES[kind]}\nthese runs: {datasets}', fontsize=9)
+        ax.set_title(f'{paper}\nthese runs: {datasets}', fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
@@ -444,6 +381,147 @@ def plot(runs, out, plt):
     os.makedirs(folder, exist_ok=True)
     fig.savefig(out, dpi=90, format='png')
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# An experiment's table and figure (reproduce.py), from its finished run folders
+# ----------------------------------------------------------------------------------------------------
+
+def finished_runs(experiment, runs_dir):
+    """{setting: [read_run(...) of each finished seed, in seed order]} and the count of seed
+    folders that are not finished, per setting."""
+    done, unfinished = {}, {}
+    for setting in EXPERIMENTS[experiment]['settings']:
+        folders = [os.path.join(runs_dir, setting, name) for name in sorted(
+            (n for n in os.listdir(os.path.join(runs_dir, setting)) if n[4:].isdigit() and n.startswith('seed')),
+            key=lambda n: int(n[4:]))] if os.path.isdir(os.path.join(runs_dir, setting)) else []
+        done[setting] = [read_run(p) for p in folders if run_state(p) == 'finished']
+        unfinished[setting] = len(folders) - len(done[setting])
+    return done, unfinished
+
+
+def value_of(run, column):
+    """The number a cell reports from one run: the method's best (measures: the best test accuracy;
+    SLA the test accuracy at the best validation), or the top-5 accuracy at the best top-1."""
+    if column == 'test_acc5':
+        rows = [r for r in run['rows'] if isinstance(r.get('test_acc'), float)]
+        return max(rows, key=lambda r: r['test_acc'])['test_acc5'] if rows else None
+    return next((m['best'] for m in measures(run) if m['column'] == column), None)
+
+
+def cell_text(values, measure, unfinished):
+    n = len(values)
+    seeds = f'{n} seed{"s" * (n != 1)}' if not unfinished else f'{n} of {n + unfinished} seeds'
+    if not values:
+        return f'— (0 of {unfinished} seeds finished)' if unfinished else '—'
+    mean, std, _ = mean_std([100 * (1 - v) if measure == 'error' else 100 * v for v in values])
+    return f'{mean:.2f}' + (f' ± {std:.2f}' if std is not None else '') + f' ({seeds})'
+
+
+def paper_text(exp, row, columns):
+    known = [(c, exp['paper'][(row, c)]) for c in columns if (row, c) in exp['paper']]
+    if not known:
+        return NOT_PUBLISHED
+    rest = [c for c in columns if (row, c) not in exp['paper']]
+    return '; '.join(f'{c}: {v}' for c, v in known) + (f'; {", ".join(rest)}: {NOT_PUBLISHED}' if rest else '')
+
+
+def experiment_report(experiment, runs_dir, quick):
+    """Write <runs_dir>/results.md (and the figure, where the paper has one); return the table's text."""
+    exp = EXPERIMENTS[experiment]
+    done, unfinished = finished_runs(experiment, runs_dir)
+    columns = list(dict.fromkeys(c for row in exp['table'].values() for c in row))
+    unit = 'test error, %' if exp['measure'] == 'error' else 'test accuracy, %'
+    lines = [f'| {unit} | ' + ' | '.join(columns) + ' | paper |', '|---' * (len(columns) + 2) + '|']
+    for row, cells in exp['table'].items():
+        texts = []
+        for c in columns:
+            if c not in cells:
+                texts.append('')
+                continue
+            setting, column = cells[c]
+            values = [v for v in (value_of(run, column) for run in done[setting]) if v is not None]
+            texts.append(cell_text(values, exp['measure'], unfinished[setting]))
+        lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(exp, row, list(cells))} |')
+    paper_table = '\n'.join(lines)
+    all_runs = [run for setting in exp['settings'] for run in done[setting]]
+    n_done = len(all_runs)
+    n_open = sum(unfinished.values())
+    text = [f'# {experiment}{" --quick" if quick else ""}', '', exp['title'] + '.', '']
+    if quick:
+        text += ['**Synthetic stand-in (`--quick`): small networks trained briefly on synthetic images. These numbers '
+                 'check that the runs, the table and the figure work end to end; they are not the paper\'s and say '
+                 'nothing about the methods.**', '']
+    text += [f'Made by `reproduce.py {experiment}{" --quick" if quick else ""}` from {n_done} finished run(s) in '
+             f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '') + ', '
+             f'{datetime.datetime.now():%Y-%m-%d %H:%M}. Each cell: mean ± sample standard deviation over the '
+             'finished seeds (one seed: its value) of ' + ('the best test error (100 − the best test accuracy)'
+                                                          if exp['measure'] == 'error' else 'the reported test accuracy')
+             + ', in %, and the number of seeds; — where none has finished. '
+             + ('SLA: the test accuracy at the best validation single accuracy (on ImageNet, which has no '
+                'validation split, the best test accuracy). ' if 'SLA' in exp['title'][:4] else
+                'The best test accuracy over the run\'s evaluations. ')
+             + 'The paper column: the paper\'s number where it could be read here, '
+             f'"{NOT_PUBLISHED}" where it could not.', '', paper_table, '']
+    if all_runs:
+        text += ['## Every setting (results.py)', '', table(all_runs), '']
+    figure = exp.get('figure')
+    if figure:
+        try:
+            plt = import_pyplot()
+        except UserError as e:
+            text += [f'No figure: {e}', '']
+            print(f'note: no figure ({e})')
+        else:
+            if draw_figure3(plt, experiment, done, os.path.join(runs_dir, figure), quick):
+                text += [f'![MAXL Figure 3 setting: test accuracy of the primary task per epoch]({figure})', '']
+    with open(os.path.join(runs_dir, 'results.md'), 'w') as f:
+        f.write('\n'.join(text))
+    return paper_table
+
+
+def draw_figure3(plt, experiment, done, path, quick):
+    """MAXL's Figure 3: one panel per level pair, the primary task's test accuracy per epoch of the five
+    methods, mean over the finished seeds with a ±std band. False when nothing has finished."""
+    exp = EXPERIMENTS[experiment]
+    if not any(done.values()):
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.2), sharex=True)
+    for ax, (row, cells) in zip(axes.flat, exp['table'].items()):
+        drawn = 0
+        for k, (method, (setting, column)) in enumerate(cells.items()):
+            curves = [[r[column] for r in run['rows'] if isinstance(r.get(column), float)] for run in done[setting]]
+            length = min((len(c) for c in curves), default=0)
+            if not length:
+                continue
+            epochs = range(1, length + 1)
+            per_epoch = [[100 * c[e] for c in curves] for e in range(length)]
+            mean = [sum(v) / len(v) for v in per_epoch]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_epoch]
+            ax.plot(epochs, mean, color=f'C{k}', label=f'{method}, n={len(curves)}')
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=f'C{k}', alpha=0.2, linewidth=0)
+            drawn += 1
+        ax.set_title(row, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if drawn:
+            ax.legend(fontsize=7, loc='lower right')
+        else:
+            ax.text(0.5, 0.5, 'no finished runs', ha='center', va='center', transform=ax.transAxes, color='grey')
+    for ax in axes[1]:
+        ax.set_xlabel('epoch')
+    for ax in axes[:, 0]:
+        ax.set_ylabel('primary test accuracy (%)')
+    fig.suptitle('MAXL Figure 3 setting: primary-task test accuracy per epoch, mean ± std over n seeds'
+                 + ('\nSYNTHETIC STAND-IN (--quick): not the paper\'s numbers' if quick else ''), fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=72, format='png')
+    plt.close(fig)
+    from PIL import Image                 # matplotlib's own dependency: a palette PNG is a few tens of KB
+    Image.open(buffer).convert('RGB').quantize(colors=96).save(path, optimize=True)
+    return True
 
 
 def main(argv=None):

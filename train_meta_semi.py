@@ -18,6 +18,7 @@ Then one SGD step (train mode) on  L_labeled (or the mixup KL loss) + w * mean |
 """
 import math
 import os
+import re
 import sys
 import time
 
@@ -26,12 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from machinery import large_datasets
+from machinery import large_datasets, splits
 from machinery.distributed import all_reduce_mean, all_reduce_sum
 from machinery.fast_paths import float32_meta
+from machinery.files import write_indices, write_lines
 from machinery.models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
-from machinery.options import UserError, check_positive, hyperparameters, stand_in, unused_options
-from utils import Run, device_generator, run_main
+from machinery.options import UserError, check_positive, hyperparameters, stand_in
+from machinery.streams import DeviceData, Splits
+from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
 dataset = 'cifar10'            # cifar10, cifar100, svhn or imagenet (its own defaults: IMAGENET below)
@@ -66,7 +69,7 @@ workers = 4                    # ImageNet: DataLoader worker processes per proce
 decode_on = 'auto'             # ImageNet: decode and augment JPEGs on the gpu (nvJPEG, when training on CUDA) or the cpu workers
 test_batch_size = 100          # images per process per evaluation batch (the ImageNet code: 50)
 num_classes = 1000             # ImageNet from RecordIO files: the number of classes (their labels are inside the records)
-# ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see options.RUN_OPTIONS)
+# ---- (run options: data_root (--data-path), run_dir (--save-path), device (--gpu), ...: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 RESNETS = TORCHVISION_RESNETS
 CHOICES = {'dataset': sorted(create_dataset.DATASETS) + ['imagenet'], 'architecture': ['convlarge', 'shakeshake'] + RESNETS,
@@ -80,14 +83,15 @@ IMAGENET = dict(architecture='resnet18', label_fraction=0.1, batch_size=64, epoc
 IMAGENET_BASELINE = IMAGENET | dict(batch_size=128, mix_up=False)
 
 
-def presets(cfg, given):
+def presets(cfg, typed):
+    """A new run on ImageNet: the original's settings for the values not typed."""
     if cfg.dataset == 'imagenet':
         for name, value in (IMAGENET_BASELINE if cfg.baseline else IMAGENET).items():
-            if name not in given:
+            if name not in typed:
                 setattr(cfg, name, value)
 
 
-def validate(cfg):
+def check(cfg):
     check_positive(cfg, 'total_steps', 'batch_size', 'print_freq', 'eval_every', 'warmup', 'lr', 'width', 'epsilon',
                    'weight', 'gamma', 'weight_decay', 'epochs', 'warmup_epochs', 'label_fraction', 'image_size',
                    'workers', 'test_batch_size',
@@ -248,191 +252,195 @@ def sums(label_loss, unlabel_loss, label_hits, unlabel_hits, batch):
 
 @torch.no_grad()
 def evaluate(model, batches, n, device):
-    """Eval mode over a whole split (`batches`: this process's share of it, n images in all): mean
-    cross-entropy, top-1 and top-5 accuracy as fractions, summed over every process's share."""
+    """Eval mode over a whole split (`batches`: this process's share of it, n images in all): the mean
+    cross-entropy and the top-1 and top-5 accuracies as fractions, over every process's share:
+    {'test_loss', 'test_acc', 'test_acc5'}."""
     model.eval()
     sums = torch.zeros(3, device=device)
     for x, y in batches:
         logits = model(x)
         sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), accuracy_count(logits, y),
                              topk_count(logits, y, 5)])
-    return (all_reduce_sum(sums) / n).tolist()
-
-
-# ---- the data: CIFAR/SVHN on the device, ImageNet streamed from its files ----------------------------
-
-class DeviceStreams:
-    """CIFAR/SVHN: the whole uint8 training and test sets on the device, crop (and flip, not for SVHN) per
-    batch. Two independent endless streams of global batches (the labeled one cycles its small set many
-    times more often); under torchrun each process takes its share of each (batch_size per process)."""
-
-    def __init__(self, cfg, run, arrays):
-        train_x, train_y, test_x, test_y = arrays
-        record = create_dataset.DATASETS[cfg.dataset]
-        self.num_classes, (mean, std), self.flip = record.num_classes, record.normalisation, record.flip
-        dev, B = run.device, cfg.batch_size * run.world
-        self.train = create_dataset.DeviceData(train_x, train_y, dev, mean, std, shard=run.shard)
-        self.test = create_dataset.DeviceData(test_x, test_y, dev, mean, std, shard=run.shard)
-        self.test_batch_size = cfg.test_batch_size
-        index_file = os.path.join(run.dir, 'label_indices.txt')
-        if run.resuming:
-            labeled_idx, unlabeled_idx = create_dataset.read_label_indices(index_file, len(self.train))
-        else:
-            if cfg.label_fraction:
-                labeled_idx, unlabeled_idx = create_dataset.fraction_label_split(train_y, cfg.label_fraction, cfg.seed)
-            else:
-                labeled_idx, unlabeled_idx = create_dataset.balanced_label_split(train_y, cfg.num_label, cfg.seed)
-            if run.rank == 0:                         # under torchrun every process drew the same split
-                create_dataset.write_indices(index_file, labeled_idx)
-        self.sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(self.test)}
-        self.where = f'labeled indices in {index_file}'
-        self.labeled = create_dataset.EndlessBatches(torch.as_tensor(labeled_idx, device=dev), B, 2 * cfg.seed)
-        self.unlabeled = create_dataset.EndlessBatches(torch.as_tensor(unlabeled_idx, device=dev), B, 2 * cfg.seed + 1)
-        self.augment_rng = device_generator(dev, cfg.seed)
-
-    def start(self, step, state, total, use_unlabeled):
-        if 'labeled' in state:
-            self.labeled.load_state_dict(state['labeled'])
-            self.unlabeled.load_state_dict(state['unlabeled'])
-            self.augment_rng.set_state(state['augment_rng'].cpu())
-
-    def next(self, use_unlabeled):
-        x_l, y_l = self.train.get(self.labeled.next(), self.augment_rng, augment=True, flip=self.flip)
-        x_u, y_u = (self.train.get(self.unlabeled.next(), self.augment_rng, augment=True, flip=self.flip)
-                    if use_unlabeled else (None, None))           # y_u: for Uacc only
-        return x_l, y_l, x_u, y_u
-
-    def test_batches(self):
-        return self.test.batches(self.test_batch_size)
-
-    def state(self):
-        return dict(labeled=self.labeled.state_dict(), unlabeled=self.unlabeled.state_dict(),
-                    augment_rng=self.augment_rng.get_state())
-
-
-class FileStreams:
-    """ImageNet: the labeled, unlabeled and validation images read from their files (an ImageFolder tree,
-    or the original's RecordIO files) by DataLoader workers, decoded and augmented as the original's DALI
-    pipeline does (random-resized crop of area 0.1-1 and aspect 0.8-1.25, flip; validation: shorter side
-    to 256/224 of the crop, centre crop), on the GPU when training on CUDA. Each global batch is a
-    function of the step alone, so a resumed run continues the streams exactly."""
-
-    def __init__(self, cfg, run, path):
-        self.cfg, self.run, dev = cfg, run, run.device
-        self.decode_on = cfg.decode_on if cfg.decode_on != 'auto' else ('gpu' if dev.type == 'cuda' else 'cpu')
-        if large_datasets.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
-            rec = {s: large_datasets.RecordFile(os.path.join(path, s + '.rec'), os.path.join(path, s + '.idx'))
-                   for s in large_datasets.RECORDIO_SPLITS}
-            self.labeled_src, self.unlabeled_src, self.test_src = rec['train_label'], rec['train_unlabel'], rec['val']
-            labeled_idx, unlabeled_idx = np.arange(len(self.labeled_src)), np.arange(len(self.unlabeled_src))
-            self.num_classes = cfg.num_classes
-            self.where = f'RecordIO files in {path}'
-        else:
-            train = large_datasets.large_split(cfg.dataset, path, 'train')
-            self.test_src, self.num_classes = large_datasets.large_split(cfg.dataset, path, 'test'), len(train.classes)
-            list_file = os.path.join(run.dir, 'train_labeled.txt')
-            if run.resuming or cfg.label_list:
-                labeled_idx, unlabeled_idx = large_datasets.label_list_split(
-                    train, list_file if run.resuming else cfg.label_list)
-            else:
-                labeled_idx, unlabeled_idx = create_dataset.fraction_label_split(train.labels, cfg.label_fraction,
-                                                                                 cfg.seed)
-            if run.rank == 0 and not run.resuming:
-                large_datasets.write_lines(list_file, [train.paths[i].replace(os.sep, '/') for i in labeled_idx])
-            self.labeled_src = self.unlabeled_src = train
-            self.where = f'image folders in {path}; labeled images listed in {list_file}'
-        self.pools = labeled_idx, unlabeled_idx
-        self.sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': len(self.test_src)}
-        size = cfg.image_size
-        self.augment = large_datasets.Augment(True, size, scale=(0.1, 1.0), ratio=(0.8, 1.25))
-        self.test_augment = large_datasets.Augment(False, size)
-
-    def _batches(self, source, plan, augment, seed, start, stop):
-        return large_datasets.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
-                                      self.cfg.workers, self.decode_on)
-
-    def start(self, step, state, total, use_unlabeled):
-        B, seed = self.cfg.batch_size * self.run.world, self.cfg.seed
-        self.streams = []
-        for k, (source, pool) in enumerate(zip((self.labeled_src, self.unlabeled_src), self.pools)):
-            if k == 1 and not use_unlabeled:
-                break
-            plan = large_datasets.BatchPlan(pool, B, 2 * seed + k, 'cycle')
-            self.streams.append(self._batches(source, plan, self.augment, 2 * seed + k, step, total))
-        self.iters = [iter(b) for b in self.streams]
-
-    def next(self, use_unlabeled):
-        x_l, y_l = next(self.iters[0])
-        x_u, y_u = next(self.iters[1]) if use_unlabeled else (None, None)
-        return x_l, y_l, x_u, y_u
-
-    def test_batches(self):
-        n, B = len(self.test_src), self.cfg.test_batch_size * self.run.world
-        plan = large_datasets.BatchPlan(np.arange(n), B, 0, 'ordered')
-        batches = self._batches(self.test_src, plan, self.test_augment, 0, 0, -(-n // B))
-        self.streams.append(batches)
-        return batches
-
-    def state(self):
-        return {}
-
-    def bad_images(self):
-        """The images that could not be decoded since the last call (each replaced by another of its batch)."""
-        out = [bad for b in self.streams for bad in b.bad]
-        for b in self.streams:
-            b.bad.clear()
-        self.streams = [b for b in self.streams if b.plan.kind == 'cycle']       # the test stream is done
-        return out
+    return dict(zip(('test_loss', 'test_acc', 'test_acc5'), (all_reduce_sum(sums) / n).tolist()))
 
 
 # ---- the run -----------------------------------------------------------------------------------------
 
+LABEL_INDICES, LABEL_LIST = 'label_indices.txt', 'train_labeled.txt'    # the labeled images, kept in the run folder
+
+
+def labeled_split(labels, cfg, kept):
+    """CIFAR / SVHN: the (labeled, unlabeled) indices into the training set: a resumed run's own (`kept`: its
+    folder), else drawn with the seed, class-balanced (--num-label in all, or --label-fraction of every class)."""
+    if kept:
+        return splits.read_label_indices(os.path.join(kept, LABEL_INDICES), len(labels))
+    if cfg.label_fraction:
+        return splits.fraction_label_split(labels, cfg.label_fraction, cfg.seed)
+    splits.check_label_budget(labels, cfg.num_label, create_dataset.DATASETS[cfg.dataset].num_classes)
+    return splits.balanced_label_split(labels, cfg.num_label, cfg.seed)
+
+
+def imagenet_files(cfg, path, kept):
+    """ImageNet: {'labeled', 'unlabeled', 'test'} -> (image files, their indices), and the number of classes.
+    The original's RecordIO files come split already; an ImageFolder tree is split by a list file (a resumed
+    run's own, or --label-list) or by --label-fraction of every class, drawn with the seed."""
+    if large_datasets.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
+        files = {name: large_datasets.RecordFile(os.path.join(path, f'{split}.rec'), os.path.join(path, f'{split}.idx'))
+                 for name, split in zip(('labeled', 'unlabeled', 'test'), large_datasets.RECORDIO_SPLITS)}
+        return {name: (source, np.arange(len(source))) for name, source in files.items()}, cfg.num_classes
+    train = large_datasets.large_split(cfg.dataset, path, 'train')
+    test = large_datasets.large_split(cfg.dataset, path, 'test')
+    if kept or cfg.label_list:
+        labeled, unlabeled = splits.label_list_split(train.paths, os.path.join(kept, LABEL_LIST) if kept else cfg.label_list)
+    else:
+        labeled, unlabeled = splits.fraction_label_split(train.labels, cfg.label_fraction, cfg.seed)
+    return {'labeled': (train, labeled), 'unlabeled': (train, unlabeled), 'test': (test, np.arange(len(test)))}, len(train.classes)
+
+
+# ---- how results.py tables and plots this script's runs ----
+
+UNIT = 'steps'                 # what the first column of metrics.csv counts
+PAPER = 'MetaSemi (AISTATS 2021)'                # the runs of one paper share a panel of results.py's plot
+HEADLINE = ['num_label', 'label_fraction', 'architecture', 'width', 'alpha']    # shown in every results row
+METHOD_OPTIONS = ['baseline', 'mix_up']        # the settings the method's name says
+ERROR = True                   # reported as test error, in %, as the paper does
+TIME_NOTE = ('the mean step time (`batch_time` + `data_time`, averaged since the process started) × its steps, '
+             'summed over the starts of a resumed run (training only; the tests are not counted)')
+# The paper's test error, %, ConvLarge with mixup, 400,000 steps (arXiv 2007.03966; the original's run.sh)
+PAPER_ERROR = {('svhn', 1000): 3.15, ('cifar10', 4000): 7.78, ('cifar100', 10000): 30.74}
+
+
+def reported(cfg):
+    """[(method, metrics column, selection)]: the best test accuracy, as the original logs it."""
+    name = 'labeled only (baseline)' if cfg.get('baseline') else 'MetaSemi'
+    if cfg.get('mix_up'):
+        name = 'mixup baseline' if cfg.get('baseline') else 'MetaSemi + mixup'
+    return [(name, 'test_acc', 'best')]
+
+
+def paper_number(cfg, method, steps):
+    """The paper's number for a results row, or None where it has none."""
+    error = PAPER_ERROR.get((cfg.get('dataset'), cfg.get('num_label')))
+    if error is None or method != 'MetaSemi + mixup' or cfg.get('architecture') != 'convlarge' or cfg.get('width') != 1.0:
+        return None
+    return f'{error:.2f} % error' + (f' (after {400000:,} steps)' if steps < 400000 else '')
+
+
+def run_seconds(rows, log=''):
+    """A run's training time (TIME_NOTE): batch_time and data_time are means since the process started (at step
+    0 or at a resume, which the log names): the last row of each start, times that start's steps."""
+    starts = sorted({0, *(int(m.group(1)) for m in re.finditer(r'^resumed at step (\d+)', log, re.M))})
+    total = 0.0
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else math.inf
+        mine = [r for r in rows if start < r['step'] <= end]
+        if mine:
+            total += (mine[-1]['batch_time'] + mine[-1].get('data_time', 0.0)) * (mine[-1]['step'] - start)
+    return total
+
+
+def unused_options(cfg):
+    """The options of `cfg` (config.json's dict, or vars() of a parsed command line) that do not decide a run's
+    numbers, given its method, dataset and schedule (results.py leaves them out of a row's setting; the start
+    line leaves out the ones the run never reads)."""
+    get, out = cfg.get, {'print_freq', 'workers', 'decode_on'}
+    if not get('mix_up'):
+        out.add('alpha')
+    if get('baseline'):                     # no meta step, no unlabeled loss
+        out |= {'epsilon', 'weight', 'weight_ramp', 'global_meta_gradient'}
+    if get('dataset') == 'imagenet':        # a fraction of every class (or a list) is labeled
+        out.add('num_label')
+        out.add('label_fraction' if get('label_list') else 'label_list')
+    else:
+        out |= {'label_list', 'image_size', 'num_classes'}
+        out.add('num_label' if get('label_fraction') else 'label_fraction')
+    if get('epochs'):                       # the schedule in epochs
+        out |= {'total_steps', 'warmup', 'eval_every'}
+    else:
+        out |= {'epochs', 'warmup_epochs'}
+    if get('lr_schedule') == 'cosine':
+        out |= {'milestones', 'gamma'}
+    return out & set(cfg)
+
+
+def next_test(t, eval_every, total_steps):
+    """The step of the test after step t."""
+    return min(total_steps, (t // eval_every + 1) * eval_every)
+
+
+def percents(values):
+    """Accuracies in percent, as the original prints them."""
+    return {k: 100 * v if k.endswith('acc') else v for k, v in values.items()}
+
+
 def main(argv=None):
-    data = {}
+    cfg, cli = read_config('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
+    if not cli.resumed:
+        presets(cfg, cli.typed)
+    check(cfg)
+    large, kept = large_datasets.is_large(cfg.dataset), cli.resumed and cli.resumed.dir
 
-    def check(cfg):                       # values, then the data files and the label budget: before any writing
-        validate(cfg)
-        if large_datasets.is_large(cfg.dataset):
-            data['path'] = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
-            return
-        data['arrays'] = create_dataset.load_semi(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
-        if not cfg.label_fraction:
-            create_dataset.check_label_budget(data['arrays'][1], cfg.num_label,
-                                              create_dataset.DATASETS[cfg.dataset].num_classes)
+    # ---- which images are labeled: drawn (or read back) before anything is written ----
+    if large:
+        path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+        files, num_classes = imagenet_files(cfg, path, kept)
+        labeled_idx, unlabeled_idx = files['labeled'][1], files['unlabeled'][1]
+    else:
+        train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg.dataset, cfg.data_root, stand_in(cfg),
+                                                                     cfg.download)
+        labeled_idx, unlabeled_idx = labeled_split(train_y, cfg, kept)
+        num_classes = create_dataset.DATASETS[cfg.dataset].num_classes
 
-    run = Run('train_meta_semi', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES,
-              presets=presets)
-    cfg, dev, log = run.cfg, run.device, run.log
+    run = Run('train_meta_semi', cfg, cli)
+    dev, log = run.device, run.log
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
-    unused = unused_options('train_meta_semi', vars(cfg))        # not this dataset's or schedule's
+    unused = unused_options(vars(cfg))        # not this dataset's or schedule's
     log.print(f'MetaSemi ({mode}) with ' + ', '.join(f'{k}={v!r}' for k, v in vars(cfg).items() if k not in unused))
-    large = large_datasets.is_large(cfg.dataset)
-    if large and dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    data = FileStreams(cfg, run, data['path']) if large else DeviceStreams(cfg, run, data['arrays'])
-    log.print(f'{cfg.dataset}: {data.sizes["labeled"]} labeled, {data.sizes["unlabeled"]} unlabeled, '
-              f'{data.sizes["test"]} test images; {data.where}')
+    if large:            # streamed from the files, decoded and augmented as the original's DALI pipeline
+        if dev.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+        data = large_datasets.FileSplits(
+            {name: source for name, (source, _) in files.items()}, num_classes, dev, run.shard, cfg.workers,
+            cfg.decode_on, large_datasets.Augment(True, cfg.image_size, scale=(0.1, 1.0), ratio=(0.8, 1.25)),
+            large_datasets.Augment(False, cfg.image_size))
+        pools = {'labeled': ('labeled', labeled_idx), 'unlabeled': ('unlabeled', unlabeled_idx)}
+        where = f'RecordIO files in {path}'
+        if isinstance(files['labeled'][0], large_datasets.FileList):
+            train = files['labeled'][0]
+            where = f'image folders in {path}; labeled images listed in {os.path.join(run.dir, LABEL_LIST)}'
+            if run.rank == 0 and not run.resuming:
+                write_lines(os.path.join(run.dir, LABEL_LIST), [train.paths[i].replace(os.sep, '/') for i in labeled_idx])
+    else:                # the whole uint8 training and test sets on the device, cropped (and flipped) per batch
+        record = create_dataset.DATASETS[cfg.dataset]
+        mean, std = record.normalisation
+        data = Splits({'train': DeviceData(train_x, train_y, dev, mean, std, flip=record.flip, shard=run.shard),
+                       'test': DeviceData(test_x, test_y, dev, mean, std, flip=record.flip, shard=run.shard)},
+                      num_classes)
+        pools = {'labeled': ('train', labeled_idx), 'unlabeled': ('train', unlabeled_idx)}
+        where = f'labeled indices in {os.path.join(run.dir, LABEL_INDICES)}'
+        if run.rank == 0 and not run.resuming:                # under torchrun every process drew the same split
+            write_indices(os.path.join(run.dir, LABEL_INDICES), labeled_idx)
+    sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': data.sizes['test']}
+    log.print(f'{cfg.dataset}: {sizes["labeled"]} labeled, {sizes["unlabeled"]} unlabeled, {sizes["test"]} test images; '
+              f'{where}')
     B, W = cfg.batch_size, run.world
     use_unlabeled = not cfg.baseline or cfg.mix_up
+    if not use_unlabeled:
+        pools.pop('unlabeled')
 
     # The schedule in steps; with --epochs an epoch is one pass over the unlabeled set (the labeled set for
     # the labeled-only baseline) in global batches, and the warm-up and the tests are counted in epochs.
     if cfg.epochs:
-        per_epoch = -(-data.sizes['labeled' if cfg.baseline else 'unlabeled'] // (B * W))
+        per_epoch = -(-sizes['labeled' if cfg.baseline else 'unlabeled'] // (B * W))
         total_steps, warmup, eval_every = cfg.epochs * per_epoch, cfg.warmup_epochs * per_epoch, per_epoch
     else:
         per_epoch, total_steps, warmup, eval_every = 0, cfg.total_steps, cfg.warmup, cfg.eval_every
     milestones = cfg.milestones if not cfg.epochs else [m * per_epoch for m in cfg.milestones]
 
-    def lr_at(t):
-        if cfg.lr_schedule == 'cosine':
-            return cosine_learning_rate(t, cfg.lr, warmup, total_steps)
-        return learning_rate(t, cfg.lr, warmup, milestones, cfg.gamma)
-
     if large:                                           # torchvision's, from scratch (width 1: exactly)
-        model = run.network(torchvision_resnet(cfg.architecture, data.num_classes, cfg.width))
+        model = run.network(torchvision_resnet(cfg.architecture, num_classes, cfg.width))
     else:
-        model = run.network(semi_network(cfg.architecture, data.num_classes, cfg.width))
+        model = run.network(semi_network(cfg.architecture, num_classes, cfg.width))
     forward = run.wrap(model)                             # under torchrun: gradients averaged in backward
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     alpha = torch.tensor(float(cfg.alpha), device=dev)
@@ -442,7 +450,8 @@ def main(argv=None):
     objects = dict(model=model, optimizer=optimizer)
     state = run.restore(objects, step=0)
     start = state['step']
-    data.start(start, state, total_steps, use_unlabeled)
+    stream = data.cycled(pools, B * W, cfg.seed, start=start, stop=total_steps)   # endless passes over each pool
+    stream.restore(state)
     if run.resuming:
         log.print(f'resumed at step {start}, best accuracy so far {100 * run.best["test_acc"]:.5f}')
 
@@ -453,36 +462,34 @@ def main(argv=None):
     # checked either way).
     watched = None if cfg.mix_up else 'label_loss'
     meters, first_t = run.meters(watched, state.get('meters')), state.get('first_t', start)
-    run.describe([model], data.sizes, total_steps - start)
+    run.describe([model], sizes, total_steps - start)
 
-    def stretch(t):                           # the steps from t to the next test
-        end = min(total_steps, (t // eval_every + 1) * eval_every)
-        return run.progress(end - t, f'to step {end}', t, total_steps, images_per_step=2 * B * W)
-    bar = stretch(start)
+    bar = run.progress(next_test(start, eval_every, total_steps) - start, f'to step {next_test(start, eval_every, total_steps)}',
+                       start, total_steps, images_per_step=2 * B * W)
     data_time, batch_time, timed = 0.0, 0.0, 0
     for t in range(start, total_steps):
-        lr_now = lr_at(t)
+        lr_now = (cosine_learning_rate(t, cfg.lr, warmup, total_steps) if cfg.lr_schedule == 'cosine' else
+                  learning_rate(t, cfg.lr, warmup, milestones, cfg.gamma))
         for group in optimizer.param_groups:
             group['lr'] = lr_now
         w = unlabeled_weight(t, cfg.weight, warmup, cfg.weight_ramp)
 
         tic = time.perf_counter()
-        x_l, y_l, x_u, y_u = data.next(use_unlabeled)
+        batches = stream.next(pools)              # this process's share of each pool's global batch
+        (x_l, y_l), (x_u, y_u) = batches[0], (batches[1] if use_unlabeled else (None, None))   # y_u: for Uacc only
         lam = run.share(beta.sample((B * W, 1))) if cfg.mix_up else None      # drawn for the global batch
         toc = time.perf_counter()
 
         run.sync_buffers(model)                   # the eval-mode meta step reads the statistics
-        step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, data.num_classes,
+        step_sums = train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, lr_now, w, cfg.epsilon, num_classes,
                                cfg.baseline, forward, cfg.global_meta_gradient)
         meters.add(B, **step_sums)
         bar.update()
         data_time, batch_time, timed = data_time + toc - tic, batch_time + time.perf_counter() - toc, timed + 1
 
         if t % cfg.print_freq == 0:          # the only host reads of the loop, besides testing
-            val = {k: v / B for k, v in zip(step_sums, torch.stack(list(step_sums.values())).tolist())}
-            avg = meters.means()
-            pct = lambda d, k: 100 * d[k] if k.endswith('acc') else d[k]        # noqa: E731 (printed in percent)
-            val, avg = ({k: pct(d, k) for k in d} for d in (val, avg))
+            val = percents({k: v / B for k, v in zip(step_sums, torch.stack(list(step_sums.values())).tolist())})
+            avg = percents(meters.means())
             times = f'Dtime: {data_time / timed:.3f} Btime: {batch_time / timed:.3f}'
             if cfg.baseline:
                 line = (f'Step: [{t:05d}/{total_steps:05d}] {times} loss: {val["label_loss"]:.3f} '
@@ -497,26 +504,28 @@ def main(argv=None):
             bar.close()
             run.check_finite(meters, first_t, lr_now)        # stops before testing or saving
             run.sync_buffers(model)
-            test_loss, acc, acc5 = evaluate(model, data.test_batches(), data.sizes['test'], dev)
-            row = dict(step=t + 1, lr=lr_now, weight=w, **meters.means(), test_loss=test_loss, test_acc=acc,
-                       data_time=data_time / timed, batch_time=batch_time / timed)
-            if large:                                   # top-5 and undecodable images, ImageNet only
-                bad = data.bad_images()
+            tests = evaluate(model, *data.evaluation('test', cfg.test_batch_size), dev)
+            row = dict(step=t + 1, lr=lr_now, weight=w, **meters.means(), test_loss=tests['test_loss'],
+                       test_acc=tests['test_acc'], data_time=data_time / timed, batch_time=batch_time / timed)
+            bad = data.bad_images()             # ImageNet's images that could not be decoded
+            if large:                           # top-5 and undecodable images, ImageNet only
                 row = dict(step=t + 1, epoch=(t + 1) / per_epoch if per_epoch else 0) | row | dict(
-                    test_acc5=acc5, bad_images=len(bad))
-                if bad:
-                    log.print(f'note: {len(bad)} image(s) could not be decoded since the last test and were replaced '
-                              f'by another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
-                lines = lambda improved: [f' * Prec@1 {100 * acc:.5f} Prec@5 {100 * acc5:.5f}',  # noqa: E731
-                                          f'Best acc1={100 * run.best["test_acc"]:.5f}']
+                    test_acc5=tests['test_acc5'], bad_images=len(bad))
+            run.evaluate_and_save(objects, row, 'test_acc', keep=['test_acc5'] if large else [], step=t + 1,
+                                  **stream.state())
+            if large:
+                log.print(f' * Prec@1 {100 * tests["test_acc"]:.5f} Prec@5 {100 * tests["test_acc5"]:.5f}')
+                log.print(f'Best acc1={100 * run.best["test_acc"]:.5f}')
             else:
-                lines = lambda improved: [f' * Accuracy {100 * acc:.5f}',                         # noqa: E731
-                                          f'Best Accuracy: {100 * run.best["test_acc"]:.5f}']
-            run.evaluate_and_save(objects, row, 'test_acc', keep=['test_acc5'] if large else [], lines=lines,
-                                  step=t + 1, **data.state())
+                log.print(f' * Accuracy {100 * tests["test_acc"]:.5f}')
+                log.print(f'Best Accuracy: {100 * run.best["test_acc"]:.5f}')
+            if bad:
+                log.print(f'note: {len(bad)} image(s) could not be decoded since the last test and were replaced by '
+                          f'another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
             meters, first_t = run.meters(watched), t + 1
-            bar = stretch(t + 1)
-        run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters, first_t=first_t, **data.state())
+            end = next_test(t + 1, eval_every, total_steps)
+            bar = run.progress(end - t - 1, f'to step {end}', t + 1, total_steps, images_per_step=2 * B * W)
+        run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters, first_t=first_t, **stream.state())
     best = 100 * run.best['test_acc']
     top5 = f', top-5 error {100 - 100 * run.best["test_acc5"]:.2f}%' if large else ''
     log.print(f'done: {total_steps} steps, best test accuracy {best:.5f} (error {100 - best:.2f}%{top5})')

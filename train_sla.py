@@ -26,12 +26,14 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from machinery import large_datasets
+from machinery import large_datasets, splits
+from machinery.checkpoints import load_checkpoint
 from machinery.distributed import Wrapped, all_reduce_sum, dist_env
+from machinery.files import write_lines
 from machinery.models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
-from machinery.checkpoints import load_checkpoint
-from utils import Run, device_generator, resolve_run_dir, run_main
+from machinery.streams import DeviceData, Splits
+from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
 dataset = 'cifar10'          # cifar10, cifar100, or a large dataset: imagenet, imagenetN (N of its classes, e.g. imagenet100), tiny-imagenet, inat, cub200, indoor, dogs (their own defaults: LARGE, IMAGENET below)
@@ -56,7 +58,7 @@ class_list = ''              # imagenetN: a file naming its N classes, one class
 image_size = 224             # ImageNet: training crop size (evaluation: shorter side to size*256/224, centre crop)
 workers = 4                  # ImageNet: DataLoader worker processes per process (file reading; decoding on the CPU path)
 decode_on = 'auto'           # ImageNet: decode and augment JPEGs on the gpu (nvJPEG, when training on CUDA) or the cpu workers
-# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see options.RUN_OPTIONS)
+# ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)     # CIFAR: the original normalisation, pixels in [-1, 1] (large: ImageNet's)
@@ -70,10 +72,11 @@ LARGE = dict(model='resnet18')
 IMAGENET = dict(total_steps=900000, eval_every=10000)
 
 
-def presets(cfg, given):
+def presets(cfg, typed):
+    """A new run on a large dataset: its own defaults for the values not typed."""
     if large_datasets.is_large(cfg.dataset):
         for name, value in (LARGE | (IMAGENET if cfg.dataset == 'imagenet' else {})).items():
-            if name not in given:
+            if name not in typed:
                 setattr(cfg, name, value)
 
 
@@ -214,13 +217,6 @@ def objective(model, x, y, mode, tf, T=1.0, large_loss=False):
     return loss, m
 
 
-def sample_batch(train, batch_size, generator):
-    """A batch of distinct training images (i.i.d. across iterations), cropped (4-pixel padding) and flipped;
-    under torchrun batch_size is the global batch, of which this process gets its share."""
-    index = torch.randperm(len(train), device=train.device, generator=generator)[:batch_size]
-    return train.get(index, generator, augment=True)
-
-
 def train_step(model, optimizer, x, y, mode, tf, T=1.0, large_loss=False):
     """One SGD step on the objective of `mode`; returns its metrics (sums over the batch, on the device).
     `model`: the network, or run.wrap(network) (under torchrun: gradients averaged over processes)."""
@@ -264,277 +260,54 @@ def lr_scheduler(optimizer, dataset, total_steps):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[N // 2, 3 * N // 4], gamma=0.1)
 
 
-# ---- the data: CIFAR on the device, the large datasets streamed from their files ---------------------------
-
-TRAIN_INDICES, CLASSES = 'train_indices.txt', 'classes.txt'      # kept in the run folder, read back on resume
-
-
-# ---- long-tailed CIFAR (--imbalance_ratio R): the exponential profile of Cui et al. (CVPR 2019) -------------
-
-def long_tailed_counts(n_max, n_classes, ratio):
-    """Images kept of class i = 0..C-1: floor(n_max * ratio^(-i / (C - 1))): n_max of class 0 down to
-    n_max / ratio of the last (CIFAR-10, n_max 5,000, R 100: 5,000, 2,997, ..., 83, 50)."""
-    return [math.floor(n_max * ratio ** (-i / (n_classes - 1))) for i in range(n_classes)]
-
-
-def long_tailed_split(labels, n_val, ratio, seed):
-    """(train, val) indices into a class-balanced training file, for --imbalance_ratio. Each class's
-    images in an order drawn with the seed: the first n_val // C are validation images (the validation
-    set stays balanced, as the test set; the best checkpoint is chosen on it as in the balanced runs), and
-    of the n_max left to every class (the balanced pool), class i keeps the next long_tailed_counts[i]."""
-    labels = np.asarray(labels)
-    counts = np.bincount(labels)
-    n_classes = len(counts)
-    if counts.min() != counts.max():
-        raise UserError(f'--imbalance_ratio makes a long-tailed set out of a balanced training file, but this one '
-                        f'has {counts.min()} to {counts.max()} images per class. Use the official files or the '
-                        'stand-in as written (both balanced).')
-    per_val = n_val // n_classes
-    if per_val < 1:
-        raise UserError(f'--imbalance_ratio draws the validation images class-balanced, but {n_val} validation '
-                        f'images are fewer than one per class ({n_classes} classes): raise --val-size.')
-    n_max = int(counts[0]) - per_val
-    keep = long_tailed_counts(n_max, n_classes, ratio)
-    if keep[-1] < 1:
-        raise UserError(f'--imbalance_ratio {ratio:g} leaves class {n_classes - 1} no training image: each class has '
-                        f'{n_max} after the validation split, so the ratio can be at most {n_max}.')
-    rng = np.random.default_rng([seed, 2])
-    train, val = [], []
-    for c in range(n_classes):
-        order = rng.permutation(np.flatnonzero(labels == c))
-        val.append(order[:per_val])
-        train.append(order[per_val:per_val + keep[c]])
-    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)
-
-
-def long_tailed_draw(cfg):
-    """A new long-tailed run's (train, val) indices, drawn and checked before anything is written."""
-    labels = load_split(cfg, train=True)[1]
-    train, val = long_tailed_split(labels, create_dataset.sla_val_size(len(labels), cfg.val_size, cfg.synthetic),
-                                   cfg.imbalance_ratio, cfg.seed)
-    world = dist_env()[2]
-    if cfg.batch_size * world > len(train):
-        raise UserError(f'--batch-size {cfg.batch_size} x {world} process(es) exceeds the {len(train)} images of the '
-                        f'long-tailed training set (a batch holds distinct images): lower it.')
-    return train, val
-
-
-def load_split(cfg, train):
-    images, labels = create_dataset.load(cfg.dataset, cfg.data_root, train, stand_in(cfg), cfg.download)
-    return images, create_dataset.DATASETS[cfg.dataset].primary_labels(labels)     # CIFAR-100: the 100 fine classes
-
-
-def split_indices(cfg, run_dir, labels, write=True, drawn=None):
-    """Train / val indices into the training file. A new run draws the validation images with the seed
-    (or loads --val-indices) and writes them to the run folder; a resumed run reads them back from there.
-    drawn: a new long-tailed run's (train, val), drawn by long_tailed_draw, written here the same way."""
-    n = len(labels)
-    val_file, train_file = os.path.join(run_dir, 'val_indices.txt'), os.path.join(run_dir, TRAIN_INDICES)
-    if drawn is not None:
-        if write:
-            create_dataset.write_indices(val_file, drawn[1])
-            create_dataset.write_indices(train_file, drawn[0])
-        return drawn
-    if cfg.imbalance_ratio > 1 and not os.path.isfile(train_file):
-        raise UserError(f'{train_file} is missing: a long-tailed run (--imbalance_ratio) keeps its training images '
-                        'there and cannot continue without them. Start a new run instead.')
-    if os.path.isfile(val_file):
-        val = create_dataset.sla_load_indices(val_file, n)
-    elif cfg.val_indices:
-        val = create_dataset.sla_load_indices(cfg.val_indices, n)
-    else:
-        val = create_dataset.sla_draw_val_indices(n, create_dataset.sla_val_size(n, cfg.val_size, cfg.synthetic),
-                                                  cfg.seed)
-    if len(val) >= n:
-        raise UserError(f'the validation indices cover all {n} training images: nothing is left to train on.')
-    train, val = create_dataset.sla_splits(labels, len(val), cfg.seed, cfg.num_samples_per_class, val)
-    if os.path.isfile(train_file):
-        train = create_dataset.sla_load_indices(train_file, n)
-    if write:                                   # under torchrun: the first process; all drew the same
-        create_dataset.write_indices(val_file, val)
-        if cfg.num_samples_per_class:
-            create_dataset.write_indices(train_file, train)
-    return train, val
-
-
-class DeviceSplits:
-    """CIFAR: the whole training file and test set on the device; 45,000 train / 5,000 val drawn from the
-    training file (split_indices), and the official test set. Training batches: distinct images drawn
-    afresh each iteration (sample_batch), cropped and flipped on the device, all from one generator that
-    is saved with the checkpoint."""
-    evaluated = ('val', 'test')             # the best is kept on the first
-
-    def __init__(self, cfg, run, drawn=None):
-        dev = run.device
-        self.n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
-        # batch_size per process, as the original's per GPU
-        self.batch_size, self.global_batch = cfg.batch_size, cfg.batch_size * run.world
-        test_x, test_y = load_split(cfg, train=False)
-        self.splits = {'test': create_dataset.DeviceData(test_x, test_y, dev, MEAN, STD, shard=run.shard)}
-        if cfg.eval_only:
-            return
-        train_x, train_y = load_split(cfg, train=True)
-        train_idx, val_idx = split_indices(cfg, run.dir, train_y, write=run.rank == 0, drawn=drawn)
-        if cfg.imbalance_ratio > 1:
-            counts = np.bincount(train_y[train_idx], minlength=self.n_classes)
-            run.log.print(f'long-tailed training set (--imbalance_ratio {cfg.imbalance_ratio:g}): {counts[0]:,} images '
-                          f'of class 0 down to {counts[-1]:,} of class {self.n_classes - 1}, {len(train_idx):,} in all')
-        self.train = create_dataset.DeviceData(train_x[train_idx], train_y[train_idx], dev, MEAN, STD, shard=run.shard)
-        self.splits['val'] = create_dataset.DeviceData(train_x[val_idx], train_y[val_idx], dev, MEAN, STD,
-                                                       shard=run.shard)
-        if self.global_batch > len(self.train):
-            raise UserError(f'--batch-size {cfg.batch_size} x {run.world} process(es) exceeds the {len(self.train)} '
-                            'training images (a batch holds distinct images): lower it.')
-        self.sizes = {'train': len(self.train), 'val': len(self.splits['val']), 'test': len(self.splits['test'])}
-        self.rng = device_generator(dev, cfg.seed)        # batch indices, crops and flips
-
-    def start(self, iteration, state):
-        if 'data_rng' in state:
-            self.rng.set_state(state['data_rng'].cpu())
-
-    def next(self):
-        return sample_batch(self.train, self.global_batch, self.rng)
-
-    def eval_batches(self, split):
-        data = self.splits[split]
-        return data.batches(self.batch_size), len(data)
-
-    def state(self):
-        return {'data_rng': self.rng.get_state()}
-
-
-def large_files(cfg):
-    """A large dataset's images, chosen before anything is written (a bad input stops here): the training
-    list (None with --eval-only), the test list (the official validation set), the class names in label
-    order and the pool of training images (indices into the training list).
-    imagenetN: N classes of ImageNet named by --class-list or drawn with the seed (a resumed run: its
-    classes.txt), relabelled 0..N-1 in list order, in train and test alike (the original's labels.index(y)).
-    --num-samples-per-class K: K images of every class drawn with the seed (a resumed run: its
-    train_indices.txt). The original reads both from split files that are not public."""
-    path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
-    ds, n_subset = large_datasets.large_record(cfg.dataset)
-    run_dir = resolve_run_dir(cfg.resume, cfg.logdir, 'train_sla') if cfg.resume else None
-    test = large_datasets.large_split(cfg.dataset, path, 'test')
-    train = None if cfg.eval_only else large_datasets.large_split(cfg.dataset, path, 'train')
-    classes = (test if train is None else train).classes
-    if n_subset:
-        known, what = {name: k for k, name in enumerate(classes)}, 'classes (class folder names)'
-        given = os.path.join(run_dir, CLASSES) if run_dir else cfg.class_list
-        if given:
-            picked = large_datasets.read_names(given, known, what)
-            if len(picked) != n_subset:
-                raise UserError(f'{given!r} names {len(picked)} classes, but --dataset {cfg.dataset} asks for '
-                                f'{n_subset}: use --dataset imagenet{len(picked)}, or a list of {n_subset} classes.')
-        else:
-            picked = large_datasets.draw_classes(len(classes), n_subset, cfg.seed)
-        classes = [classes[k] for k in picked]
-        in_test = {name: k for k, name in enumerate(test.classes)}
-        missing = [name for name in classes if name not in in_test]
-        if missing:
-            raise UserError(f'the test split in {path} has no folder for {len(missing)} of the chosen classes '
-                            f'(first: {missing[:3]}): its class folders must be those of the training split.')
-        test = large_datasets.class_subset(test, [in_test[name] for name in classes])
-        if train is not None:
-            train = large_datasets.class_subset(train, picked)
-    elif ds.layout == 'folder' and test.classes != classes:
-        raise UserError(f'the test split in {path} has other class folders than the training split '
-                        f'({len(test.classes)} and {len(classes)}): the labels would not match. Give both splits '
-                        'the same class folders.')
-    for split in (train, test):
-        if split is not None and len(split) and split.labels.max() >= len(classes):
-            raise UserError(f'labels up to {split.labels.max()} in {path}, but {len(classes)} classes: the class '
-                            'ids must be 0..C-1.')
-    pool = None
-    if train is not None:
-        pool = np.arange(len(train))
-        k = cfg.num_samples_per_class
-        index_file = run_dir and os.path.join(run_dir, TRAIN_INDICES)
-        if k and index_file and os.path.isfile(index_file):
-            pool = create_dataset.sla_load_indices(index_file, len(train))
-        elif k:
-            counts = np.bincount(train.labels, minlength=len(classes))
-            if counts.min() < k:
-                raise UserError(f'--num-samples-per-class {k}: class {classes[counts.argmin()]} has only '
-                                f'{counts.min()} training images: use at most {counts.min()}.')
-            pool = create_dataset.sla_samples_per_class(pool, train.labels, k, cfg.seed)
-        world = dist_env()[2]
-        if cfg.batch_size * world > len(pool):
-            raise UserError(f'--batch-size {cfg.batch_size} x {world} process(es) exceeds the {len(pool)} training '
-                            'images (a batch holds distinct images): lower it.')
-    return dict(path=path, train=train, test=test, classes=classes, subset=bool(n_subset), pool=pool)
-
-
-class FileSplits:
-    """The large datasets: the images read from their files where they lie (ImageFolder trees, or the
-    iNaturalist JSON lists) by DataLoader workers, decoded and augmented as the original's torchvision
-    transforms (training: random-resized crop of area 0.08-1 and aspect 3/4-4/3 to image_size, flip, for
-    iNaturalist colour jitter; evaluation: shorter side to image_size * 256/224, centre crop), on the GPU
-    when training on CUDA, normalised with ImageNet's mean and std. Training batches: distinct images
-    drawn afresh each iteration (the original's random.sample), global batch t a pure function of t, so a
-    resumed run continues the stream exactly.
-    No held-out validation split, as in the original: its 'val' loader of a large dataset is the official
-    validation set, the same images as its 'test' loader. They are evaluated once, as test."""
-    evaluated = ('test',)                   # the best is kept on test single_acc
-
-    def __init__(self, cfg, run, files):
-        self.cfg, self.run = cfg, run
-        self.train, self.test, self.pool = files['train'], files['test'], files['pool']
-        self.n_classes = len(files['classes'])
-        self.decode_on = cfg.decode_on if cfg.decode_on != 'auto' else ('gpu' if run.device.type == 'cuda' else 'cpu')
-        size = cfg.image_size
-        self.augment = large_datasets.Augment(True, size, jitter=large_datasets.large_record(cfg.dataset)[0].jitter)
-        self.test_augment = large_datasets.Augment(False, size)
-        self.stream, self.done = None, []          # the training stream; the evaluation streams since bad_images()
-        self.sizes = {'train': 0 if self.pool is None else len(self.pool), 'test': len(self.test)}
-        kept = []
-        if files['subset']:
-            kept.append(f'classes in {os.path.join(run.dir, CLASSES)}')
-        if cfg.num_samples_per_class:
-            kept.append(f'training images in {os.path.join(run.dir, TRAIN_INDICES)}')
-        self.where = f'image files in {files["path"]}' + (f'; {", ".join(kept)}' if kept else '')
-        if run.rank == 0 and not run.resuming:       # under torchrun every process chose the same
-            if files['subset']:
-                large_datasets.write_lines(os.path.join(run.dir, CLASSES), files['classes'])
-            if cfg.num_samples_per_class:
-                create_dataset.write_indices(os.path.join(run.dir, TRAIN_INDICES), self.pool)
-
-    def _batches(self, source, plan, augment, seed, start, stop):
-        return large_datasets.Batches(source, plan, augment, self.run.device, seed, start, stop, self.run.shard,
-                                      self.cfg.workers, self.decode_on)
-
-    def start(self, iteration, state):
-        """The training stream from global batch `iteration` on (batch_size images per process)."""
-        seed = self.cfg.seed
-        plan = large_datasets.BatchPlan(self.pool, self.cfg.batch_size * self.run.world, 2 * seed, 'sample')
-        self.stream = self._batches(self.train, plan, self.augment, 2 * seed + 1, iteration, self.cfg.total_steps)
-        self.batches = iter(self.stream)
-
-    def next(self):
-        return next(self.batches)
-
-    def eval_batches(self, split):
-        n, B = len(self.test), self.cfg.batch_size * self.run.world
-        plan = large_datasets.BatchPlan(np.arange(n), B, 0, 'ordered')
-        batches = self._batches(self.test, plan, self.test_augment, 0, 0, -(-n // B))
-        self.done.append(batches)
-        return batches, n
-
-    def state(self):
-        return {}
-
-    def bad_images(self):
-        """The images that could not be decoded since the last call (each replaced by another of its batch)."""
-        streams = [b for b in [self.stream, *self.done] if b is not None]
-        out = [bad for b in streams for bad in b.bad]
-        for b in streams:
-            b.bad.clear()
-        self.done = []
-        return out
-
-
 # ---- the run ---------------------------------------------------------------------------------------------
 
-def validate(cfg):
+# ---- how results.py tables and plots this script's runs ----
+
+UNIT = 'iterations'            # what the first column of metrics.csv counts
+PAPER = 'SLA (ICML 2020)'      # the runs of one paper share a panel of results.py's plot
+HEADLINE = ['model', 'width', 'num_samples_per_class']     # the settings a results row always shows
+METHOD_OPTIONS = ['mode', 'aug']                           # the settings the method's name says
+TIME_NOTE = ('Σ `seconds_per_iteration` × the iterations of each evaluation interval (training only; the '
+             'evaluations are not counted)')
+
+
+def reported(cfg):
+    """[(method, metrics column, selection)]: the test accuracy at the best validation single_acc (the large
+    datasets, which have no validation split: at the best test single_acc), single or aggregated."""
+    mode, aug = cfg.get('mode'), cfg.get('aug')
+    if mode == 'baseline':
+        return [('Baseline', 'test_single_acc', 'at best val')]
+    if mode == 'sla':
+        return [(f'SLA+SI, {aug}', 'test_single_acc', 'at best val'), (f'SLA+AG, {aug}', 'test_agg_acc', 'at best val')]
+    return [({'da': 'DA', 'mt': 'MT', 'sla+sd': 'SLA+SD'}.get(mode, mode) + f', {aug}', 'test_single_acc', 'at best val')]
+
+
+def unused_options(cfg):
+    """The options of `cfg` (config.json's dict) that do not decide a run's numbers, by its mode and dataset
+    (how the large datasets' files are read does not change them either)."""
+    get, out = cfg.get, {'workers', 'decode_on', 'eval_only'}
+    if get('mode') == 'baseline':
+        out.add('aug')
+    if get('mode') != 'sla+sd':
+        out.add('temperature')
+    if get('dataset') in CIFAR:
+        out |= {'class_list', 'image_size'}
+    else:                                       # the large datasets: no held-out split, no long tail
+        out |= {'val_size', 'val_indices', 'imbalance_ratio'}
+    return out & set(cfg)
+
+
+def run_seconds(rows, log=''):
+    """A run's training time from its metrics rows (TIME_NOTE)."""
+    total, previous = 0.0, 0
+    for r in rows:
+        total += r['seconds_per_iteration'] * (r['iteration'] - previous)
+        previous = r['iteration']
+    return total
+
+
+def check(cfg):
     large = large_datasets.is_large(cfg.dataset)
     if not large and cfg.dataset not in CIFAR:
         known = ', '.join(CIFAR + list(large_datasets.LARGE_DATASETS))
@@ -572,66 +345,132 @@ def validate(cfg):
                         f'imagenet100); --dataset {cfg.dataset} has no class list: drop --class-list.')
     if cfg.class_list and not cfg.resume and not os.path.isfile(cfg.class_list):
         raise UserError(f'--class-list {cfg.class_list!r} is not a file (one class folder name a line).')
-    if large:
-        if cfg.val_indices:
-            raise UserError('--val-indices picks CIFAR\'s validation images; the large datasets have no held-out '
-                            'validation split (their official validation set is the test split, as in the '
-                            'original): drop --val-indices.')
-        return                                  # the files: large_files
-    n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
-    if cfg.num_samples_per_class and cfg.num_samples_per_class * n_classes < cfg.batch_size:
-        raise UserError(f'--num-samples-per-class {cfg.num_samples_per_class} leaves '
-                        f'{cfg.num_samples_per_class * n_classes} training images, fewer than --batch-size '
-                        f'{cfg.batch_size} (a batch holds distinct images): lower --batch-size.')
-    if cfg.val_indices and not os.path.isfile(cfg.val_indices):
-        raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
-    create_dataset.check_data_present(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
+    if large and cfg.val_indices:
+        raise UserError('--val-indices picks CIFAR\'s validation images; the large datasets have no held-out '
+                        'validation split (their official validation set is the test split, as in the '
+                        'original): drop --val-indices.')
+    if not large:
+        if cfg.val_indices and not os.path.isfile(cfg.val_indices):
+            raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
+        create_dataset.check_data_present(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
+
+
+def held_out(labels, cfg, kept):
+    """CIFAR: the (train, val) indices into the training file. A resumed run reads its own back (`kept`: its
+    folder); a new one holds out --val-size images (drawn with the seed, or --val-indices) and trains on the
+    rest, or on --num-samples-per-class images of every class, or on a long tail (--imbalance_ratio)."""
+    if kept:
+        return splits.kept_held_out(kept, len(labels), needs_train_list=cfg.imbalance_ratio > 1)
+    n_val = splits.validation_size(len(labels), cfg.val_size, cfg.synthetic)
+    if cfg.imbalance_ratio > 1:
+        return splits.long_tailed_split(labels, n_val, cfg.imbalance_ratio, cfg.seed)
+    given = splits.read_indices(cfg.val_indices, len(labels)) if cfg.val_indices else None
+    return splits.held_out_split(labels, n_val, cfg.seed, cfg.num_samples_per_class, given)
+
+
+def per_class_pool(labels, classes, cfg, kept):
+    """A large dataset: the training images used (indices into its training list): all, or
+    --num-samples-per-class of every class (drawn with the seed; a resumed run: its train_indices.txt)."""
+    pool, k = np.arange(len(labels)), cfg.num_samples_per_class
+    if not k:
+        return pool
+    if kept:
+        return splits.read_indices(os.path.join(kept, splits.TRAIN_INDICES), len(labels))
+    counts = np.bincount(labels, minlength=len(classes))
+    if counts.min() < k:
+        raise UserError(f'--num-samples-per-class {k}: class {classes[counts.argmin()]} has only {counts.min()} '
+                        f'training images: use at most {counts.min()}.')
+    return splits.samples_per_class(pool, labels, k, cfg.seed)
+
+
+def evaluate_best(run, net, data, evaluate_kw):
+    """--eval-only (the role of the original test.py): the test metrics of the run's best.pt, compared with
+    the ones logged at its iteration."""
+    path = os.path.join(run.dir, 'best.pt')
+    if not os.path.isfile(path):
+        raise UserError(f'{path} does not exist: the run has not evaluated a checkpoint yet '
+                        '(it is written at the first validation, after --val-freq iterations).')
+    best = load_checkpoint(path, run.device)
+    net.load_state_dict(best['state']['model'])
+    metrics = evaluate(net, *data.evaluation('test', run.cfg.batch_size), **evaluate_kw)
+    run.log.print(line(best['best']['iteration'], 'test', metrics) + ' (best checkpoint, eval-only)')
+    then = {k: best['row'][f'test_{k}'] for k in metrics}
+    differ = {k: (v, then[k]) for k, v in metrics.items() if abs(v - then[k]) > 1e-4}
+    run.log.print('the same test metrics as logged at that iteration' if not differ else
+                  f'differs from the metrics logged at that iteration (now, then): {differ}')
 
 
 def main(argv=None):
-    files = {}
+    cfg, cli = read_config('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
+    if not cli.resumed:
+        presets(cfg, cli.typed)
+    check(cfg)
+    if cli.resumed and cfg.imbalance_ratio != cli.resumed.saved.get('imbalance_ratio', 1.0):
+        raise UserError(f'--imbalance_ratio cannot change on --resume (the run was started with '
+                        f'{cli.resumed.saved.get("imbalance_ratio", 1.0):g}): start a new run for another ratio.')
+    large, kept, training = large_datasets.is_large(cfg.dataset), cli.resumed and cli.resumed.dir, not cfg.eval_only
 
-    def check(cfg):                 # the values, then a large dataset's files, classes and samples: before any writing
-        validate(cfg)
-        if large_datasets.is_large(cfg.dataset):
-            files.update(large_files(cfg))
-        elif cfg.imbalance_ratio > 1 and not cfg.resume:      # a resumed run reads its indices back
-            files['drawn'] = long_tailed_draw(cfg)
+    # ---- which images: CIFAR 45,000 train / 5,000 val from the training file and the official test set; a large
+    # dataset's training images and its official validation set (test), no held-out split (as the original) ----
+    if large:
+        path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+        train_files, test_files, classes = large_datasets.choose_classes(cfg.dataset, path, cfg.seed, cfg.class_list,
+                                                                         kept, with_train=training)
+        pool = per_class_pool(train_files.labels, classes, cfg, kept) if training else []
+        n_train, n_classes = len(pool), len(classes)
+    else:
+        test_x, test_y = create_dataset.load(cfg.dataset, cfg.data_root, False, stand_in(cfg), cfg.download)
+        if training:
+            train_x, train_y = create_dataset.load(cfg.dataset, cfg.data_root, True, stand_in(cfg), cfg.download)
+            train_y = create_dataset.DATASETS[cfg.dataset].primary_labels(train_y)
+            train_idx, val_idx = held_out(train_y, cfg, kept)
+            n_train = len(train_idx)
+        test_y = create_dataset.DATASETS[cfg.dataset].primary_labels(test_y)    # CIFAR-100: the 100 fine classes
+        n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
+    world = dist_env()[2]
+    if training and cfg.batch_size * world > n_train:
+        raise UserError(f'--batch-size {cfg.batch_size} x {world} process(es) exceeds the {n_train} training images '
+                        '(a batch holds distinct images): lower it.')
 
-    run = Run('train_sla', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], validate=check, choices=CHOICES,
-              presets=presets)
-    cfg, dev, log = run.cfg, run.device, run.log
-    large = large_datasets.is_large(cfg.dataset)
+    run = Run('train_sla', cfg, cli)
+    dev, log = run.device, run.log
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+    new_lists = run.rank == 0 and not run.resuming and training     # the lists a new run keeps in its folder
+    if large:                 # streamed from the files, decoded and augmented as the original's transforms
+        data = large_datasets.FileSplits(
+            {'train': train_files, 'test': test_files} if training else {'test': test_files}, n_classes, dev, run.shard, cfg.workers, cfg.decode_on,
+            large_datasets.Augment(True, cfg.image_size, jitter=large_datasets.large_record(cfg.dataset)[0].jitter),
+            large_datasets.Augment(False, cfg.image_size), pools={'train': pool} if training else {})
+        lists = []                                        # kept in the run folder, read back on resume
+        if large_datasets.large_record(cfg.dataset)[1]:
+            lists.append(('classes', large_datasets.CLASSES, classes))
+        if cfg.num_samples_per_class:
+            lists.append(('training images', splits.TRAIN_INDICES, pool))
+        for what, name, values in lists:
+            if new_lists:
+                write_lines(os.path.join(run.dir, name), values)
+        log.print(f'image files in {path}' + ''.join(f'; {what} in {os.path.join(run.dir, name)}' for what, name, _ in lists))
+    else:                     # the whole dataset on the device, augmented per batch
+        parts = {'test': (test_x, test_y)}
+        if training:
+            parts = {'train': (train_x[train_idx], train_y[train_idx]), 'val': (train_x[val_idx], train_y[val_idx])} | parts
+        data = Splits({name: DeviceData(x, y, dev, MEAN, STD, shard=run.shard) for name, (x, y) in parts.items()}, n_classes)
+        if new_lists:
+            splits.write_held_out(run.dir, train_idx, val_idx, train_list=cfg.num_samples_per_class or cfg.imbalance_ratio > 1)
+        if training and cfg.imbalance_ratio > 1:
+            counts = np.bincount(train_y[train_idx], minlength=n_classes)
+            log.print(f'long-tailed training set (--imbalance_ratio {cfg.imbalance_ratio:g}): {counts[0]:,} images '
+                      f'of class 0 down to {counts[-1]:,} of class {n_classes - 1}, {len(train_idx):,} in all')
 
-    # ---- data: CIFAR 45,000 train / 5,000 val from the training file and the official test set, on the
-    # device; a large dataset's training images and its official validation set (test) streamed from files ----
-    if run.resuming and cfg.imbalance_ratio != run.saved_config.get('imbalance_ratio', 1.0):
-        raise UserError(f'--imbalance_ratio cannot change on --resume (the run was started with '
-                        f'{run.saved_config.get("imbalance_ratio", 1.0):g}): start a new run for another ratio.')
-    data = FileSplits(cfg, run, files) if large else DeviceSplits(cfg, run, files.get('drawn'))
+    # ---- the network: a shared ResNet trunk with the heads of the mode ----
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
-    net = run.network(build_model(cfg.model, cfg.mode, data.n_classes, M, cfg.width), methods=('forward', 'features'))
+    net = run.network(build_model(cfg.model, cfg.mode, n_classes, M, cfg.width), methods=('forward', 'features'))
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     evaluate_kw = dict(device=dev, mode=cfg.mode, tf=tf, T=cfg.temperature, large_loss=cfg.with_large_loss)
-
-    # ---- evaluation only: the role of the original test.py ----
     if cfg.eval_only:
-        path = os.path.join(run.dir, run.BEST)
-        if not os.path.isfile(path):
-            raise UserError(f'{path} does not exist: the run has not evaluated a checkpoint yet '
-                            '(it is written at the first validation, after --val-freq iterations).')
-        best = load_checkpoint(path, dev)
-        net.load_state_dict(best['state']['model'])
-        metrics = evaluate(net, *data.eval_batches('test'), **evaluate_kw)
-        log.print(line(best['best']['iteration'], 'test', metrics) + ' (best checkpoint, eval-only)')
-        then = {k: best['row'][f'test_{k}'] for k in metrics}
-        differ = {k: (v, then[k]) for k, v in metrics.items() if abs(v - then[k]) > 1e-4}
-        log.print('the same test metrics as logged at that iteration' if not differ else
-                  f'differs from the metrics logged at that iteration (now, then): {differ}')
-        return
+        return evaluate_best(run, net, data, evaluate_kw)
 
     # ---- optimiser: SGD, the learning rate x0.1 at 1/2 and 3/4 of the iterations (imagenet, inat: every
     # third), stepped every iteration ----
@@ -641,83 +480,75 @@ def main(argv=None):
     objects = dict(model=net, optimizer=optimizer, scheduler=scheduler)
     state = run.restore(objects, iteration=0, total_steps=N)
     it = state['iteration']
-    data.start(it, state)                   # the training batches from iteration `it` on
+    stream = data.sampled('train', cfg.batch_size * run.world, cfg.seed, start=it, stop=N)   # distinct images a step
+    stream.restore(state)
     for group in optimizer.param_groups:    # --weight-decay / --momentum typed with --resume take effect (lr: the schedule)
         group['weight_decay'], group['momentum'] = cfg.weight_decay, cfg.momentum
     if state['total_steps'] != N:
-        kept = (f'milestones stay those of the saved run ({sorted(scheduler.milestones)})'
-                if isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) else
-                f'step size stays that of the saved run ({scheduler.step_size} iterations)')
-        log.print(f'note: training now runs to {N} iterations; the learning-rate {kept}')
+        kept_schedule = (f'milestones stay those of the saved run ({sorted(scheduler.milestones)})'
+                         if isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) else
+                         f'step size stays that of the saved run ({scheduler.step_size} iterations)')
+        log.print(f'note: training now runs to {N} iterations; the learning-rate {kept_schedule}')
     names = METRICS[cfg.mode]
-    n_params = sum(p.numel() for p in net.parameters())
+    evaluated = ('test',) if large else ('val', 'test')
+    sizes = {'train': n_train} | {split: data.sizes[split] for split in evaluated}
     log.print(f'{cfg.mode} on {cfg.dataset}{" (synthetic)" if cfg.synthetic else ""}: {cfg.model} width {cfg.width} '
-              f'({n_params:,} parameters), {"no transformations" if tf is None else f"{cfg.aug} (M={M})"}, '
-              f'{" / ".join(f"{n} {split}" for split, n in data.sizes.items())} images, {N} iterations of '
-              f'{cfg.batch_size}')
-    if large:
-        log.print(data.where)
+              f'({sum(p.numel() for p in net.parameters()):,} parameters), '
+              f'{"no transformations" if tf is None else f"{cfg.aug} (M={M})"}, '
+              f'{" / ".join(f"{n} {split}" for split, n in sizes.items())} images, {N} iterations of {cfg.batch_size}')
     # The best model: on val single_acc (CIFAR, as the original); the large datasets have no held-out
     # validation split (the original's 'val' there is the official validation set, also its 'test'), so
     # on test single_acc.
-    score = f'{data.evaluated[0]}_single_acc'
+    score = f'{evaluated[0]}_single_acc'
 
     # ---- training: i.i.d. batches of distinct images, with replacement across iterations ----
-    run.describe([net], data.sizes, N - it, unit='iterations')
+    run.describe([net], sizes, N - it, unit='iterations')
     # a run stopped between two evaluations (Ctrl-C) continues its running metrics
     meters, first_it = run.meters(names[0], state.get('meters')), state.get('first_it', it + 1)
-
-    def stretch(it):                            # the iterations from it to the next evaluation
-        end = min(N, (it // cfg.eval_every + 1) * cfg.eval_every)
-        return run.progress(end - it, f'to iteration {end}', it, N)
-    bar = stretch(it)
+    bar = run.progress(interval_end(it, cfg) - it, f'to iteration {interval_end(it, cfg)}', it, N)
     net.train()
     run.timer.lap()
     while it < N:
-        x, y = data.next()                      # this process's share of the global batch
+        x, y = stream.next()                    # this process's share of the global batch
         meters.add(len(y), **train_step(forward, optimizer, x, y, cfg.mode, tf, cfg.temperature, cfg.with_large_loss))
         scheduler.step()
         it += 1
         bar.update()
         if it % cfg.eval_every and it != N:
-            run.stop_if_asked(objects, it, iteration=it, **data.state(), total_steps=N,
+            run.stop_if_asked(objects, it, iteration=it, **stream.state(), total_steps=N,
                               meters=meters, first_it=first_it)      # Ctrl-C / SIGTERM
             continue
         bar.close()
 
         # ---- every eval_every iterations: train/val/test metrics (large: train/test), the best, a checkpoint ----
-        run.check_finite(meters, first_it, scheduler.get_last_lr()[0], unit='iteration')
+        lr_now = optimizer.param_groups[0]['lr']
+        run.check_finite(meters, first_it, lr_now, unit='iteration')
         seconds_per_iteration = run.timer.lap() / meters.counts[names[0]] * cfg.batch_size
-        lr_now = scheduler.get_last_lr()[0]
         train_means = meters.means()
         run.sync_buffers(net)
         metrics = {'train': {k: train_means[k] for k in names},
-                   **{split: evaluate(net, *data.eval_batches(split), **evaluate_kw) for split in data.evaluated}}
+                   **{split: evaluate(net, *data.evaluation(split, cfg.batch_size), **evaluate_kw) for split in evaluated}}
         eval_seconds = run.timer.lap()
         row = {'iteration': it, 'lr': lr_now, 'seconds_per_iteration': seconds_per_iteration,
                **{f'{s}_{k}': v for s, values in metrics.items() for k, v in values.items()}}
-        if large:                               # images that could not be decoded
-            bad = data.bad_images()
+        bad = data.bad_images()                 # images of the large datasets that could not be decoded
+        if large:
             row['bad_images'] = len(bad)
-            if bad:
-                log.print(f'note: {len(bad)} image(s) could not be decoded since the last evaluation and were '
-                          f'replaced by another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
-
-        def lines(improved):
-            out = [line(it, split, values) for split, values in metrics.items()]
-            if improved:
-                out.append(f'[iteration {it}] [BEST] '
-                           + ' '.join(f'[{s} {row[f"{s}_single_acc"]:.4f}]' for s in data.evaluated)
-                           + (f' [test agg {row["test_agg_acc"]:.4f}]' if 'test_agg_acc' in row else ''))
-            return out + [f'[iteration {it}] [lr {lr_now:g}] [{seconds_per_iteration:.3f} s/iteration] '
-                          f'[eval {eval_seconds:.1f} s]']
-
-        run.evaluate_and_save(objects, row, score, keep=[k for k in ('test_single_acc', 'test_agg_acc')
-                                                         if k in row and k != score],
-                              lines=lines, iteration=it, **data.state(), total_steps=N)
+        improved = run.evaluate_and_save(objects, row, score, keep=[k for k in ('test_single_acc', 'test_agg_acc')
+                                                                    if k in row and k != score],
+                                         iteration=it, **stream.state(), total_steps=N)
+        for split, values in metrics.items():
+            log.print(line(it, split, values))
+        if improved:
+            log.print(f'[iteration {it}] [BEST] ' + ' '.join(f'[{s} {row[f"{s}_single_acc"]:.4f}]' for s in evaluated)
+                      + (f' [test agg {row["test_agg_acc"]:.4f}]' if 'test_agg_acc' in row else ''))
+        log.print(f'[iteration {it}] [lr {lr_now:g}] [{seconds_per_iteration:.3f} s/iteration] [eval {eval_seconds:.1f} s]')
+        if bad:
+            log.print(f'note: {len(bad)} image(s) could not be decoded since the last evaluation and were replaced by '
+                      f'another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
         meters, first_it = run.meters(names[0]), it + 1
         run.stop_if_asked()                   # Ctrl-C / SIGTERM at an evaluation: its checkpoint is written
-        bar = stretch(it)
+        bar = run.progress(interval_end(it, cfg) - it, f'to iteration {interval_end(it, cfg)}', it, N)
         run.timer.lap()
 
     best = run.best
@@ -725,6 +556,11 @@ def main(argv=None):
         log.print(f'done: best {score.replace("_", " ", 1)} {best[score]:.4f} at iteration {best["iteration"]}'
                   + (f', test single_acc {best["test_single_acc"]:.4f}' if score != 'test_single_acc' else '')
                   + (f', test agg_acc {best["test_agg_acc"]:.4f}' if 'test_agg_acc' in best else ''))
+
+
+def interval_end(it, cfg):
+    """The iteration of the evaluation after iteration `it`."""
+    return min(cfg.total_steps, (it // cfg.eval_every + 1) * cfg.eval_every)
 
 
 if __name__ == '__main__':

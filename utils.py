@@ -1,18 +1,19 @@
-"""The run skeleton every script shares: one training run from the command line to its last checkpoint.
+"""The run skeleton the five scripts share: a training run from its command line to its last checkpoint.
+A script's main reads: read_config (the configuration), its own checks, its data, Run (the run), its
+networks, its loop; nothing here calls back into a script.
 
-  run_main                      every script's entry: a UserError (options.py) becomes a one-paragraph
-                                message and exit code 2 (3: diverged; 128 + signal: stopped), no traceback
-  Run                           every script: configuration (options.parse_config), processes and device
-                                (distributed.Processes), run folder, log, checkpoints and resume
-                                (checkpoints.Checkpoints), Ctrl-C / SIGTERM, divergence checks
-                                (Divergence, here), the start line
-  Meters, Progress, Timer       the training loops: device-side sums, progress lines, epoch times
-  stream_seed, device_generator the data streams (create_dataset, large_datasets, the scripts)
-  RunLog                        log.txt, metrics.csv (brought back in line with the checkpoint on resume),
-                                config.json, TensorBoard scalars
+  read_config               the configuration: the command line over a resumed run's saved one (the names
+                            typed known), checked (finite floats, allowed values)
+  Run                       one run, made of members with their own state: processes and device
+                            (distributed.Processes), folder and log (RunLog), checkpoints and resume
+                            (checkpoints.Checkpoints), the divergence watch (Divergence), stops (StopSignals)
+  run_main                  every script's entry: a UserError becomes a one-paragraph message and exit code 2
+                            (3: diverged; 128 + signal: stopped), no traceback
+  Meters, Progress, Timer   the training loops: device-side sums, progress lines, times
 
-Files and checkpoints (atomic writes, weights-only loading) are in checkpoints.py, the networks in models.py,
-the fast paths in fast_paths.py, several processes in distributed.py, the command line in options.py.
+The networks are in machinery/models.py, the data streams in machinery/streams.py, the checkpoint files in
+machinery/checkpoints.py, several processes in machinery/distributed.py, the command line in
+machinery/options.py.
 """
 import argparse
 import csv
@@ -26,18 +27,21 @@ import random
 import shlex
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from machinery.checkpoints import Checkpoints, load_checkpoint, load_run_checkpoint, read_run_config
-from machinery.files import atomic_write_text, write_error
+from machinery.checkpoints import (FORMAT, Checkpoints, load_run_checkpoint, read_run_config,
+                                   scale_learning_rates)
 from machinery.distributed import Processes, all_reduce_sum, distributed
 from machinery.fast_paths import set_tf32
-from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite, parse_config,
-                     python_command, torchrun_command)
+from machinery.files import CHECKPOINT, atomic_write_text, write_error
+from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite,
+                               parse_config, python_command, torchrun_command)
+from machinery.streams import device_generator, stream_seed
 
 
 def run_main(main, argv=None):
@@ -67,6 +71,52 @@ def run_main(main, argv=None):
         sys.exit(code)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The configuration
+# ----------------------------------------------------------------------------------------------------
+
+class Resumed(NamedTuple):
+    """The run a --resume continues: its folder, its checkpoint (loaded), its saved configuration and, when
+    --restore_config took that from the checkpoint, where from and what was wrong with config.json."""
+    dir: str
+    checkpoint: dict
+    saved: dict
+    source: str = None
+    problem: str = None
+
+
+class CommandLine(NamedTuple):
+    """What this command line says beyond the values: the names typed on it, and the run it resumes."""
+    typed: set
+    resumed: Resumed = None
+
+
+def read_config(script, hyper, argv=None, description='', choices=None):
+    """The configuration of a run of `script` (hyperparameters `hyper`, allowed values `choices`): the
+    command line; on --resume, the run's saved configuration with the values typed on this command line
+    over it (so `--resume RUN --epochs 300` extends a run). Every float must be finite and every value
+    allowed (also a value a resumed run brings from its config.json). Returns (cfg, CommandLine)."""
+    cfg, typed = parse_config(hyper, argv, description, choices)
+    if cfg.restore_config and not cfg.resume:
+        raise UserError('--restore_config rewrites the config.json of a run to continue: give it with --resume RUN.')
+    resumed = None
+    if cfg.resume:
+        folder = resolve_run_dir(cfg.resume, cfg.logdir, script)
+        checkpoint = load_run_checkpoint(os.path.join(folder, CHECKPOINT), script, FORMAT)
+        words = sys.argv[1:] if argv is None else argv
+        command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in words])
+        saved, source, problem = read_run_config(folder, checkpoint, cfg.restore_config, command)
+        cfg = argparse.Namespace(**{k: saved.get(k, v) for k, v in vars(cfg).items()} | {k: getattr(cfg, k) for k in typed})
+        resumed = Resumed(folder, checkpoint, saved, source, problem)
+    check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), typed,
+                 os.path.join(resumed.dir, 'config.json') if resumed else '')
+    check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
+    if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run without '
+                        '--tensorboard; metrics.csv holds the same numbers).')
+    return cfg, CommandLine(typed, resumed)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -74,28 +124,7 @@ def seed_everything(seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data streams
-# ----------------------------------------------------------------------------------------------------
-
-# Data streams: stream k of a run (epoch k, or pass k over a pool) draws from a generator seeded with
-# seed * STREAM_STRIDE + k. The stride is a prime above any epoch or pass count a run reaches, so two
-# (seed, k) pairs never share a stream; a resumed run rebuilds stream k from these two integers alone.
-# Changing it changes every run's data order (tests/test_pinned_runs.py would say so).
-STREAM_STRIDE = 1_000_003
-
-
-def stream_seed(seed, k):
-    return int(seed) * STREAM_STRIDE + int(k)
-
-
-def device_generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run folder: config.json, log.txt, metrics.csv, checkpoint.pt, best.pt; atomic writes
+# The run folder: config.json, log.txt, metrics.csv, checkpoint.pt, best.pt
 # ----------------------------------------------------------------------------------------------------
 
 def make_run_dir(logdir, script, run_name=''):
@@ -119,8 +148,8 @@ def make_run_dir(logdir, script, run_name=''):
 
 def open_run_dir(path):
     """A run folder named by the user (created if missing); one that already holds a run is refused."""
-    if os.path.isfile(os.path.join(path, Run.CHECKPOINT)):
-        raise UserError(f'{path!r} already holds a run (it has a {Run.CHECKPOINT}): continue it with '
+    if os.path.isfile(os.path.join(path, CHECKPOINT)):
+        raise UserError(f'{path!r} already holds a run (it has a {CHECKPOINT}): continue it with '
                         f'--resume {path}, or choose another folder.')
     try:
         os.makedirs(path, exist_ok=True)
@@ -133,7 +162,7 @@ def resolve_run_dir(resume, logdir, script):
     """--resume takes a run folder path or a run name under logs/<script>/."""
     candidates = list(dict.fromkeys((resume, os.path.join(logdir, script, resume))))
     for path in candidates:
-        if os.path.isfile(os.path.join(path, Run.CHECKPOINT)):
+        if os.path.isfile(os.path.join(path, CHECKPOINT)):
             return path
     for path in candidates:
         if os.path.isfile(os.path.join(path, 'config.json')):
@@ -141,7 +170,7 @@ def resolve_run_dir(resume, logdir, script):
                             'first epoch or evaluation ended), so there is nothing to continue: start it again '
                             'without --resume.')
     elsewhere = ''.join(f' nor in {c!r}' for c in candidates[1:])
-    raise UserError(f'cannot resume {resume!r}: no {Run.CHECKPOINT} there{elsewhere}. Give the run folder printed '
+    raise UserError(f'cannot resume {resume!r}: no {CHECKPOINT} there{elsewhere}. Give the run folder printed '
                     'when the run started (logs/<script>/<run>).')
 
 
@@ -230,10 +259,6 @@ class RunLog:
         self.tb.flush()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Meters, progress, stops and the run itself
-# ----------------------------------------------------------------------------------------------------
-
 class Timer:
     def __init__(self, device):
         self.device = device
@@ -262,7 +287,7 @@ class Meters:
     over n samples, ...); means() divides each by its sample count and reads them all at once. The
     first add that brought a non-finite value is noted on the device too (first_non_finite()).
 
-    watch: the name of the training loss (Run.meters sets it): the adds whose mean of it is above
+    watch: the name of the training loss (Divergence.meters sets it): the adds whose mean of it is above
     LOSS_FACTOR x `reference` are counted on the device (loss_watch()); reference None: this Meters'
     first add's mean (the first step of a new run)."""
 
@@ -376,18 +401,30 @@ def duration(seconds):
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
 
+class Projection:
+    """The projected time of the whole run, printed once (into the log) from the first steps of its first
+    stretch of work (see Progress)."""
+
+    def __init__(self, log):
+        self.log, self.printed = log, False
+
+    def print(self, done, rate, images, left):
+        self.printed = True
+        self.log.print(f'after {done} steps: {1 / rate:.3f} s/step, {rate * images:.0f} images/s: '
+                       f'about {duration(left)} for the rest of the run')
+
+
 class Progress:
     """One stretch of work between two log lines (an epoch, an evaluation interval): on a terminal a
     tqdm bar (steps done / total, images/s, time left here and in the whole run); otherwise (a log file,
-    CI) a plain line every `every` seconds, no control characters. Silent with --progress false and in
-    every process but the first. The first stretch of a run also prints, once, the projected time of
-    the whole run from its first steps."""
+    CI) a plain line every `every` seconds, no control characters; nothing when not `enabled`. The first
+    stretch of a run also has `projection` print, once, the projected time of the whole run."""
 
-    def __init__(self, run, total, desc, images_per_step, done_before, run_total):
-        self.run, self.total, self.desc, self.images = run, total, desc, images_per_step
+    def __init__(self, total, desc, images_per_step, done_before, run_total, projection, enabled=True, every=30.0):
+        self.total, self.desc, self.images, self.projection, self.every = total, desc, images_per_step, projection, every
         self.done_before, self.run_total, self.done = done_before, run_total, 0
         self.start = self.last_line = time.perf_counter()
-        self.enabled = run.cfg.progress and run.rank == 0 and total > 0
+        self.enabled = enabled and total > 0
         self.bar = None
         if self.enabled and sys.stdout.isatty():
             from tqdm import tqdm
@@ -401,14 +438,12 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)                       # steps per second
         left_here = (self.total - self.done) / rate
         left_run = (self.run_total - self.done_before - self.done) / rate
-        if not self.run.projected and (self.done == self.total or now - self.start >= 20):
-            self.run.projected = True            # once: at the end of the first stretch, or after 20 s
-            self.run.log.print(f'after {self.done} steps: {1 / rate:.3f} s/step, {rate * self.images:.0f} images/s: '
-                               f'about {duration(left_run)} for the rest of the run')
+        if not self.projection.printed and (self.done == self.total or now - self.start >= 20):
+            self.projection.print(self.done, rate, self.images, left_run)   # the end of the first stretch, or 20 s
         if self.bar is not None:
             self.bar.set_postfix_str(f'{rate * self.images:.0f} img/s, run {duration(left_run)} left', refresh=False)
             self.bar.update(n)
-        elif now - self.last_line >= self.run.cfg.progress_every:
+        elif now - self.last_line >= self.every:
             self.last_line = now
             print(f'  {self.desc}: {self.done}/{self.total} steps, {rate * self.images:.0f} images/s, '
                   f'{duration(left_here)} left here, {duration(left_run)} left in the run', flush=True)
@@ -460,17 +495,31 @@ class StopSignals:
 
 
 class Divergence:
-    """The divergence half of Run: a run whose loss or weights become non-finite, or blow up while finite
-    (the training loss above LOSS_FACTOR times its first value in most steps between two evaluations, a
-    weight beyond WEIGHT_BOUND), stops with exit code 3 before anything is evaluated or written from those
-    weights, quoting the learning rate typed and advising a tenth of it."""
+    """The divergence watch of a run (a member of Run): a run whose loss or weights become non-finite, or blow
+    up while finite (the training loss above LOSS_FACTOR times its first value in most steps between two
+    evaluations, a weight beyond WEIGHT_BOUND), stops with exit code 3 before anything is evaluated or written
+    from those weights, quoting the learning rate typed and advising a tenth of it, from the last checkpoint
+    (`checkpoints`, continued with `resume_command`) or from the start.
 
+    State: the training loss at the run's first step (kept in every checkpoint), and the optimisers whose rates
+    the options set (`rates`: option -> (optimiser, scheduler) among a script's objects; Run.restore sets it)."""
+
+    def __init__(self, cfg, device, checkpoints, resume_command, watch_loss=True):
+        self.cfg, self.device, self.checkpoints, self.resume_command = cfg, device, checkpoints, resume_command
+        self.watch_loss = watch_loss            # a resumed run: only if its checkpoint has the reference (restore)
+        self.loss_reference = None              # the training loss at the run's first step (see LOSS_FACTOR)
+        self.rates = {'lr': ('optimizer', 'scheduler')}
+
+    def restore(self, checkpoint):
+        """A resumed run's reference, from its checkpoint (one written before the loss check has none: the
+        weights are checked, the loss is not)."""
+        self.watch_loss = 'loss_reference' in checkpoint
+        self.loss_reference = checkpoint.get('loss_reference')
 
     def meters(self, loss, state=None):
         """The Meters of the steps up to the next evaluation (or continued from `state`, saved by a run stopped
         between two), watching the training loss named `loss` (see LOSS_FACTOR; None: a script that logs no
-        loss it trains on; not on a run resumed from a checkpoint written before the loss check, which lacks
-        the reference)."""
+        loss it trains on)."""
         m = Meters.from_state(state)
         for k in ('reference', 'high', 'first_bad'):            # a checkpoint's tensors come back on the CPU
             if getattr(m, k) is not None:
@@ -500,29 +549,35 @@ class Divergence:
                               f'step of the run ({self.loss_reference:.4g}) in {high} of the {steps} {unit}s from '
                               f'{unit} {first_step} on, mean {meters.means()[meters.watch]:.4g}', lr, option)
 
+    def check_evaluation(self, objects, row):
+        """At an evaluation (`row`, its first column the position): the weights of the networks among
+        `objects` finite and within WEIGHT_BOUND, the row's losses and accuracies finite."""
+        position = next(iter(row))
+        where = f'{position} {row[position]}'
+        named = [(f'{k}.{n}', p) for k, v in objects.items() if isinstance(v, nn.Module)
+                 for n, p in v.named_parameters()]
+        biggest = float(torch.stack([p.detach().abs().max().float() for _, p in named]).max())
+        if not (math.isfinite(biggest) and biggest <= WEIGHT_BOUND):
+            name, param = max(named, key=lambda np_: (not bool(torch.isfinite(np_[1]).all()),
+                                                      float(np_[1].detach().abs().max().nan_to_num(math.inf))))
+            if not math.isfinite(biggest):
+                self.diverged(f'at {where} the weights became non-finite (first in {name})',
+                              *self.rate_of(objects, param))
+            self.diverged(f'at {where} a weight grew beyond {WEIGHT_BOUND:g} in absolute value ({biggest:.3g} in '
+                          f'{name}; healthy weights stay of order 1)', *self.rate_of(objects, param))
+        bad = [k for k, v in row.items() if ('loss' in k or k.endswith('acc')) and isinstance(v, float)
+               and not math.isfinite(v)]
+        if bad:
+            self.diverged(f'at {where} the {", ".join(bad)} became non-finite', *self.rate_of(objects))
+
     def rate_of(self, objects, param=None):
         """(the rate now, its option) of the optimiser that trains `param` (default: the first one)."""
-        for option, (name, _) in self.RATES.items():
+        for option, (name, _) in self.rates.items():
             optimizer = objects.get(name)
             if optimizer is not None and (param is None or any(p is param for g in optimizer.param_groups
                                                                  for p in g['params'])):
                 return optimizer.param_groups[0]['lr'], option
         return None, 'lr'
-
-    def check_weights(self, objects, where):
-        """Stop the run (exit code 3) if a weight of the networks among `objects` is non-finite or beyond
-        WEIGHT_BOUND. One host read."""
-        named = [(f'{k}.{n}', p) for k, v in objects.items() if isinstance(v, nn.Module)
-                 for n, p in v.named_parameters()]
-        biggest = float(torch.stack([p.detach().abs().max().float() for _, p in named]).max())
-        if math.isfinite(biggest) and biggest <= WEIGHT_BOUND:
-            return
-        name, param = max(named, key=lambda np_: (not bool(torch.isfinite(np_[1]).all()),
-                                                  float(np_[1].detach().abs().max().nan_to_num(math.inf))))
-        if not math.isfinite(biggest):
-            self.diverged(f'at {where} the weights became non-finite (first in {name})', *self.rate_of(objects, param))
-        self.diverged(f'at {where} a weight grew beyond {WEIGHT_BOUND:g} in absolute value ({biggest:.3g} in {name}; '
-                      'healthy weights stay of order 1)', *self.rate_of(objects, param))
 
     def diverged(self, what, lr=None, option='lr'):
         """Stop with exit code 3, quoting the rate typed (--`option`; `lr`: its value now, after any schedule)
@@ -533,90 +588,175 @@ class Divergence:
         rate = f'--{option} {typed:g} as typed' + (f'; {lr:g} by its schedule at this check' if lr is not None and
                                                    not math.isclose(lr, typed, rel_tol=1e-6) else '')
         lower = f'--{option} {typed / 10:g}'
-        ckpt = self.checkpoint_path
-        if os.path.isfile(ckpt):
-            saved = load_checkpoint(ckpt)['last'] or {}
-            where = ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])
-            advice = (f'The last good checkpoint is {ckpt} ({where}); continue from it with a lower learning rate, '
-                      f'e.g. {self.resume_command()} {lower}')
+        position = self.checkpoints.last_position()
+        if position is not None:
+            advice = (f'The last good checkpoint is {self.checkpoints.path} ({position}); continue from it with a lower '
+                      f'learning rate, e.g. {self.resume_command} {lower}')
         else:
             advice = (f'No checkpoint was written yet; start again with a lower learning rate, e.g. {lower} '
-                      f'(the folder {self.dir} holds only the configuration and log of this attempt)')
+                      f'(the folder {self.checkpoints.folder} holds only the configuration and log of this attempt)')
         raise Diverged(f'training diverged: {what} (learning rate: {rate}). Nothing was saved from these weights: '
                        f'{advice}.')
 
 
-class Run(Checkpoints, Divergence, Processes):
-    """One training run: its configuration, processes and device (Processes), folder, log, checkpoints,
-    resume, stops and divergence checks.
+class Run:
+    """One training run. Its members, each with its own state: `processes` (rank, world, device; the
+    networks across processes), `log` (the run folder's log.txt, metrics.csv, config.json), `checkpoints`
+    (checkpoint.pt, best.pt, the best evaluation), `watch` (the divergence checks) and `stops` (Ctrl-C and
+    SIGTERM). The methods below are what a script's loop calls; each says which members it uses.
 
     A new run gets a new folder <logdir>/<script>/<run>/ (or --run_dir) holding config.json, log.txt,
-    metrics.csv, checkpoint.pt (the latest state) and best.pt (the networks at the best evaluation).
-    `--resume RUN` reopens a folder: the saved configuration is used, except the values typed on this
-    command line (so `--resume RUN --epochs 300` extends a run), and restore() brings back every state.
+    metrics.csv, checkpoint.pt (the latest state) and best.pt (the networks at the best evaluation). A resumed
+    run (cli.resumed) reopens its folder and writes nothing until restore() has loaded every state.
     """
 
-    def __init__(self, script, hyper, argv=None, description='', validate=None, choices=None, presets=None):
-        self.script = script
-        cfg, given = parse_config(hyper, argv, description, choices)
-        self.resuming = bool(cfg.resume)
-        self.saved_config, self.config_source, self.config_problem = {}, None, None
-        if cfg.restore_config and not self.resuming:
-            raise UserError('--restore_config rewrites the config.json of a run to continue: give it with --resume '
-                            'RUN.')
-        if presets is not None and not self.resuming:
-            presets(cfg, given)                 # a dataset's own defaults, for the values not typed
-        if self.resuming:
-            self.dir = resolve_run_dir(cfg.resume, cfg.logdir, script)
-            self._resumed = load_run_checkpoint(os.path.join(self.dir, self.CHECKPOINT), script, self.FORMAT)
-            typed = sys.argv[1:] if argv is None else argv
-            command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in typed])
-            self.saved_config, self.config_source, self.config_problem = read_run_config(
-                self.dir, self._resumed, cfg.restore_config, command)
-            merged = {k: self.saved_config.get(k, v) for k, v in vars(cfg).items()}
-            cfg = argparse.Namespace(**merged | {k: getattr(cfg, k) for k in given})
-        check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), given,
-                     os.path.join(self.dir, 'config.json') if self.resuming else '')
-        check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
-        if validate is not None:
-            validate(cfg)                       # bad values stop here, before anything is written
-        if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
-            raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run '
-                            'without --tensorboard; metrics.csv holds the same numbers).')
-        self.cfg, self.given = cfg, given
+    def __init__(self, script, cfg, cli):
+        self.script, self.cfg, self.typed, self.resumed = script, cfg, cli.typed, cli.resumed
+        self.resuming = self.resumed is not None
         set_tf32(cfg.tf32)
-        self.device = self.start_processes(cfg)
-        note = (self.resumed_processes((self._resumed.get('config') or {}).get('processes'),
-                                       self.saved_config.get('batch_size'),
-                                       cfg.batch_size) if self.resuming else None)     # refused: nothing written
-        if not self.resuming:                   # the first process makes the folder and tells the others
-            if self.rank == 0:
-                self.dir = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, script,
-                                                                                       cfg.run_name)
-            if self.world > 1:
-                shared = [getattr(self, 'dir', None)]
-                dist.broadcast_object_list(shared, src=0)
-                self.dir = shared[0]
-        # A resumed run writes nothing (log line, config) until restore() has loaded every state.
+        self.processes = Processes(cfg)
+        self.device, self.rank, self.world, self.shard = (self.processes.device, self.processes.rank,
+                                                          self.processes.world, self.processes.shard)
+        note = None
+        if self.resuming:                       # refused on another global batch: nothing written
+            note = self.processes.resumed_processes((self.resumed.checkpoint.get('config') or {}).get('processes'),
+                                                    self.resumed.saved.get('batch_size'), cfg.batch_size)
+            self.dir = self.resumed.dir
+        else:
+            self.dir = self._new_folder()
         self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
+        self.checkpoints = Checkpoints(self.dir, script, writes=self.rank == 0)
+        self.watch = Divergence(cfg, self.device, self.checkpoints, self.resume_command(), watch_loss=not self.resuming)
         if not self.resuming:
-            self.save_config()
+            self.log.save_config(self.config_record())
         if note:
             self.log.print(note)
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
-        self.projected = False                  # the projected run time was printed (Progress)
-        self.best = None                        # the best evaluation so far: {position, score, kept columns}
-        self.last = None                        # the latest metrics row
-        self.best_keys = ()                     # the columns kept with the best: (score, *keep)
-        self.loss_reference = None              # the training loss at the run's first step (see LOSS_FACTOR)
-        self.watch_loss = not self.resuming     # resumed: if its checkpoint has the reference (restore)
+        self.projection = Projection(self.log)
         self.timer = Timer(self.device)
         where = f'{self.dir} on {self.device}'
         if self.world > 1:
-            where += (f', {self.world} processes ({self.backend}), batch {cfg.batch_size} per process = '
+            where += (f', {self.world} processes ({self.processes.backend}), batch {cfg.batch_size} per process = '
                       f'{cfg.batch_size * self.world} in all' + (', SyncBatchNorm' if cfg.sync_bn else ''))
         self.log.print(f'{"resuming" if self.resuming else "run"} {where}')
         self.stops = StopSignals(self.rank, self.world, self.device)
+
+    def _new_folder(self):
+        """The first process makes the folder and tells the others."""
+        cfg = self.cfg
+        folder = None
+        if self.rank == 0:
+            folder = open_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.logdir, self.script, cfg.run_name)
+        if self.world > 1:
+            shared = [folder]
+            dist.broadcast_object_list(shared, src=0)
+            folder = shared[0]
+        return folder
+
+    @property
+    def saved_config(self):
+        """A resumed run's configuration as it was saved ({} for a new run)."""
+        return self.resumed.saved if self.resuming else {}
+
+    @property
+    def best(self):
+        return self.checkpoints.best
+
+    # ---- the processes ----
+
+    def network(self, net, methods=('forward',)):
+        """`net` on the run's device, ready for its processes and fast paths (distributed.Processes.network)."""
+        return self.processes.network(net, methods)
+
+    def wrap(self, net):
+        """The training forward of `net`: under torchrun its next backward averages the gradients."""
+        return self.processes.wrap(net)
+
+    def sync_buffers(self, *nets):
+        self.processes.sync_buffers(*nets)
+
+    def share(self, rows):
+        return self.processes.share(rows)
+
+    # ---- checkpoints and resume ----
+
+    def restore(self, objects, rates=None, **defaults):
+        """On --resume: load every state into `objects` (name -> network / optimiser / scheduler), the random
+        states, the best evaluation and the loss reference, and return `defaults` updated with the saved
+        extras (position, data-stream states). `rates`: option -> (optimiser, scheduler) among `objects`
+        (default {'lr': ('optimizer', 'scheduler')}): a rate typed with --resume scales the saved ones, and a
+        divergence names the option of the optimiser it concerns. On a new run: `defaults`."""
+        if rates:
+            self.watch.rates = rates
+        if not self.resuming:
+            return defaults
+        checkpoint, self.resumed = self.resumed.checkpoint, self.resumed._replace(checkpoint=None)
+        extras = self.checkpoints.restore(objects, checkpoint)
+        self.watch.restore(checkpoint)
+        extras.pop('loss_reference', None)
+        for option, (optimizer, scheduler) in self.watch.rates.items():   # --resume RUN --lr X: saved rates x X / old
+            old, new = self.saved_config.get(option), getattr(self.cfg, option, None)
+            if option in self.typed and old and old != new and optimizer in objects:
+                scale_learning_rates(objects[optimizer], objects.get(scheduler), new / old)
+                self.log.print(f'note: --{option} {new:g} scales the saved learning rates by {new / old:g}')
+        kept = ''
+        if self.resumed.source:                   # --restore_config: the damaged file kept beside the new one
+            path = os.path.join(self.dir, 'config.json')
+            if os.path.exists(path):
+                kept = next(f'{path}.damaged{f"-{k}" if k else ""}' for k in range(1000)
+                            if not os.path.exists(f'{path}.damaged{f"-{k}" if k else ""}'))
+                os.replace(path, kept)
+        self.log.save_config(self.config_record())      # the state fits: now the resumed run may write
+        self.log.commit()
+        if self.resumed.source:
+            self.log.print(f'note: config.json {self.resumed.problem}: restored from {self.resumed.source}'
+                           + (f'; the damaged file is kept as {kept}' if kept else ''))
+        last = self.checkpoints.last
+        if last is not None and self.log.reconcile(self.checkpoints.metrics_row(last)):
+            position = next(iter(last))
+            self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {last[position]})')
+        return defaults | extras
+
+    def save(self, objects, **extra):
+        """checkpoint.pt now: every state of `objects`, the random states, the best evaluation, `extra`."""
+        self.checkpoints.save(objects, self.config_record(), loss_reference=self.watch.loss_reference, **extra)
+
+    def evaluate_and_save(self, objects, row, score, keep=(), **extra):
+        """The end of an epoch or evaluation interval. `row`: the metrics (plain numbers, accuracies as
+        fractions), its first column the position (epoch, iteration or step). The weights and the row are
+        checked (watch), the best evaluation is kept on row[score] (higher is better) with the columns `keep`,
+        best.pt is written when it improved, checkpoint.pt always (every object, the random states, `extra`),
+        and the row is appended to metrics.csv with best_<score> and best_<kept> columns. Returns whether
+        the score improved (the script prints its lines after)."""
+        self.watch.check_evaluation(objects, row)
+        improved = self.checkpoints.keep(row, score, keep)
+        # best.pt, then checkpoint.pt, then the metrics row: a run killed between two of these writes is
+        # resumed from checkpoint.pt, and restore() brings metrics.csv back in line with it.
+        if improved:
+            self.checkpoints.save_best(objects, row, vars(self.cfg))
+        self.save(objects, **extra)
+        self.log.metrics(self.checkpoints.metrics_row(row))
+        if self.cfg.tensorboard:
+            self.log.tensorboard(self.checkpoints.metrics_row(row))
+        return improved
+
+    def config_record(self):
+        """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script,
+        the number of processes and the global batch (batch_size per process times the processes)."""
+        return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {
+            'script': self.script, 'processes': self.world, 'global_batch': self.cfg.batch_size * self.world}
+
+    # ---- the divergence watch ----
+
+    def meters(self, loss, state=None):
+        """Divergence.meters: the Meters up to the next evaluation, watching the training loss named `loss`."""
+        return self.watch.meters(loss, state)
+
+    def check_finite(self, meters, first_step, lr, unit='step', option='lr'):
+        """Divergence.check_finite: stop (exit code 3) before anything is evaluated or saved from diverged weights."""
+        self.watch.check_finite(meters, first_step, lr, unit, option)
+
+    # ---- stops ----
 
     def stop_if_asked(self, objects=None, at=0, **extra):
         """At a consistent point (a step boundary): if a stop was asked, save the checkpoint (objects and
@@ -640,15 +780,6 @@ class Run(Checkpoints, Divergence, Processes):
                   f'--nproc_per_node {per_node}')
         return f'{launch} {self.script}.py --resume {self.dir}'
 
-    def config_record(self):
-        """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script,
-        the number of processes and the global batch (batch_size per process times the processes)."""
-        return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {
-            'script': self.script, 'processes': self.world, 'global_batch': self.cfg.batch_size * self.world}
-
-    def save_config(self):
-        self.log.save_config(self.config_record())
-
     # ---- data streams and time ----
 
     def stream(self, k):
@@ -664,7 +795,8 @@ class Run(Checkpoints, Divergence, Processes):
     def progress(self, total, desc, done_before, run_total, images_per_step=None):
         """A Progress for the next `total` steps (see Progress); images_per_step defaults to the global batch."""
         images = images_per_step or self.cfg.batch_size * self.world
-        return Progress(self, total, desc, images, done_before, run_total)
+        return Progress(total, desc, images, done_before, run_total, self.projection,
+                        enabled=self.cfg.progress and self.rank == 0, every=self.cfg.progress_every)
 
     def describe(self, nets, data, total_steps, unit='steps'):
         """The start line: what will run, where, on how much."""
@@ -676,18 +808,3 @@ class Run(Checkpoints, Divergence, Processes):
         sizes = ', '.join(f'{k} {v:,}' for k, v in data.items())
         self.log.print(f'will run {total_steps:,} {unit} on {self.device} ({dtype}), {self.world} process(es), '
                        f'{params:,} parameters; images: {sizes}')
-
-    # ---- the epoch-based scripts (the MAXL paper's three) ----
-
-    def end_epoch(self, objects, row, text):
-        """evaluate_and_save with the best kept on test_acc, the printed line the original's
-        'EPOCH: e ITER: s | <text> | <seconds>s', and the position (epoch, step) saved with the checkpoint."""
-        return self.evaluate_and_save(objects, row, 'test_acc', lines=lambda improved: [
-            f'EPOCH: {row["epoch"]:04d} ITER: {row["step"]:06d} | {text} | {row["seconds"]:.1f}s'],
-            epoch=row['epoch'], step=row['step'])
-
-    def finish_epochs(self, score='test_acc'):
-        """The closing line of an epoch-based run."""
-        if self.last is not None:
-            self.log.print(f'done after {self.last["epoch"] + 1} epochs: test accuracy {self.last[score]:.4f}, '
-                           f'best {self.best[score]:.4f}')

@@ -57,7 +57,7 @@ ROWS = {
     'semi_baseline_mixup': ('bare_convlarge', 'semi_pair', 6.40, None),
     'semi_meta_mixup':     ('bare_convlarge', 'semi_pair', 16.2, ('semi_baseline_mixup', 2.5)),
     # one batch of each script's evaluation (what benchmarks/project.py adds to a run)
-    'eval_maxl':           ('bare_vgg_mt', 'maxl', None, None),      # evaluate_heads, multi-task VGG-16, 100 test images
+    'eval_maxl':           ('bare_vgg_mt', 'maxl', None, None),      # model_vgg_single.evaluate, multi-task VGG-16, 100 test images
     'eval_sla':            ('bare_resnet32_x4', 'sla', None, None),  # train_sla.evaluate, 128 test images x 4 rotations
     'eval_semi':           ('bare_convlarge', 'semi_test', None, None),   # train_meta_semi.evaluate, 100 test images
 }
@@ -88,10 +88,10 @@ def build(name, dev, fast, data_root, width=1.0):
     import train_meta_semi
     import train_sla
     from machinery.distributed import Wrapped, distributed, wrap_ddp
-    from machinery.fast_paths import eager, fast_module
-    from machinery.models import VGG16, cifar_resnet, evaluate_heads, semi_network
+    from machinery.fast_paths import fast_module
+    from machinery.models import VGG16, cifar_resnet, semi_network
     from machinery.options import parse_config
-    from utils import device_generator
+    from machinery.streams import CycledBatches, DeviceData, SampledBatches, device_generator
 
     def defaults(module):       # a script's hyperparameters and run options, as a run without flags has them
         cfg = parse_config(module.HYPERPARAMETERS, [])[0]
@@ -121,7 +121,7 @@ def build(name, dev, fast, data_root, width=1.0):
 
     rng = device_generator(dev, 0)
     if name in ('bare_vgg', 'single', 'bare_vgg_mt', 'human', 'eval_maxl') or name.startswith('maxl'):
-        train = create_dataset.DeviceData(*create_dataset.load('cifar100', data_root, True, synthetic=True), dev,
+        train = DeviceData(*create_dataset.load('cifar100', data_root, True, synthetic=True), dev,
                                           model_vgg_single.MEAN, model_vgg_single.STD)
 
         levels = create_dataset.LEVEL_CLASSES
@@ -131,12 +131,12 @@ def build(name, dev, fast, data_root, width=1.0):
             return train.get(torch.randint(len(train), (maxl.batch_size,), device=dev, generator=rng), rng,
                              augment=True)
         x, labels = batch()
-        if name == 'eval_maxl':              # one batch of the test pass (evaluate_heads), primary head scored
+        if name == 'eval_maxl':              # one batch of the test pass (model_vgg_single.evaluate), primary head scored
             test_x, test_y = create_dataset.load('cifar100', data_root, False, synthetic=True)
-            test = create_dataset.DeviceData(test_x[:maxl.batch_size], test_y[:maxl.batch_size], dev,
+            test = DeviceData(test_x[:maxl.batch_size], test_y[:maxl.batch_size], dev,
                                              model_vgg_maxl.MEAN, model_vgg_maxl.STD)
             net = fast_net(model_vgg_maxl.multi_task_network(maxl.psi, maxl.width))
-            return lambda: evaluate_heads(net, test, (maxl.primary_level,), maxl.batch_size)
+            return lambda: model_vgg_single.evaluate(net, test, (maxl.primary_level,), maxl.batch_size)
         if name == 'bare_vgg':
             return bare(fast_net(VGG16({'classifier': levels[pri]}, maxl.width)), x, [labels[:, pri]])
         if name == 'bare_vgg_mt':
@@ -166,6 +166,9 @@ def build(name, dev, fast, data_root, width=1.0):
         mask, heads = model_vgg_maxl.psi_mask(maxl.psi, dev), model_vgg_maxl.head_parameter_names(net)
         counter = [0]
         cos_every = maxl.cos_every
+        meta_cfg = parse_config(model_vgg_maxl.HYPERPARAMETERS, [            # the meta step of this row
+            '--meta_order', '1' if name == 'maxl_meta1' else '2',
+            '--second_order', 'double_backward' if name == 'maxl_meta2_dbl' else maxl.second_order])[0]
 
         def step():
             x, labels = batch()
@@ -175,28 +178,18 @@ def build(name, dev, fast, data_root, width=1.0):
                                           forward)
                 counter[0] += 1
                 return
-            if name.startswith('maxl_meta2'):
-                method = 'double_backward' if name == 'maxl_meta2_dbl' else maxl.second_order
-                with eager(net, gen):
-                    grads, _ = model_vgg_maxl.meta_gradient_second_order(net, gen, x, y, mask, optimizer,
-                                                                         maxl.entropy_weight, method)
-            else:
-                grads, _ = model_vgg_maxl.meta_gradient_first_order(net, gen, x, y, mask, optimizer,
-                                                                    maxl.entropy_weight, maxl.fd_eps)
-            for p, g in zip(gen.parameters(), grads):
-                p.grad = g
-            gen_optimizer.step()
+            model_vgg_maxl.meta_step(net, gen, x, y, mask, optimizer, gen_optimizer, meta_cfg)
         return step
 
     if name in ('bare_resnet32', 'bare_resnet32_x4', 'sla_baseline', 'sla_rotation', 'eval_sla'):
-        train = create_dataset.DeviceData(*create_dataset.load(sla.dataset, data_root, True, synthetic=True), dev,
+        train = DeviceData(*create_dataset.load(sla.dataset, data_root, True, synthetic=True), dev,
                                           train_sla.MEAN, train_sla.STD)
         classes, rotation = create_dataset.DATASETS[sla.dataset].num_classes, train_sla.Transformations('rotation', dev)
         if name == 'bare_resnet32':
-            x, y = train_sla.sample_batch(train, sla.batch_size, rng)
+            x, y = SampledBatches(train, sla.batch_size, 0).next()
             return bare(fast_net(cifar_resnet(sla.model, [classes], sla.width), ('forward', 'features')), x, [y])
         if name == 'bare_resnet32_x4':
-            x, y = train_sla.sample_batch(train, sla.batch_size * rotation.M, rng)
+            x, y = SampledBatches(train, sla.batch_size * rotation.M, 0).next()
             net = cifar_resnet(sla.model, [classes * rotation.M], sla.width)
             return bare(fast_net(net, ('forward', 'features')), x, [y])
         mode = 'baseline' if name == 'sla_baseline' else 'sla'
@@ -205,25 +198,25 @@ def build(name, dev, fast, data_root, width=1.0):
                        ('forward', 'features'))
         if name == 'eval_sla':               # one batch of an evaluation (val and test splits alike)
             test_x, test_y = create_dataset.load(sla.dataset, data_root, False, synthetic=True)
-            test = create_dataset.DeviceData(test_x[:sla.batch_size], test_y[:sla.batch_size], dev, train_sla.MEAN,
+            test = DeviceData(test_x[:sla.batch_size], test_y[:sla.batch_size], dev, train_sla.MEAN,
                                              train_sla.STD)
             return lambda: train_sla.evaluate(net, test.batches(sla.batch_size), len(test), dev, mode, tf,
                                               sla.temperature, sla.with_large_loss)
         optimizer = torch.optim.SGD(net.parameters(), lr=sla.lr, momentum=sla.momentum, weight_decay=sla.weight_decay)
-        forward = wrap(net)
+        forward, stream = wrap(net), SampledBatches(train, sla.batch_size, 0)
 
         def step():
-            x, y = train_sla.sample_batch(train, sla.batch_size, rng)
+            x, y = stream.next()
             train_sla.train_step(forward, optimizer, x, y, mode, tf, sla.temperature, sla.with_large_loss)
         return step
 
     train_x, train_y, test_x, test_y = create_dataset.load_semi(semi.dataset, data_root, synthetic=True)
     mean, std = create_dataset.DATASETS[semi.dataset].normalisation
-    train = create_dataset.DeviceData(train_x, train_y, dev, mean, std)
+    train = DeviceData(train_x, train_y, dev, mean, std)
     classes, B = create_dataset.DATASETS[semi.dataset].num_classes, semi.batch_size
     if name == 'eval_semi':                  # one batch of the test pass
         T = semi.test_batch_size
-        test = create_dataset.DeviceData(test_x[:T], test_y[:T], dev, mean, std)
+        test = DeviceData(test_x[:T], test_y[:T], dev, mean, std)
         model = fast_net(semi_network(semi.architecture, classes, semi.width))
         return lambda: train_meta_semi.evaluate(model, test.batches(T), T, dev)
     if name == 'bare_convlarge':
@@ -235,12 +228,12 @@ def build(name, dev, fast, data_root, width=1.0):
     alpha = torch.tensor(float(semi.alpha), device=dev)
     beta = torch.distributions.Beta(alpha, alpha)
     n_labeled = len(train) // 5         # which images count as labeled does not change a step's cost
-    labeled = create_dataset.EndlessBatches(torch.arange(n_labeled, device=dev), B, 0)
-    unlabeled = create_dataset.EndlessBatches(torch.arange(n_labeled, len(train), device=dev), B, 1)
+    stream = CycledBatches(train, {'labeled': torch.arange(n_labeled, device=dev),
+                                  'unlabeled': torch.arange(n_labeled, len(train), device=dev)}, B,
+                           {'labeled': 0, 'unlabeled': 1}, 0)
 
     def step():
-        x_l, y_l = train.get(labeled.next(), rng, augment=True)
-        x_u, y_u = train.get(unlabeled.next(), rng, augment=True)
+        (x_l, y_l), (x_u, y_u) = stream.next(('labeled', 'unlabeled'))
         lam = beta.sample((B, 1))
         train_meta_semi.train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, semi.lr, semi.weight, semi.epsilon,
                                    classes, baseline=name == 'semi_baseline_mixup', forward=forward)   # peak lr, full weight
@@ -446,13 +439,13 @@ def write(out, info):
 
 
 def main():
-    from machinery.options import _parse_bool, spellings
+    from machinery.options import parse_bool, spellings
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N (default cpu)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as the scripts\' --amp)')
     p.add_argument(*spellings('channels_last'), action='store_true', help='channels-last memory format')
     p.add_argument('--compile', action='store_true', help='torch.compile the forward passes')
-    p.add_argument('--tf32', type=_parse_bool, default=True, metavar='BOOL',
+    p.add_argument('--tf32', type=parse_bool, default=True, metavar='BOOL',
                    help="as the scripts' --tf32: true (default) leaves PyTorch's default (cuDNN convolutions may "
                         'use TF32 on CUDA); false: strict float32')
     p.add_argument('--warmup', type=int, default=2, help='steps before timing (more with --compile)')

@@ -131,6 +131,58 @@ def table(projections):
     return '\n'.join(lines)
 
 
+# ---- `reproduce.py list`: an experiment's settings projected ----
+
+def bench_parts(flags):
+    """A full run of a setting as benchmarks/py counts it (its maxl_parts, sla_parts, semi_parts):
+    [(bench.py row, count, what)], or None where bench.py times no step of its kind (K-means' autoencoder,
+    SLA's da / mt / sla+sd / colour permutations, the labeled-only MetaSemi baseline, ImageNet)."""
+    import train_sla
+    from machinery.experiments import dataset_of, flag_value
+    script = flags[0]
+    if script == 'model_vgg_single.py':
+        return maxl_parts('single')
+    if script == 'model_vgg_human.py':
+        return None if flag_value(flags, '--aux_labels') == 'kmeans' else maxl_parts('human')
+    if script == 'model_vgg_maxl.py':
+        return maxl_parts(meta_row='maxl_meta2')
+    dataset = dataset_of(flags)
+    if dataset not in real_sizes():
+        return None
+    if script == 'train_sla.py':
+        S = train_sla.HYPERPARAMETERS
+        mode, aug = flag_value(flags, '--mode', S['mode']), flag_value(flags, '--aug', S['aug'])
+        row = 'sla_baseline' if mode == 'baseline' else 'sla_rotation' if (mode, aug) == ('sla', 'rotation') else None
+        return row and sla_parts(row, dataset)
+    baseline, mixup = '--baseline' in flags, '--mix-up' in flags
+    row = {(False, True): 'semi_meta_mixup', (True, True): 'semi_baseline_mixup'}.get((baseline, mixup))
+    return row and semi_parts(row, dataset)
+
+
+def projection(experiment, seeds, results_files):
+    """Text: the projected device time of the experiment's full runs (all its settings, `seeds` seeds each),
+    per bench.py result; 'unknown' where no result times a setting."""
+    from machinery.experiments import EXPERIMENTS
+    settings = EXPERIMENTS[experiment]['settings']
+    parts = {name: bench_parts(flags) for name, flags in settings.items()}
+    known = [n for n, p in parts.items() if p]
+    if not results_files:
+        return 'unknown (no bench.py result in benchmarks/results/)'
+    texts = []
+    for path, result in results_files:
+        runs = [dict(method=n, parts=parts[n]) for n in known]
+        hours = [p['hours'] for p in project(result, runs)]
+        place = where(result)
+        if not known or any(h is None for h in hours):
+            texts.append(f'unknown on {place}')
+            continue
+        total = sum(hours) * seeds
+        missing = len(settings) - len(known)
+        texts.append(f'{total:,.0f} h on {place}' + (f' + {missing} of {len(settings)} settings unknown '
+                                                     '(not timed by bench.py)' if missing else ''))
+    return '; '.join(texts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('results', nargs='+', help='bench.py JSON files (each with the method and eval_* rows)')

@@ -6,13 +6,13 @@
   load_run_checkpoint,              --resume: the checkpoint of this script and layout, the configuration
   read_run_config                   (config.json, or the copy the checkpoint carries: --restore_config)
   rng_state, set_rng_state          every random state, as tensors and plain values
-  Checkpoints                       utils.Run's methods that save, restore and keep the best evaluation
+  scale_learning_rates              `--resume RUN --lr X`: the saved rates scaled
+  Checkpoints                       a member of utils.Run: checkpoint.pt, best.pt, the best evaluation
 
-Used by utils.Run (a Run is a Checkpoints), and by the files named above.
+Used by utils.Run and by the files named above.
 """
 import io
 import json
-import math
 import os
 import pickle
 import random
@@ -195,116 +195,83 @@ def read_run_config(run_dir, ckpt, restore, command):
 
 
 def scale_learning_rates(optimizer, scheduler, factor):
-    """Every learning rate of `optimizer` (and the base rates of its `scheduler`) times `factor`."""
+    """Every learning rate of `optimizer` (and the base rates of its `scheduler`) times `factor`. The
+    scheduler's own record of its last rate (get_last_lr) is left as it is: the scripts read the rate from
+    the optimiser, and the scheduler sets both again at its next step."""
     for group in optimizer.param_groups:
         group['lr'] *= factor
         if 'initial_lr' in group:
             group['initial_lr'] *= factor
     if scheduler is not None:
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        scheduler._last_lr = [group['lr'] for group in optimizer.param_groups]
 
 
 class Checkpoints:
-    """The checkpoint half of utils.Run (which sets the attributes read here: dir, script, cfg, given, rank,
-    world, log, resuming, the saved configuration, best, last, best_keys, loss_reference): checkpoint.pt
-    (every state, written at each evaluation and at a stop), best.pt (the networks at the best evaluation),
-    and restore() on --resume."""
+    """The checkpoints of a run folder (a member of utils.Run): checkpoint.pt, every state, written at each
+    evaluation and at a stop; best.pt, the networks at the best evaluation; and the best evaluation and the
+    latest metrics row so far. Only the process that `writes` (the first under torchrun, where every process
+    holds the same state) writes files."""
 
-    CHECKPOINT, BEST, FORMAT = CHECKPOINT, BEST, FORMAT
-    # option -> (the optimiser, its scheduler) among a script's objects: what `--resume RUN --lr X` scales,
-    # and which rate a divergence advises lowering
-    RATES = {'lr': ('optimizer', 'scheduler'), 'gen_lr': ('gen_optimizer', 'gen_scheduler')}
-
+    def __init__(self, folder, script, writes=True):
+        self.folder, self.script, self.writes = folder, script, writes
+        self.best = None          # the best evaluation so far: {position, score, kept columns}
+        self.last = None          # the latest metrics row
+        self.best_keys = ()       # the columns kept with the best: (score, *keep)
 
     @property
-    def checkpoint_path(self):
-        return os.path.join(self.dir, self.CHECKPOINT)
+    def path(self):
+        return os.path.join(self.folder, CHECKPOINT)
 
-    def save(self, objects, **extra):
-        """Atomically save the state_dicts of `objects` (name -> network/optimiser/scheduler), the RNG
-        states, the best evaluation and `extra` (position, data-stream state, ...). Only the first process
-        writes (every process holds the same state)."""
-        if self.rank != 0:
-            return
-        save_checkpoint(self.checkpoint_path, format=self.FORMAT, script=self.script,
-                        state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
-                        last=self.last, best_keys=list(self.best_keys), config=self.config_record(),
-                        loss_reference=self.loss_reference, **extra)
+    def save(self, objects, config, **extra):
+        """Atomically save the state_dicts of `objects` (name -> network / optimiser / scheduler), the random
+        states, the best evaluation, the configuration and `extra` (position, data-stream states, ...)."""
+        if self.writes:
+            save_checkpoint(self.path, format=FORMAT, script=self.script,
+                            state={k: v.state_dict() for k, v in objects.items()}, rng=rng_state(), best=self.best,
+                            last=self.last, best_keys=list(self.best_keys), config=config, **extra)
 
-    def restore(self, objects, **defaults):
-        """On --resume: load the state_dicts into `objects`, the RNG states and the best evaluation, and
-        return `defaults` updated with the saved extras. On a new run: return `defaults`."""
-        if not self.resuming:
-            return defaults
-        ckpt, self._resumed = self._resumed, None
-        try:
-            for k, obj in objects.items():
-                obj.load_state_dict(ckpt['state'][k])
-        except (KeyError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise UserError(f'{self.checkpoint_path} does not fit the networks of this run ({type(e).__name__}: '
-                            f'{first}); it was written with other settings (width, psi, mode, model, ...) than '
-                            'the ones in its config.json. Nothing was written; start a new run instead.') from None
-        set_rng_state(ckpt['rng'])
-        self.best, self.last, self.best_keys = ckpt['best'], ckpt['last'], tuple(ckpt.get('best_keys', ()))
-        self.watch_loss = 'loss_reference' in ckpt       # a checkpoint from before the loss check: weights only
-        self.loss_reference = ckpt.get('loss_reference')
-        for option, (optimizer, scheduler) in self.RATES.items():   # --resume RUN --lr X: saved rates x X / old
-            old, new = self.saved_config.get(option), getattr(self.cfg, option, None)
-            if option in self.given and old and old != new and optimizer in objects:
-                scale_learning_rates(objects[optimizer], objects.get(scheduler), new / old)
-                self.log.print(f'note: --{option} {new:g} scales the saved learning rates by {new / old:g}')
-        if self.config_source:                   # --restore_config: the damaged file kept beside the new one
-            path = os.path.join(self.dir, 'config.json')
-            kept = ''
-            if os.path.exists(path):
-                kept = next(f'{path}.damaged{f"-{k}" if k else ""}' for k in range(1000)
-                            if not os.path.exists(f'{path}.damaged{f"-{k}" if k else ""}'))
-                os.replace(path, kept)
-        self.save_config()                       # the state fits: now the resumed run may write
-        self.log.commit()
-        if self.config_source:
-            self.log.print(f'note: config.json {self.config_problem}: restored from {self.config_source}'
-                           + (f'; the damaged file is kept as {kept}' if kept else ''))
-        if self.last is not None and self.log.reconcile(self.metrics_row(self.last)):
-            position = next(iter(self.last))
-            self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {self.last[position]})')
-        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config', 'loss_reference')
-        return defaults | {k: v for k, v in ckpt.items() if k not in skip}
-
-    def evaluate_and_save(self, objects, row, score, keep=(), lines=None, **extra):
-        """The end of an epoch or evaluation interval. `row`: the metrics (plain numbers, accuracies as
-        fractions), its first column the position (epoch, iteration or step). The best evaluation is
-        kept on row[score] (higher is better) with the columns `keep`; then the lines of
-        `lines(improved)` are printed, the row is appended to metrics.csv with best_<score> and
-        best_<kept> columns, best.pt is written when the score improved (the networks among `objects`),
-        and checkpoint.pt always (every object, RNG states, the best, `extra`). Returns `improved`."""
+    def keep(self, row, score, keep=()):
+        """Note an evaluation (`row`: its first column the position): the best is kept on row[score] (higher
+        is better) with the columns `keep`. Returns whether it improved."""
         position = next(iter(row))
-        self.check_weights(objects, f'{position} {row[position]}')
-        bad = [k for k, v in row.items() if ('loss' in k or k.endswith('acc')) and isinstance(v, float)
-               and not math.isfinite(v)]
-        if bad:
-            self.diverged(f'at {position} {row[position]} the {", ".join(bad)} became non-finite',
-                          *self.rate_of(objects))
         self.last = row
         improved = self.best is None or row[score] > self.best[score]
         if improved:
             self.best = {k: row[k] for k in (position, score, *keep)}
-        for line in (lines(improved) if lines else ()):
-            self.log.print(line)
         self.best_keys = (score, *keep)
-        # best.pt, then checkpoint.pt, then the metrics row: a run killed between two of these writes is
-        # resumed from checkpoint.pt, and restore() brings metrics.csv back in line with it.
-        if improved and self.rank == 0:
-            nets = {k: v.state_dict() for k, v in objects.items() if isinstance(v, nn.Module)}
-            save_checkpoint(os.path.join(self.dir, self.BEST), format=self.FORMAT, script=self.script, state=nets,
-                            best=self.best, row=row, config=vars(self.cfg))
-        self.save(objects, **extra)
-        self.log.metrics(self.metrics_row(row))
-        if self.cfg.tensorboard:
-            self.log.tensorboard(self.metrics_row(row))
         return improved
 
+    def save_best(self, objects, row, config):
+        """best.pt: the networks among `objects`, the best evaluation and its row."""
+        if self.writes:
+            nets = {k: v.state_dict() for k, v in objects.items() if isinstance(v, nn.Module)}
+            save_checkpoint(os.path.join(self.folder, BEST), format=FORMAT, script=self.script, state=nets,
+                            best=self.best, row=row, config=config)
+
+    def restore(self, objects, checkpoint):
+        """Load `checkpoint` (a resumed run's, from load_run_checkpoint) into `objects`, the random states and the
+        best evaluation; return its other entries (position, data-stream states, ...)."""
+        try:
+            for k, obj in objects.items():
+                obj.load_state_dict(checkpoint['state'][k])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise UserError(f'{self.path} does not fit the networks of this run ({type(e).__name__}: {first}); it was '
+                            'written with other settings (width, psi, mode, model, ...) than the ones in its '
+                            'config.json. Nothing was written; start a new run instead.') from None
+        set_rng_state(checkpoint['rng'])
+        self.best, self.last = checkpoint['best'], checkpoint['last']
+        self.best_keys = tuple(checkpoint.get('best_keys', ()))
+        skip = ('format', 'script', 'state', 'rng', 'best', 'last', 'best_keys', 'config')
+        return {k: v for k, v in checkpoint.items() if k not in skip}
+
     def metrics_row(self, row):
+        """`row` with the best so far: best_<score> and best_<kept> columns."""
         return row | {f'best_{k}': self.best[k] for k in self.best_keys}
+
+    def last_position(self):
+        """'epoch 3' (the position of the last checkpoint written), or None when there is none yet."""
+        if not os.path.isfile(self.path):
+            return None
+        saved = load_checkpoint(self.path)['last'] or {}
+        return ', '.join(f'{k} {v}' for k, v in list(saved.items())[:1])

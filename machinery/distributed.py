@@ -2,8 +2,8 @@
 DistributedDataParallel, one process per device.
 
   pick_device                         --device (utils.Run, plot_features, the benchmarks)
-  Processes                           utils.Run's part: process group, this process's share of a global
-                                      batch, its networks (broadcast, SyncBatchNorm, DDP), buffer copies
+  Processes                           a member of utils.Run: the process group, this process's share of a
+                                      global batch, its networks (broadcast, SyncBatchNorm, DDP), buffer copies
   all_reduce_sum / _mean, distributed the scripts' meta-gradients and sharded evaluations: DDP averages only
   differentiable_sum                  inside .backward(), so a gradient taken with torch.autograd.grad is
                                       reduced here by hand
@@ -201,22 +201,25 @@ def broadcast(tensors, src=0):
 
 
 class Processes:
-    """This process's place among the processes of a run (utils.Run is one): rank, local rank, world size,
-    device and backend, started from the variables torchrun sets; and what several processes ask of the
-    run's networks and batches. With one process every method is the single-device computation."""
+    """This process's place among the processes of a run (a member of utils.Run): rank, local rank, world
+    size, device and backend, started from the variables torchrun sets (the process group made here); and
+    what several processes ask of the run's networks and batches. With one process every method is the
+    single-device computation. `cfg`: the run options device, dist_backend, dist_timeout, local_rank,
+    sync_bn and the fast paths (amp, channels_last, compile)."""
 
-    def start_processes(self, cfg):
-        """The device of this process; under torchrun also the process group (one process per device,
-        nccl on CUDA, gloo on CPU). A setup that cannot work is refused here, before anything is written."""
+    def __init__(self, cfg):
+        """A setup that cannot work is refused here, before anything is written."""
         self.rank, self.local_rank, self.world = dist_env()
         if cfg.local_rank >= 0 and 'LOCAL_RANK' not in os.environ:      # an old launcher's --local_rank=K
             self.local_rank = cfg.local_rank
         self.shard = (self.rank, self.world)
         self.sync_bn = cfg.sync_bn
+        self.fast = dict(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)
         device = pick_device(cfg.device)
         self.backend = cfg.dist_backend if cfg.dist_backend != 'auto' else ('nccl' if device.type == 'cuda' else 'gloo')
+        self.device = device
         if self.world == 1:
-            return device
+            return
         if self.backend == 'nccl' and device.type != 'cuda':
             raise UserError(f'--dist_backend nccl needs CUDA GPUs, but this process runs on {device}: use '
                             '--dist_backend gloo (or auto) on CPUs.')
@@ -225,12 +228,11 @@ class Processes:
             if self.local_rank >= visible:
                 raise UserError(f'this is local process {self.local_rank}, but only {visible} CUDA GPU(s) are '
                                 f'visible: start at most --nproc_per_node {visible} processes per machine.')
-            device = torch.device('cuda', self.local_rank)
-            torch.cuda.set_device(device)
+            self.device = torch.device('cuda', self.local_rank)
+            torch.cuda.set_device(self.device)
         if cfg.dist_timeout <= 0:
             raise UserError(f'--dist_timeout must be a positive number of minutes, got {cfg.dist_timeout}.')
         dist.init_process_group(self.backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
-        return device
 
     def resumed_processes(self, saved_world, saved_batch, batch):
         """--resume on another number of processes than the run was saved on (saved_world; None: a checkpoint
@@ -268,7 +270,7 @@ class Processes:
         if self.world > 1:
             for t in net.state_dict().values():
                 dist.broadcast(t, src=0)
-        return fast_module(net, self.device, self.cfg.amp, self.cfg.channels_last, self.cfg.compile, methods)
+        return fast_module(net, self.device, methods=methods, **self.fast)
 
     def sync_buffers(self, *nets):
         """Under torchrun without --sync_bn, each process's batch-norm statistics follow its own batches

@@ -9,7 +9,8 @@ never copied; and their synthetic stand-ins (small JPEG trees in the real layout
                                           share of each global batch; decoding (nvJPEG on CUDA, else in the
                                           workers) and augmentation; every draw a function of (seed, step,
                                           slot), so a resumed run continues exactly
-  class_subset, draw_classes, label_list_split, read_names    imagenetN classes, MetaSemi's labeled list
+  FileSplits, FileStream                  a run's splits as image files: the calls of streams.Splits
+  choose_classes, class_subset            the images and classes a run uses (imagenetN: N classes)
   write_synthetic_folder                  the stand-ins (create_dataset.py --synthetic imagenet ...)
 
 Used by train_sla.py and train_meta_semi.py (--dataset imagenet, inat, ...), create_dataset.py's command line
@@ -29,7 +30,8 @@ import struct
 import numpy as np
 import torch
 
-from .files import dataset_root, write_lines
+from .files import dataset_root
+from .splits import draw_classes, read_names
 from .options import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -270,37 +272,6 @@ def class_subset(files, classes):
     return files.subset(keep, relabel)
 
 
-def draw_classes(num_classes, n, seed):
-    """n of num_classes classes, drawn with the seed, sorted (an imagenetN subset)."""
-    if not 1 <= n <= num_classes:
-        raise UserError(f'imagenet{n} asks for {n} classes, but the data has {num_classes}.')
-    return np.sort(np.random.default_rng([seed, 2]).permutation(num_classes)[:n])
-
-
-def read_names(path, known, what):
-    """The names in a list file (first field of each line; `<wnid>/<file>` lines give the folder name for
-    classes), checked against `known` (name -> index); returns their indices in file order."""
-    try:
-        with open(path) as f:
-            names = [line.split()[0] for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f'cannot read the {what} list {path!r} ({e}).') from None
-    unknown = [n for n in names if n not in known]
-    if unknown or not names or len(set(names)) != len(names):
-        raise UserError(f'{path!r} must list distinct {what} of this dataset, one a line; '
-                        f'{len(unknown)} of {len(names)} are not in it (first: {unknown[:3]}), '
-                        f'{len(names) - len(set(names))} repeat.')
-    return np.asarray([known[n] for n in names], dtype=np.int64)
-
-
-def label_list_split(files, label_list):
-    """MetaSemi's labeled split from a list file in the original's format (one `<wnid>/<file>` a line,
-    first field used): (labeled, unlabeled) indices into `files`."""
-    known = {p.replace(os.sep, '/'): i for i, p in enumerate(files.paths)}
-    labeled = read_names(label_list, known, 'images (<class folder>/<file>)')
-    return labeled, np.setdiff1d(np.arange(len(files)), labeled)
-
-
 # ---- the streaming pipeline: file bytes in DataLoader workers, decoding and augmentation in the workers
 # (CPU) or in batches on the GPU; every random draw is a function of (seed, step, slot), so the stream
 # does not depend on the number of workers or processes and resumes exactly at a step ----
@@ -517,6 +488,142 @@ class Batches:
             except RuntimeError:
                 out[k] = None
         return out
+
+
+# ---- a run's splits as image files: the interface of streams.Splits ----
+
+class FileStream:
+    """A training stream of image files: the Batches of global steps start..stop-1, in order. Each batch is
+    a function of its step, so the stream has no state of its own to save (the saved step restarts it)."""
+
+    def __init__(self, batches):
+        self.batches, self.iterator = batches, iter(batches)
+
+    def next(self):
+        return next(self.iterator)
+
+    def state(self):
+        return {}
+
+    def restore(self, state):
+        pass
+
+
+class FileCycles:
+    """Several FileStreams drawn together (the labeled and unlabeled pools): next(names) gives one batch of
+    each named stream, in that order."""
+
+    def __init__(self, streams):
+        self.streams = streams
+
+    def next(self, names):
+        return [self.streams[name].next() for name in names]
+
+    def state(self):
+        return {}
+
+    def restore(self, state):
+        pass
+
+
+class FileSplits:
+    """A run's splits as image files (name -> FileList or RecordFile), read where they lie by DataLoader
+    workers, decoded and augmented as `augment` (training) and `test_augment` (evaluation) say, on the GPU
+    when decode_on is 'gpu', normalised with ImageNet's mean and std. The calls of streams.Splits:
+
+      sampled(split, B, seed, start, stop)  distinct images of the split's pool every global step (BatchPlan
+                                            'sample', seeded 2 * seed; the crops 2 * seed + 1)
+      cycled(pools, B, seed, start, stop)   endless passes over pools (name -> (split, indices)); pool k's
+                                            passes and crops seeded 2 * seed + k
+      evaluation(split, b)                  the split in order, b images per process a batch
+      bad_images()                          the images that could not be decoded since the last call (each
+                                            replaced by another image of its batch)
+
+    Global step t of every stream is a function of t alone, so a resumed run continues the streams exactly."""
+
+    def __init__(self, splits, n_classes, device, shard, workers, decode_on, augment, test_augment, pools=None,
+                 where=''):
+        self.splits, self.n_classes, self.device, self.shard, self.workers = splits, n_classes, device, shard, workers
+        self.decode_on = decode_on if decode_on != 'auto' else ('gpu' if device.type == 'cuda' else 'cpu')
+        self.augment, self.test_augment, self.where = augment, test_augment, where
+        self.pools = {name: np.arange(len(split)) for name, split in splits.items()} | (pools or {})
+        self.sizes = {name: len(pool) for name, pool in self.pools.items()}
+        self.training, self.evaluations = [], []          # the streams made, for bad_images()
+
+    def _batches(self, split, plan, augment, seed, start, stop):
+        return Batches(self.splits[split], plan, augment, self.device, seed, start, stop, self.shard, self.workers,
+                       self.decode_on)
+
+    def sampled(self, split, batch_size, seed, start=0, stop=None):
+        plan = BatchPlan(self.pools[split], batch_size, 2 * seed, 'sample')
+        batches = self._batches(split, plan, self.augment, 2 * seed + 1, start, stop)
+        self.training.append(batches)
+        return FileStream(batches)
+
+    def cycled(self, pools, batch_size, seed, start=0, stop=None):
+        streams = {}
+        for k, (name, (split, pool)) in enumerate(pools.items()):
+            plan = BatchPlan(pool, batch_size, 2 * seed + k, 'cycle')
+            streams[name] = FileStream(self._batches(split, plan, self.augment, 2 * seed + k, start, stop))
+            self.training.append(streams[name].batches)
+        return FileCycles(streams)
+
+    def evaluation(self, split, batch_size):
+        n, B = len(self.splits[split]), batch_size * self.shard[1]
+        batches = self._batches(split, BatchPlan(np.arange(n), B, 0, 'ordered'), self.test_augment, 0, 0, -(-n // B))
+        self.evaluations.append(batches)
+        return batches, n
+
+    def bad_images(self):
+        streams = self.training + self.evaluations
+        out = [bad for b in streams for bad in b.bad]
+        for b in streams:
+            b.bad.clear()
+        self.evaluations = []
+        return out
+
+
+def choose_classes(name, path, seed, class_list='', kept=None, with_train=True):
+    """A large dataset's images, chosen before anything is written (a bad input stops here): the training
+    list (None when not with_train), the test list (the official validation set) and the class names in label
+    order. imagenetN: N classes of ImageNet named by `class_list`, or drawn with the seed, or (a resumed run,
+    `kept` its folder) read back from its classes.txt; relabelled 0..N-1 in list order, in train and test
+    alike (the SLA code's labels.index(y))."""
+    ds, n_subset = large_record(name)
+    test = large_split(name, path, 'test')
+    train = large_split(name, path, 'train') if with_train else None
+    classes = (test if train is None else train).classes
+    if n_subset:
+        known, what = {c: k for k, c in enumerate(classes)}, 'classes (class folder names)'
+        given = os.path.join(kept, CLASSES) if kept else class_list
+        if given:
+            picked = read_names(given, known, what)
+            if len(picked) != n_subset:
+                raise UserError(f'{given!r} names {len(picked)} classes, but --dataset {name} asks for {n_subset}: '
+                                f'use --dataset imagenet{len(picked)}, or a list of {n_subset} classes.')
+        else:
+            picked = draw_classes(len(classes), n_subset, seed)
+        classes = [classes[k] for k in picked]
+        in_test = {c: k for k, c in enumerate(test.classes)}
+        missing = [c for c in classes if c not in in_test]
+        if missing:
+            raise UserError(f'the test split in {path} has no folder for {len(missing)} of the chosen classes '
+                            f'(first: {missing[:3]}): its class folders must be those of the training split.')
+        test = class_subset(test, [in_test[c] for c in classes])
+        if train is not None:
+            train = class_subset(train, picked)
+    elif ds.layout == 'folder' and test.classes != classes:
+        raise UserError(f'the test split in {path} has other class folders than the training split '
+                        f'({len(test.classes)} and {len(classes)}): the labels would not match. Give both splits '
+                        'the same class folders.')
+    for split in (train, test):
+        if split is not None and len(split) and split.labels.max() >= len(classes):
+            raise UserError(f'labels up to {split.labels.max()} in {path}, but {len(classes)} classes: the class '
+                            'ids must be 0..C-1.')
+    return train, test, classes
+
+
+CLASSES = 'classes.txt'          # an imagenetN run's classes, kept in its folder and read back on resume
 
 
 # ---- the synthetic stand-ins of the large datasets: small JPEG trees in the real layouts ----

@@ -1,5 +1,5 @@
-"""Every network of the three papers, the losses and accuracy counts the scripts score them with, and
-forward_with (a network run with other weights, for the meta-gradients).
+"""Every network of the three papers, the accuracy counts the scripts score them with, and forward_with
+(a network run with other weights, for the meta-gradients).
 
   VGG16                                  model_vgg_single, model_vgg_human, model_vgg_maxl (both networks)
   CifarResNet, cifar_resnet              train_sla on CIFAR (ResNet-20/32/44/56/110, option-A shortcut)
@@ -7,7 +7,6 @@ forward_with (a network run with other weights, for the meta-gradients).
                                          ResNet family with a width multiplier; ImageNetResNet: with SLA's heads)
   ConvLarge, ShakeShake26, semi_network  train_meta_semi on CIFAR and SVHN; plot_features
   AutoEncoder                            model_vgg_human --aux_labels kmeans (the features it clusters)
-  focal_loss, evaluate_heads             the MAXL paper's three scripts
   accuracy_count, topk_count             every script
   forward_with                           model_vgg_maxl, train_meta_semi (virtual and perturbed weights)
 
@@ -21,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .distributed import all_reduce_sum
 from .options import UserError
+
+
 def scaled(channels, width):
     return max(1, int(round(channels * width)))
 
@@ -387,20 +387,8 @@ class AutoEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses and accuracy counts (the MAXL code's losses are on probabilities, as the original)
+# Accuracy counts
 # ----------------------------------------------------------------------------------------------------
-
-def focal_loss(probs, target):
-    """Per-sample focal-style loss of MAXL: -sum_c t_c (1 - p_c)^2 log(p_c + 1e-20).
-
-    `target` is either class indices (one-hot targets) or a soft target of the same shape as probs.
-    """
-    if target.dtype in (torch.int64, torch.int32):
-        logp = torch.log(probs.gather(1, target[:, None]) + 1e-20)
-        p = probs.gather(1, target[:, None])
-        return (-(1 - p) ** 2 * logp).squeeze(1)
-    return torch.sum(-target * (1 - probs) ** 2 * torch.log(probs + 1e-20), dim=1)
-
 
 def accuracy_count(logits_or_probs, target):
     """Number of rows whose argmax is the target, as a float32 tensor (summed on the device)."""
@@ -412,23 +400,6 @@ def topk_count(logits, target, k=5):
     device; ties are broken as torch.topk breaks them."""
     k = min(k, logits.shape[1])
     return (logits.topk(k, 1).indices == target[:, None]).any(1).sum().float()
-
-
-@torch.no_grad()
-def evaluate_heads(net, data, levels, batch_size):
-    """Eval-mode pass over `data`: [mean focal loss, accuracy] for each of the first len(levels) heads,
-    head k scored against label column levels[k]."""
-    net.eval()
-    sums = torch.zeros(2 * len(levels), device=data.device)
-    for x, labels in data.batches(batch_size):
-        outs = net(x)
-        outs = (outs,) if torch.is_tensor(outs) else outs
-        for k, level in enumerate(levels):
-            y = labels[:, level]
-            sums[2 * k] += focal_loss(F.softmax(outs[k], dim=1), y).sum()
-            sums[2 * k + 1] += accuracy_count(outs[k], y)
-    net.train()
-    return (all_reduce_sum(sums) / len(data)).tolist()          # under torchrun: over every process's share
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@
                                                                                    every tool's flags (spellings)
   hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
   checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
-  unused          unused_options                                                   results.py, MetaSemi's start line
   python_command  the Python (and torchrun) to name in a printed command            every message that prints a command
 
 Plain Python (argparse); nothing here imports torch.
@@ -130,7 +129,7 @@ def _parse_int_list(text):
                                           f'(twenty fives), got {text!r}') from None
 
 
-def _parse_bool(text):
+def parse_bool(text):
     low = str(text).lower()
     if low in ('1', 'true', 'yes', 'on'):
         return True
@@ -167,6 +166,34 @@ def hyperparameters(namespace):
     return out
 
 
+def _parser(hyper, description, choices, typed_only=False):
+    """The argparse parser of a script (see parse_config). typed_only: every default is SUPPRESS, so that
+    parsing leaves out the names not typed (which names a command line gives)."""
+    helps = getattr(hyper, 'helps', {})
+    parser = argparse.ArgumentParser(description=description)
+    groups = {'method': parser.add_argument_group('hyperparameters'),
+              'run': parser.add_argument_group('run options (shared by every script)')}
+    values = {k: v for k, v in hyper.items() if k not in RUN_OPTIONS}
+    values.update({k: hyper.get(k, default) for k, (default, _) in RUN_OPTIONS.items()})
+    for name, default in values.items():
+        text = helps.get(name) or RUN_OPTIONS.get(name, (None, ''))[1]
+        kw = dict(dest=name, default=argparse.SUPPRESS if typed_only else default,
+                  help=(text + ' ' if text else '') + f'(default: {default})'.replace('%', '%%'))
+        if name in choices:
+            kw['choices'] = choices[name]
+        if isinstance(default, bool):
+            kw.update(type=parse_bool, nargs='?', const=True, metavar='BOOL')
+        elif isinstance(default, list):
+            kw.update(type=_parse_int_list, metavar='LIST')
+        else:
+            kw.update(type=type(default))
+        groups['run' if name in RUN_OPTIONS else 'method'].add_argument(*spellings(name), **kw)
+    groups['run'].add_argument('--gpu', dest='device', action='store_const', const='cuda',
+                               default=argparse.SUPPRESS if typed_only else RUN_OPTIONS['device'][0],
+                               help="the original's flag: the same as --device cuda")
+    return parser
+
+
 def parse_config(hyper, argv=None, description='', choices=None):
     """The command line of a script: its hyperparameters (name -> default, from `hyperparameters()`)
     and the shared RUN_OPTIONS (a script's own value of one of those is its default there).
@@ -176,33 +203,9 @@ def parse_config(hyper, argv=None, description='', choices=None):
     '5,5,5', '[2,3,4]' or '5x20'. `choices`: name -> allowed values. Returns (namespace, the set of names
     given on this command line)."""
     choices = choices or {}
-    helps = getattr(hyper, 'helps', {})
-    parser = argparse.ArgumentParser(description=description)
-    groups = {'method': parser.add_argument_group('hyperparameters'),
-              'run': parser.add_argument_group('run options (shared by every script)')}
-    values = {k: v for k, v in hyper.items() if k not in RUN_OPTIONS}
-    values.update({k: hyper.get(k, default) for k, (default, _) in RUN_OPTIONS.items()})
-    for name, default in values.items():
-        flags = spellings(name)
-        text = helps.get(name) or RUN_OPTIONS.get(name, (None, ''))[1]
-        kw = dict(dest=name, default=default, help=(text + ' ' if text else '') + '(default: %(default)s)')
-        if name in choices:
-            kw['choices'] = choices[name]
-        if isinstance(default, bool):
-            kw.update(type=_parse_bool, nargs='?', const=True, metavar='BOOL')
-        elif isinstance(default, list):
-            kw.update(type=_parse_int_list, metavar='LIST')
-        else:
-            kw.update(type=type(default))
-        groups['run' if name in RUN_OPTIONS else 'method'].add_argument(*flags, **kw)
-    groups['run'].add_argument('--gpu', dest='device', action='store_const', const='cuda',
-                               help="the original's flag: the same as --device cuda")
-    args = parser.parse_args(argv)
-    # Which names did the user type? Parse again with every default suppressed.
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
-    return args, given
+    args = _parser(hyper, description, choices).parse_args(argv)
+    typed = set(vars(_parser(hyper, description, choices, typed_only=True).parse_args(argv)))
+    return args, typed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,46 +246,3 @@ def check_choices(cfg, choices):
     for name, allowed in (choices or {}).items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f'--{name} {getattr(cfg, name)!r} is not one of: {", ".join(map(str, allowed))}.')
-
-
-# ----------------------------------------------------------------------------------------------------
-# The options a configuration does not use (results.py's rows, MetaSemi's start line)
-# ----------------------------------------------------------------------------------------------------
-
-def unused_options(script, cfg):
-    """The names in `cfg` (a dict: config.json's, or vars() of a parsed command line) whose values the run
-    of `script` never reads, given its method, dataset and schedule: MetaSemi on ImageNet labels a fraction
-    of every class, so its num_label is CIFAR's budget, not its setting; a CIFAR run streams no image files."""
-    get, out = cfg.get, set()
-    if script == 'model_vgg_maxl':
-        out.add('second_order' if get('meta_order') == 1 else 'fd_eps')     # only the exact one has two forms
-    if script == 'model_vgg_human' and get('aux_labels') != 'kmeans':        # the autoencoder: K-means only
-        out |= {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
-    if script == 'train_sla':
-        if get('mode') == 'baseline':
-            out.add('aug')
-        if get('mode') != 'sla+sd':
-            out.add('temperature')
-        if get('dataset') in ('cifar10', 'cifar100'):
-            out |= {'class_list', 'image_size', 'workers', 'decode_on'}
-        else:                                   # the large datasets: no held-out split, no long tail
-            out |= {'val_size', 'val_indices', 'imbalance_ratio'}
-    if script == 'train_meta_semi':
-        large = get('dataset') == 'imagenet'
-        if not get('mix_up'):
-            out.add('alpha')
-        if get('baseline'):                     # no meta step, no unlabeled loss
-            out |= {'epsilon', 'weight', 'weight_ramp', 'global_meta_gradient'}
-        if large:                               # a fraction of every class (or a list) is labeled
-            out.add('num_label')
-            out.add('label_fraction' if get('label_list') else 'label_list')
-        else:
-            out |= {'label_list', 'image_size', 'workers', 'decode_on', 'num_classes'}
-            out.add('num_label' if get('label_fraction') else 'label_fraction')
-        if get('epochs'):                       # the schedule in epochs
-            out |= {'total_steps', 'warmup', 'eval_every'}
-        else:
-            out |= {'epochs', 'warmup_epochs'}
-        if get('lr_schedule') == 'cosine':
-            out |= {'milestones', 'gamma'}
-    return out & set(cfg)

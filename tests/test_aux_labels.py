@@ -65,7 +65,7 @@ def test_the_stand_in_and_the_real_mapping_give_the_same_groups(tiny_root):
 def maxl_config(root, *args):
     cfg, typed = parse_config(maxl.HYPERPARAMETERS, ['--synthetic', '--data_root', root, *map(str, args)])
     maxl.hierarchy_sizes(cfg, typed)
-    maxl.validate(cfg)
+    maxl.check(cfg)
     return cfg
 
 

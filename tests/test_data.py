@@ -15,6 +15,7 @@ import torch
 import create_dataset as cd
 from conftest import run_in_process
 from machinery.options import UserError
+from machinery import streams
 
 # The original's maps, written out independently: 20 coarse -> 10 classes, 10 -> 3 classes.
 CLASS_10 = {0: 1, 1: 2, 2: 5, 3: 6, 4: 5, 5: 6, 6: 6, 7: 3, 8: 0, 9: 7,
@@ -141,7 +142,7 @@ def test_batched_crop_flip_equals_per_image_reference():
     x = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
     offsets = torch.randint(0, 9, (16, 2), generator=g)
     flips = torch.rand(16, generator=g) < 0.5
-    out = cd.random_crop_flip(x, offsets, flips, pad=4)
+    out = streams.random_crop_flip(x, offsets, flips, pad=4)
     for i in range(16):                                   # plain per-image reference: pad, crop, maybe flip
         padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
         padded[:, 4:36, 4:36] = x[i]
@@ -150,13 +151,13 @@ def test_batched_crop_flip_equals_per_image_reference():
         if flips[i]:
             ref = ref.flip(-1)
         assert torch.equal(out[i], ref), i
-    centre = cd.random_crop_flip(x, torch.full((16, 2), 4), torch.zeros(16, dtype=torch.bool))
+    centre = streams.random_crop_flip(x, torch.full((16, 2), 4), torch.zeros(16, dtype=torch.bool))
     assert torch.equal(centre, x)
 
 
 def test_device_data_normalises_like_totensor_normalize():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    data = cd.DeviceData(x, torch.zeros(4, dtype=torch.long), torch.device('cpu'), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    data = streams.DeviceData(x, torch.zeros(4, dtype=torch.long), torch.device('cpu'), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     got, _ = data.get(torch.arange(4))
     assert torch.allclose(got, (x.float() / 255 - 0.5) / 0.2, atol=1e-5)
 
@@ -167,10 +168,10 @@ def test_device_data_takes_its_augmentation_defaults_at_construction():
 
     def draw(data, **kw):                                # the same generator state for every draw
         return data.get(torch.arange(16), torch.Generator().manual_seed(5), augment=True, **kw)[0]
-    no_flip = cd.DeviceData(*args, flip=False)
-    assert torch.equal(draw(no_flip), draw(cd.DeviceData(*args), flip=False))
-    assert not torch.equal(draw(no_flip), draw(cd.DeviceData(*args)))           # the default flips some images
-    assert torch.equal(draw(no_flip, flip=True), draw(cd.DeviceData(*args)))    # a call's flip wins
+    no_flip = streams.DeviceData(*args, flip=False)
+    assert torch.equal(draw(no_flip), draw(streams.DeviceData(*args), flip=False))
+    assert not torch.equal(draw(no_flip), draw(streams.DeviceData(*args)))           # the default flips some images
+    assert torch.equal(draw(no_flip, flip=True), draw(streams.DeviceData(*args)))    # a call's flip wins
 
 
 # ---- the records ----

@@ -17,6 +17,7 @@ import torch
 
 import create_dataset as cd
 from machinery import large_datasets as ld
+from machinery import splits
 from conftest import ROOT, run_in_process
 from test_pinned_runs import TIMING_COLUMNS
 from machinery.models import topk_count
@@ -170,11 +171,11 @@ def test_the_image_folder_order_is_torchvisions(tmp_path):
 
 def test_the_ten_percent_split_is_class_balanced_and_reproducible():
     labels = np.repeat(np.arange(4), [732, 1300, 1000, 20])
-    lab, unl = cd.fraction_label_split(labels, 0.1, seed=3)
+    lab, unl = splits.fraction_label_split(labels, 0.1, seed=3)
     assert np.bincount(labels[lab]).tolist() == [73, 130, 100, 2]
     assert len(np.intersect1d(lab, unl)) == 0 and len(lab) + len(unl) == len(labels)
-    again, _ = cd.fraction_label_split(labels, 0.1, seed=3)
-    other, _ = cd.fraction_label_split(labels, 0.1, seed=4)
+    again, _ = splits.fraction_label_split(labels, 0.1, seed=3)
+    other, _ = splits.fraction_label_split(labels, 0.1, seed=4)
     assert np.array_equal(lab, again) and not np.array_equal(np.sort(lab), np.sort(other))
 
 
@@ -318,7 +319,7 @@ def test_meta_semi_reads_the_originals_recordio_files(tmp_path):
     """The nine files of the original's im2rec step (here the .rec/.idx pairs), made from the stand-in."""
     ld.write_synthetic_folder('imagenet', str(tmp_path))
     train, test = (ld.large_split('imagenet', str(tmp_path / 'imagenet'), s) for s in ('train', 'test'))
-    labeled, unlabeled = cd.fraction_label_split(train.labels, 0.1, 0)
+    labeled, unlabeled = splits.fraction_label_split(train.labels, 0.1, 0)
     rec = tmp_path / 'rec'
     rec.mkdir()
     for name, files, index in (('train_label', train, labeled), ('train_unlabel', train, unlabeled),

@@ -235,7 +235,7 @@ def test_resume_between_two_learning_rate_steps_gives_the_uninterrupted_run(tmp_
     stop_if_asked = utils.Run.stop_if_asked
 
     def copy_after_epoch_2(run, *a, **kw):              # the end of an epoch: its checkpoint and row written
-        if run.last['epoch'] == 2:
+        if run.checkpoints.last['epoch'] == 2:
             shutil.copytree(run.dir, tmp_path / 'b')
         return stop_if_asked(run, *a, **kw)
 

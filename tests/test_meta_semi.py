@@ -16,6 +16,7 @@ import train_meta_semi as ms
 from conftest import run_in_process
 from machinery.models import ConvLarge, ShakeShake26
 from machinery.options import UserError
+from machinery import splits, streams
 
 # ---- an independent, explicit eval-mode ConvLarge: conv, batch norm with running statistics, leaky ReLU ----
 
@@ -133,11 +134,11 @@ def test_losses_are_the_originals():
 def test_split_is_balanced_disjoint_reproducible_and_the_originals_draw():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 3000)
-    lab, unl = cd.balanced_label_split(labels, 250, seed=7788)
+    lab, unl = splits.balanced_label_split(labels, 250, seed=7788)
     assert np.bincount(labels[lab], minlength=10).tolist() == [25] * 10
     assert len(np.intersect1d(lab, unl)) == 0 and sorted(np.concatenate([lab, unl]).tolist()) == list(range(3000))
-    again, _ = cd.balanced_label_split(labels, 250, seed=7788)
-    other, _ = cd.balanced_label_split(labels, 250, seed=7789)
+    again, _ = splits.balanced_label_split(labels, 250, seed=7788)
+    other, _ = splits.balanced_label_split(labels, 250, seed=7789)
     assert np.array_equal(lab, again) and not np.array_equal(lab, other)
     # the original: random.seed(seed); random.shuffle(indices); walk, keep while the class count is low
     random.seed(7788)
@@ -153,24 +154,24 @@ def test_split_is_balanced_disjoint_reproducible_and_the_originals_draw():
 
 def test_label_budget_errors():
     labels = np.repeat(np.arange(10), 50)
-    cd.check_label_budget(labels, 490, 10)
+    splits.check_label_budget(labels, 490, 10)
     for bad in (495, 500, 0, 5):
         with pytest.raises(UserError, match='num-label'):
-            cd.check_label_budget(labels, bad, 10)
+            splits.check_label_budget(labels, bad, 10)
 
 
 def test_streams_cycle_independently_and_resume_exactly():
     pool = torch.arange(100, 110)
-    s = cd.EndlessBatches(pool, 4, seed=3)
+    s = streams.EndlessBatches(pool, 4, seed=3)
     out = torch.cat([s.next() for _ in range(10)])              # 40 indices = 4 passes, across boundaries
     for k in range(4):
         assert sorted(out[10 * k:10 * k + 10].tolist()) == list(range(100, 110))
     assert not torch.equal(out[:10], out[10:20])                  # a fresh permutation each pass
-    s2 = cd.EndlessBatches(pool, 4, seed=3)
+    s2 = streams.EndlessBatches(pool, 4, seed=3)
     for _ in range(3):
         s2.next()
     state = s2.state_dict()
-    s3 = cd.EndlessBatches(pool, 4, seed=3)
+    s3 = streams.EndlessBatches(pool, 4, seed=3)
     s3.load_state_dict(state)
     assert torch.equal(torch.cat([s3.next() for _ in range(7)]), out[12:])
 

@@ -14,6 +14,7 @@ import create_dataset
 import model_vgg_single
 import results
 import train_meta_semi
+from machinery import large_datasets
 from conftest import run_in_process
 
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -122,11 +123,11 @@ def test_time_of_a_resumed_metasemi_run():
     # batch_time / data_time are means since the process started: 3 steps at 0.5 + 0.1, then resumed at step 3
     rows = [{'step': 3.0, 'batch_time': 0.5, 'data_time': 0.1, 'test_acc': 0.2},
             {'step': 9.0, 'batch_time': 1.0, 'data_time': 0.0, 'test_acc': 0.3}]
-    run = {'script': 'train_meta_semi', 'rows': rows, 'resumed_at': [3]}
+    run = {'script': 'train_meta_semi', 'rows': rows, 'log': 'run ...\nresumed at step 3, best accuracy so far 20\n'}
     assert results.run_seconds(run) == pytest.approx(3 * 0.6 + 6 * 1.0)
-    assert results.run_seconds(run | {'resumed_at': []}) == pytest.approx(9 * 1.0)
+    assert results.run_seconds(run | {'log': ''}) == pytest.approx(9 * 1.0)
     sla = {'script': 'train_sla', 'rows': [{'iteration': 3.0, 'seconds_per_iteration': 2.0},
-                                           {'iteration': 5.0, 'seconds_per_iteration': 1.0}], 'resumed_at': []}
+                                           {'iteration': 5.0, 'seconds_per_iteration': 1.0}], 'log': ''}
     assert results.run_seconds(sla) == pytest.approx(3 * 2.0 + 2 * 1.0)
 
 
@@ -363,7 +364,7 @@ def test_the_metasemi_imagenet_start_line_lists_only_what_the_run_uses(tmp_path,
 
     def stop(*a, **k):
         raise UserError('stopped after the start line')
-    monkeypatch.setattr(train_meta_semi, 'FileStreams', stop)
+    monkeypatch.setattr(large_datasets, 'FileSplits', stop)
     p = run_in_process('train_meta_semi.py', '--dataset', 'imagenet', '--synthetic', '--data-path', tmp_path / 'data',
                        '--device', 'cpu', '--run_dir', tmp_path / 'r')
     assert p.returncode == 2 and 'stopped after the start line' in p.stderr, p.stderr

@@ -9,6 +9,7 @@ import pytest
 
 import create_dataset
 from conftest import run_in_process
+from machinery import splits
 
 TINY = ['--synthetic', '--width', 0.0625, '--epochs', 1, '--batch_size', 100]
 
@@ -75,4 +76,4 @@ def test_the_seed_cifar100_line_is_accepted_on_the_full_stand_in(tmp_path):
     assert small.returncode == 2 and '--num-label 10000' in small.stderr
     x, y, _, _ = create_dataset.load_semi('cifar100', str(tmp_path / 'data'), 'full')
     assert len(x) == 50000
-    create_dataset.check_label_budget(y, 10000, 100)                  # no error: the budget fits
+    splits.check_label_budget(y, 10000, 100)                  # no error: the budget fits

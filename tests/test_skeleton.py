@@ -13,6 +13,7 @@ import model_vgg_single
 import train_meta_semi
 import train_sla
 from machinery import options
+from machinery import streams
 import utils
 from machinery.options import UserError, hyperparameters, parse_config
 from utils import Meters
@@ -132,4 +133,4 @@ def test_run_options_and_stream_seed_are_declared_once():
         for name in ('data_root', 'device', 'logdir', 'resume', 'synthetic', 'download', 'amp'):
             assert f'\n{name} = ' not in source, (script.__name__, name)
         assert '1_000_003' not in source
-    assert utils.stream_seed(2, 5) == 2 * utils.STREAM_STRIDE + 5
+    assert streams.stream_seed(2, 5) == 2 * streams.STREAM_STRIDE + 5

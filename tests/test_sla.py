@@ -16,6 +16,7 @@ import train_sla as sla
 from conftest import run_in_process
 from machinery.models import CRESNET_DEPTHS, DownsampleA, cifar_resnet
 from machinery.options import UserError
+from machinery import files, splits
 
 AUGS = list(sla.AUGMENTATIONS)
 EXPECTED_M = {'rotation': 4, 'rotation2': 2, 'color_perm': 6, 'color_perm3': 3, 'rot_color_perm6': 6,
@@ -204,23 +205,23 @@ def test_option_a_shortcut_subsamples_and_appends_zeros():
 
 def test_validation_split_and_samples_per_class(tmp_path):
     labels = np.arange(1000) % 10
-    n_val = cd.sla_val_size(1000, 5000, synthetic=True)
-    assert n_val == 100 and cd.sla_val_size(50000, 5000, synthetic=False) == 5000
-    train, val = cd.sla_splits(labels, n_val, seed=3)
+    n_val = splits.validation_size(1000, 5000, synthetic=True)
+    assert n_val == 100 and splits.validation_size(50000, 5000, synthetic=False) == 5000
+    train, val = splits.held_out_split(labels, n_val, seed=3)
     assert len(val) == 100 and len(train) == 900 and not set(train) & set(val)
-    assert np.array_equal(val, cd.sla_splits(labels, n_val, seed=3)[1])         # seeded
-    assert not np.array_equal(val, cd.sla_splits(labels, n_val, seed=4)[1])
-    cd.write_indices(str(tmp_path / 'v.txt'), val)
+    assert np.array_equal(val, splits.held_out_split(labels, n_val, seed=3)[1])         # seeded
+    assert not np.array_equal(val, splits.held_out_split(labels, n_val, seed=4)[1])
+    files.write_indices(str(tmp_path / 'v.txt'), val)
     np.save(tmp_path / 'v.npy', val[::-1])
-    assert np.array_equal(cd.sla_load_indices(str(tmp_path / 'v.txt'), 1000), val)
-    assert np.array_equal(cd.sla_load_indices(str(tmp_path / 'v.npy'), 1000), val)
-    few, val2 = cd.sla_splits(labels, n_val, seed=3, num_samples_per_class=7)
+    assert np.array_equal(splits.read_indices(str(tmp_path / 'v.txt'), 1000), val)
+    assert np.array_equal(splits.read_indices(str(tmp_path / 'v.npy'), 1000), val)
+    few, val2 = splits.held_out_split(labels, n_val, seed=3, per_class=7)
     assert np.array_equal(val2, val) and not set(few) & set(val)
     assert np.bincount(labels[few], minlength=10).tolist() == [7] * 10
     with pytest.raises(UserError, match='distinct indices'):
-        cd.sla_load_indices(str(tmp_path / 'v.txt'), 500)           # indices beyond a smaller training file
+        splits.read_indices(str(tmp_path / 'v.txt'), 500)           # indices beyond a smaller training file
     with pytest.raises(UserError):
-        cd.sla_val_size(1000, 1000, synthetic=False)
+        splits.validation_size(1000, 1000, synthetic=False)
 
 
 # ---- the script end to end ----
@@ -329,27 +330,27 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
 
 def test_long_tailed_profile_of_cifar10_at_ratio_100():
     # Cui et al.'s CIFAR-10-LT, R = 100 (5,000 images a class before the cut): 12,406 images
-    assert sla.long_tailed_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert splits.long_tailed_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     # this script's pool: 4,500 a class left after the 500 validation images a class
-    assert sla.long_tailed_counts(4500, 10, 100) == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
-    assert sla.long_tailed_counts(4500, 10, 1) == [4500] * 10
-    counts = sla.long_tailed_counts(450, 100, 100)                         # CIFAR-100: 450 a class after 50
+    assert splits.long_tailed_counts(4500, 10, 100) == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
+    assert splits.long_tailed_counts(4500, 10, 1) == [4500] * 10
+    counts = splits.long_tailed_counts(450, 100, 100)                         # CIFAR-100: 450 a class after 50
     assert counts[:5] == [450, 429, 410, 391, 373] and counts[-1] == 4 and sum(counts) == 9754
 
 
 def test_long_tailed_split_of_a_cifar10_sized_file():
     labels = np.arange(50000) % 10
-    train, val = sla.long_tailed_split(labels, 5000, 100, seed=0)
+    train, val = splits.long_tailed_split(labels, 5000, 100, seed=0)
     assert np.bincount(labels[val]).tolist() == [500] * 10                 # balanced, as the test set
     assert np.bincount(labels[train]).tolist() == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
     assert not set(train) & set(val)
-    again = sla.long_tailed_split(labels, 5000, 100, seed=0)
+    again = splits.long_tailed_split(labels, 5000, 100, seed=0)
     assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
-    assert not np.array_equal(train, sla.long_tailed_split(labels, 5000, 100, seed=1)[0])
+    assert not np.array_equal(train, splits.long_tailed_split(labels, 5000, 100, seed=1)[0])
     with pytest.raises(UserError, match='at most 4500'):
-        sla.long_tailed_split(labels, 5000, 5000, seed=0)
+        splits.long_tailed_split(labels, 5000, 5000, seed=0)
     with pytest.raises(UserError, match='balanced training file'):
-        sla.long_tailed_split(labels[:-1], 5000, 100, seed=0)
+        splits.long_tailed_split(labels[:-1], 5000, 100, seed=0)
 
 
 def test_long_tailed_run_keeps_its_indices_and_resume_reads_them(tmp_path, tiny_root, monkeypatch):
@@ -362,12 +363,12 @@ def test_long_tailed_run_keeps_its_indices_and_resume_reads_them(tmp_path, tiny_
     val = np.loadtxt(os.path.join(run_dir, 'val_indices.txt'), dtype=np.int64)
     assert np.bincount(labels[val]).tolist() == [4] * 10                   # a tenth held out, balanced
     assert np.bincount(labels[train]).tolist() == [36, 27, 21, 16, 12, 10, 7, 6, 4, 3] == \
-        sla.long_tailed_counts(36, 10, 10)
+        splits.long_tailed_counts(36, 10, 10)
     assert not set(train) & set(val)
 
     def no_new_draw(*a, **kw):
         raise AssertionError('a resumed run drew its indices again')
-    monkeypatch.setattr(sla, 'long_tailed_split', no_new_draw)
+    monkeypatch.setattr(splits, 'long_tailed_split', no_new_draw)
     sla.main(['--resume', run_dir, '--num-iterations', '6'])
     assert np.array_equal(np.loadtxt(os.path.join(run_dir, 'train_indices.txt'), dtype=np.int64), train)
     _, rows = read_metrics(tmp_path)

@@ -14,6 +14,7 @@ import torch
 
 import create_dataset as cd
 from machinery import large_datasets as ld
+from machinery import splits
 import train_sla as sla
 from conftest import ROOT
 from test_pinned_runs import TIMING_COLUMNS
@@ -45,6 +46,14 @@ def config(cfg_args):
     cfg, given = parse_config(sla.HYPERPARAMETERS, cfg_args, choices=sla.CHOICES)
     sla.presets(cfg, given)
     return cfg
+
+
+def choose(cfg):
+    """The images a run of `cfg` trains and tests on, as train_sla's main chooses them (--resume RUN: its own)."""
+    kept = cfg.resume or None
+    path = ld.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+    train, test, classes = ld.choose_classes(cfg.dataset, path, cfg.seed, cfg.class_list, kept)
+    return {'train': train, 'test': test, 'classes': classes, 'pool': sla.per_class_pool(train.labels, classes, cfg, kept)}
 
 
 # ---- end to end, and exact resume ----
@@ -93,17 +102,17 @@ def test_imagenet_n_class_list_samples_per_class_and_resume(tmp_path, root, caps
                   5, '--num-iterations', 2, '--val-freq', 2, '--run-dir', run))
     assert '15 train / 12 test images' in capsys.readouterr().out
     assert lines(run / 'classes.txt') == chosen
-    files = sla.large_files(config(tiny(root, '--dataset', 'imagenet3', '--class-list', tmp_path / 'list.txt')))
+    files = choose(config(tiny(root, '--dataset', 'imagenet3', '--class-list', tmp_path / 'list.txt')))
     train = files['train']
     assert train.classes == chosen
     picked = np.loadtxt(run / 'train_indices.txt', dtype=np.int64)
     assert np.bincount(train.labels[picked]).tolist() == [5, 5, 5]
     # resumed (another seed, another list typed): the run folder's classes and images
-    resumed = sla.large_files(config(['--resume', str(run), '--dataset', 'imagenet3', '--num-samples-per-class', '5',
+    resumed = choose(config(['--resume', str(run), '--dataset', 'imagenet3', '--num-samples-per-class', '5',
                                       '--seed', '7', '--class-list', str(tmp_path / 'other.txt'),
                                       *tiny(root)]))
     assert resumed['classes'] == chosen and np.array_equal(resumed['pool'], picked)
-    redrawn = cd.sla_samples_per_class(np.arange(len(train)), train.labels, 5, 7)
+    redrawn = splits.samples_per_class(np.arange(len(train)), train.labels, 5, 7)
     assert not np.array_equal(redrawn, picked)                   # a seed-7 draw would differ
     capsys.readouterr()
     sla.main(['--resume', str(run), '--eval-only', '--seed', '7', '--class-list', str(tmp_path / 'other.txt')])
@@ -112,10 +121,10 @@ def test_imagenet_n_class_list_samples_per_class_and_resume(tmp_path, root, caps
 
 
 def test_imagenet_n_classes_are_a_seeded_draw_relabelled_in_list_order(root):
-    draw = lambda seed: sla.large_files(config(tiny(root, '--dataset', 'imagenet4', '--seed', seed)))  # noqa: E731
+    draw = lambda seed: choose(config(tiny(root, '--dataset', 'imagenet4', '--seed', seed)))  # noqa: E731
     a, b = draw(0), draw(1)
     names = sorted(os.listdir(os.path.join(root, 'synthetic', 'imagenet', 'train')))
-    assert a['classes'] == [names[k] for k in ld.draw_classes(10, 4, 0)] and len(set(a['classes'])) == 4
+    assert a['classes'] == [names[k] for k in splits.draw_classes(10, 4, 0)] and len(set(a['classes'])) == 4
     assert a['classes'] != b['classes']
     for split in (a['train'], a['test']):
         folders = [p.split(os.sep)[0] for p in split.paths]
@@ -131,7 +140,7 @@ def test_inat_reads_its_json_lists_and_steps_the_rate_every_third(tmp_path, root
     assert '160 train / 32 test images' in capsys.readouterr().out         # 8 species x (20, 4) in the JSON files
     (row,) = rows(tmp_path / 'run')
     assert float(row['lr']) == pytest.approx(1e-4) and 'test_agg_acc' in row      # StepLR, step 1: 0.1 x 0.1^3
-    files = sla.large_files(config(tiny(root, '--dataset', 'inat')))
+    files = choose(config(tiny(root, '--dataset', 'inat')))
     assert files['train'].paths[0].startswith('train_val2018/') and ld.large_record('inat')[0].jitter
 
 

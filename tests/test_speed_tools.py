@@ -46,13 +46,14 @@ def test_pytorch_default_is_what_the_default_run_leaves(tmp_path, backend_flags)
     assert backend_flags == (True, False, 'highest')         # PyTorch's own default: TF32 for cuDNN convolutions only
     cfg, _ = options.parse_config(model_vgg_single.HYPERPARAMETERS, [])
     assert cfg.tf32 is True
-    utils.Run('model_vgg_single', model_vgg_single.HYPERPARAMETERS, ['--logdir', str(tmp_path), '--device', 'cpu'])
+    utils.Run('model_vgg_single', *utils.read_config('model_vgg_single', model_vgg_single.HYPERPARAMETERS,
+                                                   ['--logdir', str(tmp_path), '--device', 'cpu']))
     assert flags() == backend_flags                           # untouched
 
 
 def test_tf32_false_is_strict_float32(tmp_path, backend_flags, capsys):
-    run = utils.Run('model_vgg_single', model_vgg_single.HYPERPARAMETERS,
-                    ['--logdir', str(tmp_path), '--device', 'cpu', '--tf32', 'false'])
+    run = utils.Run('model_vgg_single', *utils.read_config('model_vgg_single', model_vgg_single.HYPERPARAMETERS,
+                                                         ['--logdir', str(tmp_path), '--device', 'cpu', '--tf32', 'false']))
     assert run.cfg.tf32 is False
     assert flags() == (False, False, 'highest')
     assert json.loads(open(os.path.join(run.dir, 'config.json')).read())['tf32'] is False   # kept for --resume
