@@ -460,7 +460,7 @@ def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=Fal
     return ds.reader(os.path.join(root, ds.folder), train)
 
 
-def load_semi(name, root=DATA_ROOT, synthetic=False, download_missing=False):
+def load_both(name, root=DATA_ROOT, synthetic=False, download_missing=False):
     """(train images, train labels, test images, test labels) with one label per image, the record's
     primary column (CIFAR-100: the 100 fine classes). SVHN is its `train` split only (73,257 images), as
     the MetaSemi code."""

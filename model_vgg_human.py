@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 import create_dataset
 from create_dataset import check_levels, hierarchy_groups
-from machinery.files import write_indices
 from machinery.models import VGG16, AutoEncoder, accuracy_count
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
 from machinery.streams import STREAM_STRIDE, DeviceData, device_generator, stream_seed
@@ -148,8 +147,7 @@ def auxiliary_labels(run, train_x, primary, groups):
                 got = kmeans_labels(features, primary, groups, cfg.seed, cfg.kmeans_n_init)
                 run.log.print(f'k-means labels: autoencoder {middle - start:.1f} s, k-means '
                               f'{time.perf_counter() - middle:.1f} s')
-            if not run.resuming:
-                write_indices(path, got)
+            run.keep_lists({AUX_LABELS_FILE: got})            # a new run's, in its folder
         except UserError as e:
             got = e
     if run.world > 1:

@@ -132,7 +132,7 @@ def main(argv=None):
     plt, tsne = import_plotting(args.method)
     device = pick_device(args.device)
 
-    train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg['dataset'], args.data_path or cfg['data_root'],
+    train_x, train_y, test_x, test_y = create_dataset.load_both(cfg['dataset'], args.data_path or cfg['data_root'],
                                                                cfg['synthetic'] and cfg.get('synthetic_size', 'small'))
     mean, std = create_dataset.DATASETS[cfg['dataset']].normalisation
     train = DeviceData(train_x, train_y, device, mean, std)

@@ -30,10 +30,9 @@ import create_dataset
 from machinery import large_datasets, splits
 from machinery.distributed import all_reduce_mean, all_reduce_sum
 from machinery.fast_paths import float32_meta
-from machinery.files import write_indices, write_lines
 from machinery.models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
-from machinery.streams import DeviceData, Splits
+from machinery.streams import Splits
 from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the original's defaults; each is overridable, e.g. --total-steps 1000 --width 0.25 ----
@@ -269,32 +268,60 @@ def evaluate(model, batches, n, device):
 LABEL_INDICES, LABEL_LIST = 'label_indices.txt', 'train_labeled.txt'    # the labeled images, kept in the run folder
 
 
-def labeled_split(labels, cfg, kept):
-    """CIFAR / SVHN: the (labeled, unlabeled) indices into the training set: a resumed run's own (`kept`: its
-    folder), else drawn with the seed, class-balanced (--num-label in all, or --label-fraction of every class)."""
+def choose_images(cfg, kept):
+    """Which training images are labeled, chosen before anything is written (a bad input stops here): a resumed
+    run's own (`kept`: its folder, read back), else drawn with the seed, class-balanced: --num-label in all or
+    --label-fraction of every class (CIFAR, SVHN), or a --label-list file (ImageNet); the original's ImageNet
+    RecordIO files come split already. Returns the splits, the labeled and unlabeled pools, the class count and
+    the list the run keeps in its folder."""
+    if large_datasets.is_large(cfg.dataset):
+        path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
+        if large_datasets.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
+            files = {name: large_datasets.RecordFile(os.path.join(path, f'{split}.rec'), os.path.join(path, f'{split}.idx'))
+                     for name, split in zip(('labeled', 'unlabeled', 'test'), large_datasets.RECORDIO_SPLITS)}
+            pools = {name: (name, np.arange(len(files[name]))) for name in ('labeled', 'unlabeled')}
+            return dict(files=files, pools=pools, n_classes=cfg.num_classes, lists={}, where=f'RecordIO files in {path}')
+        train = large_datasets.large_split(cfg.dataset, path, 'train')
+        if kept or cfg.label_list:
+            labeled, unlabeled = splits.label_list_split(train.paths, os.path.join(kept, LABEL_LIST) if kept else cfg.label_list)
+        else:
+            labeled, unlabeled = splits.fraction_label_split(train.labels, cfg.label_fraction, cfg.seed)
+        return dict(files={'train': train, 'test': large_datasets.large_split(cfg.dataset, path, 'test')},
+                    pools={'labeled': ('train', labeled), 'unlabeled': ('train', unlabeled)}, n_classes=len(train.classes),
+                    lists={LABEL_LIST: [train.paths[i].replace(os.sep, '/') for i in labeled]}, where=f'image folders in {path}')
+    train_x, train_y, test_x, test_y = create_dataset.load_both(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
     if kept:
-        return splits.read_label_indices(os.path.join(kept, LABEL_INDICES), len(labels))
-    if cfg.label_fraction:
-        return splits.fraction_label_split(labels, cfg.label_fraction, cfg.seed)
-    splits.check_label_budget(labels, cfg.num_label, create_dataset.DATASETS[cfg.dataset].num_classes)
-    return splits.balanced_label_split(labels, cfg.num_label, cfg.seed)
-
-
-def imagenet_files(cfg, path, kept):
-    """ImageNet: {'labeled', 'unlabeled', 'test'} -> (image files, their indices), and the number of classes.
-    The original's RecordIO files come split already; an ImageFolder tree is split by a list file (a resumed
-    run's own, or --label-list) or by --label-fraction of every class, drawn with the seed."""
-    if large_datasets.recordio_present(path) and not os.path.isdir(os.path.join(path, 'train')):
-        files = {name: large_datasets.RecordFile(os.path.join(path, f'{split}.rec'), os.path.join(path, f'{split}.idx'))
-                 for name, split in zip(('labeled', 'unlabeled', 'test'), large_datasets.RECORDIO_SPLITS)}
-        return {name: (source, np.arange(len(source))) for name, source in files.items()}, cfg.num_classes
-    train = large_datasets.large_split(cfg.dataset, path, 'train')
-    test = large_datasets.large_split(cfg.dataset, path, 'test')
-    if kept or cfg.label_list:
-        labeled, unlabeled = splits.label_list_split(train.paths, os.path.join(kept, LABEL_LIST) if kept else cfg.label_list)
+        labeled, unlabeled = splits.read_label_indices(os.path.join(kept, LABEL_INDICES), len(train_y))
+    elif cfg.label_fraction:
+        labeled, unlabeled = splits.fraction_label_split(train_y, cfg.label_fraction, cfg.seed)
     else:
-        labeled, unlabeled = splits.fraction_label_split(train.labels, cfg.label_fraction, cfg.seed)
-    return {'labeled': (train, labeled), 'unlabeled': (train, unlabeled), 'test': (test, np.arange(len(test)))}, len(train.classes)
+        splits.check_label_budget(train_y, cfg.num_label, create_dataset.DATASETS[cfg.dataset].num_classes)
+        labeled, unlabeled = splits.balanced_label_split(train_y, cfg.num_label, cfg.seed)
+    return dict(arrays={'train': (train_x, train_y), 'test': (test_x, test_y)}, lists={LABEL_INDICES: labeled},
+                pools={'labeled': ('train', labeled), 'unlabeled': ('train', unlabeled)},
+                n_classes=create_dataset.DATASETS[cfg.dataset].num_classes)
+
+
+def place_images(chosen, cfg, run):
+    """The chosen images where the run reads them: CIFAR / SVHN whole on the device, cropped (and flipped) per
+    batch; ImageNet streamed from its files, decoded and augmented as the original's DALI pipeline. A new run
+    writes the list of its labeled images into its folder."""
+    where = run.keep_lists(chosen['lists'])
+    sizes = {name: len(pool) for name, (_, pool) in chosen['pools'].items()}
+    if 'files' in chosen:
+        data = large_datasets.FileSplits(
+            chosen['files'], chosen['n_classes'], run.device, run.shard, cfg.workers, cfg.decode_on,
+            large_datasets.Augment(True, cfg.image_size, scale=(0.1, 1.0), ratio=(0.8, 1.25)),
+            large_datasets.Augment(False, cfg.image_size))
+        where = chosen['where'] + (f'; labeled images listed in {where}' if where else '')
+    else:
+        record = create_dataset.DATASETS[cfg.dataset]
+        data = Splits.on_device(chosen['arrays'], chosen['n_classes'], run.device, *record.normalisation,
+                                flip=record.flip, shard=run.shard)
+        where = f'labeled indices in {where}'
+    run.log.print(f'{cfg.dataset}: {sizes["labeled"]} labeled, {sizes["unlabeled"]} unlabeled, {data.sizes["test"]} '
+                  f'test images; {where}')
+    return data
 
 
 # ---- how results.py tables and plots this script's runs ----
@@ -363,11 +390,6 @@ def unused_options(cfg):
     return out & set(cfg)
 
 
-def next_test(t, eval_every, total_steps):
-    """The step of the test after step t."""
-    return min(total_steps, (t // eval_every + 1) * eval_every)
-
-
 def percents(values):
     """Accuracies in percent, as the original prints them."""
     return {k: 100 * v if k.endswith('acc') else v for k, v in values.items()}
@@ -378,51 +400,18 @@ def main(argv=None):
     if not cli.resumed:
         presets(cfg, cli.typed)
     check(cfg)
-    large, kept = large_datasets.is_large(cfg.dataset), cli.resumed and cli.resumed.dir
-
-    # ---- which images are labeled: drawn (or read back) before anything is written ----
-    if large:
-        path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
-        files, num_classes = imagenet_files(cfg, path, kept)
-        labeled_idx, unlabeled_idx = files['labeled'][1], files['unlabeled'][1]
-    else:
-        train_x, train_y, test_x, test_y = create_dataset.load_semi(cfg.dataset, cfg.data_root, stand_in(cfg),
-                                                                     cfg.download)
-        labeled_idx, unlabeled_idx = labeled_split(train_y, cfg, kept)
-        num_classes = create_dataset.DATASETS[cfg.dataset].num_classes
+    chosen = choose_images(cfg, cli.resumed and cli.resumed.dir)     # which training images are labeled
 
     run = Run('train_meta_semi', cfg, cli)
-    dev, log = run.device, run.log
+    dev, log, large = run.device, run.log, large_datasets.is_large(cfg.dataset)
     mode = ('baseline' if cfg.baseline else 'meta') + (' + mixup' if cfg.mix_up else '')
     unused = unused_options(vars(cfg))        # not this dataset's or schedule's
     log.print(f'MetaSemi ({mode}) with ' + ', '.join(f'{k}={v!r}' for k, v in vars(cfg).items() if k not in unused))
-    if large:            # streamed from the files, decoded and augmented as the original's DALI pipeline
-        if dev.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
-        data = large_datasets.FileSplits(
-            {name: source for name, (source, _) in files.items()}, num_classes, dev, run.shard, cfg.workers,
-            cfg.decode_on, large_datasets.Augment(True, cfg.image_size, scale=(0.1, 1.0), ratio=(0.8, 1.25)),
-            large_datasets.Augment(False, cfg.image_size))
-        pools = {'labeled': ('labeled', labeled_idx), 'unlabeled': ('unlabeled', unlabeled_idx)}
-        where = f'RecordIO files in {path}'
-        if isinstance(files['labeled'][0], large_datasets.FileList):
-            train = files['labeled'][0]
-            where = f'image folders in {path}; labeled images listed in {os.path.join(run.dir, LABEL_LIST)}'
-            if run.rank == 0 and not run.resuming:
-                write_lines(os.path.join(run.dir, LABEL_LIST), [train.paths[i].replace(os.sep, '/') for i in labeled_idx])
-    else:                # the whole uint8 training and test sets on the device, cropped (and flipped) per batch
-        record = create_dataset.DATASETS[cfg.dataset]
-        mean, std = record.normalisation
-        data = Splits({'train': DeviceData(train_x, train_y, dev, mean, std, flip=record.flip, shard=run.shard),
-                       'test': DeviceData(test_x, test_y, dev, mean, std, flip=record.flip, shard=run.shard)},
-                      num_classes)
-        pools = {'labeled': ('train', labeled_idx), 'unlabeled': ('train', unlabeled_idx)}
-        where = f'labeled indices in {os.path.join(run.dir, LABEL_INDICES)}'
-        if run.rank == 0 and not run.resuming:                # under torchrun every process drew the same split
-            write_indices(os.path.join(run.dir, LABEL_INDICES), labeled_idx)
-    sizes = {'labeled': len(labeled_idx), 'unlabeled': len(unlabeled_idx), 'test': data.sizes['test']}
-    log.print(f'{cfg.dataset}: {sizes["labeled"]} labeled, {sizes["unlabeled"]} unlabeled, {sizes["test"]} test images; '
-              f'{where}')
+    if large and dev.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    data = place_images(chosen, cfg, run)        # on the device (CIFAR, SVHN), or streamed from their files
+    pools, num_classes = chosen['pools'], data.n_classes
+    sizes = {'labeled': len(pools['labeled'][1]), 'unlabeled': len(pools['unlabeled'][1]), 'test': data.sizes['test']}
     B, W = cfg.batch_size, run.world
     use_unlabeled = not cfg.baseline or cfg.mix_up
     if not use_unlabeled:
@@ -464,8 +453,7 @@ def main(argv=None):
     meters, first_t = run.meters(watched, state.get('meters')), state.get('first_t', start)
     run.describe([model], sizes, total_steps - start)
 
-    bar = run.progress(next_test(start, eval_every, total_steps) - start, f'to step {next_test(start, eval_every, total_steps)}',
-                       start, total_steps, images_per_step=2 * B * W)
+    bar = run.interval(start, eval_every, total_steps, images_per_step=2 * B * W)
     data_time, batch_time, timed = 0.0, 0.0, 0
     for t in range(start, total_steps):
         lr_now = (cosine_learning_rate(t, cfg.lr, warmup, total_steps) if cfg.lr_schedule == 'cosine' else
@@ -519,12 +507,9 @@ def main(argv=None):
             else:
                 log.print(f' * Accuracy {100 * tests["test_acc"]:.5f}')
                 log.print(f'Best Accuracy: {100 * run.best["test_acc"]:.5f}')
-            if bad:
-                log.print(f'note: {len(bad)} image(s) could not be decoded since the last test and were replaced by '
-                          f'another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
+            run.note_bad_images(bad, since='test')
             meters, first_t = run.meters(watched), t + 1
-            end = next_test(t + 1, eval_every, total_steps)
-            bar = run.progress(end - t - 1, f'to step {end}', t + 1, total_steps, images_per_step=2 * B * W)
+            bar = run.interval(t + 1, eval_every, total_steps, images_per_step=2 * B * W)
         run.stop_if_asked(objects, t + 1, step=t + 1, meters=meters, first_t=first_t, **stream.state())
     best = 100 * run.best['test_acc']
     top5 = f', top-5 error {100 - 100 * run.best["test_acc5"]:.2f}%' if large else ''

@@ -29,10 +29,9 @@ import create_dataset
 from machinery import large_datasets, splits
 from machinery.checkpoints import load_checkpoint
 from machinery.distributed import Wrapped, all_reduce_sum, dist_env
-from machinery.files import write_lines
 from machinery.models import CRESNET_DEPTHS, ImageNetResNet, TORCHVISION_RESNETS, accuracy_count, cifar_resnet
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
-from machinery.streams import DeviceData, Splits
+from machinery.streams import Splits
 from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting (CIFAR-10, ResNet-32, SLA with rotations); each is overridable ----
@@ -343,44 +342,53 @@ def check(cfg):
     if cfg.class_list and not (large and large_datasets.large_record(cfg.dataset)[1]):
         raise UserError(f'--class-list names the classes of an ImageNet subset (--dataset imagenetN, e.g. '
                         f'imagenet100); --dataset {cfg.dataset} has no class list: drop --class-list.')
-    if cfg.class_list and not cfg.resume and not os.path.isfile(cfg.class_list):
-        raise UserError(f'--class-list {cfg.class_list!r} is not a file (one class folder name a line).')
     if large and cfg.val_indices:
         raise UserError('--val-indices picks CIFAR\'s validation images; the large datasets have no held-out '
                         'validation split (their official validation set is the test split, as in the '
                         'original): drop --val-indices.')
     if not large:
-        if cfg.val_indices and not os.path.isfile(cfg.val_indices):
-            raise UserError(f'--val-indices {cfg.val_indices!r} is not a file.')
         create_dataset.check_data_present(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
 
 
-def held_out(labels, cfg, kept):
-    """CIFAR: the (train, val) indices into the training file. A resumed run reads its own back (`kept`: its
-    folder); a new one holds out --val-size images (drawn with the seed, or --val-indices) and trains on the
-    rest, or on --num-samples-per-class images of every class, or on a long tail (--imbalance_ratio)."""
-    if kept:
-        return splits.kept_held_out(kept, len(labels), needs_train_list=cfg.imbalance_ratio > 1)
-    n_val = splits.validation_size(len(labels), cfg.val_size, cfg.synthetic)
+def choose_images(cfg, kept):
+    """Which images train, validate and test, chosen before anything is written (a bad input stops here): a
+    resumed run's own (`kept`: its folder, read back), else drawn with the seed. CIFAR: --val-size images
+    held out of the training file (or --val-indices), the rest for training (or --num-samples-per-class of
+    every class, or a long tail: --imbalance_ratio); the official test set. A large dataset: its training
+    images (or K per class; imagenetN: N classes) and its official validation set as test, no held-out split
+    (as the original)."""
+    if large_datasets.is_large(cfg.dataset):
+        chosen = large_datasets.choose(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.seed, cfg.class_list,
+                                       cfg.num_samples_per_class, kept, with_train=not cfg.eval_only)
+    else:
+        train_x, train_y, test_x, test_y = create_dataset.load_both(cfg.dataset, cfg.data_root, stand_in(cfg), cfg.download)
+        n_val = splits.validation_size(len(train_y), cfg.val_size, cfg.synthetic)
+        train, val, lists = splits.held_out(train_y, cfg.seed, n_val, cfg.val_indices, cfg.num_samples_per_class,
+                                            cfg.imbalance_ratio, kept)
+        chosen = dict(arrays={'train': (train_x[train], train_y[train]), 'val': (train_x[val], train_y[val]),
+                              'test': (test_x, test_y)}, lists=lists,
+                      n_classes=create_dataset.DATASETS[cfg.dataset].num_classes)
+    if not cfg.eval_only:
+        n_train = len(chosen['pools']['train']) if 'pools' in chosen else len(chosen['arrays']['train'][1])
+        splits.check_batch(cfg.batch_size, dist_env()[2], n_train)
+    return chosen
+
+
+def place_images(chosen, cfg, run):
+    """The chosen images where the run reads them: CIFAR whole on the device, augmented per batch; a large
+    dataset streamed from its files, decoded and augmented as the original's transforms. A new run writes the
+    lists it keeps into its folder."""
+    where = run.keep_lists(chosen['lists'])
+    if 'files' in chosen:
+        run.log.print(f'image files in {chosen["path"]}' + (f'; kept in {where}' if where else ''))
+        return large_datasets.FileSplits(chosen['files'], chosen['n_classes'], run.device, run.shard, cfg.workers,
+                                         cfg.decode_on, large_datasets.Augment(True, cfg.image_size, jitter=large_datasets.large_record(cfg.dataset)[0].jitter),
+                                         large_datasets.Augment(False, cfg.image_size), pools=chosen['pools'])
     if cfg.imbalance_ratio > 1:
-        return splits.long_tailed_split(labels, n_val, cfg.imbalance_ratio, cfg.seed)
-    given = splits.read_indices(cfg.val_indices, len(labels)) if cfg.val_indices else None
-    return splits.held_out_split(labels, n_val, cfg.seed, cfg.num_samples_per_class, given)
-
-
-def per_class_pool(labels, classes, cfg, kept):
-    """A large dataset: the training images used (indices into its training list): all, or
-    --num-samples-per-class of every class (drawn with the seed; a resumed run: its train_indices.txt)."""
-    pool, k = np.arange(len(labels)), cfg.num_samples_per_class
-    if not k:
-        return pool
-    if kept:
-        return splits.read_indices(os.path.join(kept, splits.TRAIN_INDICES), len(labels))
-    counts = np.bincount(labels, minlength=len(classes))
-    if counts.min() < k:
-        raise UserError(f'--num-samples-per-class {k}: class {classes[counts.argmin()]} has only {counts.min()} '
-                        f'training images: use at most {counts.min()}.')
-    return splits.samples_per_class(pool, labels, k, cfg.seed)
+        counts = np.bincount(chosen['arrays']['train'][1], minlength=chosen['n_classes'])
+        run.log.print(f'long-tailed training set (--imbalance_ratio {cfg.imbalance_ratio:g}): {counts[0]:,} images of '
+                      f'class 0 down to {counts[-1]:,} of class {len(counts) - 1}, {counts.sum():,} in all')
+    return Splits.on_device(chosen['arrays'], chosen['n_classes'], run.device, MEAN, STD, shard=run.shard)
 
 
 def evaluate_best(run, net, data, evaluate_kw):
@@ -408,65 +416,18 @@ def main(argv=None):
     if cli.resumed and cfg.imbalance_ratio != cli.resumed.saved.get('imbalance_ratio', 1.0):
         raise UserError(f'--imbalance_ratio cannot change on --resume (the run was started with '
                         f'{cli.resumed.saved.get("imbalance_ratio", 1.0):g}): start a new run for another ratio.')
-    large, kept, training = large_datasets.is_large(cfg.dataset), cli.resumed and cli.resumed.dir, not cfg.eval_only
-
-    # ---- which images: CIFAR 45,000 train / 5,000 val from the training file and the official test set; a large
-    # dataset's training images and its official validation set (test), no held-out split (as the original) ----
-    if large:
-        path = large_datasets.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
-        train_files, test_files, classes = large_datasets.choose_classes(cfg.dataset, path, cfg.seed, cfg.class_list,
-                                                                         kept, with_train=training)
-        pool = per_class_pool(train_files.labels, classes, cfg, kept) if training else []
-        n_train, n_classes = len(pool), len(classes)
-    else:
-        test_x, test_y = create_dataset.load(cfg.dataset, cfg.data_root, False, stand_in(cfg), cfg.download)
-        if training:
-            train_x, train_y = create_dataset.load(cfg.dataset, cfg.data_root, True, stand_in(cfg), cfg.download)
-            train_y = create_dataset.DATASETS[cfg.dataset].primary_labels(train_y)
-            train_idx, val_idx = held_out(train_y, cfg, kept)
-            n_train = len(train_idx)
-        test_y = create_dataset.DATASETS[cfg.dataset].primary_labels(test_y)    # CIFAR-100: the 100 fine classes
-        n_classes = create_dataset.DATASETS[cfg.dataset].num_classes
-    world = dist_env()[2]
-    if training and cfg.batch_size * world > n_train:
-        raise UserError(f'--batch-size {cfg.batch_size} x {world} process(es) exceeds the {n_train} training images '
-                        '(a batch holds distinct images): lower it.')
+    chosen = choose_images(cfg, cli.resumed and cli.resumed.dir)      # which images train, validate and test
 
     run = Run('train_sla', cfg, cli)
-    dev, log = run.device, run.log
+    dev, log, large = run.device, run.log, large_datasets.is_large(cfg.dataset)
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    new_lists = run.rank == 0 and not run.resuming and training     # the lists a new run keeps in its folder
-    if large:                 # streamed from the files, decoded and augmented as the original's transforms
-        data = large_datasets.FileSplits(
-            {'train': train_files, 'test': test_files} if training else {'test': test_files}, n_classes, dev, run.shard, cfg.workers, cfg.decode_on,
-            large_datasets.Augment(True, cfg.image_size, jitter=large_datasets.large_record(cfg.dataset)[0].jitter),
-            large_datasets.Augment(False, cfg.image_size), pools={'train': pool} if training else {})
-        lists = []                                        # kept in the run folder, read back on resume
-        if large_datasets.large_record(cfg.dataset)[1]:
-            lists.append(('classes', large_datasets.CLASSES, classes))
-        if cfg.num_samples_per_class:
-            lists.append(('training images', splits.TRAIN_INDICES, pool))
-        for what, name, values in lists:
-            if new_lists:
-                write_lines(os.path.join(run.dir, name), values)
-        log.print(f'image files in {path}' + ''.join(f'; {what} in {os.path.join(run.dir, name)}' for what, name, _ in lists))
-    else:                     # the whole dataset on the device, augmented per batch
-        parts = {'test': (test_x, test_y)}
-        if training:
-            parts = {'train': (train_x[train_idx], train_y[train_idx]), 'val': (train_x[val_idx], train_y[val_idx])} | parts
-        data = Splits({name: DeviceData(x, y, dev, MEAN, STD, shard=run.shard) for name, (x, y) in parts.items()}, n_classes)
-        if new_lists:
-            splits.write_held_out(run.dir, train_idx, val_idx, train_list=cfg.num_samples_per_class or cfg.imbalance_ratio > 1)
-        if training and cfg.imbalance_ratio > 1:
-            counts = np.bincount(train_y[train_idx], minlength=n_classes)
-            log.print(f'long-tailed training set (--imbalance_ratio {cfg.imbalance_ratio:g}): {counts[0]:,} images '
-                      f'of class 0 down to {counts[-1]:,} of class {n_classes - 1}, {len(train_idx):,} in all')
+    data = place_images(chosen, cfg, run)                 # on the device (CIFAR), or streamed from their files
 
     # ---- the network: a shared ResNet trunk with the heads of the mode ----
     tf = None if cfg.mode == 'baseline' else Transformations(cfg.aug, dev)
     M = tf.M if tf else 1
-    net = run.network(build_model(cfg.model, cfg.mode, n_classes, M, cfg.width), methods=('forward', 'features'))
+    net = run.network(build_model(cfg.model, cfg.mode, data.n_classes, M, cfg.width), methods=('forward', 'features'))
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     evaluate_kw = dict(device=dev, mode=cfg.mode, tf=tf, T=cfg.temperature, large_loss=cfg.with_large_loss)
     if cfg.eval_only:
@@ -491,7 +452,7 @@ def main(argv=None):
         log.print(f'note: training now runs to {N} iterations; the learning-rate {kept_schedule}')
     names = METRICS[cfg.mode]
     evaluated = ('test',) if large else ('val', 'test')
-    sizes = {'train': n_train} | {split: data.sizes[split] for split in evaluated}
+    sizes = {split: data.sizes[split] for split in ('train', *evaluated)}
     log.print(f'{cfg.mode} on {cfg.dataset}{" (synthetic)" if cfg.synthetic else ""}: {cfg.model} width {cfg.width} '
               f'({sum(p.numel() for p in net.parameters()):,} parameters), '
               f'{"no transformations" if tf is None else f"{cfg.aug} (M={M})"}, '
@@ -505,7 +466,7 @@ def main(argv=None):
     run.describe([net], sizes, N - it, unit='iterations')
     # a run stopped between two evaluations (Ctrl-C) continues its running metrics
     meters, first_it = run.meters(names[0], state.get('meters')), state.get('first_it', it + 1)
-    bar = run.progress(interval_end(it, cfg) - it, f'to iteration {interval_end(it, cfg)}', it, N)
+    bar = run.interval(it, cfg.eval_every, N, unit='iteration')
     net.train()
     run.timer.lap()
     while it < N:
@@ -543,12 +504,10 @@ def main(argv=None):
             log.print(f'[iteration {it}] [BEST] ' + ' '.join(f'[{s} {row[f"{s}_single_acc"]:.4f}]' for s in evaluated)
                       + (f' [test agg {row["test_agg_acc"]:.4f}]' if 'test_agg_acc' in row else ''))
         log.print(f'[iteration {it}] [lr {lr_now:g}] [{seconds_per_iteration:.3f} s/iteration] [eval {eval_seconds:.1f} s]')
-        if bad:
-            log.print(f'note: {len(bad)} image(s) could not be decoded since the last evaluation and were replaced by '
-                      f'another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
+        run.note_bad_images(bad, since='evaluation')
         meters, first_it = run.meters(names[0]), it + 1
         run.stop_if_asked()                   # Ctrl-C / SIGTERM at an evaluation: its checkpoint is written
-        bar = run.progress(interval_end(it, cfg) - it, f'to iteration {interval_end(it, cfg)}', it, N)
+        bar = run.interval(it, cfg.eval_every, N, unit='iteration')
         run.timer.lap()
 
     best = run.best
@@ -556,11 +515,6 @@ def main(argv=None):
         log.print(f'done: best {score.replace("_", " ", 1)} {best[score]:.4f} at iteration {best["iteration"]}'
                   + (f', test single_acc {best["test_single_acc"]:.4f}' if score != 'test_single_acc' else '')
                   + (f', test agg_acc {best["test_agg_acc"]:.4f}' if 'test_agg_acc' in best else ''))
-
-
-def interval_end(it, cfg):
-    """The iteration of the evaluation after iteration `it`."""
-    return min(cfg.total_steps, (it // cfg.eval_every + 1) * cfg.eval_every)
 
 
 if __name__ == '__main__':

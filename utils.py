@@ -38,7 +38,7 @@ from machinery.checkpoints import (FORMAT, Checkpoints, load_run_checkpoint, rea
                                    scale_learning_rates)
 from machinery.distributed import Processes, all_reduce_sum, distributed
 from machinery.fast_paths import set_tf32
-from machinery.files import CHECKPOINT, atomic_write_text, write_error
+from machinery.files import CHECKPOINT, atomic_write_text, write_error, write_lines
 from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite,
                                parse_config, python_command, torchrun_command)
 from machinery.streams import device_generator, stream_seed
@@ -797,6 +797,29 @@ class Run:
         images = images_per_step or self.cfg.batch_size * self.world
         return Progress(total, desc, images, done_before, run_total, self.projection,
                         enabled=self.cfg.progress and self.rank == 0, every=self.cfg.progress_every)
+
+    def interval(self, position, every, total, unit='step', images_per_step=None):
+        """A Progress for the steps from `position` to the next evaluation (every `every` steps and at `total`)."""
+        end = min(total, (position // every + 1) * every)
+        return self.progress(end - position, f'to {unit} {end}', position, total, images_per_step)
+
+    # ---- the files a run keeps ----
+
+    def keep_lists(self, lists):
+        """The lists a new run keeps in its folder (file name -> values, one a line: its splits, classes, labels)
+        so that --resume reads them back instead of drawing them again; written by the first process (every
+        process drew the same). Returns where they are, for the log."""
+        if self.rank == 0 and not self.resuming:
+            for name, values in lists.items():
+                write_lines(os.path.join(self.dir, name), values)
+        return ', '.join(os.path.join(self.dir, name) for name in lists)
+
+    def note_bad_images(self, bad, since):
+        """The images a file-streamed dataset could not decode `since` the last note (each replaced by another
+        image of its batch): how many, and the first."""
+        if bad:
+            self.log.print(f'note: {len(bad)} image(s) could not be decoded since the last {since} and were replaced '
+                           f'by another image of their batch; first: {bad[0][0]} ({bad[0][1]})')
 
     def describe(self, nets, data, total_steps, unit='steps'):
         """The start line: what will run, where, on how much."""

@@ -210,7 +210,7 @@ def build(name, dev, fast, data_root, width=1.0):
             train_sla.train_step(forward, optimizer, x, y, mode, tf, sla.temperature, sla.with_large_loss)
         return step
 
-    train_x, train_y, test_x, test_y = create_dataset.load_semi(semi.dataset, data_root, synthetic=True)
+    train_x, train_y, test_x, test_y = create_dataset.load_both(semi.dataset, data_root, synthetic=True)
     mean, std = create_dataset.DATASETS[semi.dataset].normalisation
     train = DeviceData(train_x, train_y, dev, mean, std)
     classes, B = create_dataset.DATASETS[semi.dataset].num_classes, semi.batch_size

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from .files import dataset_root
-from .splits import draw_classes, read_names
+from .splits import TRAIN_INDICES, draw_classes, read_names
+from .splits import per_class as per_class_pool
 from .options import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -624,6 +625,23 @@ def choose_classes(name, path, seed, class_list='', kept=None, with_train=True):
 
 
 CLASSES = 'classes.txt'          # an imagenetN run's classes, kept in its folder and read back on resume
+
+
+def choose(name, data_root, synthetic, seed, class_list='', per_class=0, kept=None, with_train=True):
+    """The images a run of the large dataset `name` uses, before anything is written: its training images (or
+    `per_class` of every class) and its official validation set as the test split (imagenetN: N classes, see
+    choose_classes). A resumed run (`kept`: its folder) reads its own back. Returns dict(files: split ->
+    FileList, pools: split -> indices, n_classes, lists: the files a new run keeps, path)."""
+    path = large_data_path(name, data_root, synthetic)
+    train, test, classes = choose_classes(name, path, seed, class_list, kept, with_train)
+    lists = {CLASSES: classes} if large_record(name)[1] else {}
+    chosen = dict(files={'test': test}, pools={}, n_classes=len(classes), lists=lists, path=path)
+    if with_train:
+        pool = per_class_pool(train.labels, per_class, seed, kept, classes)
+        chosen['files']['train'], chosen['pools']['train'] = train, pool
+        if per_class:
+            lists[TRAIN_INDICES] = pool
+    return chosen
 
 
 # ---- the synthetic stand-ins of the large datasets: small JPEG trees in the real layouts ----

@@ -4,7 +4,8 @@
   read_indices, samples_per_class       or given as an index file), the rest (or k images of every class)
                                         for training
   long_tailed_counts, long_tailed_split a long-tailed training set (the exponential profile of Cui et al.)
-  kept_held_out, write_held_out         those lists in a run folder: written by a new run, read back on --resume
+  kept_held_out, per_class              those lists read back from a run folder on --resume (a new run writes
+                                        them with utils.Run.keep_lists)
   check_label_budget,                   a class-balanced labeled / unlabeled split (a number of labels, or a
   balanced_label_split,                 fraction of every class), as the MetaSemi code draws it; read back
   fraction_label_split,                 from a run folder
@@ -21,7 +22,6 @@ import os
 
 import numpy as np
 
-from .files import write_indices
 from .options import UserError
 
 VAL_INDICES, TRAIN_INDICES = 'val_indices.txt', 'train_indices.txt'   # a held-out split, kept in the run folder
@@ -79,6 +79,30 @@ def samples_per_class(indices, labels, k, seed):
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def per_class(labels, k, seed, kept=None, classes=None):
+    """The training images used (indices into the training list): all (k 0), or k of every class drawn with
+    the seed; a resumed run (`kept`: its folder) reads its own back from train_indices.txt."""
+    pool = np.arange(len(labels))
+    if not k:
+        return pool
+    if kept:
+        return read_indices(os.path.join(kept, TRAIN_INDICES), len(labels))
+    counts = np.bincount(labels, minlength=len(classes) if classes is not None else 0)
+    if counts.min() < k:
+        name = classes[counts.argmin()] if classes is not None else counts.argmin()
+        raise UserError(f'--num-samples-per-class {k}: class {name} has only {counts.min()} training images: use at '
+                        f'most {counts.min()}.')
+    return samples_per_class(pool, labels, k, seed)
+
+
+def check_batch(batch_size, processes, n_train):
+    """A batch holds distinct images: batch_size x processes within the n_train training images (None: no
+    training set)."""
+    if n_train is not None and batch_size * processes > n_train:
+        raise UserError(f'--batch-size {batch_size} x {processes} process(es) exceeds the {n_train} training images '
+                        '(a batch holds distinct images): lower it.')
+
+
 def held_out_split(labels, n_val, seed, per_class=0, val_indices=None):
     """(train indices, val indices) into the training file: the validation images (given, or n_val drawn
     with the seed), the rest for training, optionally cut to `per_class` images of every class."""
@@ -132,7 +156,22 @@ def long_tailed_split(labels, n_val, ratio, seed):
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)
 
 
-# ---- a held-out split kept in its run folder ----
+# ---- a held-out split: drawn by a new run, kept in its folder, read back on resume ----
+
+def held_out(labels, seed, n_val, val_indices='', per_class=0, ratio=1.0, kept=None):
+    """(train, val, the lists to keep in the run folder) of a training file: a resumed run's own (`kept`: its
+    folder); else n_val images held out (drawn with the seed, or named by the file `val_indices`), the rest for
+    training, or `per_class` images of every class, or a long tail of imbalance `ratio`."""
+    if kept:
+        train, val = kept_held_out(kept, len(labels), needs_train_list=ratio > 1)
+    elif ratio > 1:
+        train, val = long_tailed_split(labels, n_val, ratio, seed)
+    else:
+        given = read_indices(val_indices, len(labels)) if val_indices else None
+        train, val = held_out_split(labels, n_val, seed, per_class, given)
+    return train, val, {VAL_INDICES: val} | ({TRAIN_INDICES: train} if per_class or ratio > 1 else {})
+
+
 
 def kept_held_out(folder, n_train, needs_train_list=False):
     """The (train, val) indices a run wrote into its folder (write_held_out): val_indices.txt, and
@@ -147,13 +186,6 @@ def kept_held_out(folder, n_train, needs_train_list=False):
     keep = np.ones(n_train, dtype=bool)
     keep[val] = False
     return np.flatnonzero(keep).astype(np.int64), val
-
-
-def write_held_out(folder, train, val, train_list):
-    """val_indices.txt, and train_indices.txt when `train_list` (the training images are not the rest)."""
-    write_indices(os.path.join(folder, VAL_INDICES), val)
-    if train_list:
-        write_indices(os.path.join(folder, TRAIN_INDICES), train)
 
 
 # ---- class-balanced labeled / unlabeled splits ----

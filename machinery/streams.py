@@ -220,6 +220,12 @@ class Splits:
         self.splits, self.n_classes, self.where = splits, n_classes, where
         self.sizes = {name: len(data) for name, data in splits.items()}
 
+    @classmethod
+    def on_device(cls, arrays, n_classes, device, mean, std, flip=True, shard=(0, 1)):
+        """Splits of `arrays` (name -> (uint8 images, labels)) moved whole to `device` (see DeviceData)."""
+        return cls({name: DeviceData(x, y, device, mean, std, flip=flip, shard=shard) for name, (x, y) in arrays.items()},
+                   n_classes)
+
     def sampled(self, split, batch_size, seed, start=0, stop=None):
         return SampledBatches(self.splits[split], batch_size, seed)
 

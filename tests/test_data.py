@@ -276,7 +276,7 @@ def test_a_new_record_gets_a_synthetic_standin_and_one_label_column(tiny):
     assert x.shape == (12, 3, 32, 32) and x.dtype == np.uint8 and np.bincount(y).tolist() == [4, 4, 4]
     with open(os.path.join(tiny.root, 'synthetic', 'tiny-data', 'md5.json')) as f:
         assert sorted(json.load(f)) == sorted(tiny.ds.files)                 # the writer wrote the real file names
-    train_x, train_y, test_x, test_y = cd.load_semi('tiny', tiny.root, synthetic=True)
+    train_x, train_y, test_x, test_y = cd.load_both('tiny', tiny.root, synthetic=True)
     assert np.array_equal(train_x, x) and test_x.shape == (6, 3, 32, 32) and test_y.shape == (6,)
     assert not os.path.exists(os.path.join(tiny.root, 'tiny-data'))         # never beside the real data
 

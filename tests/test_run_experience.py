@@ -74,6 +74,6 @@ def test_the_seed_cifar100_line_is_accepted_on_the_full_stand_in(tmp_path):
     small = run_in_process('train_meta_semi.py', '--synthetic', '--dataset', 'cifar100', '--num-label', 10000,
                        '--data-path', tmp_path / 'data', '--save-path', tmp_path / 'small')
     assert small.returncode == 2 and '--num-label 10000' in small.stderr
-    x, y, _, _ = create_dataset.load_semi('cifar100', str(tmp_path / 'data'), 'full')
+    x, y, _, _ = create_dataset.load_both('cifar100', str(tmp_path / 'data'), 'full')
     assert len(x) == 50000
     splits.check_label_budget(y, 10000, 100)                  # no error: the budget fits

@@ -53,7 +53,8 @@ def choose(cfg):
     kept = cfg.resume or None
     path = ld.large_data_path(cfg.dataset, cfg.data_root, cfg.synthetic)
     train, test, classes = ld.choose_classes(cfg.dataset, path, cfg.seed, cfg.class_list, kept)
-    return {'train': train, 'test': test, 'classes': classes, 'pool': sla.per_class_pool(train.labels, classes, cfg, kept)}
+    pool = splits.per_class(train.labels, cfg.num_samples_per_class, cfg.seed, kept, classes)
+    return {'train': train, 'test': test, 'classes': classes, 'pool': pool}
 
 
 # ---- end to end, and exact resume ----
