@@ -517,12 +517,12 @@ def file_md5(ds, path):
         return None
 
 
-def _md5_words(ds, path, got):
-    """What file_md5 found, for a message: 'has md5 ...', 'unpacks to bytes with md5 ...' (a gzip file of a
-    gzipped record) or that it cannot be decompressed (None)."""
+def _md5_words(ds, path, got, md5):
+    """What file_md5 found against the expected md5, for a message: 'has md5 ..., expected ...', 'unpacks
+    to bytes with md5 ...' (a gzip file of a gzipped record) or that it cannot be decompressed (None)."""
     if got is None:
-        return 'cannot be decompressed: the gzip file is truncated or damaged'
-    return f'{"unpacks to bytes with" if ds.gzipped and _is_gzip(path) else "has"} md5 {got}'
+        return f'cannot be decompressed (a truncated or damaged gzip file; the official one unpacks to md5 {md5})'
+    return f'{"unpacks to bytes with" if ds.gzipped and _is_gzip(path) else "has"} md5 {got}, expected {md5}'
 
 
 def download(name, root=DATA_ROOT):
@@ -551,10 +551,10 @@ def download(name, root=DATA_ROOT):
                             f'fetch the file elsewhere and place it at {dest}, or use --synthetic.') from None
         got = file_md5(ds, part)
         if got != md5:
-            words = _md5_words(ds, part, got)
+            words = _md5_words(ds, part, got, md5)
             os.remove(part)
-            raise UserError(f'the download of {url} {words}, expected {md5}: the file is corrupt or '
-                            f'not the official one. Try again, or place the official file at {dest}.')
+            raise UserError(f'the download of {url} {words}: the file is corrupt or not the official one. '
+                            f'Try again, or place the official file at {dest}.')
         os.replace(part, dest)
         ds.source.unpack(dest, root)
 
@@ -586,8 +586,7 @@ def _wrong_file(ds, root, folder, path, got, md5):
     if getattr(ds.source, 'debian', None):
         fix += (f', or, if it is the copy Debian\'s package installed, reinstall that (sudo apt-get install '
                 f'--reinstall {ds.source.debian[0]})')
-    return (f'{path} {_md5_words(ds, path, got)}, expected {md5} (the official file\'s bytes, unpacked): it is '
-            f'damaged or not the official one. Replace it: {fix}.')
+    return f'{path} {_md5_words(ds, path, got, md5)}: it is damaged or not the official one. Replace it: {fix}.'
 
 
 def stand_in_damaged(ds, root, what):
