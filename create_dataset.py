@@ -1,8 +1,8 @@
-"""CIFAR-100 (with its 4-level label hierarchy), CIFAR-10 and SVHN: the official files (download, md5
-checks, readers), their synthetic stand-ins, and the hierarchy's groups (MAXL's auxiliary classes under
-each primary class). load() gives a split as uint8 images and labels; the scripts put them on the device
-(machinery/streams.py) and split them (machinery/splits.py). Used by the five scripts, plot_features.py and
-the benchmarks; the file-streamed large datasets (ImageNet, iNaturalist, ...) are in
+"""CIFAR-100 (with its 4-level label hierarchy), CIFAR-10, SVHN and Fashion-MNIST: the official files
+(download, md5 checks, readers), their synthetic stand-ins, and the hierarchy's groups (MAXL's auxiliary
+classes under each primary class). load() gives a split as uint8 images and labels; the scripts put them on
+the device (machinery/streams.py) and split them (machinery/splits.py). Used by the five scripts,
+plot_features.py and the benchmarks; the file-streamed large datasets (ImageNet, iNaturalist, ...) are in
 machinery/large_datasets.py.
 
 Each dataset is one `Dataset` record in `DATASETS`, and the download, the md5 checks, the missing-data
@@ -16,11 +16,14 @@ sums, where to fetch them, label columns, normalisation and augmentation.
 """
 import argparse
 import dataclasses
+import gzip
 import importlib.util
 import json
 import os
 import pickle
+import struct
 import sys
+import zlib
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -63,17 +66,27 @@ class Archive:
 
 @dataclasses.dataclass(frozen=True)
 class FileUrls:
-    """Each file is fetched on its own, from base_url + its name, straight into the folder."""
+    """Each file is fetched on its own, from base_url + its name + suffix ('.gz': a gzip-compressed copy),
+    straight into the folder. debian = (package, folder): a Debian package that installs the files there."""
     base_url: str
+    suffix: str = ''
+    debian: Optional[tuple] = None
 
     def downloads(self, ds, root):
-        return [(self.base_url + f, os.path.join(root, ds.folder, f), md5) for f, md5 in ds.files.items()]
+        return [(self.base_url + f + self.suffix, os.path.join(root, ds.folder, f + self.suffix), md5)
+                for f, md5 in ds.files.items()]
 
     def unpack(self, path, root):
         pass
 
     def instructions(self, ds, root):
-        return f'download {", ".join(self.base_url + f for f in ds.files)} into {os.path.join(root, ds.folder)}/'
+        fetch = (f'download {", ".join(self.base_url + f + self.suffix for f in ds.files)} into '
+                 f'{os.path.join(root, ds.folder)}/')
+        if self.debian is None:
+            return fetch
+        package, folder = self.debian
+        return (f'install Debian\'s package {package} (sudo apt-get install {package}) and give --data_root {folder}, '
+                f'or {fetch}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +94,23 @@ class Synthetic:
     """How the stand-in is written: writer(folder, {'train': (images, labels), 'test': ...}) puts the
     generated uint8 images and class labels into the real on-disk format; sizes = (train, test) images
     of the small stand-in, full = those of the real dataset (--synthetic_size full); groups = how many
-    colour/orientation groups the classes share (default: one per class)."""
+    colour/orientation groups the classes share (default: one per class); images(labels, classes, groups,
+    seed) draws the uint8 images the writer takes (default: synthetic_images, colour [N, 3, 32, 32])."""
     writer: Callable
     sizes: tuple
     groups: Optional[int] = None
     full: Optional[tuple] = None
+    images: Optional[Callable] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Everything about one dataset. `files` (name in the folder -> md5) may be empty for a dataset whose
     files are not checked one by one. Labels are [N] for one label column, [N, k] for k columns;
-    `primary` is the column the single-label scripts (SLA, MetaSemi) train on."""
+    `primary` is the column the single-label scripts (SLA, MetaSemi) train on. The official files lie in
+    `folder` under the data root, or in one of `places` (more folders under it, '.' the root itself);
+    `gzipped`: each file may lie gzip-compressed as NAME.gz or unpacked as NAME, and `files` holds the md5
+    of its unpacked bytes (the same whichever archive they came in)."""
     name: str
     folder: str                          # under the data root (or its synthetic/ folder)
     reader: Callable                     # (folder, train) -> (uint8 images [N,3,32,32], int64 labels)
@@ -106,6 +124,8 @@ class Dataset:
     flip: bool = True                    # and random horizontal flip
     synthetic: Optional[Synthetic] = None
     requires: tuple = ()                 # modules its reader and synthetic writer import
+    places: tuple = ()                   # more folders that may hold the official files
+    gzipped: bool = False                # files may be NAME.gz; md5 of the unpacked bytes
 
     @property
     def num_classes(self):
@@ -210,6 +230,79 @@ def read_svhn(folder, train):
     return images, labels
 
 
+# ---- Fashion-MNIST: idx files (the MNIST format), gzip-compressed or not ----
+
+IDX_ADVICE = ('Replace it with the official file (--download fetches it and checks its md5), or, for a synthetic '
+              'stand-in, delete its folder: it is written anew.')
+
+
+def _is_gzip(path):
+    """Whether the file starts with gzip's magic bytes (an idx file starts with two zero bytes)."""
+    with open(path, 'rb') as f:
+        return f.read(2) == b'\x1f\x8b'
+
+
+def gz_or_plain(folder, name):
+    """The path of `name` in `folder` as NAME.gz, else as the unpacked NAME; None when neither is there."""
+    for path in (os.path.join(folder, name + '.gz'), os.path.join(folder, name)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx(path, ndim):
+    """The uint8 array of an idx file (the MNIST format), gzip-compressed or not: a big-endian header (two
+    zero bytes, type 0x08 = unsigned byte, the number of dimensions: 0x00000803 for images, 0x00000801
+    for labels), each dimension's size as a big-endian uint32, then the bytes in row-major order. The
+    magic number, the dimensions and the length are checked: a damaged, truncated or other file is a
+    UserError naming it."""
+    try:
+        with (gzip.open if _is_gzip(path) else open)(path, 'rb') as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f'{path} cannot be decompressed ({e}): the gzip file is truncated or damaged. '
+                        f'{IDX_ADVICE}') from None
+    magic, head = struct.pack('>I', 0x800 + ndim), 4 + 4 * ndim
+    if data[:4] != magic:
+        other = (f' (that of an idx file with {data[3]} dimension(s): another file under this name?)'
+                 if data[:3] == magic[:3] and len(data) >= 4 else '')
+        raise UserError(f'{path} is not an idx file of unsigned bytes with {ndim} dimension(s): it starts with '
+                        f'0x{data[:4].hex()}{other}, not the magic number 0x{magic.hex()}. {IDX_ADVICE}')
+    dims = struct.unpack(f'>{ndim}I', data[4:head]) if len(data) >= head else None
+    size = None if dims is None else head + int(np.prod(dims, dtype=np.int64))
+    if len(data) != size:
+        announced = ('ends inside its header' if dims is None else
+                     f'announces {" x ".join(map(str, dims))} bytes, {size:,} with the header')
+        raise UserError(f'{path} is {len(data):,} bytes long and {announced}: the file is truncated or damaged. '
+                        f'{IDX_ADVICE}')
+    return np.frombuffer(data, np.uint8, offset=head).reshape(dims)
+
+
+def read_fashion_mnist(folder, train):
+    """Fashion-MNIST's idx files (each as NAME.gz or unpacked NAME): uint8 images [N, 3, 32, 32], each
+    grey 28 x 28 image zero-padded by 2 pixels on every side (its background is 0) and repeated into the
+    3 channels the networks take; labels [N] (10 classes)."""
+    split = 'train' if train else 't10k'
+    arrays = {}
+    for kind, ndim in (('images-idx3', 3), ('labels-idx1', 1)):
+        name = f'{split}-{kind}-ubyte'
+        path = gz_or_plain(folder, name)
+        if path is None:
+            raise UserError(f'neither {name}.gz nor {name} is in {folder}/. {IDX_ADVICE}')
+        arrays[kind] = path, read_idx(path, ndim)
+    (images_path, grey), (labels_path, labels) = arrays.values()
+    if grey.shape[1:] != (28, 28):
+        raise UserError(f'{images_path} holds images of {grey.shape[1]} x {grey.shape[2]} pixels, not '
+                        f'Fashion-MNIST\'s 28 x 28. {IDX_ADVICE}')
+    if len(labels) != len(grey) or labels.max(initial=0) >= 10:
+        raise UserError(f'{labels_path} holds {len(labels):,} labels from {labels.min(initial=0)} to '
+                        f'{labels.max(initial=0)}, where the {len(grey):,} images of {images_path} need one of '
+                        f'0..9 each. {IDX_ADVICE}')
+    images = np.zeros((len(grey), 3, 32, 32), dtype=np.uint8)
+    images[:, :, 2:30, 2:30] = grey[:, None]
+    return images, labels.astype(np.int64)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The synthetic stand-in: same files, keys and dtypes as the real data, with learnable structure
 # ----------------------------------------------------------------------------------------------------
@@ -237,6 +330,24 @@ def synthetic_images(fine, n_fine, n_coarse, seed):
     inside = (np.abs(yy - cy[:, None, None]) < 5) & (np.abs(xx - cx[:, None, None]) < 5)
     img = np.where(inside[:, None], np.stack([sq, 1 - sq, sq * 0.5], 1)[:, :, None, None], img)
     img = img + rng.normal(0, 0.08, img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def synthetic_grey_images(labels, n_classes, groups, seed):
+    """uint8 [N, 28, 28] grey images whose class shows, on a black background as Fashion-MNIST's: a centred
+    object of random size and brightness filled with stripes, horizontal for even classes and vertical for
+    odd ones, finer the higher the class (both survive flips and shifts), under noise. `groups` is
+    synthetic_images' argument, unused here."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    n = len(labels)
+    yy, xx = np.meshgrid(np.arange(28), np.arange(28), indexing='ij')
+    freq = 0.35 + 0.8 * (labels // 2) / max(1, (n_classes + 1) // 2 - 1)             # radians per pixel
+    across = np.where((labels % 2 == 0)[:, None, None], yy, xx)
+    stripes = 0.5 + 0.5 * np.sin(freq[:, None, None] * across + rng.uniform(0, 2 * np.pi, (n, 1, 1)))
+    half, centre = rng.integers(7, 13, (n, 2, 1, 1)), 13.5 + rng.integers(-2, 3, (n, 2, 1, 1))
+    inside = (np.abs(yy - centre[:, 0]) <= half[:, 0]) & (np.abs(xx - centre[:, 1]) <= half[:, 1])
+    img = inside * (rng.uniform(0.6, 1, (n, 1, 1)) * (0.2 + 0.8 * stripes) + rng.normal(0, 0.06, (n, 28, 28)))
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -287,8 +398,25 @@ def write_svhn_files(folder, splits):
                          {'X': np.transpose(x, (2, 3, 1, 0)), 'y': mat_y})
 
 
+def write_idx(path, array):
+    """A uint8 array as a gzip-compressed idx file (the header read_idx reads; no time in the gzip header)."""
+    header = struct.pack(f'>I{array.ndim}I', 0x800 + array.ndim, *array.shape)
+    with open(path, 'wb') as f:
+        f.write(gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), 6, mtime=0))
+
+
+def write_fashion_mnist_files(folder, splits):
+    """Fashion-MNIST's four idx files under their official names, gzip-compressed: grey images [N, 28, 28]
+    and labels [N]."""
+    for split, (x, y) in splits.items():
+        prefix = 'train' if split == 'train' else 't10k'
+        write_idx(os.path.join(folder, f'{prefix}-images-idx3-ubyte.gz'), x)
+        write_idx(os.path.join(folder, f'{prefix}-labels-idx1-ubyte.gz'), np.asarray(y, dtype=np.uint8))
+
+
 # ----------------------------------------------------------------------------------------------------
-# The registry (files and md5 sums: the values torchvision checks; mean/std: the MetaSemi code's)
+# The registry (files and md5 sums: the values torchvision checks; mean/std: the MetaSemi code's;
+# Fashion-MNIST's: see its record)
 # ----------------------------------------------------------------------------------------------------
 
 DATASETS = {d.name: d for d in [
@@ -323,6 +451,30 @@ DATASETS = {d.name: d for d in [
         mean=(0.4376821, 0.4437697, 0.47280442), std=(0.19803012, 0.20101562, 0.19703614),
         flip=False,                      # digits: MetaSemi crops SVHN without flipping
         synthetic=Synthetic(write_svhn_files, sizes=(5000, 1000), full=(73257, 26032)), requires=('scipy',)),
+    Dataset(
+        'fashion-mnist', folder='fashion-mnist', reader=read_fashion_mnist,
+        source=FileUrls('http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/', suffix='.gz',
+                        debian=('dataset-fashion-mnist', '/usr/share/datasets/fashion-mnist')),
+        places=('FashionMNIST/raw', '.'),  # torchvision's layout; the root itself (Debian's folder)
+        gzipped=True,
+        # The md5 of the unpacked idx bytes (`gunzip -c FILE | md5sum` of Debian's dataset-fashion-mnist
+        # 0.0~git20200523.55506a9-1), not of an archive: Debian recompresses the .gz files (train images:
+        # cf8536b0aa1a6ac5fa3f23001093305c), torchvision lists the official .gz (8d4fb7e6c68d591d4c3dfef9ec88bf0d).
+        # Checked against the official archives' content: gzip -6 of these bytes, with the official archives'
+        # names and times (1504176606, 1504176627) in the gzip header, gives exactly torchvision's four .gz
+        # md5 (8d4fb7e6..., 25c81989..., bef4ecab..., bb300cfd...); the official label archives of
+        # github.com/zalandoresearch/fashion-mnist unpack to these md5.
+        files={'train-images-idx3-ubyte': 'f4a8712d7a061bf5bd6d2ca38dc4d50a',
+               'train-labels-idx1-ubyte': '9018921c3c673c538a1fc5bad174d6f9',
+               't10k-images-idx3-ubyte': '8181f5470baa50b63fa0f6fddb340f0a',
+               't10k-labels-idx1-ubyte': '15d484375f8d13e6eb1aabb0c3f46965'},
+        label_classes=(10,),
+        # of the 60,000 training images as the networks see them: zero-padded to 32 x 32, in [0, 1], over
+        # every pixel in float64 (population std); the three channels are one. The 28 x 28 images alone:
+        # 0.2860, 0.3530, the values usually quoted.
+        mean=(0.21899983,) * 3, std=(0.33181137,) * 3,
+        synthetic=Synthetic(write_fashion_mnist_files, sizes=(5000, 1000), full=(60000, 10000),
+                            images=synthetic_grey_images)),
 ]}
 
 
@@ -343,18 +495,47 @@ def _require(ds, doing):
         raise UserError(f'{doing} {ds.name} needs {", ".join(missing)}: pip install {" ".join(missing)}')
 
 
-def _missing_message(ds, root, missing):
-    return (f'{ds.name} data not found: {", ".join(missing)} missing in {os.path.join(root, ds.folder)}/. '
-            f'Either {ds.source.instructions(ds, root)}, or rerun with --download to fetch and check it '
-            f'automatically, or use --synthetic to train on the small synthetic stand-in instead.')
+def _missing_message(ds, root, folder, missing):
+    how = (f'Either {ds.source.instructions(ds, root)}, or rerun with --download to fetch and check it '
+           f'automatically, or use --synthetic to train on the small synthetic stand-in instead.')
+    if not ds.places:
+        return f'{ds.name} data not found: {", ".join(missing)} missing in {folder}/. {how}'
+    places = [p + '/' for p in _places(ds, root)]
+    partly = f'; {folder}/ lacks {", ".join(missing)}' if len(missing) < len(ds.files) else ''
+    return (f'{ds.name} data not found: no folder holds all of {", ".join(ds.files)}'
+            f'{" (each as NAME.gz or unpacked NAME)" if ds.gzipped else ""}: looked in {", ".join(places[:-1])} '
+            f'and {places[-1]}{partly}. {how}')
+
+
+def file_md5(ds, path):
+    """The md5 `ds.files` records for the file at `path`: of its bytes, or, for a gzipped record's file in
+    gzip format, of the bytes it decompresses to; None when that gzip file cannot be decompressed."""
+    try:
+        return md5sum(path, gunzip=ds.gzipped and _is_gzip(path))
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return None
+
+
+def _md5_words(ds, path, got, md5):
+    """What file_md5 found against the expected md5, for a message: 'has md5 ..., expected ...', 'unpacks
+    to bytes with md5 ...' (a gzip file of a gzipped record) or that it cannot be decompressed (None)."""
+    if got is None:
+        return f'cannot be decompressed (a truncated or damaged gzip file; the official one unpacks to md5 {md5})'
+    return f'{"unpacks to bytes with" if ds.gzipped and _is_gzip(path) else "has"} md5 {got}, expected {md5}'
 
 
 def download(name, root=DATA_ROOT):
-    """Fetch the official files of `name` into `root` (as its source says), check their md5, unpack."""
+    """Fetch the official files of `name` into `root` (as its source says), check their md5, unpack.
+    Nothing is fetched when they are all in one of the record's places with their md5."""
     ds = record(name)
+    try:
+        check_files(name, root)
+        return
+    except UserError:
+        pass
     os.makedirs(root, exist_ok=True)
     for url, dest, md5 in ds.source.downloads(ds, root):
-        if os.path.isfile(dest) and md5sum(dest) == md5:
+        if os.path.isfile(dest) and file_md5(ds, dest) == md5:
             continue
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         part = dest + '.part'
@@ -367,17 +548,44 @@ def download(name, root=DATA_ROOT):
                 os.remove(part)
             raise UserError(f'could not download {url} ({e}). This machine may have no internet access: '
                             f'fetch the file elsewhere and place it at {dest}, or use --synthetic.') from None
-        got = md5sum(part)
+        got = file_md5(ds, part)
         if got != md5:
+            words = _md5_words(ds, part, got, md5)
             os.remove(part)
-            raise UserError(f'the download of {url} has md5 {got}, expected {md5}: the file is corrupt or '
-                            f'not the official one. Try again, or place the official file at {dest}.')
+            raise UserError(f'the download of {url} {words}: the file is corrupt or not the official one. '
+                            f'Try again, or place the official file at {dest}.')
         os.replace(part, dest)
         ds.source.unpack(dest, root)
 
 
-def _missing_files(ds, root, names):
-    return [f for f in names if not os.path.isfile(os.path.join(root, ds.folder, f))]
+def _file_path(ds, folder, name):
+    """Where file `name` of `ds` lies in `folder` (a gzipped record's as NAME.gz, else NAME), or None."""
+    if ds.gzipped:
+        return gz_or_plain(folder, name)
+    path = os.path.join(folder, name)
+    return path if os.path.isfile(path) else None
+
+
+def _missing_files(ds, folder, names):
+    return [f for f in names if _file_path(ds, folder, f) is None]
+
+
+def _places(ds, root):
+    """The folders that may hold the official files of `ds` under `root`: its folder, then its other places."""
+    return [os.path.join(root, ds.folder)] + [os.path.normpath(os.path.join(root, p)) for p in ds.places]
+
+
+def _wrong_file(ds, root, folder, path, got, md5):
+    """The UserError message of an official file whose md5 is not the record's."""
+    if not ds.gzipped:
+        return (f'{path} has md5 {got}, expected {md5}: the file is corrupt or not the official one. Delete '
+                f'{folder}/ and unpack the official archive again, or rerun with --download.')
+    fix = (f'delete it and rerun with --download, which fetches the official file into '
+           f'{os.path.join(root, ds.folder)}/ and checks it')
+    if getattr(ds.source, 'debian', None):
+        fix += (f', or, if it is the copy Debian\'s package installed, reinstall that (sudo apt-get install '
+                f'--reinstall {ds.source.debian[0]})')
+    return f'{path} {_md5_words(ds, path, got, md5)}: it is damaged or not the official one. Replace it: {fix}.'
 
 
 def stand_in_damaged(ds, root, what):
@@ -393,25 +601,31 @@ def stand_in_damaged(ds, root, what):
 
 def check_files(name, root, expected=None, synthetic=False):
     """Every file of `name` (or of `expected`: name -> md5) present with its md5; else a UserError
-    naming the source and the folder (synthetic: the stand-in's own md5 list, and its own advice)."""
+    naming the source and the folder (synthetic: the stand-in's own md5 list, and its own advice).
+    Returns the folder that holds them: the official files are looked for in each of the record's places
+    (the first that holds them all), the stand-in's in its folder."""
     ds = record(name)
     expected = ds.files if expected is None else expected
-    folder = os.path.join(root, ds.folder)
-    missing = _missing_files(ds, root, expected)
-    if missing:
-        if synthetic:
+    if synthetic:
+        folder = os.path.join(root, ds.folder)
+        missing = _missing_files(ds, folder, expected)
+        if missing:
             raise stand_in_damaged(ds, root, f'{", ".join(missing)} missing (its md5.json lists '
                                              f'{", ".join(expected)})')
-        raise UserError(_missing_message(ds, root, missing))
+    else:
+        folder, missing = min(((p, _missing_files(ds, p, expected)) for p in _places(ds, root)),
+                              key=lambda place: len(place[1]))        # the first of those that miss least
+        if missing:
+            raise UserError(_missing_message(ds, root, folder, missing))
     for f, md5 in expected.items():
-        got = md5sum(os.path.join(folder, f))
+        path = _file_path(ds, folder, f)
+        got = md5sum(path) if synthetic else file_md5(ds, path)
         if got != md5 and synthetic:
             raise stand_in_damaged(ds, root, f'{f} has md5 {got}, not the {md5} its md5.json recorded when it was '
                                              'written')
         if got != md5:
-            raise UserError(f'{os.path.join(folder, f)} has md5 {got}, expected {md5}: the file is corrupt or '
-                            f'not the official one. Delete {folder}/ and unpack the official archive again, '
-                            f'or rerun with --download.')
+            raise UserError(_wrong_file(ds, root, folder, path, got, md5))
+    return folder
 
 
 def check_data_present(name, root, synthetic, download_missing):
@@ -456,8 +670,8 @@ def load(name, root=DATA_ROOT, train=True, synthetic=False, download_missing=Fal
         ensure_synthetic(root, [name], full=synthetic == 'full')
     elif download_missing:
         download(name, root)
-    check_files(name, root, _synthetic_md5(ds, root) if synthetic else None, synthetic=bool(synthetic))
-    return ds.reader(os.path.join(root, ds.folder), train)
+    folder = check_files(name, root, _synthetic_md5(ds, root) if synthetic else None, synthetic=bool(synthetic))
+    return ds.reader(folder, train)
 
 
 def load_both(name, root=DATA_ROOT, synthetic=False, download_missing=False):
@@ -484,13 +698,14 @@ def write_synthetic(name, root, seed=0, sizes=None):
     folder = os.path.join(root, ds.folder)
     os.makedirs(folder, exist_ok=True)
     n_cls = ds.num_classes
+    images = ds.synthetic.images or synthetic_images
     splits = {}
     chunk = 10000                           # images drawn at a time (a full-size set in bounded memory)
     for split, n in (('train', n_train), ('test', n_test)):
         fine = _balanced_labels(n, n_cls, rng)
         base = seed + (1 if split == 'train' else 2)
-        splits[split] = (np.concatenate([synthetic_images(fine[i:i + chunk], n_cls, ds.synthetic.groups or n_cls,
-                                                          base + 7919 * (i // chunk))
+        splits[split] = (np.concatenate([images(fine[i:i + chunk], n_cls, ds.synthetic.groups or n_cls,
+                                                base + 7919 * (i // chunk))
                                          for i in range(0, n, chunk)]), fine)
     ds.synthetic.writer(folder, splits)
     sums = {f: md5sum(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != 'md5.json'}

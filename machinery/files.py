@@ -4,7 +4,8 @@
                                     the OS's words, the bytes needed and advice that fits the run's state
                                     (checkpoints, utils.RunLog, the split and class lists of the data files)
   write_indices, write_lines        the lists a run keeps in its folder (splits, classes, auxiliary labels)
-  md5sum                            the md5 of a data file (remembered per path, size and time)
+  md5sum                            the md5 of a data file, or of the bytes a gzip file holds (remembered per
+                                    path, size and time)
   safe_unpickle                     a CIFAR pickle (official or stand-in) read with an unpickler that allows
                                     only what those files hold (create_dataset)
   dataset_root, SYNTHETIC_DIR       where the official files and the synthetic stand-ins lie under a data root
@@ -13,6 +14,7 @@
 
 Plain Python and numpy; nothing here imports torch.
 """
+import gzip
 import hashlib
 import json
 import os
@@ -107,15 +109,17 @@ def write_lines(path, lines):
     atomic_write_text(path, ''.join(f'{line}\n' for line in lines))
 
 
-_MD5_SEEN = {}      # (path, size, mtime) -> md5: a file checked before its run folder is made is not read twice
+_MD5_SEEN = {}      # (path, size, mtime, gunzip) -> md5: a file checked before its run folder is made is not read twice
 
 
-def md5sum(path, chunk=1 << 20):
+def md5sum(path, chunk=1 << 20, gunzip=False):
+    """The md5 of the file's bytes; gunzip=True: of the bytes the gzip file decompresses to (a damaged one
+    raises gzip's OSError, EOFError or zlib.error)."""
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, gunzip)
     if key not in _MD5_SEEN:       # hashlib, not torchvision's helper: importing torchvision costs 3-4 s a run
         digest = hashlib.md5(usedforsecurity=False)
-        with open(path, 'rb') as f:
+        with (gzip.open if gunzip else open)(path, 'rb') as f:
             for block in iter(lambda: f.read(chunk), b''):
                 digest.update(block)
         _MD5_SEEN[key] = digest.hexdigest()

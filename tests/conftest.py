@@ -55,6 +55,20 @@ def tiny_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture
+def http_server(tmp_path):
+    """An HTTP server on localhost serving tmp_path/server (what the downloader sees of a real site)."""
+    import functools
+    import http.server
+    import threading
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / 'server'))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_address[1]}/'
+    server.shutdown()
+
+
 def run_script(script, *args, timeout=240):
     """Run a project script as a user would; returns the CompletedProcess (text output)."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))   # no spin-wait fights

@@ -211,20 +211,6 @@ def _write_tiny(folder, splits):
         np.save(os.path.join(folder, f'{split}_y.npy'), np.asarray(y, dtype=np.int64))
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """An HTTP server on localhost serving tmp_path/server (what the downloader sees of a real site)."""
-    import functools
-    import http.server
-    import threading
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / 'server'))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{server.server_address[1]}/'
-    server.shutdown()
-
-
 @pytest.fixture(params=['file_urls', 'archive'])
 def tiny(request, tmp_path, monkeypatch, http_server):
     """A dataset known only to this test: one record (with its reader and writer above) registered in

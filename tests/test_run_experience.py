@@ -66,7 +66,8 @@ def test_full_size_stand_in_has_the_real_sizes_and_formats(tmp_path):
     assert batch['data'].shape == (10000, 3072) and len(batch['labels']) == 10000
     assert not os.path.exists(os.path.join(root, 'synthetic'))     # the small stand-in is apart
     sizes = {n: d.synthetic.full for n, d in create_dataset.DATASETS.items()}
-    assert sizes == {'cifar100': (50000, 10000), 'cifar10': (50000, 10000), 'svhn': (73257, 26032)}
+    assert sizes == {'cifar100': (50000, 10000), 'cifar10': (50000, 10000), 'svhn': (73257, 26032),
+                     'fashion-mnist': (60000, 10000)}
 
 
 def test_the_seed_cifar100_line_is_accepted_on_the_full_stand_in(tmp_path):
