@@ -2,10 +2,12 @@
 primary task (level 2, 20 classes) together with auxiliary labels (level 3's 100 classes: 5 under each
 primary class): the human-defined finer labels of 4-level CIFAR-100 (Human), or an assignment of every
 training image to one of its primary class's auxiliary classes, drawn at random (Random) or by k-means
-clusters of autoencoder features inside each primary class (K-means).
+clusters of autoencoder features inside each primary class (K-means). On a dataset without a hierarchy
+(--dataset), Random and K-means give each primary class --psi auxiliary classes.
 
     python model_vgg_human.py                                  # the paper's setting (real CIFAR-100)
     python model_vgg_human.py --aux_labels kmeans              # the K-means baseline (random: Random)
+    python model_vgg_human.py --dataset cifar10 --aux_labels random --psi 5
     python model_vgg_human.py --synthetic --epochs 3 --width 0.125
 """
 import os
@@ -19,16 +21,20 @@ import torch.nn.functional as F
 import create_dataset
 from create_dataset import check_levels, hierarchy_groups
 from machinery.models import VGG16, AutoEncoder, accuracy_count
-from machinery.options import UserError, check_positive, hyperparameters, stand_in
+from machinery.options import UserError, check_positive, hyperparameters
 from machinery.streams import STREAM_STRIDE, DeviceData, device_generator, stream_seed
 import model_vgg_single
-from model_vgg_single import MEAN, STD, fit, focal_loss
+from model_vgg_single import (check_hierarchy, fit, focal_loss, has_hierarchy, load_columns, n_classes,
+                              normalisation, place, psi_per_class)
 from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
-primary_level = 2          # label levels: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
-aux_level = 3              # must refine primary_level; primary class i gets as many auxiliary classes as this level has under it
-aux_labels = 'human'       # human: the hierarchy's level-aux_level labels; random: one class of the image's group drawn uniformly; kmeans: k-means clusters of autoencoder features inside each primary class
+dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+primary_level = 2          # cifar100: label levels 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+aux_level = 3              # cifar100: must refine primary_level; primary class i gets as many auxiliary classes as this level has under it
+num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
+psi = [5]                  # a dataset without a hierarchy: auxiliary classes per primary class (one value for all, or one per class)
+aux_labels = 'human'       # human (cifar100): the hierarchy's level-aux_level labels; random: one class of the image's group drawn uniformly; kmeans: k-means clusters of autoencoder features inside each primary class
 width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
 epochs = 200
 batch_size = 100
@@ -45,23 +51,35 @@ kmeans_n_init = 10         # kmeans: k-means restarts per primary class (scikit-
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 AUX_LABELS = ['human', 'random', 'kmeans']
-CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'aux_labels': AUX_LABELS}
-AUX = 4                    # Random, K-means: the column of the training labels that holds the assignment
+CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'aux_labels': AUX_LABELS,
+           'dataset': list(create_dataset.DATASETS)}
 
 
-def check(cfg):
-    check_levels(cfg.primary_level, cfg.aux_level)
-    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
+def check(cfg, typed):
+    check_hierarchy(cfg, typed)
+    if has_hierarchy(cfg.dataset):
+        check_levels(cfg.primary_level, cfg.aux_level)
+    elif cfg.aux_labels == 'human':
+        raise UserError(f'--aux_labels human takes the finer labels of CIFAR-100\'s hierarchy, and --dataset '
+                        f'{cfg.dataset} has none: use --aux_labels random or kmeans (with --psi auxiliary classes per '
+                        'class), or --dataset cifar100.')
+    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step', 'num_samples_per_class',
+                   allow_zero=('num_samples_per_class',))
     if cfg.aux_labels == 'kmeans':
         check_positive(cfg, 'ae_width', 'ae_code', 'ae_epochs', 'ae_batch_size', 'ae_lr', 'kmeans_n_init')
         if not cfg.resume:                         # a resumed run reads its labels back: no clustering
             require_sklearn()
-    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
 
 
 # ---- Random and K-means: every training image gets one auxiliary class of its primary class's group ----
 
 AUX_LABELS_FILE = 'aux_labels.txt'     # in the run folder, line k: the auxiliary class of training image k
+
+
+def psi_groups(psi):
+    """A dataset without a hierarchy: primary class i's auxiliary classes are the next psi[i] of sum(psi)."""
+    start = np.cumsum([0] + list(psi))
+    return [np.arange(start[i], start[i + 1]) for i in range(len(psi))]
 
 
 def group_class(groups, primary, slot):
@@ -167,7 +185,7 @@ def autoencoder_features(images, cfg, device, log):
     ae_epochs with Adam on the mean squared reconstruction error; return the codes of all of them, in
     order ([N, ae_code], float64). Seeded with its own streams: the global random state is left as it
     was, so the multi-task network starts from the same weights as the same seed's Human run."""
-    data = DeviceData(images, np.zeros(len(images), dtype=np.int64), device, MEAN, STD)
+    data = DeviceData(images, np.zeros(len(images), dtype=np.int64), device, *normalisation(cfg.dataset))
     seed = stream_seed(cfg.seed, STREAM_STRIDE - 1)           # a stream no epoch uses
     devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
@@ -206,7 +224,7 @@ def train_step(net, x, y1, y2, optimizer):
 
 UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.PAPER, model_vgg_single.TIME_NOTE,
                                        model_vgg_single.run_seconds)
-HEADLINE = ['primary_level', 'aux_level', 'width']
+HEADLINE = ['primary_level', 'aux_level', 'psi', 'num_samples_per_class', 'width']
 METHOD_OPTIONS = ['aux_labels']
 OLDER_RUNS = {'aux_labels': 'human'}       # a run from before --aux_labels trained Human
 
@@ -217,17 +235,20 @@ def reported(cfg):
 
 
 def unused_options(cfg):
-    """The autoencoder's options: K-means only."""
-    return set() if cfg.get('aux_labels') == 'kmeans' else {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
+    """The autoencoder's options: K-means only; the hierarchy's levels or psi, whichever the dataset does not use."""
+    out = set() if cfg.get('aux_labels') == 'kmeans' else {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
+    out |= {'psi'} if has_hierarchy(cfg.get('dataset', 'cifar100')) else {'primary_level', 'aux_level'}
+    return out & set(cfg)
 
 
 def main(argv=None):
     cfg, cli = read_config('model_vgg_human', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
-    check(cfg)
-    pri, aux = cfg.primary_level, cfg.aux_level
-    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
-    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
-    groups = hierarchy_groups(train_y, pri, aux)          # primary class i -> its auxiliary classes
+    check(cfg, cli.typed)
+    train_x, train_y, test_x, test_y, pri = load_columns(cfg)
+    if has_hierarchy(cfg.dataset):                        # primary class i -> its auxiliary classes
+        aux, groups = cfg.aux_level, hierarchy_groups(train_y, pri, cfg.aux_level)
+    else:
+        aux, groups = None, psi_groups(psi_per_class(cfg.psi, n_classes(cfg, pri)))
 
     run = Run('model_vgg_human', cfg, cli)
     # Human: the hierarchy's labels, scored on the test set too. Random / K-means: the run's assignment as
@@ -235,12 +256,11 @@ def main(argv=None):
     # the comparison is on the primary task), so only the primary head is tested.
     columns, tested = (pri, aux), (pri, aux)
     if cfg.aux_labels != 'human':
-        train_y = np.concatenate([train_y, auxiliary_labels(run, train_x, train_y[:, pri], groups)[:, None]], axis=1)
-        columns, tested = (pri, AUX), (pri,)
-    train = DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)
-    test = DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
-    net = run.network(VGG16({'classifier1': create_dataset.LEVEL_CLASSES[pri],
-                             'classifier2': create_dataset.LEVEL_CLASSES[aux]}, cfg.width))
+        assigned = auxiliary_labels(run, train_x, train_y[:, pri], groups)
+        columns, tested = (pri, train_y.shape[1]), (pri,)
+        train_y = np.concatenate([train_y, assigned[:, None]], axis=1)
+    train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)
+    net = run.network(VGG16({'classifier1': n_classes(cfg, pri), 'classifier2': sum(len(g) for g in groups)}, cfg.width))
     fit(run, net, train, test, train_step, columns, tested)      # as Single, with the second head's loss added
 
 

@@ -6,6 +6,7 @@ generator is trained by the meta-gradient of the primary loss through one SGD st
 network: exact (second order, --meta_order 2) or by finite differences (first order, --meta_order 1).
 
     python model_vgg_maxl.py                                   # the paper's setting (real CIFAR-100)
+    python model_vgg_maxl.py --dataset cifar10 --psi 5         # another dataset: psi auxiliary classes per class
     python model_vgg_maxl.py --synthetic --epochs 3 --width 0.125
 """
 import sys
@@ -21,10 +22,10 @@ from create_dataset import hierarchy_psi
 from machinery.distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
 from machinery.fast_paths import eager, float32_meta
 from machinery.models import VGG16, accuracy_count, forward_with
-from machinery.options import UserError, check_positive, hyperparameters, stand_in
-from machinery.streams import DeviceData
+from machinery.options import UserError, check_positive, hyperparameters
 import model_vgg_single
-from model_vgg_single import MEAN, STD, epoch_line, evaluate, finish, focal_loss
+from model_vgg_single import (check_hierarchy, epoch_line, evaluate, finish, focal_loss, has_hierarchy, load_columns,
+                              place, psi_per_class)
 from utils import Meters, Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -35,9 +36,11 @@ gen_lr = 1e-3              # label generator: SGD with weight decay
 gen_weight_decay = 5e-4
 lr_step = 50               # both learning rates are halved every lr_step epochs
 lr_gamma = 0.5
-psi = [5] * 20             # auxiliary classes per primary class (len = primary classes)
-primary_level = 2          # label level of the primary task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
-aux_level = 0              # 1, 2 or 3 (finer than primary_level): psi = the number of that level's classes under each primary class, as Human's head; 0: psi as given
+dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+psi = [5] * 20             # auxiliary classes per primary class (one per primary class, or one value for all); another dataset: 5 per class unless given
+primary_level = 2          # cifar100: label level of the primary task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
+aux_level = 0              # cifar100: 1, 2 or 3 (finer than primary_level): psi = the number of that level's classes under each primary class, as Human's head; 0: psi as given
 entropy_weight = 0.2       # weight of the generator's entropy regulariser
 meta_order = 2             # 2: exact second-order meta-gradient; 1: finite-difference first order
 second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode) or 'double_backward' (same value)
@@ -47,34 +50,33 @@ width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'meta_order': [1, 2],
-           'second_order': ['jvp', 'double_backward']}
+           'second_order': ['jvp', 'double_backward'], 'dataset': list(create_dataset.DATASETS)}
 
 
 
-def hierarchy_sizes(cfg, typed):
-    """--aux_level L > 0: psi is the hierarchy's (hierarchy_psi), the auxiliary sizes of the Human,
-    Random and K-means runs of the same pair. A --psi typed with it must be that same list: one of the
-    two says what psi is, and a different one is refused rather than silently dropped."""
-    if not cfg.aux_level:
-        return
-    sizes = hierarchy_psi(cfg.primary_level, cfg.aux_level)
-    if 'psi' in typed and cfg.psi != sizes:
-        raise UserError(f'--psi {",".join(map(str, cfg.psi))} and --aux_level {cfg.aux_level} disagree: with '
-                        f'--aux_level, psi is the hierarchy\'s {",".join(map(str, sizes))} (the level-{cfg.aux_level} '
-                        f'classes under each level-{cfg.primary_level} class). Give one of the two: drop --psi, or '
-                        'drop --aux_level to train with your psi.')
-    cfg.psi = sizes
+def choose_psi(cfg, typed):
+    """The auxiliary classes of a new run: on CIFAR-100 with --aux_level L > 0, the hierarchy's (hierarchy_psi,
+    the auxiliary sizes of the Human, Random and K-means runs of the same pair; a --psi typed with it must be
+    that same list: one of the two says what psi is, and a different one is refused rather than silently
+    dropped); on another dataset 5 per class unless --psi is given; a single value is every class's."""
+    if cfg.aux_level and has_hierarchy(cfg.dataset):
+        sizes = hierarchy_psi(cfg.primary_level, cfg.aux_level)
+        if 'psi' in typed and cfg.psi != sizes:
+            raise UserError(f'--psi {",".join(map(str, cfg.psi))} and --aux_level {cfg.aux_level} disagree: with '
+                            f'--aux_level, psi is the hierarchy\'s {",".join(map(str, sizes))} (the level-{cfg.aux_level} '
+                            f'classes under each level-{cfg.primary_level} class). Give one of the two: drop --psi, or '
+                            'drop --aux_level to train with your psi.')
+        cfg.psi = sizes
+    primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
+    n_primary = create_dataset.DATASETS[cfg.dataset].label_classes[primary]
+    cfg.psi = psi_per_class(cfg.psi if has_hierarchy(cfg.dataset) or 'psi' in typed else [5], n_primary)
 
 
-def check(cfg):
-    n_primary = create_dataset.LEVEL_CLASSES[cfg.primary_level]
-    if len(cfg.psi) != n_primary or min(cfg.psi) < 1:
-        raise UserError(f'bad psi {cfg.psi}: it needs one positive entry per primary class, i.e. {n_primary} '
-                        f'entries for primary level {cfg.primary_level}; sum(psi) is then the number of '
-                        f'auxiliary classes. Example: --psi 5x{n_primary} (5 auxiliary classes per primary class).')
+def check(cfg, typed):
+    check_hierarchy(cfg, typed)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
-                   'gen_weight_decay', 'entropy_weight', allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight'))
-    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
+                   'gen_weight_decay', 'entropy_weight', 'num_samples_per_class',
+                   allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight', 'num_samples_per_class'))
 
 
 # ---- the two networks ------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def meta_step(net, gen, x, y, mask, optimizer, gen_optimizer, cfg):
 
 UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.PAPER, model_vgg_single.TIME_NOTE,
                                        model_vgg_single.run_seconds)
-HEADLINE = ['primary_level', 'psi', 'width']
+HEADLINE = ['primary_level', 'psi', 'num_samples_per_class', 'width']
 METHOD_OPTIONS = ['meta_order', 'second_order']
 
 
@@ -379,21 +381,20 @@ def unused_options(cfg):
     """The options that do not decide a run's numbers: only the exact meta-gradient has two forms
     (second_order), only the first order a step (fd_eps); psi says what a run computes (--aux_level only sets
     it); cos_every changes what is logged."""
-    return {'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} & set(cfg)
+    hierarchy = set() if has_hierarchy(cfg.get('dataset', 'cifar100')) else {'primary_level'}
+    return ({'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} | hierarchy) & set(cfg)
 
 
 def main(argv=None):
     cfg, cli = read_config('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
-    hierarchy_sizes(cfg, cli.typed)                # --aux_level: psi from the hierarchy
-    check(cfg)
-    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
-    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
+    check(cfg, cli.typed)
+    if not cli.resumed:
+        choose_psi(cfg, cli.typed)                 # the auxiliary classes per primary class
+    train_x, train_y, test_x, test_y, level = load_columns(cfg)
 
     run = Run('model_vgg_maxl', cfg, cli)
-    dev, level = run.device, cfg.primary_level
-    # the whole uint8 dataset on the device; crop/flip/normalise per batch
-    train = DeviceData(train_x, train_y, dev, MEAN, STD, shard=run.shard)
-    test = DeviceData(test_x, test_y, dev, MEAN, STD, shard=run.shard)
+    dev = run.device
+    train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)   # on the device, whole
     gen = run.network(label_generator(cfg.psi, cfg.width))
     net = run.network(multi_task_network(cfg.psi, cfg.width))
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward

@@ -1,19 +1,22 @@
-"""Single: the MAXL paper's single-task baseline, VGG-16 trained on the primary task of 4-level CIFAR-100.
-Also the MAXL paper's training loop (fit), its focal loss and its evaluation, which model_vgg_human.py and
-model_vgg_maxl.py use too.
+"""Single: the MAXL paper's single-task baseline, VGG-16 trained on the primary task of 4-level CIFAR-100
+(or on the classes of another dataset: --dataset). Also the MAXL paper's data, training loop (fit), focal
+loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too.
 
     python model_vgg_single.py                                 # the paper's setting (real CIFAR-100)
+    python model_vgg_single.py --dataset fashion-mnist --data_root /usr/share/datasets/fashion-mnist
     python model_vgg_single.py --synthetic --epochs 3 --width 0.125
 """
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import create_dataset
+from machinery import splits
 from machinery.distributed import all_reduce_sum
 from machinery.models import VGG16, accuracy_count
-from machinery.options import check_positive, hyperparameters, stand_in
+from machinery.options import UserError, check_positive, hyperparameters, stand_in
 from machinery.streams import DeviceData
 from utils import Run, read_config, run_main
 
@@ -23,19 +26,80 @@ batch_size = 100
 lr = 0.01                  # plain SGD
 lr_step = 50               # the learning rate is halved every lr_step epochs
 lr_gamma = 0.5
-primary_level = 2          # label level of the task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+primary_level = 2          # cifar100: label level of the task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
+num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
 width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'primary_level': [0, 1, 2, 3]}
+CHOICES = {'primary_level': [0, 1, 2, 3], 'dataset': list(create_dataset.DATASETS)}
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation
+MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation (CIFAR-100; another dataset: its own)
 HEADS = {'': 'PRI', 'aux_': 'AUX'}                # the metrics of head k are named with prefix k: loss, aux_loss
+HIERARCHY = ('primary_level', 'aux_level')        # the options that pick levels of CIFAR-100's hierarchy
 
 
-def check(cfg):
-    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step')
-    create_dataset.check_data_present('cifar100', cfg.data_root, stand_in(cfg), cfg.download)
+def check(cfg, typed):
+    check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step', 'num_samples_per_class',
+                   allow_zero=('num_samples_per_class',))
+    check_hierarchy(cfg, typed)
+
+
+# ---- the MAXL paper's data: a dataset's label columns, on the device ----------------------------------------
+
+def has_hierarchy(dataset):
+    return len(create_dataset.DATASETS[dataset].label_classes) > 1
+
+
+def check_hierarchy(cfg, typed):
+    """The hierarchy's options go with a dataset that has one (CIFAR-100)."""
+    given = [name for name in HIERARCHY if name in typed]
+    if given and not has_hierarchy(cfg.dataset):
+        raise UserError(f'--{given[0]} picks a level of CIFAR-100\'s label hierarchy, and --dataset {cfg.dataset} has '
+                        f'none (one label per image, {create_dataset.DATASETS[cfg.dataset].num_classes} classes, the '
+                        f'primary task): drop --{given[0]}, or train on --dataset cifar100.')
+
+
+def load_columns(cfg):
+    """(train images, train label columns [N, k], test images, test label columns, the primary column): CIFAR-100's
+    four hierarchy levels (the primary column is --primary_level), another dataset's one column; the training
+    images cut to --num_samples_per_class of every primary class (a seeded draw, the same again on --resume)."""
+    train_x, train_y = create_dataset.load(cfg.dataset, cfg.data_root, True, stand_in(cfg), cfg.download)
+    test_x, test_y = create_dataset.load(cfg.dataset, cfg.data_root, False, stand_in(cfg), cfg.download)
+    primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
+    if not has_hierarchy(cfg.dataset):
+        train_y, test_y = train_y[:, None], test_y[:, None]
+    if cfg.num_samples_per_class:
+        keep = splits.samples_per_class(np.arange(len(train_y)), train_y[:, primary], cfg.num_samples_per_class, cfg.seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    return train_x, train_y, test_x, test_y, primary
+
+
+def normalisation(dataset):
+    """(mean, std) of the networks' inputs: the original's on CIFAR-100, the dataset's own otherwise."""
+    return (MEAN, STD) if dataset == 'cifar100' else create_dataset.DATASETS[dataset].normalisation
+
+
+def place(x, y, cfg, run):
+    """Images and label columns whole on the run's device, cropped and flipped per batch as the dataset's record
+    says, normalised (see normalisation)."""
+    record = create_dataset.DATASETS[cfg.dataset]
+    return DeviceData(x, y, run.device, *normalisation(cfg.dataset), pad=record.pad, flip=record.flip, shard=run.shard)
+
+
+def psi_per_class(psi, n_primary):
+    """Auxiliary classes per primary class: psi as given (one entry per primary class), or one value for all."""
+    psi = list(psi) * n_primary if len(psi) == 1 else list(psi)
+    if len(psi) != n_primary or min(psi) < 1:
+        raise UserError(f'bad psi {psi}: it needs one positive entry per primary class ({n_primary} here), or one '
+                        f'value for all of them; sum(psi) is then the number of auxiliary classes. Example: --psi 5 '
+                        f'(5 auxiliary classes per primary class), or --psi 5x{n_primary}.')
+    return psi
+
+
+def n_classes(cfg, column):
+    """The classes of a label column of cfg.dataset (CIFAR-100: of its level `column`)."""
+    return create_dataset.DATASETS[cfg.dataset].label_classes[column]
 
 
 # ---- the MAXL paper's loss, step and evaluation ---------------------------------------------------------
@@ -144,7 +208,7 @@ def finish(run):
 
 UNIT = 'epochs'                # what the first column of metrics.csv counts (numbered from 0)
 PAPER = 'MAXL (NeurIPS 2019)'  # the runs of one paper share a panel of results.py's plot
-HEADLINE = ['primary_level', 'width']          # the settings a results row always shows
+HEADLINE = ['primary_level', 'num_samples_per_class', 'width']          # the settings a results row always shows (with the dataset)
 METHOD_OPTIONS = []                            # the settings the method's name says
 TIME_NOTE = 'the sum of metrics.csv `seconds` (each epoch: training, the meta pass for MAXL, test)'
 
@@ -155,8 +219,9 @@ def reported(cfg):
 
 
 def unused_options(cfg):
-    """The options of `cfg` (config.json's dict) that do not decide a run's numbers: none."""
-    return set()
+    """The options of `cfg` (config.json's dict) that do not decide a run's numbers: the hierarchy's, on a dataset
+    without one."""
+    return set() if has_hierarchy(cfg.get('dataset', 'cifar100')) else set(HIERARCHY) & set(cfg)
 
 
 def run_seconds(rows, log=''):
@@ -166,16 +231,13 @@ def run_seconds(rows, log=''):
 
 def main(argv=None):
     cfg, cli = read_config('model_vgg_single', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
-    check(cfg)
-    train_x, train_y = create_dataset.load('cifar100', cfg.data_root, True, stand_in(cfg), cfg.download)
-    test_x, test_y = create_dataset.load('cifar100', cfg.data_root, False, stand_in(cfg), cfg.download)
+    check(cfg, cli.typed)
+    train_x, train_y, test_x, test_y, primary = load_columns(cfg)
 
     run = Run('model_vgg_single', cfg, cli)
-    train = DeviceData(train_x, train_y, run.device, MEAN, STD, shard=run.shard)   # on the device, whole
-    test = DeviceData(test_x, test_y, run.device, MEAN, STD, shard=run.shard)
-    level = cfg.primary_level
-    net = run.network(VGG16({'classifier': create_dataset.LEVEL_CLASSES[level]}, cfg.width))
-    fit(run, net, train, test, train_step, columns=(level,))
+    train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)     # on the device, whole
+    net = run.network(VGG16({'classifier': n_classes(cfg, primary)}, cfg.width))
+    fit(run, net, train, test, train_step, columns=(primary,))
 
 
 if __name__ == '__main__':

@@ -426,14 +426,17 @@ def paper_text(exp, row, columns):
     return '; '.join(f'{c}: {v}' for c, v in known) + (f'; {", ".join(rest)}: {NOT_PUBLISHED}' if rest else '')
 
 
-def experiment_report(experiment, runs_dir, quick):
-    """Write <runs_dir>/results.md (and the figure, where the paper has one); return the table's text."""
-    exp = EXPERIMENTS[experiment]
-    done, unfinished = finished_runs(experiment, runs_dir)
-    columns = list(dict.fromkeys(c for row in exp['table'].values() for c in row))
-    unit = 'test error, %' if exp['measure'] == 'error' else 'test accuracy, %'
+def tables_of(exp):
+    """An experiment's tables: its `tables` (each with title, table, measure, paper), or its one `table`."""
+    return exp.get('tables') or [dict(title='', table=exp['table'], measure=exp['measure'], paper=exp['paper'])]
+
+
+def table_text(part, done, unfinished):
+    """One table of an experiment (rows x methods, the paper's numbers beside) from its finished runs."""
+    columns = list(dict.fromkeys(c for row in part['table'].values() for c in row))
+    unit = 'test error, %' if part['measure'] == 'error' else 'test accuracy, %'
     lines = [f'| {unit} | ' + ' | '.join(columns) + ' | paper |', '|---' * (len(columns) + 2) + '|']
-    for row, cells in exp['table'].items():
+    for row, cells in part['table'].items():
         texts = []
         for c in columns:
             if c not in cells:
@@ -441,9 +444,16 @@ def experiment_report(experiment, runs_dir, quick):
                 continue
             setting, column = cells[c]
             values = [v for v in (value_of(run, column) for run in done[setting]) if v is not None]
-            texts.append(cell_text(values, exp['measure'], unfinished[setting]))
-        lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(exp, row, list(cells))} |')
-    paper_table = '\n'.join(lines)
+            texts.append(cell_text(values, part['measure'], unfinished[setting]))
+        lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(part, row, list(cells))} |')
+    return '\n'.join(([f'**{part["title"]}**', ''] if part['title'] else []) + lines)
+
+
+def experiment_report(experiment, runs_dir, quick):
+    """Write <runs_dir>/results.md (and the figure, where the paper has one); return the tables' text."""
+    exp = EXPERIMENTS[experiment]
+    done, unfinished = finished_runs(experiment, runs_dir)
+    paper_table = '\n\n'.join(table_text(part, done, unfinished) for part in tables_of(exp))
     all_runs = [run for setting in exp['settings'] for run in done[setting]]
     n_done = len(all_runs)
     n_open = sum(unfinished.values())
@@ -456,7 +466,7 @@ def experiment_report(experiment, runs_dir, quick):
              f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '') + ', '
              f'{datetime.datetime.now():%Y-%m-%d %H:%M}. Each cell: mean ± sample standard deviation over the '
              'finished seeds (one seed: its value) of ' + ('the best test error (100 − the best test accuracy)'
-                                                          if exp['measure'] == 'error' else 'the reported test accuracy')
+                                                          if exp.get('measure') == 'error' else 'the reported test accuracy')
              + ', in %, and the number of seeds; — where none has finished. '
              + ('SLA: the test accuracy at the best validation single accuracy (on ImageNet, which has no '
                 'validation split, the best test accuracy). ' if 'SLA' in exp['title'][:4] else

@@ -1,6 +1,6 @@
-"""SLA: Self-supervised Label Augmentation (Lee, Hwang, Shin; ICML 2020) on CIFAR-10/100 with CIFAR ResNets,
-and on the large datasets (ImageNet and its class subsets, tiny-ImageNet, iNaturalist 2018, CUB-200, MIT-67,
-Stanford Dogs) with torchvision ResNets.
+"""SLA: Self-supervised Label Augmentation (Lee, Hwang, Shin; ICML 2020) on CIFAR-10/100 (also SVHN and
+Fashion-MNIST) with CIFAR ResNets, and on the large datasets (ImageNet and its class subsets, tiny-ImageNet,
+iNaturalist 2018, CUB-200, MIT-67, Stanford Dogs) with torchvision ResNets.
 
 Every training image is shown under M self-supervised transformations (rotations, colour permutations).
 Instead of predicting the transformation as a separate task, one head learns the JOINT label
@@ -62,7 +62,7 @@ HYPERPARAMETERS = hyperparameters(globals())
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)     # CIFAR: the original normalisation, pixels in [-1, 1] (large: ImageNet's)
 MODES = ['baseline', 'da', 'mt', 'sla', 'sla+sd']
-CIFAR = ['cifar10', 'cifar100']
+SMALL = list(create_dataset.DATASETS)       # held whole on the device: CIFAR-10/100, SVHN, Fashion-MNIST
 
 # A large dataset's own defaults, taken for every value not typed on the command line: the original's
 # default network (torchvision's ResNet-18) and, for ImageNet, its first public schedule (train.py's
@@ -290,7 +290,7 @@ def unused_options(cfg):
         out.add('aug')
     if get('mode') != 'sla+sd':
         out.add('temperature')
-    if get('dataset') in CIFAR:
+    if get('dataset') in SMALL:
         out |= {'class_list', 'image_size'}
     else:                                       # the large datasets: no held-out split, no long tail
         out |= {'val_size', 'val_indices', 'imbalance_ratio'}
@@ -308,15 +308,15 @@ def run_seconds(rows, log=''):
 
 def check(cfg):
     large = large_datasets.is_large(cfg.dataset)
-    if not large and cfg.dataset not in CIFAR:
-        known = ', '.join(CIFAR + list(large_datasets.LARGE_DATASETS))
+    if not large and cfg.dataset not in SMALL:
+        known = ', '.join(SMALL + list(large_datasets.LARGE_DATASETS))
         raise UserError(f'--dataset {cfg.dataset!r} is not one of: {known}, or imagenetN (N of ImageNet\'s classes, '
                         'e.g. imagenet100).')
     if large != (cfg.model in TORCHVISION_RESNETS):
         fix = (f'a torchvision ResNet: --model resnet18 (or {", ".join(TORCHVISION_RESNETS[1:])})' if large else
                f'a CIFAR ResNet: --model cresnet32 (or {", ".join(m for m in CRESNET_DEPTHS if m != "cresnet32")})')
         raise UserError(f'--model {cfg.model} does not go with --dataset {cfg.dataset}: '
-                        f'{"the large datasets train" if large else "CIFAR trains"} {fix}.')
+                        f'{"the large datasets train" if large else "the 32-pixel datasets train"} {fix}.')
     if cfg.mode != 'baseline' and cfg.aug not in AUGMENTATIONS:
         raise UserError(f'--mode {cfg.mode} needs a transformation set: --aug {" | ".join(AUGMENTATIONS)}.')
     check_positive(cfg, 'batch_size', 'total_steps', 'eval_every', 'val_size', 'num_samples_per_class', 'lr',
@@ -388,7 +388,8 @@ def place_images(chosen, cfg, run):
         counts = np.bincount(chosen['arrays']['train'][1], minlength=chosen['n_classes'])
         run.log.print(f'long-tailed training set (--imbalance_ratio {cfg.imbalance_ratio:g}): {counts[0]:,} images of '
                       f'class 0 down to {counts[-1]:,} of class {len(counts) - 1}, {counts.sum():,} in all')
-    return Splits.on_device(chosen['arrays'], chosen['n_classes'], run.device, MEAN, STD, shard=run.shard)
+    return Splits.on_device(chosen['arrays'], chosen['n_classes'], run.device, MEAN, STD,
+                            flip=create_dataset.DATASETS[cfg.dataset].flip, shard=run.shard)
 
 
 def evaluate_best(run, net, data, evaluate_kw):

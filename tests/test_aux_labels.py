@@ -64,8 +64,8 @@ def test_the_stand_in_and_the_real_mapping_give_the_same_groups(tiny_root):
 
 def maxl_config(root, *args):
     cfg, typed = parse_config(maxl.HYPERPARAMETERS, ['--synthetic', '--data_root', root, *map(str, args)])
-    maxl.hierarchy_sizes(cfg, typed)
-    maxl.check(cfg)
+    maxl.check(cfg, typed)
+    maxl.choose_psi(cfg, typed)
     return cfg
 
 

@@ -183,7 +183,7 @@ def test_a_mismatched_model_exits_2_naming_the_fix_and_writes_nothing(tmp_path, 
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--dataset', 'cifar10', '--model', 'resnet18'], 'CIFAR trains a CIFAR ResNet: --model cresnet32'),
+    (['--dataset', 'cifar10', '--model', 'resnet18'], 'the 32-pixel datasets train a CIFAR ResNet: --model cresnet32'),
     (['--dataset', 'imagenet', '--model', 'resnet18', '--val-indices', 'v.txt'], 'drop --val-indices'),
     (['--dataset', 'imagenet50'], 'imagenet50 asks for 50 classes, but the data has 10'),
     (['--dataset', 'imagenet', '--class-list', 'LIST'], 'drop --class-list'),
