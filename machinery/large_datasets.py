@@ -467,7 +467,7 @@ class Batches:
             sub = min(good, key=lambda g: (abs(g - k), g))
             images[k], labels[k] = images[sub], labels[sub]
         x = torch.stack(images).to(self.device, non_blocking=True)
-        return (x.float() - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+        return (x.to(self.mean.dtype) - self.mean) / self.std, labels.to(self.device, non_blocking=True)
 
     def _decode_on_device(self, items):
         """nvJPEG over the batch's JPEGs; anything else (PNG, CMYK, a failed decode) on the CPU."""

@@ -391,15 +391,15 @@ class AutoEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 def accuracy_count(logits_or_probs, target):
-    """Number of rows whose argmax is the target, as a float32 tensor (summed on the device)."""
-    return (logits_or_probs.argmax(1) == target).sum().float()
+    """Number of rows whose argmax is the target, as a tensor of the default float type (summed on the device)."""
+    return (logits_or_probs.argmax(1) == target).sum().to(torch.get_default_dtype())
 
 
 def topk_count(logits, target, k=5):
-    """Number of rows whose target is among the k largest scores (top-k accuracy x rows), float32 on the
+    """Number of rows whose target is among the k largest scores (top-k accuracy x rows), default float type on the
     device; ties are broken as torch.topk breaks them."""
     k = min(k, logits.shape[1])
-    return (logits.topk(k, 1).indices == target[:, None]).any(1).sum().float()
+    return (logits.topk(k, 1).indices == target[:, None]).any(1).sum().to(torch.get_default_dtype())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -69,8 +69,9 @@ class DeviceData:
         self.images = torch.as_tensor(images).to(device)
         self.labels = torch.as_tensor(labels).to(device)
         self.device = device
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+        # batches come in torch's default float type (float32; the pinned-run test runs float64)
+        self.mean = torch.tensor(mean, dtype=torch.get_default_dtype(), device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.get_default_dtype(), device=device).view(1, 3, 1, 1) * 255
 
     def __len__(self):
         return len(self.images)
@@ -81,7 +82,7 @@ class DeviceData:
         return rows[self.rank * n // self.world:(self.rank + 1) * n // self.world]
 
     def normalise(self, x_uint8):
-        return (x_uint8.float() - self.mean) / self.std
+        return (x_uint8.to(self.mean.dtype) - self.mean) / self.std
 
     def augment(self, x_uint8, generator, pad=None, flip=None, draws=None):
         """Crop (and flip) x; the random draws are made for `draws` images (default len(x)), this

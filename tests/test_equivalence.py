@@ -19,6 +19,9 @@ What cannot be equal by design, and what the test does about it:
   2-process SyncBatchNorm's formula: 1e-5), and train-mode batch norm on the narrow network turns that
   into loss differences of 1e-3 after five steps of --lr 0.01. Single, Human and MAXL run at --lr 0.0001,
   where their losses agree to 2e-5.
+- SLA on the ImageNet stand-in (torchvision's ResNet-18 at width 0.125, 4 images a process, train-mode batch
+  norm): its losses agree to 1e-5 with AVX2 kernels and to 5.2e-5 with an Intel processor's AVX-512 ones
+  (test_single_loss, iteration 2), so its tolerance is 5e-4.
 - MAXL's gradient cosine is not compared: it averages per-filter cosines over the shared layers, 13 of
   whose 39 tensors are the biases of convolutions followed by batch norm. Their true gradient is zero;
   in float32 it is rounding noise, whose per-filter cosine is about +1 or -1, differently in any two
@@ -65,7 +68,7 @@ def jobs(tiny, large):
         'sla_imagenet': ('train_sla', ['--dataset', 'imagenet', '--synthetic', '--datadir', large, '--image-size', 32,
                                        '--width', 0.125, '--workers', 0, '--mode', 'sla+sd', '--num-iterations', 2,
                                        '--val-freq', 2],
-                         '--batch-size', 4, None, 1e-5),
+                         '--batch-size', 4, None, 5e-4),     # test_single_loss: 5.2e-5 apart on an AVX-512 processor
         'semi_imagenet_mixup': ('train_meta_semi', ['--dataset', 'imagenet', '--synthetic', '--data-path', large,
                                                     '--image-size', 32, '--width', 0.125, '--workers', 0,
                                                     '--total-steps', 3, '--epochs', 0, '--test-freq', 3,
