@@ -2,7 +2,7 @@
 (download, md5 checks, readers), their synthetic stand-ins, and the hierarchy's groups (MAXL's auxiliary
 classes under each primary class). load() gives a split as uint8 images and labels; the scripts put them on
 the device (machinery/streams.py) and split them (machinery/splits.py). Used by the five scripts,
-plot_features.py and the benchmarks; the file-streamed large datasets (ImageNet, iNaturalist, ...) are in
+plot_features.py, reproduce.py (the stand-ins of --quick) and the benchmarks; the file-streamed large datasets (ImageNet, iNaturalist, ...) are in
 machinery/large_datasets.py.
 
 Each dataset is one `Dataset` record in `DATASETS`, and the download, the md5 checks, the missing-data

@@ -5,6 +5,9 @@ training image to one of its primary class's auxiliary classes, drawn at random 
 clusters of autoencoder features inside each primary class (K-means). On a dataset without a hierarchy
 (--dataset), Random and K-means give each primary class --psi auxiliary classes.
 
+Built on model_vgg_single.py (the data, fit(), the loss, the evaluation); the hierarchy's groups come from
+create_dataset.py. Its step is timed by benchmarks/bench.py; results.py reads its runs through reported().
+
     python model_vgg_human.py                                  # the paper's setting (real CIFAR-100)
     python model_vgg_human.py --aux_labels kmeans              # the K-means baseline (random: Random)
     python model_vgg_human.py --dataset cifar10 --aux_labels random --psi 5

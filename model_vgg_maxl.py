@@ -1,9 +1,12 @@
-"""MAXL: Meta AuXiliary Learning (Liu, Davison, Johns; NeurIPS 2019) on 4-level CIFAR-100.
+"""MAXL: Meta AuXiliary Learning (Liu, Davison, Johns; NeurIPS 2019) on 4-level CIFAR-100 (or another dataset:
+--dataset).
 
 A label-generation network invents auxiliary labels (psi[i] auxiliary classes for primary class i,
 through a masked softmax); a multi-task VGG-16 learns the primary task plus those labels; the
 generator is trained by the meta-gradient of the primary loss through one SGD step of the multi-task
 network: exact (second order, --meta_order 2) or by finite differences (first order, --meta_order 1).
+Built on model_vgg_single.py (the data, the loss, the evaluation); its steps (train_step, meta_step) are
+timed by benchmarks/bench.py, its meta-gradients checked by benchmarks/numerics.py.
 
     python model_vgg_maxl.py                                   # the paper's setting (real CIFAR-100)
     python model_vgg_maxl.py --dataset cifar10 --psi 5         # another dataset: psi auxiliary classes per class

@@ -1,6 +1,8 @@
 """Single: the MAXL paper's single-task baseline, VGG-16 trained on the primary task of 4-level CIFAR-100
 (or on the classes of another dataset: --dataset). Also the MAXL paper's data, training loop (fit), focal
-loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too.
+loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too, and what results.py asks of
+the MAXL paper's runs (UNIT, PAPER, run_seconds, ...; the other two take theirs from here). Its step is
+timed by benchmarks/bench.py.
 
     python model_vgg_single.py                                 # the paper's setting (real CIFAR-100)
     python model_vgg_single.py --dataset fashion-mnist --data_root /usr/share/datasets/fashion-mnist

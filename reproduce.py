@@ -17,8 +17,9 @@ seeds, the paper's number beside it where it is known) and, for MAXL's Figure 3,
 are read from the run folders with results.py's functions.
 
 Used by people reproducing the papers (docs/reproduce.md) and by tests/test_reproduce.py. The experiments
-are the one table EXPERIMENTS in experiments.py, each setting the script's own command line; the table
-and figure are made there too.
+are the one table EXPERIMENTS in machinery/experiments.py, each setting the script's own command line; the
+table and figure are made by results.py (experiment_report), the projected hours of `list` by
+benchmarks/project.py from a benchmarks/bench.py result.
 """
 import argparse
 import concurrent.futures

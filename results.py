@@ -7,7 +7,13 @@ and optionally one PNG of the learning curves (matplotlib, an optional extra).
     python results.py results/svhn results/cifar10                 # MetaSemi runs made with --save-path
 
 It reads only what the training scripts write (config.json and metrics.csv; log.txt for MetaSemi's
-resume points), never a checkpoint, and trains nothing.
+resume points), never a checkpoint, and trains nothing. How a script's runs are reported (its method
+names, metrics columns, units, paper, settings shown, time) each script says itself: reported(),
+unused_options(), UNIT, PAPER, HEADLINE, METHOD_OPTIONS, TIME_NOTE, run_seconds(); results.py imports
+the script a run folder names. It also makes the table and figure of an experiment of reproduce.py
+(experiment_report; the experiments are in machinery/experiments.py).
+
+Used by you and by reproduce.py.
 """
 import argparse
 import csv

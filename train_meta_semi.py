@@ -8,6 +8,8 @@ to the pseudo-labels is a Jacobian-vector product, taken by finite differences (
     y_u = normalise(max(0, softmax f(x_u; theta) - lr * G))
 Then one SGD step (train mode) on  L_labeled (or the mixup KL loss) + w * mean ||softmax f(x_u) - y_u||^2.
 `--baseline` trains on the labeled data only (with --mix-up: mixup against plain, un-updated pseudo-labels).
+Its step is timed by benchmarks/bench.py and benchmarks/loader.py, its finite differences checked by
+benchmarks/numerics.py, its full run projected by benchmarks/project.py.
 
     python train_meta_semi.py --dataset svhn --num-label 1000 -a convlarge --mix-up --alpha 0.1 \\
         --save-path results/svhn --seed 7788 --weight-decay 5e-5 --gpu

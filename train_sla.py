@@ -8,7 +8,8 @@ Instead of predicting the transformation as a separate task, one head learns the
 time the class is read off the untransformed copy (single inference, SLA+SI), off the mean of the M
 copies' joint logits (aggregation, SLA+AG), or off a C-way head distilled from that aggregate during
 training (self-distillation, SLA+SD). Baselines: plain training, the transformations as data
-augmentation (DA), and multi-task learning with a transformation head (MT).
+augmentation (DA), and multi-task learning with a transformation head (MT). Its step is timed by
+benchmarks/bench.py and its full run projected by benchmarks/project.py.
 
     python train_sla.py --dataset cifar10 --datadir data/ --batchsize 128 --num-iterations 80000 \
         --val-freq 1000 --model cresnet32 --mode sla --aug rotation           # the paper's setting

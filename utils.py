@@ -7,11 +7,13 @@ networks, its loop; nothing here calls back into a script.
   Run                       one run, made of members with their own state: processes and device
                             (distributed.Processes), folder and log (RunLog), checkpoints and resume
                             (checkpoints.Checkpoints), the divergence watch (Divergence), stops (StopSignals)
-  run_main                  every script's entry: a UserError becomes a one-paragraph message and exit code 2
-                            (3: diverged; 128 + signal: stopped), no traceback
+  run_main                  the entry of every command (the five scripts, create_dataset.py, results.py,
+                            reproduce.py, plot_features.py): a UserError becomes a one-paragraph message and
+                            exit code 2 (3: diverged; 128 + signal: stopped), no traceback
   Meters, Progress, Timer   the training loops: device-side sums, progress lines, times
 
-The networks are in machinery/models.py, the data streams in machinery/streams.py, the checkpoint files in
+Used by the five scripts (read_config, Run, Meters) and, for run_main, by every command. The networks are
+in machinery/models.py, the data streams in machinery/streams.py, the checkpoint files in
 machinery/checkpoints.py, several processes in machinery/distributed.py, the command line in
 machinery/options.py.
 """

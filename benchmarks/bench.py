@@ -22,7 +22,9 @@ images/s and TFLOP/s over the span from the first copy's first timed step to the
     python benchmarks/bench.py --device cuda --tf32 false                # strict float32 (TF32 off)
     python benchmarks/bench.py --device cuda --only single --concurrent 1,2,4 --steps 50
 
-Writes the table to stdout and everything to benchmarks/results/<device>-<flags>.json (or --json).
+Writes the table to stdout and everything to benchmarks/results/<device>-<flags>.json (or --json), which
+benchmarks/project.py and reproduce.py list project full runs from; benchmarks/speedup.py builds its rows'
+steps from here.
 """
 import argparse
 import json
@@ -38,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # name: (backbone of the bare step it is compared with, what one step's images are counted in (see
-# images_per_step), the original's s/step on the 2-core CPU of issue 5, goal as (reference row, largest
+# images_per_step), the original's s/step on a 2-core CPU, goal as (reference row, largest
 # ratio) or None)
 ROWS = {
     'bare_vgg':            ('bare_vgg', 'maxl', None, None),

@@ -19,6 +19,10 @@ functions (eval mode, no gradients; a partial last batch is counted as a full on
 start-up, loading the data onto the device, torch.compile's warm-up, checkpoint writes at each evaluation,
 the log lines.
 
+reproduce.py list asks projection() for an experiment's hours: the runs of every setting bench.py times
+(counted from the scripts' defaults and the setting's script, dataset and mode), summed and times the
+seeds; the other settings are named unknown.
+
     python benchmarks/project.py benchmarks/results/cuda-float32.json benchmarks/results/cuda-amp-channels_last.json
     python benchmarks/project.py RESULT.json --json projection.json
 """

@@ -6,7 +6,7 @@ separate rows can disagree by 1.5x. Here one process builds two steps and altern
 cycles of its sampled cosine, since the goal is on average).
 
     python benchmarks/speedup.py                  # fast paths vs float32: bare_vgg, single, bare_vgg_mt, bare_convlarge
-    python benchmarks/speedup.py --goals          # each goal row of issue 5 vs its reference row, float32
+    python benchmarks/speedup.py --goals          # each goal row of bench.py's ROWS vs its reference row, float32
     python benchmarks/speedup.py --goals --amp --channels-last
     python benchmarks/speedup.py --rows bare_vgg --compile --pairs 12
 """

@@ -2,14 +2,15 @@
 
   save_checkpoint, load_checkpoint  tensors and plain values only, serialised in memory, loaded with
                                     weights_only=True; a damaged or foreign file is named as such
-                                    (utils.Run, train_sla's --eval_only, plot_features)
+                                    (Checkpoints, train_sla's --eval_only, plot_features.py)
   load_run_checkpoint,              --resume: the checkpoint of this script and layout, the configuration
   read_run_config                   (config.json, or the copy the checkpoint carries: --restore_config)
+                                    (utils.read_config)
   rng_state, set_rng_state          every random state, as tensors and plain values
-  scale_learning_rates              `--resume RUN --lr X`: the saved rates scaled
+  scale_learning_rates              `--resume RUN --lr X`: the saved rates scaled (utils.Run.restore)
   Checkpoints                       a member of utils.Run: checkpoint.pt, best.pt, the best evaluation
 
-Used by utils.Run and by the files named above.
+Used by utils.py and by the files named above.
 """
 import io
 import json

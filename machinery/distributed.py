@@ -1,13 +1,16 @@
 """Devices and processes: pick_device, and torchrun (or torch.distributed.launch) with
 DistributedDataParallel, one process per device.
 
-  pick_device                         --device (utils.Run, plot_features, the benchmarks)
+  pick_device                         --device (Processes, plot_features.py, the benchmarks)
+  dist_env, distributed               this process's rank, local rank and world size; whether several run
+                                      (utils.Run, train_sla's batch check, model_vgg_maxl, benchmarks/bench.py)
   Processes                           a member of utils.Run: the process group, this process's share of a
                                       global batch, its networks (broadcast, SyncBatchNorm, DDP), buffer copies
-  all_reduce_sum / _mean, distributed the scripts' meta-gradients and sharded evaluations: DDP averages only
-  differentiable_sum                  inside .backward(), so a gradient taken with torch.autograd.grad is
-                                      reduced here by hand
-  SyncBatchNorm, wrap_ddp, Wrapped    Processes; benchmarks/bench.py
+  all_reduce, all_reduce_sum / _mean, the scripts' meta-gradients and sharded evaluations, utils (Meters, the
+  differentiable_sum                  divergence watch): DDP averages only inside .backward(), so a gradient
+                                      taken with torch.autograd.grad is reduced here by hand
+  SyncBatchNorm, wrap_ddp, Wrapped    Processes (Wrapped: what run.wrap returns); Wrapped also train_sla.py
+                                      (a plain network as a wrapped one) and benchmarks/bench.py
 
 In a single process every function here is a no-op or the plain computation.
 """

@@ -5,8 +5,10 @@
                                 metrics column), the paper's numbers where they could be read
   setting_flags, gpus_of, ...   a setting's command line and GPUs; run_state: a run folder's state
 
-Adding an experiment is one entry of EXPERIMENTS (see its comment). Plain Python: a submitit job imports
-reproduce.py, and so this file, and needs neither torch nor the scripts.
+Used by reproduce.py (the runs), results.py (an experiment's table and figure: experiment_report) and
+benchmarks/project.py (an experiment's projected hours). Adding an experiment is one entry of EXPERIMENTS
+(see its comment). Plain Python: a submitit job imports reproduce.py, and so this file, and needs neither
+torch nor the scripts.
 """
 import os
 

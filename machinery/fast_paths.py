@@ -1,9 +1,11 @@
 """How a network's forward passes run: the opt-in fast paths of every script (--amp: bf16 autocast,
 --channels_last, --compile), the float32 regions of the meta steps, and the float32 precision settings (--tf32).
 
-  set_tf32, strict_float32     the run option --tf32; strict float32 inside a region        utils.Run, bench
-  fast_module                  a network's methods in their fast variants                  utils.Run.network, bench
-  eager, float32_meta          regions that run the uncompiled / autocast-free variants     model_vgg_maxl, train_meta_semi
+  set_tf32, strict_float32     the run option --tf32; strict float32 inside a region        utils.Run; bench, numerics
+  fast_module                  a network's methods in their fast variants                  utils.Run.network (through
+                                                                                           distributed.Processes); bench, numerics
+  eager, float32_meta          regions that run the uncompiled / autocast-free variants     model_vgg_maxl, train_meta_semi;
+                                                                                           bench, numerics
 
 With every flag off a network is untouched: a default run is the papers' plain float32 eager run. Plain
 PyTorch; nothing here imports another file of this project.

@@ -1,16 +1,17 @@
 """Files: what the data files and the run skeleton both read and write, below both of them.
 
   atomic_write, atomic_write_text   a file written whole or not at all; a failed write is a UserError with
-                                    the OS's words, the bytes needed and advice that fits the run's state
-                                    (checkpoints, utils.RunLog, the split and class lists of the data files)
-  write_indices, write_lines        the lists a run keeps in its folder (splits, classes, auxiliary labels)
+  write_error                       the OS's words, the bytes needed and advice that fits the run's state
+                                    (checkpoints, utils.RunLog)
+  write_lines, write_indices        the lists a run keeps in its folder (splits, classes, auxiliary labels:
+                                    utils.Run.keep_lists)
   md5sum                            the md5 of a data file, or of the bytes a gzip file holds (remembered per
-                                    path, size and time)
+                                    path, size and time) (create_dataset)
   safe_unpickle                     a CIFAR pickle (official or stand-in) read with an unpickler that allows
                                     only what those files hold (create_dataset)
   dataset_root, SYNTHETIC_DIR       where the official files and the synthetic stand-ins lie under a data root
-                                    (create_dataset, large_datasets)
-  CHECKPOINT, BEST                  the checkpoint files of a run folder
+                                    (create_dataset, large_datasets, reproduce.py)
+  CHECKPOINT, BEST                  the checkpoint files of a run folder (checkpoints, utils)
 
 Plain Python and numpy; nothing here imports torch.
 """

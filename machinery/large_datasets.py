@@ -13,8 +13,8 @@ never copied; and their synthetic stand-ins (small JPEG trees in the real layout
   choose_classes, class_subset            the images and classes a run uses (imagenetN: N classes)
   write_synthetic_folder                  the stand-ins (create_dataset.py --synthetic imagenet ...)
 
-Used by train_sla.py and train_meta_semi.py (--dataset imagenet, inat, ...), create_dataset.py's command line
-and benchmarks/loader.py. A new large dataset is one ImageFiles record in LARGE_DATASETS (its folder, split
+Used by train_sla.py (--dataset imagenet, inat, ...) and train_meta_semi.py (--dataset imagenet),
+create_dataset.py's command line, reproduce.py (the stand-ins of --quick) and benchmarks/loader.py. A new large dataset is one ImageFiles record in LARGE_DATASETS (its folder, split
 names, class count, where to get it), plus a reader if its layout is neither an ImageFolder tree nor
 iNaturalist's JSON.
 """

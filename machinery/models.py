@@ -2,16 +2,19 @@
 (a network run with other weights, for the meta-gradients).
 
   VGG16                                  model_vgg_single, model_vgg_human, model_vgg_maxl (both networks)
-  CifarResNet, cifar_resnet              train_sla on CIFAR (ResNet-20/32/44/56/110, option-A shortcut)
+  CifarResNet, cifar_resnet              train_sla on CIFAR, SVHN, Fashion-MNIST (ResNet-20/32/44/56/110,
+                                         option-A shortcut)
   torchvision_resnet, ImageNetResNet     train_meta_semi and train_sla on the large datasets (torchvision's
                                          ResNet family with a width multiplier; ImageNetResNet: with SLA's heads)
-  ConvLarge, ShakeShake26, semi_network  train_meta_semi on CIFAR and SVHN; plot_features
+  ConvLarge, ShakeShake26, semi_network  train_meta_semi on CIFAR, SVHN, Fashion-MNIST; plot_features
   AutoEncoder                            model_vgg_human --aux_labels kmeans (the features it clusters)
-  accuracy_count, topk_count             every script
+  accuracy_count                         every script
+  topk_count                             train_meta_semi (its top-5 accuracy)
   forward_with                           model_vgg_maxl, train_meta_semi (virtual and perturbed weights)
 
-At width 1 every network has the original code's parameter names and shapes, so its state_dicts load;
-`width` scales the channels for quick runs. A new backbone goes here, with a line in this table.
+The benchmarks build these networks too. At width 1 every network has the original code's parameter names
+and shapes, so its state_dicts load; `width` scales the channels for quick runs. A new backbone goes here,
+with a line in this table.
 """
 import warnings
 

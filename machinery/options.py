@@ -2,13 +2,17 @@
 
   errors          UserError (exit code 2), Diverged (3), Stopped (128 + signal)   every file: a bad input is a
                                                                                    UserError; utils.run_main prints it
-  run options     RUN_OPTIONS, ALIASES, TRANSIENT, spellings                       utils.Run: the options of every script;
-                                                                                   every tool's flags (spellings)
-  hyperparameters hyperparameters, parse_config                                   each script's plain values at its top
-  checks          check_positive, check_choices, check_finite, stand_in            the scripts' validate(), utils.Run
-  python_command  the Python (and torchrun) to name in a printed command            every message that prints a command
+  run options     RUN_OPTIONS, ALIASES, TRANSIENT, spellings                       utils.read_config and utils.Run: the
+                                                                                   options of every script; every
+                                                                                   tool's flags (spellings)
+  hyperparameters hyperparameters, parse_config, parse_bool                        each script's plain values at its top;
+                                                                                   utils.read_config, benchmarks/bench.py
+  checks          check_positive, stand_in; check_finite, check_choices            the scripts (check, their data);
+                                                                                   utils.read_config
+  python_command  python_command, torchrun_command: the Python (and torchrun) to   every message that prints a command
+                  name in a printed command
 
-Plain Python (argparse); nothing here imports torch.
+Plain Python (argparse); nothing here imports torch or another file of this project.
 """
 import argparse
 import math

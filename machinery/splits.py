@@ -1,21 +1,27 @@
 """Which images a run trains, validates and tests on: every split the scripts draw, in one place.
 
-  validation_size, held_out_split,      a validation set held out of a training file (drawn with the seed,
-  read_indices, samples_per_class       or given as an index file), the rest (or k images of every class)
-                                        for training
+  held_out                              SLA's CIFAR-like splits in one call: a validation set held out of the
+                                        training file (drawn with the seed, or given as an index file), the
+                                        rest (or k images of every class, or a long tail) for training, and
+                                        the lists to keep; on --resume the run folder's own (kept_held_out)
+  validation_size, draw_validation,     its parts: the validation size, the drawn validation set, the
+  held_out_split, read_indices          held-out split, an index file read
   long_tailed_counts, long_tailed_split a long-tailed training set (the exponential profile of Cui et al.)
-  kept_held_out, per_class              those lists read back from a run folder on --resume (a new run writes
-                                        them with utils.Run.keep_lists)
+  samples_per_class, per_class          k images of every class (model_vgg_single's --num_samples_per_class;
+                                        the large datasets)
+  check_batch                           a batch of distinct images fits in the training set (train_sla)
   check_label_budget,                   a class-balanced labeled / unlabeled split (a number of labels, or a
   balanced_label_split,                 fraction of every class), as the MetaSemi code draws it; read back
-  fraction_label_split,                 from a run folder
+  fraction_label_split,                 from a run folder (train_meta_semi, plot_features)
   read_label_indices
   draw_classes, read_names,             a subset of the classes (ImageNet's imagenetN) and a list of labeled
-  label_list_split                      images, named in a file
+  label_list_split                      images, named in a file (large_datasets, train_meta_semi)
 
-Every draw is a pure function of the seed and its own tag (the validation split 0, samples per class 1, the
-long tail 2, the classes 2 of another stream), never of the global random state. Used by train_sla.py,
-train_meta_semi.py and large_datasets.py; the scripts name their options, these functions take values.
+A new run keeps its lists in its folder with utils.Run.keep_lists. Every draw is a pure function of the
+seed and its own tag (the validation split 0, samples per class 1, the long tail 2, the classes 2 of
+another stream), never of the global random state. Used by the five scripts' data (model_vgg_single.py,
+train_sla.py, train_meta_semi.py), plot_features.py and machinery/large_datasets.py; the scripts name
+their options, these functions take values.
 """
 import math
 import os

@@ -12,6 +12,10 @@
 Every stream's state is plain tensors and integers (state() for the checkpoint, restore(state) on --resume),
 so a resumed run continues it exactly; under torchrun every process draws the global batch and keeps its
 share, so the stream does not depend on the number of processes.
+
+Used by the scripts (DeviceData: the MAXL scripts and plot_features.py; Splits: train_sla.py and
+train_meta_semi.py; model_vgg_human.py's K-means streams), utils.py (stream_seed, device_generator)
+and benchmarks/bench.py.
 """
 import torch
 
