@@ -38,6 +38,7 @@ import time
 
 from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, dataset_of, flag_value,
                                    gpus_of, run_state, setting_flags)
+from machinery.files import LOCK, hold_folder
 from machinery.options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
                                   # a submitit job imports this file to run `execute` and needs none of them)
 
@@ -91,6 +92,24 @@ LIVE = set()
 LIVE_LOCK = threading.Lock()
 
 
+def end_with(parent):
+    """Linux: a function for Popen's preexec_fn that has the kernel send the child SIGTERM when the thread that
+    started it (this process's, which waits on it) ends: a runner killed, even by SIGKILL, leaves no script
+    training on in its run folder. None elsewhere (the child then outlives a killed runner; the run folder's
+    lock still refuses a second writer)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl        # looked up here: the child only calls it
+    PR_SET_PDEATHSIG = 1
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:                        # the runner died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 def execute(cmd, env, cwd, run_dir):
     """Run one command to its end, its output appended to <run_dir>/output.txt; on exit code 0 write
     <run_dir>/finished.json. Returns (exit code, seconds). Every executor runs this (submitit pickles it)."""
@@ -99,9 +118,10 @@ def execute(cmd, env, cwd, run_dir):
     with open(os.path.join(run_dir, OUTPUT), 'a') as out:
         out.write(f'# {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(cmd)}\n')
         out.flush()
-        # a session of its own: a Ctrl-C in the terminal reaches this process only, which passes one on
+        # a session of its own: a Ctrl-C in the terminal reaches this process only, which passes one on; on
+        # Linux the script gets SIGTERM (checkpoint, stop) when this process dies, also by SIGKILL
         proc = subprocess.Popen(cmd, cwd=cwd, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=end_with(os.getpid()))
         with LIVE_LOCK:
             LIVE.add(proc)
         try:
@@ -392,6 +412,9 @@ def check(args):
         args.seed_list = [int(s) for s in args.seeds.split(',')] if args.seeds else list(exp['seeds'])
     except ValueError:
         raise UserError(f'--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2.') from None
+    if min(args.seed_list) < 0 or len(set(args.seed_list)) < len(args.seed_list):
+        raise UserError(f'--seeds {args.seeds}: give each seed once, as a number of 0 or more (a seed is the run '
+                        'folder seed<k> of each setting), e.g. --seeds 0,1,2. Nothing was started.')
     unknown = [pattern for pattern in args.only if not fnmatch.filter(exp['settings'], pattern)]
     if unknown:
         raise UserError(f'unknown setting(s) of {args.experiment}: {", ".join(unknown)}. Its settings: '
@@ -476,7 +499,7 @@ def check_runs_folder(args):
                 raise UserError(f'the runs of {setting} in {path} were made with other flags ({shlex.join(then)}) '
                                 f'than this code gives it ({shlex.join(now)}): nothing was started or changed. '
                                 'Give another folder with --runs DIR, or move those runs away.')
-    elif os.path.isdir(path) and os.listdir(path):
+    elif os.path.isdir(path) and set(os.listdir(path)) - {LOCK}:
         raise UserError(f'{path} already holds files that reproduce.py did not write (no {MARKER}): nothing was '
                         'started or changed. Give an empty or new folder with --runs DIR.')
     elif args.report:
@@ -556,6 +579,11 @@ def main(argv=None):
     if args.quick:
         print('--quick: the synthetic stand-in, small networks, short budgets: a check of the pipeline; its numbers '
               'are not the papers\'.')
+    os.makedirs(args.runs, exist_ok=True)
+    taken = hold_folder(args.runs, 'this runs folder', f'run the same command again (it skips the finished runs '
+                        'and continues the others), or give another folder with --runs DIR')
+    if taken:
+        print(taken, flush=True)
     write_marker(args)
     reporter = Reporter(len(todo))
     completed = True

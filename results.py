@@ -10,7 +10,6 @@ It reads only what the training scripts write (config.json and metrics.csv; log.
 resume points), never a checkpoint, and trains nothing.
 """
 import argparse
-import csv
 import datetime
 import glob
 import io
@@ -22,6 +21,7 @@ import statistics
 import sys
 
 from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
+from machinery.files import read_metrics
 from machinery.options import UserError
 from utils import run_main
 
@@ -118,14 +118,10 @@ def read_run(path):
         raise not_a_run(path, f'its config.json names no script of this project (script: {script!r}; one of '
                               f'{", ".join(scripts_here())} expected)')
     rows = {}
-    metrics = os.path.join(path, 'metrics.csv')
-    if os.path.isfile(metrics):
-        with open(metrics, newline='') as f:
-            for raw in csv.DictReader(f):
-                row = {k: _number(v) for k, v in raw.items() if k is not None}
-                position = row.get(next(iter(raw)))
-                if isinstance(position, float):
-                    rows[position] = row          # a position written twice (a resumed run): the later one
+    _, raw_rows, skipped = read_metrics(os.path.join(path, 'metrics.csv'))
+    for raw in raw_rows:
+        row = {k: _number(v) for k, v in raw.items()}
+        rows[next(iter(row.values()))] = row      # a position written twice (a resumed run): the later one
     log = ''
     if os.path.isfile(os.path.join(path, 'log.txt')):
         with open(os.path.join(path, 'log.txt'), errors='replace') as f:
@@ -134,7 +130,8 @@ def read_run(path):
         found = re.search(r'^(?:run|resuming) .* on \S+, (\d+) processes \(', log, re.M)
         cfg = cfg | {'processes': int(found.group(1)) if found else 1}
         cfg.setdefault('global_batch', cfg.get('batch_size', 0) * cfg['processes'])
-    return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)], 'log': log}
+    return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)], 'log': log,
+            'skipped': skipped}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,6 +308,10 @@ def table(runs):
     empty = [run['path'] for run in runs if not measures(run)]
     if empty:
         notes.append('Not in the table (no evaluation in metrics.csv yet): ' + ', '.join(empty) + '.')
+    for run in runs:
+        if run.get('skipped'):
+            notes.append(f'{os.path.join(run["path"], "metrics.csv")}: not whole rows, skipped: '
+                         + '; '.join(f'line {n} ({why})' for n, why in run['skipped']) + '.')
     return '\n'.join(lines + notes)
 
 

@@ -38,7 +38,8 @@ from machinery.checkpoints import (FORMAT, Checkpoints, load_run_checkpoint, rea
                                    scale_learning_rates)
 from machinery.distributed import Processes, all_reduce_sum, distributed
 from machinery.fast_paths import set_tf32
-from machinery.files import CHECKPOINT, atomic_write_text, write_error, write_lines
+from machinery.files import (CHECKPOINT, atomic_write_text, hold_folder, read_metrics, release_folders, write_error,
+                             write_lines)
 from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite,
                                parse_config, python_command, torchrun_command)
 from machinery.streams import device_generator, stream_seed
@@ -61,6 +62,7 @@ def run_main(main, argv=None):
         if first:
             print('interrupted: the last checkpoint written is intact; continue with --resume RUN', file=sys.stderr)
         code = 130
+    release_folders()                     # the run folder's lock (Run): this process is done writing it
     if dist.is_available() and dist.is_initialized():
         # Under torchrun, leave without tearing the process group down: a gloo group destroyed while a
         # peer is still closing its own sometimes aborts that peer ('terminate called without an active
@@ -210,6 +212,8 @@ class RunLog:
         if not self.enabled:
             return
         old = open(self.csv_path, newline='').read() if os.path.exists(self.csv_path) else ''
+        if old and not old.endswith('\n'):        # a line cut part way stays a line of its own (read_metrics skips it)
+            old += '\r\n'
         out = io.StringIO(newline='')
         writer = csv.DictWriter(out, fieldnames=list(row))
         if not old:
@@ -222,24 +226,31 @@ class RunLog:
             atomic_write_text(os.path.join(self.run_dir, 'config.json'), json.dumps(config, indent=2, sort_keys=True))
 
     def reconcile(self, last_row):
-        """metrics.csv as the checkpoint knows it (its last row `last_row`, best columns included): rows after
-        its position (written by a run killed after them, before its next checkpoint) dropped, its own row
-        added if the kill came before it. Returns whether the file changed."""
+        """metrics.csv as the checkpoint knows it (its last row `last_row`, best columns included): lines that are
+        not whole rows skipped (a row cut part way, garbage: see read_metrics), rows after its position
+        (written by a run killed after them, before its next checkpoint) dropped, its own row added if the kill
+        came before it. Returns the note saying what changed, or None when nothing did."""
         if not self.enabled:
-            return False
+            return None
         position = next(iter(last_row))
-        rows = list(csv.DictReader(open(self.csv_path, newline=''))) if os.path.exists(self.csv_path) else []
-        keep = [r for r in rows if float(r[position]) <= float(last_row[position])]
-        has_last = bool(keep) and float(keep[-1][position]) == float(last_row[position])
-        if has_last and len(keep) == len(rows):
-            return False
+        at = float(last_row[position])
+        _, rows, skipped = read_metrics(self.csv_path)
+        keep = [r for r in rows if float(next(iter(r.values()))) <= at]
+        has_last = bool(keep) and float(next(iter(keep[-1].values()))) == at
+        if has_last and len(keep) == len(rows) and not skipped:
+            return None
         full = keep + ([] if has_last else [last_row])
         out = io.StringIO(newline='')
         writer = csv.DictWriter(out, fieldnames=list(full[-1]))
         writer.writeheader()
         writer.writerows(full)
         atomic_write_text(self.csv_path, out.getvalue())
-        return True
+        done = [f'line {n} skipped ({why})' for n, why in skipped]
+        if len(keep) < len(rows):
+            done.append(f'{len(rows) - len(keep)} row(s) after it dropped')
+        if not has_last:
+            done.append(f'its row of {position} {last_row[position]} written again')
+        return f'note: metrics.csv brought back to the checkpoint ({position} {last_row[position]}): ' + '; '.join(done)
 
     def tensorboard(self, row):
         """Every number of a metrics row as a TensorBoard scalar in <run>/tensorboard (--tensorboard)."""
@@ -624,13 +635,17 @@ class Run:
             self.dir = self.resumed.dir
         else:
             self.dir = self._new_folder()
+        taken = None
+        if self.rank == 0:                      # one writer per run folder (under torchrun the first process writes)
+            taken = hold_folder(self.dir, 'this run folder', f'continue it with {self.resume_command()}')
         self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
         self.checkpoints = Checkpoints(self.dir, script, writes=self.rank == 0)
         self.watch = Divergence(cfg, self.device, self.checkpoints, self.resume_command(), watch_loss=not self.resuming)
         if not self.resuming:
             self.log.save_config(self.config_record())
-        if note:
-            self.log.print(note)
+        for line in (taken, note):
+            if line:
+                self.log.print(line)
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.projection = Projection(self.log)
         self.timer = Timer(self.device)
@@ -712,9 +727,9 @@ class Run:
             self.log.print(f'note: config.json {self.resumed.problem}: restored from {self.resumed.source}'
                            + (f'; the damaged file is kept as {kept}' if kept else ''))
         last = self.checkpoints.last
-        if last is not None and self.log.reconcile(self.checkpoints.metrics_row(last)):
-            position = next(iter(last))
-            self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {last[position]})')
+        repaired = last is not None and self.log.reconcile(self.checkpoints.metrics_row(last))
+        if repaired:
+            self.log.print(repaired)
         return defaults | extras
 
     def save(self, objects, **extra):
