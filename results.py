@@ -22,16 +22,10 @@ import sys
 
 from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
 from machinery.files import read_metrics
-from machinery.options import UserError
+from machinery.options import NOT_SETTING, UserError
 from utils import run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-# The run options that say where or how a run ran, not what it computed: runs differing only in these (and
-# the seed, and what each script's unused_options() names) are one setting.
-NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
-               'local_rank', 'dist_backend', 'dist_timeout', 'global_batch', 'progress', 'progress_every',
-               'tensorboard'}
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN', 'fashion-mnist': 'Fashion-MNIST'}
 
@@ -231,9 +225,17 @@ def _value(v):
     return str(v)
 
 
+def history_text(history):
+    """What a run's config.json history says was typed with --resume: 'resumed with lr 0.01 -> 0.001 after
+    epoch 2'."""
+    return 'resumed with ' + '; '.join(', '.join(f'{k} {_value(old)} -> {_value(new)}' for k, (old, new) in
+                                                 entry['changed'].items()) + f' after {entry["after"]}'
+                                       for entry in history)
+
+
 def setting_text(keys, cfg):
     values = setting(cfg)                   # without the values this run's method ignores (alpha without mixup...)
-    return ', '.join(f'{k} {_value(values[k])}' for k in keys
+    return ', '.join(history_text(values[k]) if k == 'history' else f'{k} {_value(values[k])}' for k in keys
                      if k in values and not (k == 'num_samples_per_class' and not values[k]))
 
 
@@ -271,6 +273,7 @@ def build_rows(runs):
         varying = [k for k in names if len({json.dumps(setting(r['cfg']).get(k)) for r in mine}) > 1]
         headline = script_module(script).HEADLINE
         keys = headline + [k for k in varying if k not in headline]
+        keys += ['history'] if 'history' in names and 'history' not in keys else []     # a mixed run says so
         for r in mine:
             r['setting'] = setting_text(keys, r['cfg'])
     papers = list(dict.fromkeys(script_module(r['script']).PAPER for r in rows))

@@ -40,8 +40,8 @@ from machinery.distributed import Processes, all_reduce_sum, distributed
 from machinery.fast_paths import set_tf32
 from machinery.files import (CHECKPOINT, atomic_write_text, hold_folder, read_metrics, release_folders, write_error,
                              write_lines)
-from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite,
-                               parse_config, python_command, torchrun_command)
+from machinery.options import (RUN_OPTIONS, SAME_RUN, TRANSIENT, Diverged, Stopped, UserError, check_choices,
+                               check_finite, parse_config, python_command, torchrun_command)
 from machinery.streams import device_generator, stream_seed
 
 
@@ -79,12 +79,14 @@ def run_main(main, argv=None):
 
 class Resumed(NamedTuple):
     """The run a --resume continues: its folder, its checkpoint (loaded), its saved configuration and, when
-    --restore_config took that from the checkpoint, where from and what was wrong with config.json."""
+    --restore_config took that from the checkpoint, where from and what was wrong with config.json; the values
+    typed that change what the run computes (name -> (saved, typed)), kept in cfg.history."""
     dir: str
     checkpoint: dict
     saved: dict
     source: str = None
     problem: str = None
+    changes: dict = None
 
 
 class CommandLine(NamedTuple):
@@ -109,7 +111,8 @@ def read_config(script, hyper, argv=None, description='', choices=None):
         command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in words])
         saved, source, problem = read_run_config(folder, checkpoint, cfg.restore_config, command)
         cfg = argparse.Namespace(**{k: saved.get(k, v) for k, v in vars(cfg).items()} | {k: getattr(cfg, k) for k in typed})
-        resumed = Resumed(folder, checkpoint, saved, source, problem)
+        changes = resume_changes(cfg, typed, saved, checkpoint, folder)
+        resumed = Resumed(folder, checkpoint, saved, source, problem, changes)
     check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), typed,
                  os.path.join(resumed.dir, 'config.json') if resumed else '')
     check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
@@ -117,6 +120,36 @@ def read_config(script, hyper, argv=None, description='', choices=None):
         raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run without '
                         '--tensorboard; metrics.csv holds the same numbers).')
     return cfg, CommandLine(typed, resumed)
+
+
+def resume_changes(cfg, typed, saved, checkpoint, folder):
+    """The values typed with --resume that change what the run computes: {name: (saved, typed)}. Another seed is
+    refused (a run is one seed's: its weights, splits and streams); the others take effect from the checkpoint on
+    and are added to cfg.history (config.json keeps it: [{'after': 'epoch 2', 'changed': {name: [saved, typed]}}],
+    so results.py reports the run as a setting of its own). With --eval_only (nothing trained) nothing is."""
+    history = list(saved.get('history') or [])
+    if history:
+        cfg.history = history
+    if getattr(cfg, 'eval_only', False):
+        return {}
+    changes = {k: (saved[k], getattr(cfg, k)) for k in sorted(typed)
+               if k in saved and k not in SAME_RUN and saved[k] != getattr(cfg, k)}
+    if 'seed' in changes:
+        old, new = changes['seed']
+        raise UserError(f'--seed {new} typed with --resume: {folder} is the run of seed {old} (its weights, data '
+                        f'splits and data streams come from it), and a run keeps its seed. Drop --seed to continue '
+                        f'it, or start a new run of seed {new} in another folder. Nothing was written.')
+    if changes:
+        last = checkpoint.get('last') or {}
+        position = next(iter(last), None)
+        after = f'{position} {checkpoint.get(position, last.get(position))}' if position else 'the start'
+        cfg.history = history + [{'after': after, 'changed': {k: list(v) for k, v in changes.items()}}]
+    return changes
+
+
+def changes_text(changes):
+    """'--width 0.125 (the run's: 0.0625), --lr 0.001 (the run's: 0.01)'."""
+    return ', '.join(f'--{k} {new} (the run\'s: {old})' for k, (old, new) in changes.items())
 
 
 def seed_everything(seed):
@@ -706,7 +739,8 @@ class Run:
         if not self.resuming:
             return defaults
         checkpoint, self.resumed = self.resumed.checkpoint, self.resumed._replace(checkpoint=None)
-        extras = self.checkpoints.restore(objects, checkpoint)
+        changes = self.resumed.changes or {}
+        extras = self.checkpoints.restore(objects, checkpoint, changes_text(changes))
         self.watch.restore(checkpoint)
         extras.pop('loss_reference', None)
         for option, (optimizer, scheduler) in self.watch.rates.items():   # --resume RUN --lr X: saved rates x X / old
@@ -730,6 +764,10 @@ class Run:
         repaired = last is not None and self.log.reconcile(self.checkpoints.metrics_row(last))
         if repaired:
             self.log.print(repaired)
+        if changes:
+            self.log.print(f'note: typed with --resume, {changes_text(changes)}: in effect after '
+                           f'{self.cfg.history[-1]["after"]}; config.json\'s history records it, and results.py '
+                           'reports this run as a setting of its own')
         return defaults | extras
 
     def save(self, objects, **extra):

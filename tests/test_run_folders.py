@@ -1,7 +1,9 @@
 """Run folders, third round: one writer per run folder (a lock held by the training process; a lock left by a
 killed one taken over with a note; a second writer refused with exit code 2 naming the holder); a runner's
 children end when the runner is killed; metrics.csv cut part way or with a garbage line read tolerantly and
-repaired on resume."""
+repaired on resume; values typed with --resume refused (seed, batch, networks) or noted and kept in the run's
+history."""
+import json
 import os
 import shutil
 import signal
@@ -143,3 +145,35 @@ def test_resume_repairs_metrics_to_the_checkpoint_before_writing(tmp_path, two_e
     assert f'note: metrics.csv brought back to the checkpoint (epoch 1): {why}' in p.stdout, p.stdout
     lines = open(metrics).read().splitlines()
     assert lines[:3] == whole and [ln.split(',')[0] for ln in lines[1:]] == ['0', '1', '2']
+
+
+# ---- values typed with --resume -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('typed,needle', [
+    (['--seed', '5'], '--seed 5 typed with --resume: {run} is the run of seed 0'),
+    (['--batch_size', '50'], '--batch_size 50 typed with --resume: this run was trained on 1 process(es) x '
+                             '--batch_size 100'),
+    (['--width', '0.125'], "--width 0.125 (the run's: 0.0625) typed with --resume: {run}/checkpoint.pt does not "
+                           'fit the networks made with it'),
+])
+def test_a_typed_value_that_would_change_the_run_is_refused(tmp_path, two_epochs, typed, needle):
+    run_dir = a_run(tmp_path, two_epochs)
+    before = files_of(run_dir)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 3, *typed)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert needle.format(run=run_dir) in p.stderr and 'config.json' not in p.stderr, p.stderr
+    assert files_of(run_dir) == before
+
+
+def test_a_typed_rate_is_noted_kept_in_the_history_and_reported_as_its_own_setting(tmp_path, two_epochs):
+    run_dir = a_run(tmp_path, two_epochs)
+    p = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 3, '--lr', 0.001)
+    assert p.returncode == 0, p.stderr
+    assert "note: typed with --resume, --lr 0.001 (the run's: 0.01): in effect after epoch 1" in p.stdout
+    cfg = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert cfg['history'] == [{'after': 'epoch 1', 'changed': {'lr': [0.01, 0.001]}}] and cfg['lr'] == 0.001
+    q = run_in_process('model_vgg_single.py', '--resume', run_dir, '--epochs', 4)         # kept by a later resume
+    assert q.returncode == 0 and json.load(open(os.path.join(run_dir, 'config.json')))['history'] == cfg['history']
+    table = run_in_process('results.py', run_dir, two_epochs).stdout
+    rows = [ln for ln in table.splitlines() if ln.startswith('| Single')]
+    assert len(rows) == 2 and sum('resumed with lr 0.01 -> 0.001 after epoch 1' in r for r in rows) == 1, table
