@@ -27,6 +27,7 @@ import fnmatch
 import glob
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -420,8 +421,12 @@ def check(args):
         raise UserError(f'unknown setting(s) of {args.experiment}: {", ".join(unknown)}. Its settings: '
                         f'{", ".join(exp["settings"])} (`reproduce.py list {args.experiment}` shows their commands).')
     args.settings = [s for s in exp['settings'] if not args.only or any(fnmatch.fnmatch(s, p) for p in args.only)]
-    if args.jobs < 1 or (args.gpus_per_run is not None and args.gpus_per_run < 0) or args.time <= 0:
-        raise UserError('--jobs must be at least 1, --gpus-per-run at least 0 and --time positive.')
+    bad = [f'--jobs {args.jobs}'] * (args.jobs < 1) + [f'--gpus-per-run {args.gpus_per_run}'] * (
+        args.gpus_per_run is not None and args.gpus_per_run < 0) + [f'--time {args.time:g}'] * (
+        not 0 < args.time < math.inf)
+    if bad:
+        raise UserError(f'{", ".join(bad)}: --jobs must be at least 1, --gpus-per-run at least 0 and --time a positive, '
+                        'finite number of hours (the time limit of each job). Nothing was started.')
     args.runs = args.runs or os.path.join('runs', args.experiment + ('-quick' if args.quick else ''))
     args.gpu_ids = check_gpus(args) if args.gpus else []
     if args.executor:
@@ -482,11 +487,18 @@ def check_runs_folder(args):
         raise UserError(f'--runs {path!r} is a file, not a folder.')
     marker = os.path.join(path, MARKER)
     if os.path.isfile(marker):
+        this = f'{args.experiment}{" --quick" if args.quick else ""}'
         try:
             with open(marker) as f:
                 mine = json.load(f)
-        except (OSError, ValueError):
-            mine = {}
+            if not isinstance(mine, dict) or not isinstance(mine.get('experiment'), str):
+                raise ValueError('it names no experiment')
+        except (OSError, ValueError) as e:
+            raise UserError(f'{marker} cannot be read ({e}): it says which experiment\'s runs {path} holds. If they '
+                            f'are the runs of `reproduce.py {this}`, write that file again as {{"experiment": '
+                            f'"{args.experiment}", "quick": {json.dumps(args.quick)}}} and run the same command (each '
+                            'run folder is checked by its own files); otherwise give another folder with --runs DIR. '
+                            'Nothing was started or changed.') from None
         wrote = f'{mine.get("experiment")}{" --quick" if mine.get("quick") else ""}'
         if (mine.get('experiment'), bool(mine.get('quick'))) != (args.experiment, args.quick):
             raise UserError(f'{path} holds the runs of `reproduce.py {wrote}`, not of `reproduce.py {args.experiment}'

@@ -94,6 +94,23 @@ def _number(text):
         return text
 
 
+def read_runs(paths, damaged):
+    """read_run of each path; one that cannot be read is left out, (path, its UserError) added to `damaged`."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(read_run(path))
+        except UserError as e:
+            damaged.append((path, e))
+    return runs
+
+
+def damaged_text(damaged):
+    """The lines under a table naming the folders left out of it, and why."""
+    return '\n'.join([f'Not in the table: {len(damaged)} folder(s) that could not be read:']
+                     + [f'- {path}: {str(e).split(". A run folder is")[0]}.' for path, e in damaged])
+
+
 def read_run(path):
     """A run folder -> {'path', 'cfg', 'script', 'rows' (metrics.csv as numbers, one row per position),
     'resumed_at' (MetaSemi: the steps its log says it resumed at)}. Anything else is a UserError."""
@@ -391,15 +408,16 @@ def plot(runs, out, plt):
 # An experiment's table and figure (reproduce.py), from its finished run folders
 # ----------------------------------------------------------------------------------------------------
 
-def finished_runs(experiment, runs_dir):
+def finished_runs(experiment, runs_dir, damaged=None):
     """{setting: [read_run(...) of each finished seed, in seed order]} and the count of seed
-    folders that are not finished, per setting."""
+    folders that are not finished, per setting. A finished folder that cannot be read counts as not finished,
+    its error added to the list `damaged`."""
     done, unfinished = {}, {}
     for setting in EXPERIMENTS[experiment]['settings']:
         folders = [os.path.join(runs_dir, setting, name) for name in sorted(
             (n for n in os.listdir(os.path.join(runs_dir, setting)) if n[4:].isdigit() and n.startswith('seed')),
             key=lambda n: int(n[4:]))] if os.path.isdir(os.path.join(runs_dir, setting)) else []
-        done[setting] = [read_run(p) for p in folders if run_state(p) == 'finished']
+        done[setting] = read_runs([p for p in folders if run_state(p) == 'finished'], damaged)
         unfinished[setting] = len(folders) - len(done[setting])
     return done, unfinished
 
@@ -456,8 +474,11 @@ def table_text(part, done, unfinished):
 def experiment_report(experiment, runs_dir, quick):
     """Write <runs_dir>/results.md (and the figure, where the paper has one); return the tables' text."""
     exp = EXPERIMENTS[experiment]
-    done, unfinished = finished_runs(experiment, runs_dir)
+    damaged = []
+    done, unfinished = finished_runs(experiment, runs_dir, damaged)
     paper_table = '\n\n'.join(table_text(part, done, unfinished) for part in tables_of(exp))
+    if damaged:
+        paper_table += '\n\n' + damaged_text(damaged)
     all_runs = [run for setting in exp['settings'] for run in done[setting]]
     n_done = len(all_runs)
     n_open = sum(unfinished.values())
@@ -545,8 +566,14 @@ def main(argv=None):
                    help='also draw the learning curves into this PNG (needs matplotlib)')
     args = p.parse_args(argv)
     plt = import_pyplot() if args.plot else None        # a missing optional extra stops before any output
-    runs = [read_run(path) for path in expand(args.runs)]
-    print(table(runs))
+    damaged = []
+    runs = read_runs(expand(args.runs), damaged)
+    if not runs:
+        raise damaged[0][1] if len(damaged) == 1 else UserError(
+            f'none of the {len(damaged)} folders given can be read as a run folder: '
+            + '; '.join(str(e).split('. A run folder is')[0] for _, e in damaged)
+            + '. A run folder is what a training script writes (config.json, log.txt, metrics.csv).')
+    print(table(runs) + (f'\n\n{damaged_text(damaged)}' if damaged else ''))
     if args.plot:
         if not any(run['rows'] for run in runs):
             raise UserError('nothing to plot: none of the runs has an evaluation in its metrics.csv yet.')

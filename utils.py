@@ -108,7 +108,7 @@ def read_config(script, hyper, argv=None, description='', choices=None):
         folder = resolve_run_dir(cfg.resume, cfg.logdir, script)
         checkpoint = load_run_checkpoint(os.path.join(folder, CHECKPOINT), script, FORMAT)
         words = sys.argv[1:] if argv is None else argv
-        command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in words])
+        command = shlex.join([python_command(), f'{script}.py'] + [str(a) for a in words])
         saved, source, problem = read_run_config(folder, checkpoint, cfg.restore_config, command)
         cfg = argparse.Namespace(**{k: saved.get(k, v) for k, v in vars(cfg).items()} | {k: getattr(cfg, k) for k in typed})
         changes = resume_changes(cfg, typed, saved, checkpoint, folder)
@@ -116,6 +116,13 @@ def read_config(script, hyper, argv=None, description='', choices=None):
     check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), typed,
                  os.path.join(resumed.dir, 'config.json') if resumed else '')
     check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
+    if os.path.exists(cfg.data_root) and not os.path.isdir(cfg.data_root):
+        raise UserError(f'--data_root {cfg.data_root} is a file, not a folder: give the folder that holds the '
+                        'dataset\'s files (or where --download puts them; the synthetic stand-in is written into '
+                        '<data_root>/synthetic). Nothing was written.')
+    if cfg.synthetic and cfg.download and 'download' in typed:
+        raise UserError('--download fetches the official files, and --synthetic trains on the stand-in instead, '
+                        'which needs no download: give one of the two. Nothing was written.')
     if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
         raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run without '
                         '--tensorboard; metrics.csv holds the same numbers).')
@@ -185,7 +192,7 @@ def open_run_dir(path):
     """A run folder named by the user (created if missing); one that already holds a run is refused."""
     if os.path.isfile(os.path.join(path, CHECKPOINT)):
         raise UserError(f'{path!r} already holds a run (it has a {CHECKPOINT}): continue it with '
-                        f'--resume {path}, or choose another folder.')
+                        f'--resume {shlex.quote(path)}, or choose another folder.')
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -825,13 +832,13 @@ class Run:
     def resume_command(self):
         """The command that continues this run: under torchrun, on as many processes (see resumed_processes)."""
         if self.world == 1:
-            return f'{python_command()} {self.script}.py --resume {self.dir}'
+            return shlex.join([python_command(), f'{self.script}.py', '--resume', self.dir])
         per_node = int(os.environ.get('LOCAL_WORLD_SIZE', self.world))
-        torchrun = torchrun_command()
+        torchrun = shlex.quote(torchrun_command())
         launch = (f'{torchrun} --standalone --nproc_per_node {self.world}' if per_node == self.world else
                   f'{torchrun} --nnodes {self.world // per_node} --node_rank R --master_addr HOST '
                   f'--nproc_per_node {per_node}')
-        return f'{launch} {self.script}.py --resume {self.dir}'
+        return f'{launch} {self.script}.py --resume {shlex.quote(self.dir)}'
 
     # ---- data streams and time ----
 

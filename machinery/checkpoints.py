@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ def load_run_checkpoint(path, script, format):
                         '(git checkout ff31508) or start a new run.')
     if ckpt.get('script') != script:
         raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {script}.py: resume it '
-                        f'with {python_command()} {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
+                        f'with {shlex.join([python_command(), str(ckpt.get("script")) + ".py", "--resume", os.path.dirname(path)])}.')
     return ckpt
 
 

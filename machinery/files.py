@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pickle
+import shlex
 import socket
 
 import numpy as np
@@ -122,7 +123,8 @@ def write_error(path, e, size=None):
                 script = json.load(f)['script']
         except (OSError, ValueError, KeyError, TypeError):
             script = '<script>'
-        then = (f'then continue from the last checkpoint with {python_command()} {script}.py --resume {folder}')
+        then = ('then continue from the last checkpoint with '
+                + shlex.join([python_command(), f'{script}.py', '--resume', folder]))
     else:
         then = ('then start the run again: no checkpoint was written yet, so there is nothing to resume (the '
                 f'folder {folder} holds only what this attempt wrote before)')

@@ -2,17 +2,20 @@
 killed one taken over with a note; a second writer refused with exit code 2 naming the holder); a runner's
 children end when the runner is killed; metrics.csv cut part way or with a garbage line read tolerantly and
 repaired on resume; values typed with --resume refused (seed, batch, networks) or noted and kept in the run's
-history."""
+history; the smaller checks of the command line."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
+import utils
 from conftest import ROOT, run_in_process
 from test_reliability import TINY, files_of, one_epoch
 
@@ -177,3 +180,23 @@ def test_a_typed_rate_is_noted_kept_in_the_history_and_reported_as_its_own_setti
     table = run_in_process('results.py', run_dir, two_epochs).stdout
     rows = [ln for ln in table.splitlines() if ln.startswith('| Single')]
     assert len(rows) == 2 and sum('resumed with lr 0.01 -> 0.001 after epoch 1' in r for r in rows) == 1, table
+
+
+# ---- the smaller checks -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('args,needle', [
+    (['--synthetic', '--data_root', '{file}'], '--data_root {file} is a file, not a folder'),
+    (['--data_root', '{file}'], '--data_root {file} is a file, not a folder'),
+    (['--synthetic', '--download'], '--download fetches the official files, and --synthetic trains on the stand-in'),
+])
+def test_a_data_root_that_is_a_file_and_synthetic_with_download_are_refused(tmp_path, args, needle):
+    (tmp_path / 'file').write_text('')
+    args = [a.format(file=tmp_path / 'file') for a in args]
+    p = run_in_process('model_vgg_single.py', *args, '--logdir', tmp_path / 'logs')
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert needle.format(file=tmp_path / 'file') in p.stderr and not os.path.exists(tmp_path / 'logs')
+
+
+def test_the_printed_commands_quote_their_paths():
+    run = types.SimpleNamespace(world=1, script='model_vgg_single', dir='/runs/my run')
+    assert shlex.split(utils.Run.resume_command(run))[-2:] == ['--resume', '/runs/my run']
