@@ -580,6 +580,11 @@ def main(argv=None):
         print(experiment_report(args.experiment, args.runs, args.quick))
         print(f'\nwrote {os.path.join(args.runs, "results.md")}')
         return
+    os.makedirs(args.runs, exist_ok=True)            # one runner per runs folder, before its runs' states are read
+    taken = hold_folder(args.runs, 'this runs folder', 'run the same command again (it skips the finished runs '
+                        'and continues the others), or give another folder with --runs DIR')
+    if taken:
+        print(taken, flush=True)
     if args.quick and not args.data_root:
         args.data_root = QUICK_DATA_ROOT
     runs = plan(args)
@@ -591,11 +596,6 @@ def main(argv=None):
     if args.quick:
         print('--quick: the synthetic stand-in, small networks, short budgets: a check of the pipeline; its numbers '
               'are not the papers\'.')
-    os.makedirs(args.runs, exist_ok=True)
-    taken = hold_folder(args.runs, 'this runs folder', f'run the same command again (it skips the finished runs '
-                        'and continues the others), or give another folder with --runs DIR')
-    if taken:
-        print(taken, flush=True)
     write_marker(args)
     reporter = Reporter(len(todo))
     completed = True

@@ -88,7 +88,7 @@ def test_a_second_runner_on_the_same_runs_folder_is_refused(tmp_path):
         other.kill()
         other.wait()
     assert p.returncode == 2 and f'process {other.pid}' in p.stderr and '--runs DIR' in p.stderr, p.stderr
-    assert sorted(os.listdir(runs)) == ['lock']                              # no experiment.json, no run
+    assert p.stdout == '' and sorted(os.listdir(runs)) == ['lock']          # nothing planned, no experiment.json
 
 
 def test_a_killed_runner_ends_its_scripts(tmp_path):
