@@ -28,6 +28,7 @@ import fnmatch
 import glob
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -39,6 +40,7 @@ import time
 
 from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, dataset_of, flag_value,
                                    gpus_of, run_state, setting_flags)
+from machinery.files import LOCK, hold_folder
 from machinery.options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
                                   # a submitit job imports this file to run `execute` and needs none of them)
 
@@ -92,6 +94,24 @@ LIVE = set()
 LIVE_LOCK = threading.Lock()
 
 
+def end_with(parent):
+    """Linux: a function for Popen's preexec_fn that has the kernel send the child SIGTERM when the thread that
+    started it (this process's, which waits on it) ends: a runner killed, even by SIGKILL, leaves no script
+    training on in its run folder. None elsewhere (the child then outlives a killed runner; the run folder's
+    lock still refuses a second writer)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl        # looked up here: the child only calls it
+    PR_SET_PDEATHSIG = 1
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:                        # the runner died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 def execute(cmd, env, cwd, run_dir):
     """Run one command to its end, its output appended to <run_dir>/output.txt; on exit code 0 write
     <run_dir>/finished.json. Returns (exit code, seconds). Every executor runs this (submitit pickles it)."""
@@ -100,9 +120,10 @@ def execute(cmd, env, cwd, run_dir):
     with open(os.path.join(run_dir, OUTPUT), 'a') as out:
         out.write(f'# {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(cmd)}\n')
         out.flush()
-        # a session of its own: a Ctrl-C in the terminal reaches this process only, which passes one on
+        # a session of its own: a Ctrl-C in the terminal reaches this process only, which passes one on; on
+        # Linux the script gets SIGTERM (checkpoint, stop) when this process dies, also by SIGKILL
         proc = subprocess.Popen(cmd, cwd=cwd, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=end_with(os.getpid()))
         with LIVE_LOCK:
             LIVE.add(proc)
         try:
@@ -393,13 +414,20 @@ def check(args):
         args.seed_list = [int(s) for s in args.seeds.split(',')] if args.seeds else list(exp['seeds'])
     except ValueError:
         raise UserError(f'--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2.') from None
+    if min(args.seed_list) < 0 or len(set(args.seed_list)) < len(args.seed_list):
+        raise UserError(f'--seeds {args.seeds}: give each seed once, as a number of 0 or more (a seed is the run '
+                        'folder seed<k> of each setting), e.g. --seeds 0,1,2. Nothing was started.')
     unknown = [pattern for pattern in args.only if not fnmatch.filter(exp['settings'], pattern)]
     if unknown:
         raise UserError(f'unknown setting(s) of {args.experiment}: {", ".join(unknown)}. Its settings: '
                         f'{", ".join(exp["settings"])} (`reproduce.py list {args.experiment}` shows their commands).')
     args.settings = [s for s in exp['settings'] if not args.only or any(fnmatch.fnmatch(s, p) for p in args.only)]
-    if args.jobs < 1 or (args.gpus_per_run is not None and args.gpus_per_run < 0) or args.time <= 0:
-        raise UserError('--jobs must be at least 1, --gpus-per-run at least 0 and --time positive.')
+    bad = [f'--jobs {args.jobs}'] * (args.jobs < 1) + [f'--gpus-per-run {args.gpus_per_run}'] * (
+        args.gpus_per_run is not None and args.gpus_per_run < 0) + [f'--time {args.time:g}'] * (
+        not 0 < args.time < math.inf)
+    if bad:
+        raise UserError(f'{", ".join(bad)}: --jobs must be at least 1, --gpus-per-run at least 0 and --time a positive, '
+                        'finite number of hours (the time limit of each job). Nothing was started.')
     args.runs = args.runs or os.path.join('runs', args.experiment + ('-quick' if args.quick else ''))
     args.gpu_ids = check_gpus(args) if args.gpus else []
     if args.executor:
@@ -460,11 +488,18 @@ def check_runs_folder(args):
         raise UserError(f'--runs {path!r} is a file, not a folder.')
     marker = os.path.join(path, MARKER)
     if os.path.isfile(marker):
+        this = f'{args.experiment}{" --quick" if args.quick else ""}'
         try:
             with open(marker) as f:
                 mine = json.load(f)
-        except (OSError, ValueError):
-            mine = {}
+            if not isinstance(mine, dict) or not isinstance(mine.get('experiment'), str):
+                raise ValueError('it names no experiment')
+        except (OSError, ValueError) as e:
+            raise UserError(f'{marker} cannot be read ({e}): it says which experiment\'s runs {path} holds. If they '
+                            f'are the runs of `reproduce.py {this}`, write that file again as {{"experiment": '
+                            f'"{args.experiment}", "quick": {json.dumps(args.quick)}}} and run the same command (each '
+                            'run folder is checked by its own files); otherwise give another folder with --runs DIR. '
+                            'Nothing was started or changed.') from None
         wrote = f'{mine.get("experiment")}{" --quick" if mine.get("quick") else ""}'
         if (mine.get('experiment'), bool(mine.get('quick'))) != (args.experiment, args.quick):
             raise UserError(f'{path} holds the runs of `reproduce.py {wrote}`, not of `reproduce.py {args.experiment}'
@@ -477,7 +512,7 @@ def check_runs_folder(args):
                 raise UserError(f'the runs of {setting} in {path} were made with other flags ({shlex.join(then)}) '
                                 f'than this code gives it ({shlex.join(now)}): nothing was started or changed. '
                                 'Give another folder with --runs DIR, or move those runs away.')
-    elif os.path.isdir(path) and os.listdir(path):
+    elif os.path.isdir(path) and set(os.listdir(path)) - {LOCK}:
         raise UserError(f'{path} already holds files that reproduce.py did not write (no {MARKER}): nothing was '
                         'started or changed. Give an empty or new folder with --runs DIR.')
     elif args.report:
@@ -546,6 +581,11 @@ def main(argv=None):
         print(experiment_report(args.experiment, args.runs, args.quick))
         print(f'\nwrote {os.path.join(args.runs, "results.md")}')
         return
+    os.makedirs(args.runs, exist_ok=True)            # one runner per runs folder, before its runs' states are read
+    taken = hold_folder(args.runs, 'this runs folder', 'run the same command again (it skips the finished runs '
+                        'and continues the others), or give another folder with --runs DIR')
+    if taken:
+        print(taken, flush=True)
     if args.quick and not args.data_root:
         args.data_root = QUICK_DATA_ROOT
     runs = plan(args)

@@ -16,7 +16,6 @@ the script a run folder names. It also makes the table and figure of an experime
 Used by you and by reproduce.py.
 """
 import argparse
-import csv
 import datetime
 import glob
 import io
@@ -28,16 +27,11 @@ import statistics
 import sys
 
 from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
-from machinery.options import UserError
+from machinery.files import read_metrics
+from machinery.options import NOT_SETTING, UserError
 from utils import run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-# The run options that say where or how a run ran, not what it computed: runs differing only in these (and
-# the seed, and what each script's unused_options() names) are one setting.
-NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
-               'local_rank', 'dist_backend', 'dist_timeout', 'global_batch', 'progress', 'progress_every',
-               'tensorboard'}
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN', 'fashion-mnist': 'Fashion-MNIST'}
 
@@ -106,6 +100,23 @@ def _number(text):
         return text
 
 
+def read_runs(paths, damaged):
+    """read_run of each path; one that cannot be read is left out, (path, its UserError) added to `damaged`."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(read_run(path))
+        except UserError as e:
+            damaged.append((path, e))
+    return runs
+
+
+def damaged_text(damaged):
+    """The lines under a table naming the folders left out of it, and why."""
+    return '\n'.join([f'Not in the table: {len(damaged)} folder(s) that could not be read:']
+                     + [f'- {path}: {str(e).split(". A run folder is")[0]}.' for path, e in damaged])
+
+
 def read_run(path):
     """A run folder -> {'path', 'cfg', 'script', 'rows' (metrics.csv as numbers, one row per position),
     'resumed_at' (MetaSemi: the steps its log says it resumed at)}. Anything else is a UserError."""
@@ -124,14 +135,10 @@ def read_run(path):
         raise not_a_run(path, f'its config.json names no script of this project (script: {script!r}; one of '
                               f'{", ".join(scripts_here())} expected)')
     rows = {}
-    metrics = os.path.join(path, 'metrics.csv')
-    if os.path.isfile(metrics):
-        with open(metrics, newline='') as f:
-            for raw in csv.DictReader(f):
-                row = {k: _number(v) for k, v in raw.items() if k is not None}
-                position = row.get(next(iter(raw)))
-                if isinstance(position, float):
-                    rows[position] = row          # a position written twice (a resumed run): the later one
+    _, raw_rows, skipped = read_metrics(os.path.join(path, 'metrics.csv'))
+    for raw in raw_rows:
+        row = {k: _number(v) for k, v in raw.items()}
+        rows[next(iter(row.values()))] = row      # a position written twice (a resumed run): the later one
     log = ''
     if os.path.isfile(os.path.join(path, 'log.txt')):
         with open(os.path.join(path, 'log.txt'), errors='replace') as f:
@@ -140,7 +147,8 @@ def read_run(path):
         found = re.search(r'^(?:run|resuming) .* on \S+, (\d+) processes \(', log, re.M)
         cfg = cfg | {'processes': int(found.group(1)) if found else 1}
         cfg.setdefault('global_batch', cfg.get('batch_size', 0) * cfg['processes'])
-    return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)], 'log': log}
+    return {'path': path, 'cfg': cfg, 'script': script, 'rows': [rows[k] for k in sorted(rows)], 'log': log,
+            'skipped': skipped}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,9 +248,17 @@ def _value(v):
     return str(v)
 
 
+def history_text(history):
+    """What a run's config.json history says was typed with --resume: 'resumed with lr 0.01 -> 0.001 after
+    epoch 2'."""
+    return 'resumed with ' + '; '.join(', '.join(f'{k} {_value(old)} -> {_value(new)}' for k, (old, new) in
+                                                 entry['changed'].items()) + f' after {entry["after"]}'
+                                       for entry in history)
+
+
 def setting_text(keys, cfg):
     values = setting(cfg)                   # without the values this run's method ignores (alpha without mixup...)
-    return ', '.join(f'{k} {_value(values[k])}' for k in keys
+    return ', '.join(history_text(values[k]) if k == 'history' else f'{k} {_value(values[k])}' for k in keys
                      if k in values and not (k == 'num_samples_per_class' and not values[k]))
 
 
@@ -280,6 +296,7 @@ def build_rows(runs):
         varying = [k for k in names if len({json.dumps(setting(r['cfg']).get(k)) for r in mine}) > 1]
         headline = script_module(script).HEADLINE
         keys = headline + [k for k in varying if k not in headline]
+        keys += ['history'] if 'history' in names and 'history' not in keys else []     # a mixed run says so
         for r in mine:
             r['setting'] = setting_text(keys, r['cfg'])
     papers = list(dict.fromkeys(script_module(r['script']).PAPER for r in rows))
@@ -317,6 +334,10 @@ def table(runs):
     empty = [run['path'] for run in runs if not measures(run)]
     if empty:
         notes.append('Not in the table (no evaluation in metrics.csv yet): ' + ', '.join(empty) + '.')
+    for run in runs:
+        if run.get('skipped'):
+            notes.append(f'{os.path.join(run["path"], "metrics.csv")}: not whole rows, skipped: '
+                         + '; '.join(f'line {n} ({why})' for n, why in run['skipped']) + '.')
     return '\n'.join(lines + notes)
 
 
@@ -393,15 +414,16 @@ def plot(runs, out, plt):
 # An experiment's table and figure (reproduce.py), from its finished run folders
 # ----------------------------------------------------------------------------------------------------
 
-def finished_runs(experiment, runs_dir):
+def finished_runs(experiment, runs_dir, damaged=None):
     """{setting: [read_run(...) of each finished seed, in seed order]} and the count of seed
-    folders that are not finished, per setting."""
+    folders that are not finished, per setting. A finished folder that cannot be read counts as not finished,
+    its error added to the list `damaged`."""
     done, unfinished = {}, {}
     for setting in EXPERIMENTS[experiment]['settings']:
         folders = [os.path.join(runs_dir, setting, name) for name in sorted(
             (n for n in os.listdir(os.path.join(runs_dir, setting)) if n[4:].isdigit() and n.startswith('seed')),
             key=lambda n: int(n[4:]))] if os.path.isdir(os.path.join(runs_dir, setting)) else []
-        done[setting] = [read_run(p) for p in folders if run_state(p) == 'finished']
+        done[setting] = read_runs([p for p in folders if run_state(p) == 'finished'], damaged)
         unfinished[setting] = len(folders) - len(done[setting])
     return done, unfinished
 
@@ -458,8 +480,11 @@ def table_text(part, done, unfinished):
 def experiment_report(experiment, runs_dir, quick):
     """Write <runs_dir>/results.md (and the figure, where the paper has one); return the tables' text."""
     exp = EXPERIMENTS[experiment]
-    done, unfinished = finished_runs(experiment, runs_dir)
+    damaged = []
+    done, unfinished = finished_runs(experiment, runs_dir, damaged)
     paper_table = '\n\n'.join(table_text(part, done, unfinished) for part in tables_of(exp))
+    if damaged:
+        paper_table += '\n\n' + damaged_text(damaged)
     all_runs = [run for setting in exp['settings'] for run in done[setting]]
     n_done = len(all_runs)
     n_open = sum(unfinished.values())
@@ -547,8 +572,14 @@ def main(argv=None):
                    help='also draw the learning curves into this PNG (needs matplotlib)')
     args = p.parse_args(argv)
     plt = import_pyplot() if args.plot else None        # a missing optional extra stops before any output
-    runs = [read_run(path) for path in expand(args.runs)]
-    print(table(runs))
+    damaged = []
+    runs = read_runs(expand(args.runs), damaged)
+    if not runs:
+        raise damaged[0][1] if len(damaged) == 1 else UserError(
+            f'none of the {len(damaged)} folders given can be read as a run folder: '
+            + '; '.join(str(e).split('. A run folder is')[0] for _, e in damaged)
+            + '. A run folder is what a training script writes (config.json, log.txt, metrics.csv).')
+    print(table(runs) + (f'\n\n{damaged_text(damaged)}' if damaged else ''))
     if args.plot:
         if not any(run['rows'] for run in runs):
             raise UserError('nothing to plot: none of the runs has an evaluation in its metrics.csv yet.')

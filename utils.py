@@ -40,9 +40,10 @@ from machinery.checkpoints import (FORMAT, Checkpoints, load_run_checkpoint, rea
                                    scale_learning_rates)
 from machinery.distributed import Processes, all_reduce_sum, distributed
 from machinery.fast_paths import set_tf32
-from machinery.files import CHECKPOINT, atomic_write_text, write_error, write_lines
-from machinery.options import (RUN_OPTIONS, TRANSIENT, Diverged, Stopped, UserError, check_choices, check_finite,
-                               parse_config, python_command, torchrun_command)
+from machinery.files import (CHECKPOINT, atomic_write_text, hold_folder, read_metrics, release_folders, write_error,
+                             write_lines)
+from machinery.options import (RUN_OPTIONS, SAME_RUN, TRANSIENT, Diverged, Stopped, UserError, check_choices,
+                               check_finite, parse_config, python_command, torchrun_command)
 from machinery.streams import device_generator, stream_seed
 
 
@@ -63,6 +64,7 @@ def run_main(main, argv=None):
         if first:
             print('interrupted: the last checkpoint written is intact; continue with --resume RUN', file=sys.stderr)
         code = 130
+    release_folders()                     # the run folder's lock (Run): this process is done writing it
     if dist.is_available() and dist.is_initialized():
         # Under torchrun, leave without tearing the process group down: a gloo group destroyed while a
         # peer is still closing its own sometimes aborts that peer ('terminate called without an active
@@ -79,12 +81,14 @@ def run_main(main, argv=None):
 
 class Resumed(NamedTuple):
     """The run a --resume continues: its folder, its checkpoint (loaded), its saved configuration and, when
-    --restore_config took that from the checkpoint, where from and what was wrong with config.json."""
+    --restore_config took that from the checkpoint, where from and what was wrong with config.json; the values
+    typed that change what the run computes (name -> (saved, typed)), kept in cfg.history."""
     dir: str
     checkpoint: dict
     saved: dict
     source: str = None
     problem: str = None
+    changes: dict = None
 
 
 class CommandLine(NamedTuple):
@@ -106,17 +110,55 @@ def read_config(script, hyper, argv=None, description='', choices=None):
         folder = resolve_run_dir(cfg.resume, cfg.logdir, script)
         checkpoint = load_run_checkpoint(os.path.join(folder, CHECKPOINT), script, FORMAT)
         words = sys.argv[1:] if argv is None else argv
-        command = ' '.join([python_command(), f'{script}.py'] + [shlex.quote(str(a)) for a in words])
+        command = shlex.join([python_command(), f'{script}.py'] + [str(a) for a in words])
         saved, source, problem = read_run_config(folder, checkpoint, cfg.restore_config, command)
         cfg = argparse.Namespace(**{k: saved.get(k, v) for k, v in vars(cfg).items()} | {k: getattr(cfg, k) for k in typed})
-        resumed = Resumed(folder, checkpoint, saved, source, problem)
+        changes = resume_changes(cfg, typed, saved, checkpoint, folder)
+        resumed = Resumed(folder, checkpoint, saved, source, problem, changes)
     check_finite(cfg, {k: v for k, (v, _) in RUN_OPTIONS.items()} | dict(hyper), typed,
                  os.path.join(resumed.dir, 'config.json') if resumed else '')
     check_choices(cfg, (choices or {}) | {'synthetic_size': ['small', 'full']})
+    if os.path.exists(cfg.data_root) and not os.path.isdir(cfg.data_root):
+        raise UserError(f'--data_root {cfg.data_root} is a file, not a folder: give the folder that holds the '
+                        'dataset\'s files (or where --download puts them; the synthetic stand-in is written into '
+                        '<data_root>/synthetic). Nothing was written.')
+    if cfg.synthetic and cfg.download and 'download' in typed:
+        raise UserError('--download fetches the official files, and --synthetic trains on the stand-in instead, '
+                        'which needs no download: give one of the two. Nothing was written.')
     if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
         raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or run without '
                         '--tensorboard; metrics.csv holds the same numbers).')
     return cfg, CommandLine(typed, resumed)
+
+
+def resume_changes(cfg, typed, saved, checkpoint, folder):
+    """The values typed with --resume that change what the run computes: {name: (saved, typed)}. Another seed is
+    refused (a run is one seed's: its weights, splits and streams); the others take effect from the checkpoint on
+    and are added to cfg.history (config.json keeps it: [{'after': 'epoch 2', 'changed': {name: [saved, typed]}}],
+    so results.py reports the run as a setting of its own). With --eval_only (nothing trained) nothing is."""
+    history = list(saved.get('history') or [])
+    if history:
+        cfg.history = history
+    if getattr(cfg, 'eval_only', False):
+        return {}
+    changes = {k: (saved[k], getattr(cfg, k)) for k in sorted(typed)
+               if k in saved and k not in SAME_RUN and saved[k] != getattr(cfg, k)}
+    if 'seed' in changes:
+        old, new = changes['seed']
+        raise UserError(f'--seed {new} typed with --resume: {folder} is the run of seed {old} (its weights, data '
+                        f'splits and data streams come from it), and a run keeps its seed. Drop --seed to continue '
+                        f'it, or start a new run of seed {new} in another folder. Nothing was written.')
+    if changes:
+        last = checkpoint.get('last') or {}
+        position = next(iter(last), None)
+        after = f'{position} {checkpoint.get(position, last.get(position))}' if position else 'the start'
+        cfg.history = history + [{'after': after, 'changed': {k: list(v) for k, v in changes.items()}}]
+    return changes
+
+
+def changes_text(changes):
+    """'--width 0.125 (the run's: 0.0625), --lr 0.001 (the run's: 0.01)'."""
+    return ', '.join(f'--{k} {new} (the run\'s: {old})' for k, (old, new) in changes.items())
 
 
 def seed_everything(seed):
@@ -152,7 +194,7 @@ def open_run_dir(path):
     """A run folder named by the user (created if missing); one that already holds a run is refused."""
     if os.path.isfile(os.path.join(path, CHECKPOINT)):
         raise UserError(f'{path!r} already holds a run (it has a {CHECKPOINT}): continue it with '
-                        f'--resume {path}, or choose another folder.')
+                        f'--resume {shlex.quote(path)}, or choose another folder.')
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -212,6 +254,8 @@ class RunLog:
         if not self.enabled:
             return
         old = open(self.csv_path, newline='').read() if os.path.exists(self.csv_path) else ''
+        if old and not old.endswith('\n'):        # a line cut part way stays a line of its own (read_metrics skips it)
+            old += '\r\n'
         out = io.StringIO(newline='')
         writer = csv.DictWriter(out, fieldnames=list(row))
         if not old:
@@ -224,24 +268,31 @@ class RunLog:
             atomic_write_text(os.path.join(self.run_dir, 'config.json'), json.dumps(config, indent=2, sort_keys=True))
 
     def reconcile(self, last_row):
-        """metrics.csv as the checkpoint knows it (its last row `last_row`, best columns included): rows after
-        its position (written by a run killed after them, before its next checkpoint) dropped, its own row
-        added if the kill came before it. Returns whether the file changed."""
+        """metrics.csv as the checkpoint knows it (its last row `last_row`, best columns included): lines that are
+        not whole rows skipped (a row cut part way, garbage: see read_metrics), rows after its position
+        (written by a run killed after them, before its next checkpoint) dropped, its own row added if the kill
+        came before it. Returns the note saying what changed, or None when nothing did."""
         if not self.enabled:
-            return False
+            return None
         position = next(iter(last_row))
-        rows = list(csv.DictReader(open(self.csv_path, newline=''))) if os.path.exists(self.csv_path) else []
-        keep = [r for r in rows if float(r[position]) <= float(last_row[position])]
-        has_last = bool(keep) and float(keep[-1][position]) == float(last_row[position])
-        if has_last and len(keep) == len(rows):
-            return False
+        at = float(last_row[position])
+        _, rows, skipped = read_metrics(self.csv_path)
+        keep = [r for r in rows if float(next(iter(r.values()))) <= at]
+        has_last = bool(keep) and float(next(iter(keep[-1].values()))) == at
+        if has_last and len(keep) == len(rows) and not skipped:
+            return None
         full = keep + ([] if has_last else [last_row])
         out = io.StringIO(newline='')
         writer = csv.DictWriter(out, fieldnames=list(full[-1]))
         writer.writeheader()
         writer.writerows(full)
         atomic_write_text(self.csv_path, out.getvalue())
-        return True
+        done = [f'line {n} skipped ({why})' for n, why in skipped]
+        if len(keep) < len(rows):
+            done.append(f'{len(rows) - len(keep)} row(s) after it dropped')
+        if not has_last:
+            done.append(f'its row of {position} {last_row[position]} written again')
+        return f'note: metrics.csv brought back to the checkpoint ({position} {last_row[position]}): ' + '; '.join(done)
 
     def tensorboard(self, row):
         """Every number of a metrics row as a TensorBoard scalar in <run>/tensorboard (--tensorboard)."""
@@ -626,13 +677,17 @@ class Run:
             self.dir = self.resumed.dir
         else:
             self.dir = self._new_folder()
+        taken = None
+        if self.rank == 0:                      # one writer per run folder (under torchrun the first process writes)
+            taken = hold_folder(self.dir, 'this run folder', f'continue it with {self.resume_command()}')
         self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
         self.checkpoints = Checkpoints(self.dir, script, writes=self.rank == 0)
         self.watch = Divergence(cfg, self.device, self.checkpoints, self.resume_command(), watch_loss=not self.resuming)
         if not self.resuming:
             self.log.save_config(self.config_record())
-        if note:
-            self.log.print(note)
+        for line in (taken, note):
+            if line:
+                self.log.print(line)
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.projection = Projection(self.log)
         self.timer = Timer(self.device)
@@ -693,7 +748,8 @@ class Run:
         if not self.resuming:
             return defaults
         checkpoint, self.resumed = self.resumed.checkpoint, self.resumed._replace(checkpoint=None)
-        extras = self.checkpoints.restore(objects, checkpoint)
+        changes = self.resumed.changes or {}
+        extras = self.checkpoints.restore(objects, checkpoint, changes_text(changes))
         self.watch.restore(checkpoint)
         extras.pop('loss_reference', None)
         for option, (optimizer, scheduler) in self.watch.rates.items():   # --resume RUN --lr X: saved rates x X / old
@@ -714,9 +770,13 @@ class Run:
             self.log.print(f'note: config.json {self.resumed.problem}: restored from {self.resumed.source}'
                            + (f'; the damaged file is kept as {kept}' if kept else ''))
         last = self.checkpoints.last
-        if last is not None and self.log.reconcile(self.checkpoints.metrics_row(last)):
-            position = next(iter(last))
-            self.log.print(f'note: metrics.csv brought back to the checkpoint ({position} {last[position]})')
+        repaired = last is not None and self.log.reconcile(self.checkpoints.metrics_row(last))
+        if repaired:
+            self.log.print(repaired)
+        if changes:
+            self.log.print(f'note: typed with --resume, {changes_text(changes)}: in effect after '
+                           f'{self.cfg.history[-1]["after"]}; config.json\'s history records it, and results.py '
+                           'reports this run as a setting of its own')
         return defaults | extras
 
     def save(self, objects, **extra):
@@ -774,13 +834,13 @@ class Run:
     def resume_command(self):
         """The command that continues this run: under torchrun, on as many processes (see resumed_processes)."""
         if self.world == 1:
-            return f'{python_command()} {self.script}.py --resume {self.dir}'
+            return shlex.join([python_command(), f'{self.script}.py', '--resume', self.dir])
         per_node = int(os.environ.get('LOCAL_WORLD_SIZE', self.world))
-        torchrun = torchrun_command()
+        torchrun = shlex.quote(torchrun_command())
         launch = (f'{torchrun} --standalone --nproc_per_node {self.world}' if per_node == self.world else
                   f'{torchrun} --nnodes {self.world // per_node} --node_rank R --master_addr HOST '
                   f'--nproc_per_node {per_node}')
-        return f'{launch} {self.script}.py --resume {self.dir}'
+        return f'{launch} {self.script}.py --resume {shlex.quote(self.dir)}'
 
     # ---- data streams and time ----
 

@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 
 import numpy as np
 import torch
@@ -139,7 +140,7 @@ def load_run_checkpoint(path, script, format):
                         '(git checkout ff31508) or start a new run.')
     if ckpt.get('script') != script:
         raise UserError(f'{path} was written by {ckpt.get("script")}.py, not {script}.py: resume it '
-                        f'with {python_command()} {ckpt.get("script")}.py --resume {os.path.dirname(path)}.')
+                        f'with {shlex.join([python_command(), str(ckpt.get("script")) + ".py", "--resume", os.path.dirname(path)])}.')
     return ckpt
 
 
@@ -249,14 +250,19 @@ class Checkpoints:
             save_checkpoint(os.path.join(self.folder, BEST), format=FORMAT, script=self.script, state=nets,
                             best=self.best, row=row, config=config)
 
-    def restore(self, objects, checkpoint):
+    def restore(self, objects, checkpoint, typed=''):
         """Load `checkpoint` (a resumed run's, from load_run_checkpoint) into `objects`, the random states and the
-        best evaluation; return its other entries (position, data-stream states, ...)."""
+        best evaluation; return its other entries (position, data-stream states, ...). `typed`: the values typed
+        with --resume that differ from the run's (utils.changes_text), named when the networks do not fit."""
         try:
             for k, obj in objects.items():
                 obj.load_state_dict(checkpoint['state'][k])
         except (KeyError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0][:300]
+            if typed:
+                raise UserError(f'{typed} typed with --resume: {self.path} does not fit the networks made with it '
+                                f'({type(e).__name__}: {first}), and a resumed run keeps its networks. Drop it to '
+                                'continue the run, or start a new run with it. Nothing was written.') from None
             raise UserError(f'{self.path} does not fit the networks of this run ({type(e).__name__}: {first}); it was '
                             'written with other settings (width, psi, mode, model, ...) than the ones in its '
                             'config.json. Nothing was written; start a new run instead.') from None

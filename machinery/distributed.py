@@ -243,10 +243,15 @@ class Processes:
         steps of the global batch (processes x --batch_size), so the same global batch continues the run
         (with --sync_bn, and MetaSemi's --global_meta_gradient, as the processes before would have: one
         process of 2B computes what two of B do); another one is refused, naming the --batch_size that
-        keeps it. Returns the note to log, or None."""
-        if saved_world is None or saved_world == self.world:
+        keeps it; so is another --batch_size on as many processes. Returns the note to log, or None."""
+        if saved_world is None or (saved_world == self.world and batch == saved_batch):
             return None
         total = saved_world * saved_batch
+        if saved_world == self.world:
+            raise UserError(f'--batch_size {batch} typed with --resume: this run was trained on {saved_world} '
+                            f'process(es) x --batch_size {saved_batch} = {total} images per step, and its data '
+                            f'streams, schedule and saved positions count steps of {total}. Drop --batch_size to '
+                            f'continue it, or start a new run with --batch_size {batch}. Nothing was written.')
         if self.world * batch != total:
             keep = (f'--batch_size {total // self.world} (per process) on {self.world} process(es)'
                     if total % self.world == 0 else f'a number of processes that divides {total}')

@@ -3,6 +3,8 @@
   atomic_write, atomic_write_text   a file written whole or not at all; a failed write is a UserError with
   write_error                       the OS's words, the bytes needed and advice that fits the run's state
                                     (checkpoints, utils.RunLog)
+  read_metrics                      a run's metrics.csv, tolerant: whole rows, and the lines it skipped and why
+                                    (utils.RunLog's repair on resume, results.py)
   write_lines, write_indices        the lists a run keeps in its folder (splits, classes, auxiliary labels:
                                     utils.Run.keep_lists)
   md5sum                            the md5 of a data file, or of the bytes a gzip file holds (remembered per
@@ -12,14 +14,20 @@
   dataset_root, SYNTHETIC_DIR       where the official files and the synthetic stand-ins lie under a data root
                                     (create_dataset, large_datasets, reproduce.py)
   CHECKPOINT, BEST                  the checkpoint files of a run folder (checkpoints, utils)
+  hold_folder, release_folders      one writer per folder: a run folder (utils.Run) or a runs folder
+                                    (reproduce.py) locked for its writer's life
 
 Plain Python and numpy; nothing here imports torch.
 """
+import csv
+import fcntl
 import gzip
 import hashlib
 import json
 import os
 import pickle
+import shlex
+import socket
 
 import numpy as np
 
@@ -27,6 +35,63 @@ from .options import UserError, python_command
 
 CHECKPOINT, BEST = 'checkpoint.pt', 'best.pt'      # in every run folder: the latest state, the best networks
 SYNTHETIC_DIR = 'synthetic'          # the stand-ins live in <root>/synthetic/, never over real data
+
+
+LOCK = 'lock'          # in a run folder (and a runs folder): who writes it now, locked by that process
+
+
+_HELD = {}              # folder (real path) -> the open lock file this process holds it by
+
+
+def hold_folder(folder, what, advice):
+    """Make this process the one writer of `folder` for as long as it lives: an exclusive flock on
+    <folder>/lock, which the kernel releases when the process ends however it ends (SIGKILL too), with
+    'pid host' written in the file for the message of the next one. A folder another live process holds is
+    refused (a UserError naming that process; `what` names the folder's kind, `advice` what to do instead).
+    Returns a note when the file named a process that ended without releasing it (killed), or None. The
+    file is emptied on release (release_folders), so a note means that previous writer was cut off."""
+    key = os.path.realpath(folder)
+    if key in _HELD:                          # this process again (a script's main called twice in one process)
+        release_folders(key)
+    path = os.path.join(folder, LOCK)
+    try:
+        f = open(path, 'a+')
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().split() or ['?', '?']
+        f.close()
+        pid, host = (holder + ['?'])[:2]
+        raise UserError(f'{folder} is in use: {what} is being written by process {pid} on {host} (it holds '
+                        f'{path}). One process writes a folder at a time: wait for that one to end, or stop it '
+                        f'(kill {pid} on {host}), then {advice}. Nothing was written.') from None
+    f.seek(0)
+    before = f.read().split()
+    f.seek(0)
+    f.truncate()
+    f.write(f'{os.getpid()} {socket.gethostname()}\n')
+    f.flush()
+    _HELD[key] = f
+    if before[:2] and before[:2] != [str(os.getpid()), socket.gethostname()]:
+        return (f'note: took {path} over from process {before[0]} on {before[1] if len(before) > 1 else "?"}, '
+                'which ended without releasing it (killed or cut off)')
+    return None
+
+
+def release_folders(*keys):
+    """Release the folders this process holds (`keys`: their real paths; none: every one): each lock file
+    emptied, then unlocked and closed."""
+    for key in keys or list(_HELD):
+        f = _HELD.pop(key, None)
+        if f is not None:
+            try:
+                f.seek(0)
+                f.truncate()
+            finally:
+                f.close()
 
 
 def write_error(path, e, size=None):
@@ -59,7 +124,8 @@ def write_error(path, e, size=None):
                 script = json.load(f)['script']
         except (OSError, ValueError, KeyError, TypeError):
             script = '<script>'
-        then = (f'then continue from the last checkpoint with {python_command()} {script}.py --resume {folder}')
+        then = ('then continue from the last checkpoint with '
+                + shlex.join([python_command(), f'{script}.py', '--resume', folder]))
     else:
         then = ('then start the run again: no checkpoint was written yet, so there is nothing to resume (the '
                 f'folder {folder} holds only what this attempt wrote before)')
@@ -97,6 +163,42 @@ def atomic_write(path, data):
 
 def atomic_write_text(path, text):
     atomic_write(path, text.encode())
+
+
+def read_metrics(path):
+    """metrics.csv read the way it is written, a whole line a row: (its columns, its rows as dicts of text, the
+    lines skipped as [(line number, why)]). A line cut part way (the last one, without its end of line: a
+    copy or disk cut short), one with another number of fields than the header, or one whose first column
+    (the position) is not a number is skipped and named; a missing file is ([], [], [])."""
+    try:
+        with open(path, newline='') as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return [], [], []
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [], [(1, f'the file cannot be read ({getattr(e, "strerror", None) or e})')]
+    if not lines or not lines[0].endswith('\n'):
+        return [], [], [(1, 'the header is cut part way')] if lines else []
+    header, rows, skipped = next(csv.reader(lines[:1])), [], []
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        values = next(csv.reader([line]))
+        if not line.endswith('\n'):
+            why = 'cut part way: the file ends inside it'
+        elif len(values) != len(header):
+            why = f'{len(values)} fields, not the header\'s {len(header)}'
+        else:
+            try:
+                float(values[0])
+                why = None
+            except ValueError:
+                why = f'its {header[0]} is not a number ({values[0][:40]!r})'
+        if why:
+            skipped.append((number, why))
+        else:
+            rows.append(dict(zip(header, values)))
+    return header, rows, skipped
 
 
 def write_indices(path, indices):

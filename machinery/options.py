@@ -109,6 +109,20 @@ ALIASES = {
 }
 
 
+# The run options that say where or how a run ran, not what it computed: runs differing only in these (and
+# the seed, and what each script's unused_options() names) are one setting (results.py).
+NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
+               'local_rank', 'dist_backend', 'dist_timeout', 'global_batch', 'progress', 'progress_every',
+               'tensorboard'}
+
+
+# Typed with --resume, these leave a run one setting (read_config): where and how it runs, its budget
+# (--epochs, --total_steps extend it, as each script says), the lists a resumed run reads back from its folder,
+# the batch per process (another global batch is refused: distributed.Processes.resumed_processes). Another
+# value typed is noted and kept in config.json's history; another seed is refused.
+SAME_RUN = (NOT_SETTING - {'seed'}) | {'epochs', 'total_steps', 'class_list', 'val_indices', 'label_list',
+                                      'restore_config', 'eval_only', 'batch_size'}
+
 # Options that act on one invocation only: never saved in config.json, so never inherited by --resume.
 TRANSIENT = ('resume', 'eval_only', 'local_rank', 'restore_config')
 

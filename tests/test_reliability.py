@@ -377,7 +377,7 @@ def test_a_finite_blow_up_of_the_loss_stops_maxl_with_exit_code_3(tmp_path, tiny
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert 'training diverged: the training loss stayed above 10 times its value at the first step' in p.stderr
     assert 'Traceback' not in p.stderr and '--lr 100000 ' in p.stderr, p.stderr
-    assert sorted(os.listdir(tmp_path / 'r')) == ['config.json', 'log.txt']          # no best.pt, no checkpoint
+    assert sorted(os.listdir(tmp_path / 'r')) == ['config.json', 'lock', 'log.txt']   # no best.pt, no checkpoint
 
 
 def test_a_weight_beyond_the_bound_stops_the_run_before_anything_is_written(tmp_path, finished, monkeypatch,
@@ -435,7 +435,7 @@ def test_a_full_disk_says_no_space_and_fits_the_advice_to_the_state(tmp_path, ti
     assert f'cannot write {fresh / "best.pt"}: No space left on device (errno {errno.ENOSPC}' in p.stderr, p.stderr
     assert 'bytes to write' in p.stderr and 'enforce fail' not in p.stderr
     assert 'no checkpoint was written yet' in p.stderr and '--resume' not in p.stderr, p.stderr
-    assert sorted(os.listdir(fresh)) == ['config.json', 'log.txt']          # the link to /dev/full removed too
+    assert sorted(os.listdir(fresh)) == ['config.json', 'lock', 'log.txt']  # the link to /dev/full removed too
 
     run_dir = a_run(tmp_path, finished)
     before = files_of(run_dir)

@@ -149,7 +149,8 @@ def written_folder(tmp_path, marker):
 
 
 @pytest.mark.parametrize('case', ['experiment', 'setting', 'gpus', 'no-submitit', 'no-sbatch', 'other-experiment',
-                                  'other-flags'])
+                                  'other-flags', 'time-nan', 'time-inf', 'seed-negative', 'seed-twice',
+                                  'damaged-marker'])
 def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
     runs = str(tmp_path / 'runs')
     args = {'experiment': ['maxl-fig4', '--quick'],
@@ -158,7 +159,12 @@ def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
             'no-submitit': ['maxl-fig3', '--quick', '--executor', 'slurm', '--partition', 'gpu'],
             'no-sbatch': ['maxl-fig3', '--quick', '--executor', 'slurm', '--partition', 'gpu'],
             'other-experiment': ['maxl-fig3', '--quick'],
-            'other-flags': ['maxl-fig3', '--quick', '--only', 'single-p2']}[case]
+            'other-flags': ['maxl-fig3', '--quick', '--only', 'single-p2'],
+            'time-nan': ['maxl-fig3', '--quick', '--executor', 'local', '--time', 'nan'],
+            'time-inf': ['maxl-fig3', '--quick', '--executor', 'local', '--time', 'inf'],
+            'seed-negative': ['maxl-fig3', '--quick', '--seeds', '-1'],
+            'seed-twice': ['maxl-fig3', '--quick', '--seeds', '0,0', '--jobs', '2'],
+            'damaged-marker': ['maxl-fig3', '--quick']}[case]
     if case == 'no-submitit':
         monkeypatch.setitem(sys.modules, 'submitit', None)              # `import submitit` raises ImportError
     if case == 'no-sbatch':
@@ -169,13 +175,21 @@ def test_bad_input_exits_2_and_starts_nothing(case, tmp_path, monkeypatch):
     if case == 'other-flags':                  # made when --quick trained 99 epochs
         runs = written_folder(tmp_path, {'experiment': 'maxl-fig3', 'quick': True, 'settings': {
             'single-p2': ['model_vgg_single.py', '--primary_level', '2', '--synthetic', '--epochs', '99']}})
+    if case == 'damaged-marker':
+        runs = written_folder(tmp_path, {})
+        with open(os.path.join(runs, 'experiment.json'), 'w') as f:
+            f.write('{"experiment": "maxl-fig3", "qu')                     # cut part way
     before = sorted(os.listdir(runs)) if os.path.isdir(runs) else None
     out = reproduce(*args, '--runs', runs)
     assert out.returncode == 2, out.stdout + out.stderr
     message = out.stderr.strip()
     assert message.startswith('error: ') and '\n' not in message               # one paragraph
     assert {'experiment': 'maxl-fig4', 'setting': 'single-p9', 'gpus': '--gpus', 'no-submitit': 'pip install submitit',
-            'no-sbatch': 'sbatch', 'other-experiment': 'sla-cifar --quick', 'other-flags': '--epochs 99'}[case] in message
+            'no-sbatch': 'sbatch', 'other-experiment': 'sla-cifar --quick', 'other-flags': '--epochs 99',
+            'time-nan': '--time nan', 'time-inf': '--time inf', 'seed-negative': '--seeds -1: give each seed once',
+            'seed-twice': '--seeds 0,0: give each seed once',
+            'damaged-marker': f'{runs}/experiment.json cannot be read'}[case] in message
+    assert 'None' not in message
     assert out.stdout == ''                                                     # nothing started
     assert (sorted(os.listdir(runs)) if os.path.isdir(runs) else None) == before    # nothing written
 

@@ -209,7 +209,14 @@ def test_plot_writes_a_png(runs):
 
 
 def test_a_folder_that_is_not_a_run(runs, tmp_path):
+    """One folder that is not a run among runs: the table of the others, that folder named under it; only
+    folders that are not runs: exit code 2."""
     p = run_in_process('results.py', runs['seeds'][0], str(tmp_path))
+    assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr
+    table, below = p.stdout.split('Not in the table: 1 folder(s) that could not be read:')
+    assert '| Single (`model_vgg_single`) |' in table
+    assert f"- {tmp_path}: '{tmp_path}' is not a run folder: it has no config.json." in below, p.stdout
+    p = run_in_process('results.py', str(tmp_path))
     assert p.returncode == 2 and 'Traceback' not in p.stderr
     assert f"'{tmp_path}' is not a run folder: it has no config.json" in p.stderr, p.stderr
     p = run_in_process('results.py', os.path.join(runs['tmp'], 'logs'))          # the logdir itself: a hint
