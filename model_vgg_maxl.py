@@ -4,9 +4,11 @@ A label-generation network invents auxiliary labels (psi[i] auxiliary classes fo
 through a masked softmax); a multi-task VGG-16 learns the primary task plus those labels; the
 generator is trained by the meta-gradient of the primary loss through one SGD step of the multi-task
 network: exact (second order, --meta_order 2) or by finite differences (first order, --meta_order 1).
+Both networks are VGG-16s as the paper's, or the same ResNet (--model).
 
     python model_vgg_maxl.py                                   # the paper's setting (real CIFAR-100)
     python model_vgg_maxl.py --dataset cifar10 --psi 5         # another dataset: psi auxiliary classes per class
+    python model_vgg_maxl.py --dataset cifar10 --model cresnet32        # both networks CIFAR ResNet-32s
     python model_vgg_maxl.py --synthetic --epochs 3 --width 0.125
 """
 import sys
@@ -21,10 +23,10 @@ import create_dataset
 from create_dataset import hierarchy_psi
 from machinery.distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
 from machinery.fast_paths import eager, float32_meta
-from machinery.models import VGG16, accuracy_count, forward_with
+from machinery.models import MAXL_BACKBONES, accuracy_count, backbone, forward_with, head_parameter_names
 from machinery.options import UserError, check_positive, hyperparameters
 import model_vgg_single
-from model_vgg_single import (check_hierarchy, epoch_line, evaluate, finish, focal_loss, has_hierarchy, load_columns,
+from model_vgg_single import (check_hierarchy, check_model, epoch_line, evaluate, finish, focal_loss, has_hierarchy, load_columns,
                               place, psi_per_class)
 from utils import Meters, Run, read_config, run_main
 
@@ -46,11 +48,12 @@ meta_order = 2             # 2: exact second-order meta-gradient; 1: finite-diff
 second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode) or 'double_backward' (same value)
 fd_eps = 0.01              # first order: the step is fd_eps / ||d||
 cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
-width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
+width = 1.0                # channel multiplier of both networks (1 = the paper's VGG-16s)
+model = 'vgg16'            # the backbone of both networks: vgg16 (the paper's), or a CIFAR ResNet (cresnet20, 32, 44, 56, 110)
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'meta_order': [1, 2],
-           'second_order': ['jvp', 'double_backward'], 'dataset': list(create_dataset.DATASETS)}
+           'second_order': ['jvp', 'double_backward'], 'dataset': list(create_dataset.DATASETS), 'model': MAXL_BACKBONES}
 
 
 
@@ -74,6 +77,7 @@ def choose_psi(cfg, typed):
 
 def check(cfg, typed):
     check_hierarchy(cfg, typed)
+    check_model(cfg)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
                    'gen_weight_decay', 'entropy_weight', 'num_samples_per_class',
                    allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight', 'num_samples_per_class'))
@@ -81,14 +85,16 @@ def check(cfg, typed):
 
 # ---- the two networks ------------------------------------------------------------------------------
 
-def label_generator(psi, width):
-    """VGG-16 whose head scores sum(psi) auxiliary classes (xavier-normal init, as the original)."""
-    return VGG16({'classifier': int(sum(psi))}, width, init='xavier_normal')
+def label_generator(psi, width, model='vgg16'):
+    """The backbone (VGG-16: xavier-normal init, as the original) whose one head scores sum(psi) auxiliary
+    classes; the psi mask (masked_softmax) turns its scores into each primary class's labels."""
+    return backbone(model, {'classifier': int(sum(psi))}, width, init='xavier_normal')
 
 
-def multi_task_network(psi, width):
-    """VGG-16 with a primary head (len(psi) classes) and an auxiliary head (sum(psi) classes)."""
-    return VGG16({'classifier1': len(psi), 'classifier2': int(sum(psi))}, width, init='xavier_uniform')
+def multi_task_network(psi, width, model='vgg16'):
+    """The backbone (VGG-16: xavier-uniform init) with a primary head (len(psi) classes) and an auxiliary head
+    (sum(psi) classes)."""
+    return backbone(model, {'classifier1': len(psi), 'classifier2': int(sum(psi))}, width, init='xavier_uniform')
 
 
 def multi_task_losses(pri_logits, aux_logits, y, aux_target):
@@ -154,11 +160,6 @@ def cosine_per_filter(grads_a, grads_b):
     for a, b in zip(grads_a, grads_b):
         total = total + F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1).mean()
     return total / len(grads_a)
-
-
-def head_parameter_names(model):
-    """Names of the task-specific (head) parameters of a VGG16; the rest is the shared trunk."""
-    return {n for n, _ in model.named_parameters() if n.split('.')[0] in model.head_names}
 
 
 # ---- training step: update the multi-task network on primary + generated auxiliary labels --------
@@ -369,6 +370,7 @@ UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.P
                                        model_vgg_single.run_seconds)
 HEADLINE = ['primary_level', 'psi', 'num_samples_per_class', 'width']
 METHOD_OPTIONS = ['meta_order', 'second_order']
+OLDER_RUNS = {'model': 'vgg16'}                # a run from before --model trained VGG-16s
 
 
 def reported(cfg):
@@ -395,8 +397,8 @@ def main(argv=None):
     run = Run('model_vgg_maxl', cfg, cli)
     dev = run.device
     train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)   # on the device, whole
-    gen = run.network(label_generator(cfg.psi, cfg.width))
-    net = run.network(multi_task_network(cfg.psi, cfg.width))
+    gen = run.network(label_generator(cfg.psi, cfg.width, cfg.model))
+    net = run.network(multi_task_network(cfg.psi, cfg.width, cfg.model))
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     gen_optimizer = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)

@@ -1,9 +1,10 @@
-"""Single: the MAXL paper's single-task baseline, VGG-16 trained on the primary task of 4-level CIFAR-100
+"""Single: the MAXL paper's single-task baseline, VGG-16 (or a ResNet: --model) trained on the primary task of 4-level CIFAR-100
 (or on the classes of another dataset: --dataset). Also the MAXL paper's data, training loop (fit), focal
 loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too.
 
     python model_vgg_single.py                                 # the paper's setting (real CIFAR-100)
     python model_vgg_single.py --dataset fashion-mnist --data_root /usr/share/datasets/fashion-mnist
+    python model_vgg_single.py --dataset cifar10 --model cresnet32       # another backbone
     python model_vgg_single.py --synthetic --epochs 3 --width 0.125
 """
 import sys
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import create_dataset
 from machinery import splits
 from machinery.distributed import all_reduce_sum
-from machinery.models import VGG16, accuracy_count
+from machinery.models import CRESNET_DEPTHS, MAXL_BACKBONES, TORCHVISION_RESNETS, accuracy_count, backbone
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
 from machinery.streams import DeviceData
 from utils import Run, read_config, run_main
@@ -29,10 +30,11 @@ lr_gamma = 0.5
 dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
 primary_level = 2          # cifar100: label level of the task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
-width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
+width = 1.0                # channel multiplier of the network (1 = the paper's VGG-16)
+model = 'vgg16'            # the backbone: vgg16 (the paper's), or a CIFAR ResNet (cresnet20, 32, 44, 56, 110)
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'primary_level': [0, 1, 2, 3], 'dataset': list(create_dataset.DATASETS)}
+CHOICES = {'primary_level': [0, 1, 2, 3], 'dataset': list(create_dataset.DATASETS), 'model': MAXL_BACKBONES}
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation (CIFAR-100; another dataset: its own)
 HEADS = {'': 'PRI', 'aux_': 'AUX'}                # the metrics of head k are named with prefix k: loss, aux_loss
@@ -43,6 +45,21 @@ def check(cfg, typed):
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step', 'num_samples_per_class',
                    allow_zero=('num_samples_per_class',))
     check_hierarchy(cfg, typed)
+    check_model(cfg)
+
+
+def check_model(cfg):
+    """The backbone fits the images: the datasets held on the device have 32 x 32 images (Fashion-MNIST's
+    padded to them), which VGG-16 and the CIFAR ResNets take."""
+    if cfg.model in TORCHVISION_RESNETS:
+        raise UserError(f'--model {cfg.model} is torchvision\'s ResNet for large images, and --dataset {cfg.dataset} '
+                        f'has 32 x 32 images: use --model vgg16 (the paper\'s) or a CIFAR ResNet (--model '
+                        f'{", ".join(CRESNET_DEPTHS)}).')
+
+
+def network(cfg, heads, init='xavier_uniform'):
+    """The run's backbone (--model, --width) with `heads` (head name -> classes, in order; see backbone)."""
+    return backbone(cfg.model, heads, cfg.width, init)
 
 
 # ---- the MAXL paper's data: a dataset's label columns, on the device ----------------------------------------
@@ -210,6 +227,7 @@ UNIT = 'epochs'                # what the first column of metrics.csv counts (nu
 PAPER = 'MAXL (NeurIPS 2019)'  # the runs of one paper share a panel of results.py's plot
 HEADLINE = ['primary_level', 'num_samples_per_class', 'width']          # the settings a results row always shows (with the dataset)
 METHOD_OPTIONS = []                            # the settings the method's name says
+OLDER_RUNS = {'model': 'vgg16'}                # a run from before --model trained VGG-16
 TIME_NOTE = 'the sum of metrics.csv `seconds` (each epoch: training, the meta pass for MAXL, test)'
 
 
@@ -236,7 +254,7 @@ def main(argv=None):
 
     run = Run('model_vgg_single', cfg, cli)
     train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)     # on the device, whole
-    net = run.network(VGG16({'classifier': n_classes(cfg, primary)}, cfg.width))
+    net = run.network(network(cfg, {'classifier': n_classes(cfg, primary)}))
     fit(run, net, train, test, train_step, columns=(primary,))
 
 
