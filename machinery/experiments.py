@@ -21,7 +21,9 @@ FINISHED = 'finished.json'       # in each run folder: written when the script e
 LEVEL_CLASSES = [3, 10, 20, 100]                          # 4-level CIFAR-100
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # MAXL's Figure 3: (primary level, auxiliary level)
 AUX_METHODS = {'Random': 'random', 'K-means': 'kmeans', 'Human': 'human', 'MAXL': 'maxl'}
-PSIS = [2, 5, 10, 20]
+PSIS = [2, 5, 10, 20, 50, 100]          # MAXL's first version, Figure 4: auxiliary classes per primary class
+MAXL_DATASETS = {'cifar100': 'CIFAR-100 (20 coarse classes)', 'cifar10': 'CIFAR-10', 'svhn': 'SVHN',
+                 'fashion-mnist': 'Fashion-MNIST'}       # the MAXL scripts' --dataset (CIFAR-100: its hierarchy)
 CIFARS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
 SLA_AUGS = ['rotation', 'color_perm']
 SEMI = {'svhn': ('SVHN', '1000', ['--alpha', '0.1'], '5e-5', '3.15 % error'),   # the original's run.sh; the paper
@@ -42,6 +44,7 @@ QUICK_SEMI = ['--synthetic', '--width', '0.125', '--batch-size', '32', '--total-
 QUICK_SEMI_LABELS = {'svhn': '100', 'cifar10': '100', 'cifar100': '500'}      # of the stand-in's 1,000 images
 QUICK_SIZES = {'cifar100': (1000, 500), 'cifar10': (1000, 500), 'svhn': (1000, 500), 'fashion-mnist': (1000, 500)}   # (train, test) images
 QUICK_DATA_ROOT = os.path.join('dataset', 'quick')        # --quick's data root unless --data_root is given
+LAST5 = 'test_acc_last5'      # a table's column: the mean test_acc of a run's last 5 evaluations (MAXL's first version)
 
 
 def pair_name(p, a):
@@ -68,7 +71,7 @@ FMNIST_SEMI_METHODS = {'baseline': ['--baseline'], 'baseline-mixup': ['--baselin
 
 # Each experiment: title; seeds (default); settings {name: [script, its flags...]}; table {row: {column:
 # (setting, metrics column)}} (test_acc, test_single_acc, test_agg_acc as results.py reports them; test_acc5:
-# top-5 at the best top-1); measure (accuracy or error, in %); paper {(row, column): the paper's number};
+# top-5 at the best top-1; LAST5: the mean test accuracy of the last 5 epochs); measure (accuracy or error, in %); paper {(row, column): the paper's number};
 # gpus (per run; an int or {setting: int}, default 1); quick {script or setting: flags}; figure (a PNG name).
 EXPERIMENTS = {
     'maxl-fig3': dict(
@@ -91,16 +94,45 @@ EXPERIMENTS = {
         quick=QUICK_MAXL,
     ),
     'maxl-psi': dict(
-        title='MAXL (NeurIPS 2019): MAXL with 2, 5, 10 and 20 auxiliary classes per primary class on the 20-class '
-              'task (level 2) of CIFAR-100, Single beside it; VGG-16, 200 epochs; primary-task test accuracy',
+        title='MAXL\'s first version (its ICLR 2019 submission), Figure 4 as published: MAXL on CIFAR-10 with psi = '
+              '2, 5, 10, 20, 50 and 100 auxiliary classes per primary class, with the entropy term (weight 0.2) and '
+              'without it (weight 0), Single beside them; VGG-16, 200 epochs; each point the mean test accuracy of '
+              'the last 5 epochs, as that version reports it (its CIFAR-10.1v6 panel is not reproduced: the data is '
+              'not read here)',
         seeds=[0, 1, 2],
-        settings={'single': ['model_vgg_single.py', '--primary_level', '2'],
-                  **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--primary_level', '2', '--psi', f'{n}x20'] for n in PSIS}},
-        table={'Single': {'20-class primary task': ('single', 'test_acc')},
-               **{f'MAXL, psi {n} ({20 * n} auxiliary classes)': {'20-class primary task': (f'maxl-psi{n}', 'test_acc')}
-                  for n in PSIS}},
-        measure='accuracy',
-        paper={},
+        settings={'single': ['model_vgg_single.py', '--dataset', 'cifar10'],
+                  **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--dataset', 'cifar10', '--psi', f'{n}'] for n in PSIS},
+                  **{f'maxl-psi{n}-noentropy': ['model_vgg_maxl.py', '--dataset', 'cifar10', '--psi', f'{n}',
+                                                '--entropy_weight', '0'] for n in PSIS}},
+        tables=[dict(title='CIFAR-10, the mean test accuracy of the last 5 epochs', measure='accuracy', paper={},
+                     table={f'psi {n} ({10 * n} auxiliary classes)': {
+                         'MAXL, with the entropy term': (f'maxl-psi{n}', LAST5),
+                         'MAXL, without it': (f'maxl-psi{n}-noentropy', LAST5),
+                         'Single': ('single', LAST5)} for n in PSIS})],
+        quick={script: flags + ['--epochs', '5'] for script, flags in QUICK_MAXL.items()},   # 5 epochs: a last 5
+    ),
+    'maxl-datasets': dict(
+        title='MAXL (NeurIPS 2019) over the datasets this repository loads: Single, Random, K-means, MAXL (second '
+              'order), and Human where a hierarchy gives its labels (CIFAR-100); psi = 5 auxiliary classes per '
+              'primary class; VGG-16, 200 epochs; primary-task test accuracy. The paper\'s Table 1 covers 7 '
+              'datasets whose list could not be read here: these are this repository\'s datasets, not the paper\'s',
+        seeds=[0, 1, 2],
+        settings={
+            **{f'{d}-single': ['model_vgg_single.py', '--dataset', d] for d in MAXL_DATASETS},
+            **{f'{d}-{m}': ['model_vgg_human.py', '--dataset', d, '--aux_labels', m,
+                            *(['--psi', '5'] if d != 'cifar100' else [])]
+               for d in MAXL_DATASETS for m in ('random', 'kmeans')},
+            'cifar100-human': ['model_vgg_human.py', '--dataset', 'cifar100', '--aux_labels', 'human'],
+            **{f'{d}-maxl': ['model_vgg_maxl.py', '--dataset', d, *(['--psi', '5'] if d != 'cifar100' else [])]
+               for d in MAXL_DATASETS},
+        },
+        tables=[dict(title='This repository\'s datasets (the paper\'s 7 are not known here), VGG-16, psi 5',
+                     measure='accuracy', paper={},
+                     table={name: {'Single': (f'{d}-single', 'test_acc'), 'Random': (f'{d}-random', 'test_acc'),
+                                   'K-means': (f'{d}-kmeans', 'test_acc'),
+                                   **({'Human': ('cifar100-human', 'test_acc')} if d == 'cifar100' else {}),
+                                   'MAXL': (f'{d}-maxl', 'test_acc')}
+                            for d, name in MAXL_DATASETS.items()})],
         quick=QUICK_MAXL,
     ),
     'sla-cifar': dict(
