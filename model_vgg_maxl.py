@@ -26,8 +26,9 @@ from machinery.fast_paths import eager, float32_meta
 from machinery.models import MAXL_BACKBONES, accuracy_count, backbone, forward_with, head_parameter_names
 from machinery.options import UserError, check_positive, hyperparameters
 import model_vgg_single
-from model_vgg_single import (check_hierarchy, check_model, epoch_line, evaluate, finish, focal_loss, has_hierarchy, load_columns,
-                              place, psi_per_class)
+from model_vgg_single import (check_dataset, check_hierarchy, check_model, data_options_unused, epoch_line, evaluate,
+                              finish, focal_loss, has_hierarchy, load_columns, n_classes, note_bad_images, place,
+                              psi_per_class)
 from utils import Meters, Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -38,7 +39,7 @@ gen_lr = 1e-3              # label generator: SGD with weight decay
 gen_weight_decay = 5e-4
 lr_step = 50               # both learning rates are halved every lr_step epochs
 lr_gamma = 0.5
-dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+dataset = 'cifar100'       # held on the device: cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist; streamed from their files: tiny-imagenet, cub200, indoor, dogs, imagenet, imagenetN, inat; folder: your own ImageFolder tree (--data_root)
 psi = [5] * 20             # auxiliary classes per primary class (one per primary class, or one value for all); another dataset: 5 per class unless given
 primary_level = 2          # cifar100: label level of the primary task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
@@ -49,19 +50,23 @@ second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode)
 fd_eps = 0.01              # first order: the step is fd_eps / ||d||
 cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
 width = 1.0                # channel multiplier of both networks (1 = the paper's VGG-16s)
-model = 'vgg16'            # the backbone of both networks: vgg16 (the paper's), or a CIFAR ResNet (cresnet20, 32, 44, 56, 110)
+model = 'vgg16'            # the backbone of both networks: vgg16 (the paper's) or a CIFAR ResNet (cresnet20, 32, 44, 56, 110) on 32-pixel images; torchvision's resnet18, resnet50, ... on larger ones (the file datasets' default: resnet18)
+image_size = 224           # the file datasets: training crop size (evaluation: shorter side to size*256/224, centre crop); 32: for vgg16 and the CIFAR ResNets
+workers = 4                # the file datasets: DataLoader worker processes per process (reading, and decoding on the cpu path)
+decode_on = 'auto'         # the file datasets: decode and augment on the gpu (nvJPEG, when training on CUDA) or in the cpu workers
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'meta_order': [1, 2],
-           'second_order': ['jvp', 'double_backward'], 'dataset': list(create_dataset.DATASETS), 'model': MAXL_BACKBONES}
+           'second_order': ['jvp', 'double_backward'], 'model': MAXL_BACKBONES, 'decode_on': ['auto', 'cpu', 'gpu']}
 
 
 
-def choose_psi(cfg, typed):
+def choose_psi(cfg, typed, n_primary=None):
     """The auxiliary classes of a new run: on CIFAR-100 with --aux_level L > 0, the hierarchy's (hierarchy_psi,
     the auxiliary sizes of the Human, Random and K-means runs of the same pair; a --psi typed with it must be
     that same list: one of the two says what psi is, and a different one is refused rather than silently
-    dropped); on another dataset 5 per class unless --psi is given; a single value is every class's."""
+    dropped); on another dataset 5 per class unless --psi is given; a single value is every class's. n_primary:
+    the primary classes (default: the dataset record's; a file dataset's come from its class folders)."""
     if cfg.aux_level and has_hierarchy(cfg.dataset):
         sizes = hierarchy_psi(cfg.primary_level, cfg.aux_level)
         if 'psi' in typed and cfg.psi != sizes:
@@ -71,13 +76,14 @@ def choose_psi(cfg, typed):
                             'drop --aux_level to train with your psi.')
         cfg.psi = sizes
     primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
-    n_primary = create_dataset.DATASETS[cfg.dataset].label_classes[primary]
+    n_primary = n_primary or create_dataset.DATASETS[cfg.dataset].label_classes[primary]
     cfg.psi = psi_per_class(cfg.psi if has_hierarchy(cfg.dataset) or 'psi' in typed else [5], n_primary)
 
 
 def check(cfg, typed):
+    check_dataset(cfg)
     check_hierarchy(cfg, typed)
-    check_model(cfg)
+    check_model(cfg, typed)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
                    'gen_weight_decay', 'entropy_weight', 'num_samples_per_class',
                    allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight', 'num_samples_per_class'))
@@ -384,15 +390,16 @@ def unused_options(cfg):
     (second_order), only the first order a step (fd_eps); psi says what a run computes (--aux_level only sets
     it); cos_every changes what is logged."""
     hierarchy = set() if has_hierarchy(cfg.get('dataset', 'cifar100')) else {'primary_level'}
-    return ({'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} | hierarchy) & set(cfg)
+    return ({'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} | hierarchy
+            | data_options_unused(cfg)) & set(cfg)
 
 
 def main(argv=None):
     cfg, cli = read_config('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
     check(cfg, cli.typed)
-    if not cli.resumed:
-        choose_psi(cfg, cli.typed)                 # the auxiliary classes per primary class
     train_x, train_y, test_x, test_y, level = load_columns(cfg)
+    if not cli.resumed:
+        choose_psi(cfg, cli.typed, n_classes(cfg, level, train_x))      # the auxiliary classes per primary class
 
     run = Run('model_vgg_maxl', cfg, cli)
     dev = run.device
@@ -444,6 +451,7 @@ def main(argv=None):
         # 3) test
         run.sync_buffers(net)
         tests = evaluate(net, test, (level,), cfg.batch_size)
+        note_bad_images(run, train, test)
         scheduler.step(), gen_scheduler.step()
         tr, meta = train_meters.means(), meta_meters.means()
         row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'],

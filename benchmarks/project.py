@@ -148,8 +148,9 @@ def bench_parts(flags):
     import train_sla
     from machinery.experiments import dataset_of, flag_value
     script = flags[0]
-    if script.startswith('model_vgg') and flag_value(flags, '--model', 'vgg16') != 'vgg16':
-        return None                                  # bench.py times the VGG-16s only
+    if script.startswith('model_vgg') and (flag_value(flags, '--model', 'vgg16') != 'vgg16'
+                                           or dataset_of(flags) not in real_sizes()):
+        return None                                  # bench.py times the VGG-16s on the 32-pixel datasets only
     if script == 'model_vgg_single.py':
         return maxl_parts('single', flags=flags)
     if script == 'model_vgg_human.py':

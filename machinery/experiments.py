@@ -22,8 +22,19 @@ LEVEL_CLASSES = [3, 10, 20, 100]                          # 4-level CIFAR-100
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # MAXL's Figure 3: (primary level, auxiliary level)
 AUX_METHODS = {'Random': 'random', 'K-means': 'kmeans', 'Human': 'human', 'MAXL': 'maxl'}
 PSIS = [2, 5, 10, 20, 50, 100]          # MAXL's first version, Figure 4: auxiliary classes per primary class
-MAXL_DATASETS = {'cifar100': 'CIFAR-100 (20 coarse classes)', 'cifar10': 'CIFAR-10', 'svhn': 'SVHN',
-                 'fashion-mnist': 'Fashion-MNIST'}       # the MAXL scripts' --dataset (CIFAR-100: its hierarchy)
+# maxl-datasets: every dataset the MAXL scripts read (--dataset), its name in the table and its flags: those held on
+# the device train the paper's VGG-16 (CIFAR-100 with its hierarchy's psi), the file-streamed ones torchvision's
+# ResNet-18 (the scripts' default there) at 224 pixels, tiny-ImageNet at its own 64
+MAXL_DATASETS = {'cifar100': ('CIFAR-100 (20 coarse classes), VGG-16', []),
+                 'cifar10': ('CIFAR-10, VGG-16', ['--psi', '5']), 'svhn': ('SVHN, VGG-16', ['--psi', '5']),
+                 'fashion-mnist': ('Fashion-MNIST, VGG-16', ['--psi', '5']),
+                 'tiny-imagenet': ('tiny-ImageNet (64 px), ResNet-18', ['--psi', '5', '--image_size', '64']),
+                 'cub200': ('CUB-200, ResNet-18', ['--psi', '5']), 'indoor': ('MIT-67, ResNet-18', ['--psi', '5']),
+                 'dogs': ('Stanford Dogs, ResNet-18', ['--psi', '5']),
+                 'imagenet100': ('ImageNet-100 (100 classes drawn with the seed), ResNet-18', ['--psi', '5'])}
+# --quick on the file datasets' stand-ins (6 to 10 classes of 20 training and 4 test JPEGs): 64-pixel crops, no
+# worker processes, batches of 20; ImageNet's stand-in has 10 classes, so imagenet100 becomes imagenet10
+QUICK_FILES = ['--image_size', '64', '--workers', '0', '--batch_size', '20']
 CIFARS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
 SLA_AUGS = ['rotation', 'color_perm']
 SEMI = {'svhn': ('SVHN', '1000', ['--alpha', '0.1'], '5e-5', '3.15 % error'),   # the original's run.sh; the paper
@@ -112,28 +123,30 @@ EXPERIMENTS = {
         quick={script: flags + ['--epochs', '5'] for script, flags in QUICK_MAXL.items()},   # 5 epochs: a last 5
     ),
     'maxl-datasets': dict(
-        title='MAXL (NeurIPS 2019) over the datasets this repository loads: Single, Random, K-means, MAXL (second '
+        title='MAXL (NeurIPS 2019) over the 9 datasets this repository loads: Single, Random, K-means, MAXL (second '
               'order), and Human where a hierarchy gives its labels (CIFAR-100); psi = 5 auxiliary classes per '
-              'primary class; VGG-16, 200 epochs; primary-task test accuracy. The paper\'s Table 1 covers 7 '
-              'datasets whose list could not be read here: these are this repository\'s datasets, not the paper\'s',
+              'primary class; VGG-16 on the 32-pixel datasets, ResNet-18 on the file-streamed ones; 200 epochs; '
+              'primary-task test accuracy. The paper\'s Table 1 covers 7 datasets whose list could not be read '
+              'here: these are this repository\'s datasets, not the paper\'s',
         seeds=[0, 1, 2],
         settings={
-            **{f'{d}-single': ['model_vgg_single.py', '--dataset', d] for d in MAXL_DATASETS},
-            **{f'{d}-{m}': ['model_vgg_human.py', '--dataset', d, '--aux_labels', m,
-                            *(['--psi', '5'] if d != 'cifar100' else [])]
-               for d in MAXL_DATASETS for m in ('random', 'kmeans')},
+            **{f'{d}-single': ['model_vgg_single.py', '--dataset', d, *flags[2:]]
+               for d, (_, flags) in MAXL_DATASETS.items()},
+            **{f'{d}-{m}': ['model_vgg_human.py', '--dataset', d, '--aux_labels', m, *flags]
+               for d, (_, flags) in MAXL_DATASETS.items() for m in ('random', 'kmeans')},
             'cifar100-human': ['model_vgg_human.py', '--dataset', 'cifar100', '--aux_labels', 'human'],
-            **{f'{d}-maxl': ['model_vgg_maxl.py', '--dataset', d, *(['--psi', '5'] if d != 'cifar100' else [])]
-               for d in MAXL_DATASETS},
+            **{f'{d}-maxl': ['model_vgg_maxl.py', '--dataset', d, *flags] for d, (_, flags) in MAXL_DATASETS.items()},
         },
-        tables=[dict(title='This repository\'s datasets (the paper\'s 7 are not known here), VGG-16, psi 5',
+        tables=[dict(title='This repository\'s datasets (the paper\'s 7 are not known here), psi 5',
                      measure='accuracy', paper={},
                      table={name: {'Single': (f'{d}-single', 'test_acc'), 'Random': (f'{d}-random', 'test_acc'),
                                    'K-means': (f'{d}-kmeans', 'test_acc'),
                                    **({'Human': ('cifar100-human', 'test_acc')} if d == 'cifar100' else {}),
                                    'MAXL': (f'{d}-maxl', 'test_acc')}
-                            for d, name in MAXL_DATASETS.items()})],
-        quick=QUICK_MAXL,
+                            for d, (name, _) in MAXL_DATASETS.items()})],
+        quick={**QUICK_MAXL,
+               **{f'{d}-{m}': QUICK_FILES + (['--dataset', 'imagenet10'] if d == 'imagenet100' else [])
+                  for d in list(MAXL_DATASETS)[4:] for m in ('single', 'random', 'kmeans', 'maxl')}},
     ),
     'sla-cifar': dict(
         title='SLA (ICML 2020), its CIFAR table: Baseline, DA, MT, SLA+SI and SLA+AG (both read from the sla runs), '

@@ -312,7 +312,11 @@ def equal_states(a, b, where=''):
 
 
 @pytest.mark.parametrize('script,extra', [('model_vgg_single.py', []), ('model_vgg_human.py', []),
-                                          ('model_vgg_maxl.py', ['--meta_order', 1, '--cos_every', 3])])
+                                          ('model_vgg_maxl.py', ['--meta_order', 1, '--cos_every', 3]),
+                                          # streamed from image files (the tiny-ImageNet stand-in), ResNet-20s
+                                          ('model_vgg_maxl.py', ['--dataset', 'tiny-imagenet', '--image_size', 32,
+                                                                 '--model', 'cresnet20', '--workers', 0,
+                                                                 '--batch_size', 40, '--psi', 2])])
 def test_resume_between_two_learning_rate_steps_gives_the_uninterrupted_run(tmp_path, tiny_root, script, extra,
                                                                              monkeypatch):
     """--lr_step 2 halves the learning rates (MAXL: both networks') after epochs 1 and 3 (counted from 0): 5
