@@ -28,7 +28,7 @@ from machinery.options import UserError, check_positive, hyperparameters
 import model_vgg_single
 from model_vgg_single import (check_dataset, check_hierarchy, check_model, data_options_unused, epoch_line, evaluate,
                               finish, focal_loss, has_hierarchy, load_columns, n_classes, note_bad_images, place,
-                              psi_per_class)
+                              psi_per_class, streamed)
 from utils import Meters, Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -397,9 +397,11 @@ def unused_options(cfg):
 def main(argv=None):
     cfg, cli = read_config('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
     check(cfg, cli.typed)
+    if not cli.resumed and not streamed(cfg.dataset):
+        choose_psi(cfg, cli.typed)                 # the auxiliary classes per primary class
     train_x, train_y, test_x, test_y, level = load_columns(cfg)
-    if not cli.resumed:
-        choose_psi(cfg, cli.typed, n_classes(cfg, level, train_x))      # the auxiliary classes per primary class
+    if not cli.resumed and streamed(cfg.dataset):  # a file dataset's classes: its class folders
+        choose_psi(cfg, cli.typed, n_classes(cfg, level, train_x))
 
     run = Run('model_vgg_maxl', cfg, cli)
     dev = run.device
