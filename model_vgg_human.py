@@ -1,9 +1,9 @@
-"""Human, Random and K-means: the MAXL paper's auxiliary-label baselines. A multi-task VGG-16 learns the
-primary task (level 2, 20 classes) together with auxiliary labels (level 3's 100 classes: 5 under each
-primary class): the human-defined finer labels of 4-level CIFAR-100 (Human), or an assignment of every
-training image to one of its primary class's auxiliary classes, drawn at random (Random) or by k-means
-clusters of autoencoder features inside each primary class (K-means). On a dataset without a hierarchy
-(--dataset), Random and K-means give each primary class --psi auxiliary classes.
+"""Human, Random and K-means: the MAXL paper's auxiliary-label baselines. A multi-task VGG-16 (or a ResNet:
+--model) learns the primary task (level 2, 20 classes) together with auxiliary labels (level 3's 100
+classes: 5 under each primary class): the human-defined finer labels of 4-level CIFAR-100 (Human), or an
+assignment of every training image to one of its primary class's auxiliary classes, drawn at random
+(Random) or by k-means clusters of autoencoder features inside each primary class (K-means). On a dataset
+without a hierarchy (--dataset), Random and K-means give each primary class --psi auxiliary classes.
 
 Built on model_vgg_single.py (the data, fit(), the loss, the evaluation); the hierarchy's groups come from
 create_dataset.py. Its step is timed by benchmarks/bench.py; results.py reads its runs through reported().
@@ -23,22 +23,27 @@ import torch.nn.functional as F
 
 import create_dataset
 from create_dataset import check_levels, hierarchy_groups
-from machinery.models import VGG16, AutoEncoder, accuracy_count
+from machinery import large_datasets
+from machinery.models import MAXL_BACKBONES, AutoEncoder, accuracy_count
 from machinery.options import UserError, check_positive, hyperparameters
 from machinery.streams import STREAM_STRIDE, DeviceData, device_generator, stream_seed
 import model_vgg_single
-from model_vgg_single import (check_hierarchy, fit, focal_loss, has_hierarchy, load_columns, n_classes,
-                              normalisation, place, psi_per_class)
+from model_vgg_single import (check_dataset, check_hierarchy, check_model, data_options_unused, fit, focal_loss,
+                              has_hierarchy, load_columns, n_classes, network, normalisation, place, psi_per_class)
 from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----
-dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+dataset = 'cifar100'       # held on the device: cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist; streamed from their files: tiny-imagenet, cub200, indoor, dogs, imagenet, imagenetN, inat; folder: your own ImageFolder tree (--data_root)
 primary_level = 2          # cifar100: label levels 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 aux_level = 3              # cifar100: must refine primary_level; primary class i gets as many auxiliary classes as this level has under it
 num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
 psi = [5]                  # a dataset without a hierarchy: auxiliary classes per primary class (one value for all, or one per class)
 aux_labels = 'human'       # human (cifar100): the hierarchy's level-aux_level labels; random: one class of the image's group drawn uniformly; kmeans: k-means clusters of autoencoder features inside each primary class
-width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
+width = 1.0                # channel multiplier of the network (1 = the paper's VGG-16)
+model = 'vgg16'            # the backbone: vgg16 (the paper's) or a CIFAR ResNet (cresnet20, 32, 44, 56, 110) on 32-pixel images; torchvision's resnet18, resnet50, ... on larger ones (the file datasets' default: resnet18)
+image_size = 224           # the file datasets: training crop size (evaluation: shorter side to size*256/224, centre crop); 32: for vgg16 and the CIFAR ResNets
+workers = 4                # the file datasets: DataLoader worker processes per process (reading, and decoding on the cpu path)
+decode_on = 'auto'         # the file datasets: decode and augment on the gpu (nvJPEG, when training on CUDA) or in the cpu workers
 epochs = 200
 batch_size = 100
 lr = 0.01                  # plain SGD
@@ -55,11 +60,13 @@ kmeans_n_init = 10         # kmeans: k-means restarts per primary class (scikit-
 HYPERPARAMETERS = hyperparameters(globals())
 AUX_LABELS = ['human', 'random', 'kmeans']
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'aux_labels': AUX_LABELS,
-           'dataset': list(create_dataset.DATASETS)}
+           'model': MAXL_BACKBONES, 'decode_on': ['auto', 'cpu', 'gpu']}
 
 
 def check(cfg, typed):
+    check_dataset(cfg)
     check_hierarchy(cfg, typed)
+    check_model(cfg, typed)
     if has_hierarchy(cfg.dataset):
         check_levels(cfg.primary_level, cfg.aux_level)
     elif cfg.aux_labels == 'human':
@@ -112,19 +119,27 @@ def require_sklearn():
     return KMeans
 
 
+def check_groups_fill(primary, groups):
+    """K-means: every primary class has at least as many training images as auxiliary classes."""
+    for i, group in enumerate(groups):
+        n = int(np.sum(primary == i))
+        if n < len(group):
+            raise UserError(f'primary class {i} has {n} training images, fewer than its {len(group)} auxiliary '
+                            'classes: k-means cannot fill them. Use more training images (--num_samples_per_class) '
+                            'or fewer auxiliary classes (--psi).')
+
+
 def kmeans_labels(features, primary, groups, seed, n_init):
     """K-means: inside each primary class i, the images' features ([N, d]) are clustered by k-means
     (scikit-learn, k = len(groups[i]), n_init restarts, seeded); cluster j becomes class groups[i][j]."""
     KMeans = require_sklearn()
+    check_groups_fill(primary, groups)
     out = np.empty(len(primary), dtype=np.int64)
     for i, group in enumerate(groups):
         members = np.flatnonzero(primary == i)
         if len(group) == 1:
             out[members] = group[0]
             continue
-        if len(members) < len(group):
-            raise UserError(f'primary class {i} has {len(members)} training images, fewer than its {len(group)} '
-                            'auxiliary classes: k-means cannot fill them. Use more training images.')
         km = KMeans(n_clusters=len(group), n_init=n_init, random_state=seed % 2**32)
         out[members] = group[km.fit(features[members].astype(np.float64)).labels_]
     return out
@@ -188,6 +203,8 @@ def autoencoder_features(images, cfg, device, log):
     ae_epochs with Adam on the mean squared reconstruction error; return the codes of all of them, in
     order ([N, ae_code], float64). Seeded with its own streams: the global random state is left as it
     was, so the multi-task network starts from the same weights as the same seed's Human run."""
+    if isinstance(images, large_datasets.FileList):         # image files: as 32-pixel thumbnails
+        images = large_datasets.thumbnails(images, 32, cfg.workers)
     data = DeviceData(images, np.zeros(len(images), dtype=np.int64), device, *normalisation(cfg.dataset))
     seed = stream_seed(cfg.seed, STREAM_STRIDE - 1)           # a stream no epoch uses
     devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == 'cuda' else []
@@ -229,7 +246,7 @@ UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.P
                                        model_vgg_single.run_seconds)
 HEADLINE = ['primary_level', 'aux_level', 'psi', 'num_samples_per_class', 'width']
 METHOD_OPTIONS = ['aux_labels']
-OLDER_RUNS = {'aux_labels': 'human'}       # a run from before --aux_labels trained Human
+OLDER_RUNS = {'aux_labels': 'human', 'model': 'vgg16'}     # a run from before --aux_labels trained Human (--model: VGG-16)
 
 
 def reported(cfg):
@@ -241,6 +258,7 @@ def unused_options(cfg):
     """The autoencoder's options: K-means only; the hierarchy's levels or psi, whichever the dataset does not use."""
     out = set() if cfg.get('aux_labels') == 'kmeans' else {k for k in cfg if k.startswith('ae_') or k == 'kmeans_n_init'}
     out |= {'psi'} if has_hierarchy(cfg.get('dataset', 'cifar100')) else {'primary_level', 'aux_level'}
+    out |= data_options_unused(cfg)
     return out & set(cfg)
 
 
@@ -251,7 +269,9 @@ def main(argv=None):
     if has_hierarchy(cfg.dataset):                        # primary class i -> its auxiliary classes
         aux, groups = cfg.aux_level, hierarchy_groups(train_y, pri, cfg.aux_level)
     else:
-        aux, groups = None, psi_groups(psi_per_class(cfg.psi, n_classes(cfg, pri)))
+        aux, groups = None, psi_groups(psi_per_class(cfg.psi, n_classes(cfg, pri, train_x)))
+    if cfg.aux_labels == 'kmeans':
+        check_groups_fill(train_y[:, pri], groups)        # before the run folder is written
 
     run = Run('model_vgg_human', cfg, cli)
     # Human: the hierarchy's labels, scored on the test set too. Random / K-means: the run's assignment as
@@ -263,7 +283,7 @@ def main(argv=None):
         columns, tested = (pri, train_y.shape[1]), (pri,)
         train_y = np.concatenate([train_y, assigned[:, None]], axis=1)
     train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)
-    net = run.network(VGG16({'classifier1': n_classes(cfg, pri), 'classifier2': sum(len(g) for g in groups)}, cfg.width))
+    net = run.network(network(cfg, {'classifier1': n_classes(cfg, pri, train_x), 'classifier2': sum(len(g) for g in groups)}))
     fit(run, net, train, test, train_step, columns, tested)      # as Single, with the second head's loss added
 
 

@@ -5,11 +5,13 @@ A label-generation network invents auxiliary labels (psi[i] auxiliary classes fo
 through a masked softmax); a multi-task VGG-16 learns the primary task plus those labels; the
 generator is trained by the meta-gradient of the primary loss through one SGD step of the multi-task
 network: exact (second order, --meta_order 2) or by finite differences (first order, --meta_order 1).
-Built on model_vgg_single.py (the data, the loss, the evaluation); its steps (train_step, meta_step) are
-timed by benchmarks/bench.py, its meta-gradients checked by benchmarks/numerics.py.
+Both networks are VGG-16s as the paper's, or the same ResNet (--model). Built on model_vgg_single.py (the
+data, the loss, the evaluation); its steps (train_step, meta_step) are timed by benchmarks/bench.py, its
+meta-gradients checked by benchmarks/numerics.py.
 
     python model_vgg_maxl.py                                   # the paper's setting (real CIFAR-100)
     python model_vgg_maxl.py --dataset cifar10 --psi 5         # another dataset: psi auxiliary classes per class
+    python model_vgg_maxl.py --dataset cifar10 --model cresnet32        # both networks CIFAR ResNet-32s
     python model_vgg_maxl.py --synthetic --epochs 3 --width 0.125
 """
 import sys
@@ -24,11 +26,12 @@ import create_dataset
 from create_dataset import hierarchy_psi
 from machinery.distributed import all_reduce, all_reduce_mean, differentiable_sum, distributed
 from machinery.fast_paths import eager, float32_meta
-from machinery.models import VGG16, accuracy_count, forward_with
+from machinery.models import MAXL_BACKBONES, accuracy_count, backbone, forward_with, head_parameter_names
 from machinery.options import UserError, check_positive, hyperparameters
 import model_vgg_single
-from model_vgg_single import (check_hierarchy, epoch_line, evaluate, finish, focal_loss, has_hierarchy, load_columns,
-                              place, psi_per_class)
+from model_vgg_single import (check_dataset, check_hierarchy, check_model, data_options_unused, epoch_line, evaluate,
+                              finish, focal_loss, has_hierarchy, load_columns, n_classes, note_bad_images, place,
+                              psi_per_class, streamed)
 from utils import Meters, Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -39,7 +42,7 @@ gen_lr = 1e-3              # label generator: SGD with weight decay
 gen_weight_decay = 5e-4
 lr_step = 50               # both learning rates are halved every lr_step epochs
 lr_gamma = 0.5
-dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+dataset = 'cifar100'       # held on the device: cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist; streamed from their files: tiny-imagenet, cub200, indoor, dogs, imagenet, imagenetN, inat; folder: your own ImageFolder tree (--data_root)
 psi = [5] * 20             # auxiliary classes per primary class (one per primary class, or one value for all); another dataset: 5 per class unless given
 primary_level = 2          # cifar100: label level of the primary task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
@@ -49,19 +52,24 @@ meta_order = 2             # 2: exact second-order meta-gradient; 1: finite-diff
 second_order = 'jvp'       # how the exact one is computed: 'jvp' (forward mode) or 'double_backward' (same value)
 fd_eps = 0.01              # first order: the step is fd_eps / ||d||
 cos_every = 10             # log the primary/auxiliary gradient cosine every N training steps (1: every step)
-width = 1.0                # channel multiplier of both VGG-16s (1 = the paper's)
+width = 1.0                # channel multiplier of both networks (1 = the paper's VGG-16s)
+model = 'vgg16'            # the backbone of both networks: vgg16 (the paper's) or a CIFAR ResNet (cresnet20, 32, 44, 56, 110) on 32-pixel images; torchvision's resnet18, resnet50, ... on larger ones (the file datasets' default: resnet18)
+image_size = 224           # the file datasets: training crop size (evaluation: shorter side to size*256/224, centre crop); 32: for vgg16 and the CIFAR ResNets
+workers = 4                # the file datasets: DataLoader worker processes per process (reading, and decoding on the cpu path)
+decode_on = 'auto'         # the file datasets: decode and augment on the gpu (nvJPEG, when training on CUDA) or in the cpu workers
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'aux_level': [0, 1, 2, 3], 'meta_order': [1, 2],
-           'second_order': ['jvp', 'double_backward'], 'dataset': list(create_dataset.DATASETS)}
+           'second_order': ['jvp', 'double_backward'], 'model': MAXL_BACKBONES, 'decode_on': ['auto', 'cpu', 'gpu']}
 
 
 
-def choose_psi(cfg, typed):
+def choose_psi(cfg, typed, n_primary=None):
     """The auxiliary classes of a new run: on CIFAR-100 with --aux_level L > 0, the hierarchy's (hierarchy_psi,
     the auxiliary sizes of the Human, Random and K-means runs of the same pair; a --psi typed with it must be
     that same list: one of the two says what psi is, and a different one is refused rather than silently
-    dropped); on another dataset 5 per class unless --psi is given; a single value is every class's."""
+    dropped); on another dataset 5 per class unless --psi is given; a single value is every class's. n_primary:
+    the primary classes (default: the dataset record's; a file dataset's come from its class folders)."""
     if cfg.aux_level and has_hierarchy(cfg.dataset):
         sizes = hierarchy_psi(cfg.primary_level, cfg.aux_level)
         if 'psi' in typed and cfg.psi != sizes:
@@ -71,12 +79,14 @@ def choose_psi(cfg, typed):
                             'drop --aux_level to train with your psi.')
         cfg.psi = sizes
     primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
-    n_primary = create_dataset.DATASETS[cfg.dataset].label_classes[primary]
+    n_primary = n_primary or create_dataset.DATASETS[cfg.dataset].label_classes[primary]
     cfg.psi = psi_per_class(cfg.psi if has_hierarchy(cfg.dataset) or 'psi' in typed else [5], n_primary)
 
 
 def check(cfg, typed):
+    check_dataset(cfg)
     check_hierarchy(cfg, typed)
+    check_model(cfg, typed)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'gen_lr', 'lr_step', 'fd_eps', 'cos_every',
                    'gen_weight_decay', 'entropy_weight', 'num_samples_per_class',
                    allow_zero=('cos_every', 'gen_weight_decay', 'entropy_weight', 'num_samples_per_class'))
@@ -84,14 +94,16 @@ def check(cfg, typed):
 
 # ---- the two networks ------------------------------------------------------------------------------
 
-def label_generator(psi, width):
-    """VGG-16 whose head scores sum(psi) auxiliary classes (xavier-normal init, as the original)."""
-    return VGG16({'classifier': int(sum(psi))}, width, init='xavier_normal')
+def label_generator(psi, width, model='vgg16'):
+    """The backbone (VGG-16: xavier-normal init, as the original) whose one head scores sum(psi) auxiliary
+    classes; the psi mask (masked_softmax) turns its scores into each primary class's labels."""
+    return backbone(model, {'classifier': int(sum(psi))}, width, init='xavier_normal')
 
 
-def multi_task_network(psi, width):
-    """VGG-16 with a primary head (len(psi) classes) and an auxiliary head (sum(psi) classes)."""
-    return VGG16({'classifier1': len(psi), 'classifier2': int(sum(psi))}, width, init='xavier_uniform')
+def multi_task_network(psi, width, model='vgg16'):
+    """The backbone (VGG-16: xavier-uniform init) with a primary head (len(psi) classes) and an auxiliary head
+    (sum(psi) classes)."""
+    return backbone(model, {'classifier1': len(psi), 'classifier2': int(sum(psi))}, width, init='xavier_uniform')
 
 
 def multi_task_losses(pri_logits, aux_logits, y, aux_target):
@@ -157,11 +169,6 @@ def cosine_per_filter(grads_a, grads_b):
     for a, b in zip(grads_a, grads_b):
         total = total + F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1).mean()
     return total / len(grads_a)
-
-
-def head_parameter_names(model):
-    """Names of the task-specific (head) parameters of a VGG16; the rest is the shared trunk."""
-    return {n for n, _ in model.named_parameters() if n.split('.')[0] in model.head_names}
 
 
 # ---- training step: update the multi-task network on primary + generated auxiliary labels --------
@@ -372,6 +379,7 @@ UNIT, PAPER, TIME_NOTE, run_seconds = (model_vgg_single.UNIT, model_vgg_single.P
                                        model_vgg_single.run_seconds)
 HEADLINE = ['primary_level', 'psi', 'num_samples_per_class', 'width']
 METHOD_OPTIONS = ['meta_order', 'second_order']
+OLDER_RUNS = {'model': 'vgg16'}                # a run from before --model trained VGG-16s
 
 
 def reported(cfg):
@@ -385,21 +393,24 @@ def unused_options(cfg):
     (second_order), only the first order a step (fd_eps); psi says what a run computes (--aux_level only sets
     it); cos_every changes what is logged."""
     hierarchy = set() if has_hierarchy(cfg.get('dataset', 'cifar100')) else {'primary_level'}
-    return ({'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} | hierarchy) & set(cfg)
+    return ({'second_order' if cfg.get('meta_order') == 1 else 'fd_eps', 'aux_level', 'cos_every'} | hierarchy
+            | data_options_unused(cfg)) & set(cfg)
 
 
 def main(argv=None):
     cfg, cli = read_config('model_vgg_maxl', HYPERPARAMETERS, argv, __doc__.split('\n\n')[0], CHOICES)
     check(cfg, cli.typed)
-    if not cli.resumed:
+    if not cli.resumed and not streamed(cfg.dataset):
         choose_psi(cfg, cli.typed)                 # the auxiliary classes per primary class
     train_x, train_y, test_x, test_y, level = load_columns(cfg)
+    if not cli.resumed and streamed(cfg.dataset):  # a file dataset's classes: its class folders
+        choose_psi(cfg, cli.typed, n_classes(cfg, level, train_x))
 
     run = Run('model_vgg_maxl', cfg, cli)
     dev = run.device
     train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)   # on the device, whole
-    gen = run.network(label_generator(cfg.psi, cfg.width))
-    net = run.network(multi_task_network(cfg.psi, cfg.width))
+    gen = run.network(label_generator(cfg.psi, cfg.width, cfg.model))
+    net = run.network(multi_task_network(cfg.psi, cfg.width, cfg.model))
     forward = run.wrap(net)                               # under torchrun: gradients averaged in backward
     gen_optimizer = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr)
@@ -445,6 +456,7 @@ def main(argv=None):
         # 3) test
         run.sync_buffers(net)
         tests = evaluate(net, test, (level,), cfg.batch_size)
+        note_bad_images(run, train, test)
         scheduler.step(), gen_scheduler.step()
         tr, meta = train_meters.means(), meta_meters.means()
         row = dict(epoch=epoch, step=step, train_loss=tr['loss'], train_acc=tr['acc'],

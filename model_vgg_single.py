@@ -1,11 +1,14 @@
-"""Single: the MAXL paper's single-task baseline, VGG-16 trained on the primary task of 4-level CIFAR-100
-(or on the classes of another dataset: --dataset). Also the MAXL paper's data, training loop (fit), focal
-loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too, and what results.py asks of
-the MAXL paper's runs (UNIT, PAPER, run_seconds, ...; the other two take theirs from here). Its step is
+"""Single: the MAXL paper's single-task baseline, VGG-16 (or a ResNet: --model) trained on the primary task
+of 4-level CIFAR-100 (or on the classes of another dataset: --dataset, held on the device or streamed from
+its image files, your own ImageFolder tree among them). Also the MAXL paper's data, training loop (fit),
+focal loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too, and what results.py asks
+of the MAXL paper's runs (UNIT, PAPER, run_seconds, ...; the other two take theirs from here). Its step is
 timed by benchmarks/bench.py.
 
     python model_vgg_single.py                                 # the paper's setting (real CIFAR-100)
     python model_vgg_single.py --dataset fashion-mnist --data_root /usr/share/datasets/fashion-mnist
+    python model_vgg_single.py --dataset cifar10 --model cresnet32       # another backbone
+    python model_vgg_single.py --dataset folder --data_root my_images      # my_images/{train,test}/<class>/*.jpg
     python model_vgg_single.py --synthetic --epochs 3 --width 0.125
 """
 import sys
@@ -15,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import create_dataset
-from machinery import splits
+from machinery import large_datasets, splits
 from machinery.distributed import all_reduce_sum
-from machinery.models import VGG16, accuracy_count
+from machinery.models import CRESNET_DEPTHS, MAXL_BACKBONES, TORCHVISION_RESNETS, accuracy_count, backbone
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
 from machinery.streams import DeviceData
 from utils import Run, read_config, run_main
@@ -28,13 +31,17 @@ batch_size = 100
 lr = 0.01                  # plain SGD
 lr_step = 50               # the learning rate is halved every lr_step epochs
 lr_gamma = 0.5
-dataset = 'cifar100'       # cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist
+dataset = 'cifar100'       # held on the device: cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist; streamed from their files: tiny-imagenet, cub200, indoor, dogs, imagenet, imagenetN, inat; folder: your own ImageFolder tree (--data_root)
 primary_level = 2          # cifar100: label level of the task: 0, 1, 2, 3 -> 3, 10, 20, 100 classes
 num_samples_per_class = 0  # > 0: train on this many images of every primary class (drawn with the seed); 0: all
-width = 1.0                # channel multiplier of the VGG-16 (1 = the paper's)
+width = 1.0                # channel multiplier of the network (1 = the paper's VGG-16)
+model = 'vgg16'            # the backbone: vgg16 (the paper's) or a CIFAR ResNet (cresnet20, 32, 44, 56, 110) on 32-pixel images; torchvision's resnet18, resnet50, ... on larger ones (the file datasets' default: resnet18)
+image_size = 224           # the file datasets: training crop size (evaluation: shorter side to size*256/224, centre crop); 32: for vgg16 and the CIFAR ResNets
+workers = 4                # the file datasets: DataLoader worker processes per process (reading, and decoding on the cpu path)
+decode_on = 'auto'         # the file datasets: decode and augment on the gpu (nvJPEG, when training on CUDA) or in the cpu workers
 # ---- (run options: data_root, seed, device, fast paths, synthetic, download, logdir, resume: see machinery/options.py)
 HYPERPARAMETERS = hyperparameters(globals())
-CHOICES = {'primary_level': [0, 1, 2, 3], 'dataset': list(create_dataset.DATASETS)}
+CHOICES = {'primary_level': [0, 1, 2, 3], 'model': MAXL_BACKBONES, 'decode_on': ['auto', 'cpu', 'gpu']}
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation (CIFAR-100; another dataset: its own)
 HEADS = {'': 'PRI', 'aux_': 'AUX'}                # the metrics of head k are named with prefix k: loss, aux_loss
@@ -42,15 +49,58 @@ HIERARCHY = ('primary_level', 'aux_level')        # the options that pick levels
 
 
 def check(cfg, typed):
+    check_dataset(cfg)
     check_positive(cfg, 'epochs', 'batch_size', 'width', 'lr', 'lr_step', 'num_samples_per_class',
                    allow_zero=('num_samples_per_class',))
     check_hierarchy(cfg, typed)
+    check_model(cfg, typed)
+
+
+def streamed(dataset):
+    """A dataset read from its image files as training goes (machinery/large_datasets.py), not held on the device."""
+    return large_datasets.is_large(dataset) or dataset == large_datasets.USER_FOLDER.name
+
+
+def check_dataset(cfg):
+    if cfg.dataset not in create_dataset.DATASETS and not streamed(cfg.dataset):
+        known = ', '.join([*create_dataset.DATASETS, *large_datasets.LARGE_DATASETS])
+        raise UserError(f'--dataset {cfg.dataset!r} is not one of: {known}, imagenetN (N of ImageNet\'s classes, e.g. '
+                        'imagenet100), or folder (your own images: --data_root holding train/<class>/ and '
+                        'test/<class>/ folders).')
+    check_positive(cfg, 'image_size', 'workers', allow_zero=('workers',))
+
+
+def image_size(cfg):
+    """The side of the images the networks see: 32 on the datasets held on the device (Fashion-MNIST's padded
+    to it), --image_size on the file datasets."""
+    return cfg.image_size if streamed(cfg.dataset) else 32
+
+
+def check_model(cfg, typed):
+    """The backbone fits the images: VGG-16 and the CIFAR ResNets take 32 x 32 images, torchvision's ResNets
+    larger ones. A new run on a file dataset trains a ResNet-18 unless --model is given."""
+    if streamed(cfg.dataset) and 'model' not in typed and not cfg.resume:
+        cfg.model = 'resnet18'
+    size, large = image_size(cfg), cfg.model in TORCHVISION_RESNETS
+    if large and size == 32:
+        where = f'--dataset {cfg.dataset} has' if not streamed(cfg.dataset) else '--image_size 32 makes'
+        raise UserError(f'--model {cfg.model} is torchvision\'s ResNet for large images, and {where} 32 x 32 images: '
+                        f'use --model vgg16 (the paper\'s) or a CIFAR ResNet (--model {", ".join(CRESNET_DEPTHS)}).')
+    if not large and size != 32:
+        raise UserError(f'--model {cfg.model} takes 32 x 32 images, and this run\'s are {size} x {size} (--dataset '
+                        f'{cfg.dataset}, --image_size {size}): use torchvision\'s ResNet (--model resnet18 or resnet50), '
+                        'or --image_size 32.')
+
+
+def network(cfg, heads, init='xavier_uniform'):
+    """The run's backbone (--model, --width) with `heads` (head name -> classes, in order; see backbone)."""
+    return backbone(cfg.model, heads, cfg.width, init)
 
 
 # ---- the MAXL paper's data: a dataset's label columns, on the device ----------------------------------------
 
 def has_hierarchy(dataset):
-    return len(create_dataset.DATASETS[dataset].label_classes) > 1
+    return dataset in create_dataset.DATASETS and len(create_dataset.DATASETS[dataset].label_classes) > 1
 
 
 def check_hierarchy(cfg, typed):
@@ -58,14 +108,20 @@ def check_hierarchy(cfg, typed):
     given = [name for name in HIERARCHY if name in typed]
     if given and not has_hierarchy(cfg.dataset):
         raise UserError(f'--{given[0]} picks a level of CIFAR-100\'s label hierarchy, and --dataset {cfg.dataset} has '
-                        f'none (one label per image, {create_dataset.DATASETS[cfg.dataset].num_classes} classes, the '
-                        f'primary task): drop --{given[0]}, or train on --dataset cifar100.')
+                        f'none (one label per image, its classes the primary task): drop --{given[0]}, or train on '
+                        '--dataset cifar100.')
 
 
 def load_columns(cfg):
     """(train images, train label columns [N, k], test images, test label columns, the primary column): CIFAR-100's
     four hierarchy levels (the primary column is --primary_level), another dataset's one column; the training
-    images cut to --num_samples_per_class of every primary class (a seeded draw, the same again on --resume)."""
+    images cut to --num_samples_per_class of every primary class (a seeded draw, the same again on --resume).
+    A file dataset: the images are FileLists (their paths), its training split and its test (or validation) split."""
+    if streamed(cfg.dataset):
+        chosen = large_datasets.choose(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.seed,
+                                       per_class=cfg.num_samples_per_class)
+        train, test = chosen['files']['train'].subset(chosen['pools']['train']), chosen['files']['test']
+        return train, train.labels[:, None], test, test.labels[:, None], 0
     train_x, train_y = create_dataset.load(cfg.dataset, cfg.data_root, True, stand_in(cfg), cfg.download)
     test_x, test_y = create_dataset.load(cfg.dataset, cfg.data_root, False, stand_in(cfg), cfg.download)
     primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
@@ -78,13 +134,22 @@ def load_columns(cfg):
 
 
 def normalisation(dataset):
-    """(mean, std) of the networks' inputs: the original's on CIFAR-100, the dataset's own otherwise."""
+    """(mean, std) of the networks' inputs: the original's on CIFAR-100, the dataset's own otherwise (ImageNet's
+    on the file datasets)."""
+    if streamed(dataset):
+        return large_datasets.IMAGENET_MEAN, large_datasets.IMAGENET_STD
     return (MEAN, STD) if dataset == 'cifar100' else create_dataset.DATASETS[dataset].normalisation
 
 
 def place(x, y, cfg, run):
     """Images and label columns whole on the run's device, cropped and flipped per batch as the dataset's record
-    says, normalised (see normalisation)."""
+    says, normalised (see normalisation). Image files (a FileList): streamed, random-resized crops of
+    --image_size and flips in training, the centre crop in evaluation (large_datasets.FileColumns)."""
+    if isinstance(x, large_datasets.FileList):
+        jitter = large_datasets.large_record(cfg.dataset)[0].jitter
+        return large_datasets.FileColumns(x, y, run.device, run.shard, cfg.workers, cfg.decode_on,
+                                          large_datasets.Augment(True, cfg.image_size, jitter=jitter),
+                                          large_datasets.Augment(False, cfg.image_size))
     record = create_dataset.DATASETS[cfg.dataset]
     return DeviceData(x, y, run.device, *normalisation(cfg.dataset), pad=record.pad, flip=record.flip, shard=run.shard)
 
@@ -99,9 +164,19 @@ def psi_per_class(psi, n_primary):
     return psi
 
 
-def n_classes(cfg, column):
-    """The classes of a label column of cfg.dataset (CIFAR-100: of its level `column`)."""
+def n_classes(cfg, column, images):
+    """The classes of a label column of cfg.dataset (CIFAR-100: of its level `column`; image files: their class
+    folders)."""
+    if isinstance(images, large_datasets.FileList):
+        return len(images.classes)
     return create_dataset.DATASETS[cfg.dataset].label_classes[column]
+
+
+def note_bad_images(run, *splits):
+    """A file dataset's images that could not be decoded this epoch (see Run.note_bad_images)."""
+    for data in splits:
+        if hasattr(data, 'bad_images'):
+            run.note_bad_images(data.bad_images(), 'epoch')
 
 
 # ---- the MAXL paper's loss, step and evaluation ---------------------------------------------------------
@@ -174,6 +249,7 @@ def fit(run, net, train, test, step, columns, tested=None):
         run.check_finite(meters, first_step, optimizer.param_groups[0]['lr'])   # stops before testing or saving
         run.sync_buffers(net)
         tests = evaluate(net, test, columns if tested is None else tested, cfg.batch_size)
+        note_bad_images(run, train, test)
         scheduler.step()
         row = dict(epoch=epoch, step=n_steps, **prefixed('train_', meters.means()), **prefixed('test_', tests),
                    seconds=run.timer.lap())
@@ -212,6 +288,7 @@ UNIT = 'epochs'                # what the first column of metrics.csv counts (nu
 PAPER = 'MAXL (NeurIPS 2019)'  # the runs of one paper share a panel of results.py's plot
 HEADLINE = ['primary_level', 'num_samples_per_class', 'width']          # the settings a results row always shows (with the dataset)
 METHOD_OPTIONS = []                            # the settings the method's name says
+OLDER_RUNS = {'model': 'vgg16'}                # a run from before --model trained VGG-16
 TIME_NOTE = 'the sum of metrics.csv `seconds` (each epoch: training, the meta pass for MAXL, test)'
 
 
@@ -222,8 +299,14 @@ def reported(cfg):
 
 def unused_options(cfg):
     """The options of `cfg` (config.json's dict) that do not decide a run's numbers: the hierarchy's, on a dataset
-    without one."""
-    return set() if has_hierarchy(cfg.get('dataset', 'cifar100')) else set(HIERARCHY) & set(cfg)
+    without one; the file datasets' options on the others (and the number of workers, always)."""
+    return (data_options_unused(cfg) | (set() if has_hierarchy(cfg.get('dataset', 'cifar100')) else set(HIERARCHY))) & set(cfg)
+
+
+def data_options_unused(cfg):
+    """The file datasets' options that do not decide a run's numbers: all of them on the datasets held on the
+    device, the number of workers always."""
+    return {'workers'} | (set() if streamed(cfg.get('dataset', 'cifar100')) else {'image_size', 'decode_on'})
 
 
 def run_seconds(rows, log=''):
@@ -238,7 +321,7 @@ def main(argv=None):
 
     run = Run('model_vgg_single', cfg, cli)
     train, test = place(train_x, train_y, cfg, run), place(test_x, test_y, cfg, run)     # on the device, whole
-    net = run.network(VGG16({'classifier': n_classes(cfg, primary)}, cfg.width))
+    net = run.network(network(cfg, {'classifier': n_classes(cfg, primary, train_x)}))
     fit(run, net, train, test, train_step, columns=(primary,))
 
 

@@ -26,7 +26,7 @@ import re
 import statistics
 import sys
 
-from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
+from machinery.experiments import EXPERIMENTS, LAST5, NOT_PUBLISHED, run_state
 from machinery.files import read_metrics
 from machinery.options import NOT_SETTING, UserError
 from utils import run_main
@@ -430,7 +430,11 @@ def finished_runs(experiment, runs_dir, damaged=None):
 
 def value_of(run, column):
     """The number a cell reports from one run: the method's best (measures: the best test accuracy;
-    SLA the test accuracy at the best validation), or the top-5 accuracy at the best top-1."""
+    SLA the test accuracy at the best validation), the top-5 accuracy at the best top-1, or (LAST5) the mean
+    test accuracy of the last 5 evaluations."""
+    if column == LAST5:
+        values = [r['test_acc'] for r in run['rows'] if isinstance(r.get('test_acc'), float)][-5:]
+        return sum(values) / len(values) if values else None
     if column == 'test_acc5':
         rows = [r for r in run['rows'] if isinstance(r.get('test_acc'), float)]
         return max(rows, key=lambda r: r['test_acc'])['test_acc5'] if rows else None
@@ -474,6 +478,8 @@ def table_text(part, done, unfinished):
             values = [v for v in (value_of(run, column) for run in done[setting]) if v is not None]
             texts.append(cell_text(values, part['measure'], unfinished[setting]))
         lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(part, row, list(cells))} |')
+    if any(column == LAST5 for cells in part['table'].values() for _, column in cells.values()):
+        lines += ['', 'Each cell of this table: the mean test accuracy of the run\'s last 5 epochs (not its best).']
     return '\n'.join(([f'**{part["title"]}**', ''] if part['title'] else []) + lines)
 
 

@@ -45,13 +45,21 @@ def real_sizes():
     return {name: d.synthetic.full for name, d in create_dataset.DATASETS.items()}
 
 
-def maxl_parts(train_row='maxl_train', meta_row=None):
-    """A full run of one of the MAXL paper's scripts (their defaults, CIFAR-100): [(bench row, count, what)]:
-    the training steps (train_row: single, human or maxl_train), MAXL's meta steps (meta_row) and the tests."""
+def maxl_parts(train_row='maxl_train', meta_row=None, flags=()):
+    """A full run of one of the MAXL paper's scripts (their defaults: CIFAR-100, 200 epochs; or the --dataset,
+    --epochs and --num_samples_per_class of a setting's `flags`): [(bench row, count, what)]: the training steps
+    (train_row: single, human or maxl_train), MAXL's meta steps (meta_row) and the tests. bench.py times the
+    steps on CIFAR-100's 32-pixel images at batch 100, the time of a step on every dataset held on the device."""
+    import create_dataset
     import model_vgg_maxl
+    from machinery.experiments import flag_value
     M = model_vgg_maxl.HYPERPARAMETERS
-    n_train, n_test = real_sizes()['cifar100']
-    epochs, B = M['epochs'], M['batch_size']
+    dataset = flag_value(list(flags), '--dataset', M['dataset'])
+    n_train, n_test = real_sizes()[dataset]
+    per_class = int(flag_value(list(flags), '--num_samples_per_class', M['num_samples_per_class']))
+    if per_class:
+        n_train = min(n_train, per_class * create_dataset.DATASETS[dataset].num_classes)
+    epochs, B = int(flag_value(list(flags), '--epochs', M['epochs'])), M['batch_size']
     steps, test_batches = epochs * math.ceil(n_train / B), epochs * math.ceil(n_test / B)
     return ([(train_row, steps, 'training steps')] + ([(meta_row, steps, 'meta steps')] if meta_row else [])
             + [('eval_maxl', test_batches, 'test batches')])
@@ -144,12 +152,16 @@ def bench_parts(flags):
     import train_sla
     from machinery.experiments import dataset_of, flag_value
     script = flags[0]
+    if script.startswith('model_vgg') and (flag_value(flags, '--model', 'vgg16') != 'vgg16'
+                                           or dataset_of(flags) not in real_sizes()):
+        return None                                  # bench.py times the VGG-16s on the 32-pixel datasets only
     if script == 'model_vgg_single.py':
-        return maxl_parts('single')
+        return maxl_parts('single', flags=flags)
     if script == 'model_vgg_human.py':
-        return None if flag_value(flags, '--aux_labels') == 'kmeans' else maxl_parts('human')
+        return None if flag_value(flags, '--aux_labels') == 'kmeans' else maxl_parts('human', flags=flags)
     if script == 'model_vgg_maxl.py':
-        return maxl_parts(meta_row='maxl_meta2')
+        return maxl_parts(meta_row='maxl_meta2' if flag_value(flags, '--meta_order', '2') == '2' else 'maxl_meta1',
+                          flags=flags)
     dataset = dataset_of(flags)
     if dataset not in real_sizes():
         return None

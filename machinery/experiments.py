@@ -23,7 +23,20 @@ FINISHED = 'finished.json'       # in each run folder: written when the script e
 LEVEL_CLASSES = [3, 10, 20, 100]                          # 4-level CIFAR-100
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # MAXL's Figure 3: (primary level, auxiliary level)
 AUX_METHODS = {'Random': 'random', 'K-means': 'kmeans', 'Human': 'human', 'MAXL': 'maxl'}
-PSIS = [2, 5, 10, 20]
+PSIS = [2, 5, 10, 20, 50, 100]          # MAXL's first version, Figure 4: auxiliary classes per primary class
+# maxl-datasets: every dataset the MAXL scripts read (--dataset), its name in the table and its flags: those held on
+# the device train the paper's VGG-16 (CIFAR-100 with its hierarchy's psi), the file-streamed ones torchvision's
+# ResNet-18 (the scripts' default there) at 224 pixels, tiny-ImageNet at its own 64
+MAXL_DATASETS = {'cifar100': ('CIFAR-100 (20 coarse classes), VGG-16', []),
+                 'cifar10': ('CIFAR-10, VGG-16', ['--psi', '5']), 'svhn': ('SVHN, VGG-16', ['--psi', '5']),
+                 'fashion-mnist': ('Fashion-MNIST, VGG-16', ['--psi', '5']),
+                 'tiny-imagenet': ('tiny-ImageNet (64 px), ResNet-18', ['--psi', '5', '--image_size', '64']),
+                 'cub200': ('CUB-200, ResNet-18', ['--psi', '5']), 'indoor': ('MIT-67, ResNet-18', ['--psi', '5']),
+                 'dogs': ('Stanford Dogs, ResNet-18', ['--psi', '5']),
+                 'imagenet100': ('ImageNet-100 (100 classes drawn with the seed), ResNet-18', ['--psi', '5'])}
+# --quick on the file datasets' stand-ins (6 to 10 classes of 20 training and 4 test JPEGs): 64-pixel crops, no
+# worker processes, batches of 20; ImageNet's stand-in has 10 classes, so imagenet100 becomes imagenet10
+QUICK_FILES = ['--image_size', '64', '--workers', '0', '--batch_size', '20']
 CIFARS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
 SLA_AUGS = ['rotation', 'color_perm']
 SEMI = {'svhn': ('SVHN', '1000', ['--alpha', '0.1'], '5e-5', '3.15 % error'),   # the original's run.sh; the paper
@@ -44,6 +57,7 @@ QUICK_SEMI = ['--synthetic', '--width', '0.125', '--batch-size', '32', '--total-
 QUICK_SEMI_LABELS = {'svhn': '100', 'cifar10': '100', 'cifar100': '500'}      # of the stand-in's 1,000 images
 QUICK_SIZES = {'cifar100': (1000, 500), 'cifar10': (1000, 500), 'svhn': (1000, 500), 'fashion-mnist': (1000, 500)}   # (train, test) images
 QUICK_DATA_ROOT = os.path.join('dataset', 'quick')        # --quick's data root unless --data_root is given
+LAST5 = 'test_acc_last5'      # a table's column: the mean test_acc of a run's last 5 evaluations (MAXL's first version)
 
 
 def pair_name(p, a):
@@ -70,7 +84,7 @@ FMNIST_SEMI_METHODS = {'baseline': ['--baseline'], 'baseline-mixup': ['--baselin
 
 # Each experiment: title; seeds (default); settings {name: [script, its flags...]}; table {row: {column:
 # (setting, metrics column)}} (test_acc, test_single_acc, test_agg_acc as results.py reports them; test_acc5:
-# top-5 at the best top-1); measure (accuracy or error, in %); paper {(row, column): the paper's number};
+# top-5 at the best top-1; LAST5: the mean test accuracy of the last 5 epochs); measure (accuracy or error, in %); paper {(row, column): the paper's number};
 # gpus (per run; an int or {setting: int}, default 1); quick {script or setting: flags}; figure (a PNG name).
 EXPERIMENTS = {
     'maxl-fig3': dict(
@@ -93,17 +107,48 @@ EXPERIMENTS = {
         quick=QUICK_MAXL,
     ),
     'maxl-psi': dict(
-        title='MAXL (NeurIPS 2019): MAXL with 2, 5, 10 and 20 auxiliary classes per primary class on the 20-class '
-              'task (level 2) of CIFAR-100, Single beside it; VGG-16, 200 epochs; primary-task test accuracy',
+        title='MAXL\'s first version (its ICLR 2019 submission), Figure 4 as published: MAXL on CIFAR-10 with psi = '
+              '2, 5, 10, 20, 50 and 100 auxiliary classes per primary class, with the entropy term (weight 0.2) and '
+              'without it (weight 0), Single beside them; VGG-16, 200 epochs; each point the mean test accuracy of '
+              'the last 5 epochs, as that version reports it (its CIFAR-10.1v6 panel is not reproduced: the data is '
+              'not read here)',
         seeds=[0, 1, 2],
-        settings={'single': ['model_vgg_single.py', '--primary_level', '2'],
-                  **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--primary_level', '2', '--psi', f'{n}x20'] for n in PSIS}},
-        table={'Single': {'20-class primary task': ('single', 'test_acc')},
-               **{f'MAXL, psi {n} ({20 * n} auxiliary classes)': {'20-class primary task': (f'maxl-psi{n}', 'test_acc')}
-                  for n in PSIS}},
-        measure='accuracy',
-        paper={},
-        quick=QUICK_MAXL,
+        settings={'single': ['model_vgg_single.py', '--dataset', 'cifar10'],
+                  **{f'maxl-psi{n}': ['model_vgg_maxl.py', '--dataset', 'cifar10', '--psi', f'{n}'] for n in PSIS},
+                  **{f'maxl-psi{n}-noentropy': ['model_vgg_maxl.py', '--dataset', 'cifar10', '--psi', f'{n}',
+                                                '--entropy_weight', '0'] for n in PSIS}},
+        tables=[dict(title='CIFAR-10, the mean test accuracy of the last 5 epochs', measure='accuracy', paper={},
+                     table={f'psi {n} ({10 * n} auxiliary classes)': {
+                         'MAXL, with the entropy term': (f'maxl-psi{n}', LAST5),
+                         'MAXL, without it': (f'maxl-psi{n}-noentropy', LAST5),
+                         'Single': ('single', LAST5)} for n in PSIS})],
+        quick={script: flags + ['--epochs', '5'] for script, flags in QUICK_MAXL.items()},   # 5 epochs: a last 5
+    ),
+    'maxl-datasets': dict(
+        title='MAXL (NeurIPS 2019) over the 9 datasets this repository loads: Single, Random, K-means, MAXL (second '
+              'order), and Human where a hierarchy gives its labels (CIFAR-100); psi = 5 auxiliary classes per '
+              'primary class; VGG-16 on the 32-pixel datasets, ResNet-18 on the file-streamed ones; 200 epochs; '
+              'primary-task test accuracy. The paper\'s Table 1 covers 7 datasets whose list could not be read '
+              'here: these are this repository\'s datasets, not the paper\'s',
+        seeds=[0, 1, 2],
+        settings={
+            **{f'{d}-single': ['model_vgg_single.py', '--dataset', d, *flags[2:]]
+               for d, (_, flags) in MAXL_DATASETS.items()},
+            **{f'{d}-{m}': ['model_vgg_human.py', '--dataset', d, '--aux_labels', m, *flags]
+               for d, (_, flags) in MAXL_DATASETS.items() for m in ('random', 'kmeans')},
+            'cifar100-human': ['model_vgg_human.py', '--dataset', 'cifar100', '--aux_labels', 'human'],
+            **{f'{d}-maxl': ['model_vgg_maxl.py', '--dataset', d, *flags] for d, (_, flags) in MAXL_DATASETS.items()},
+        },
+        tables=[dict(title='This repository\'s datasets (the paper\'s 7 are not known here), psi 5',
+                     measure='accuracy', paper={},
+                     table={name: {'Single': (f'{d}-single', 'test_acc'), 'Random': (f'{d}-random', 'test_acc'),
+                                   'K-means': (f'{d}-kmeans', 'test_acc'),
+                                   **({'Human': ('cifar100-human', 'test_acc')} if d == 'cifar100' else {}),
+                                   'MAXL': (f'{d}-maxl', 'test_acc')}
+                            for d, (name, _) in MAXL_DATASETS.items()})],
+        quick={**QUICK_MAXL,
+               **{f'{d}-{m}': QUICK_FILES + (['--dataset', 'imagenet10'] if d == 'imagenet100' else [])
+                  for d in list(MAXL_DATASETS)[4:] for m in ('single', 'random', 'kmeans', 'maxl')}},
     ),
     'sla-cifar': dict(
         title='SLA (ICML 2020), its CIFAR table: Baseline, DA, MT, SLA+SI and SLA+AG (both read from the sla runs), '

@@ -80,6 +80,12 @@ LARGE_DATASETS = {d.name: d for d in [
 ]}
 
 
+# --dataset folder: a user's own image-classification dataset, an ImageFolder tree given as the data root itself
+USER_FOLDER = ImageFiles('folder', '.', ('train', 'test'), 0,
+                         'your own images as an ImageFolder tree: <data root>/train/<class>/<image> and '
+                         '<data root>/test/<class>/<image>, the same class folders in both')
+
+
 def is_large(name):
     """A large (file-based) dataset name: one of LARGE_DATASETS or imagenetN (N of ImageNet's classes)."""
     return name in LARGE_DATASETS or bool(re.fullmatch(r'imagenet[1-9]\d*', name))
@@ -89,6 +95,8 @@ def large_record(name):
     """(ImageFiles record, N) for `name`: N > 0 for imagenetN (that many classes of ImageNet), else 0."""
     if name in LARGE_DATASETS:
         return LARGE_DATASETS[name], 0
+    if name == USER_FOLDER.name:
+        return USER_FOLDER, 0
     m = re.fullmatch(r'imagenet([1-9]\d*)', name)
     if not m:
         raise UserError(f'unknown dataset {name!r}: choose one of {", ".join(LARGE_DATASETS)} or imagenetN '
@@ -244,6 +252,14 @@ def large_data_path(name, data_root, synthetic=False):
     RecordIO files), else data_root/<folder>; for the stand-in, <data_root>/synthetic/<folder> (written
     when missing)."""
     ds, _ = large_record(name)
+    if ds is USER_FOLDER:
+        if synthetic:
+            raise UserError('--dataset folder trains on your own ImageFolder tree, which has no synthetic stand-in: '
+                            'drop --synthetic and give the tree with --data_root.')
+        if not all(os.path.isdir(os.path.join(data_root, split)) for split in ds.splits):
+            raise UserError(f'--dataset folder reads {ds.where}; {data_root}/ has no train/ or no test/ folder: '
+                            'give that tree\'s folder with --data_root.')
+        return data_root
     if synthetic:
         root = dataset_root(data_root, True)
         ensure_synthetic_folder(ds.name, root)
@@ -335,7 +351,8 @@ class Augment:
 def image_draws(seed, step, slot):
     """The N_DRAWS uniforms of the image in `slot` of global batch `step` (float64, CPU). Every seeded draw
     of this file has its own tag after the seed (SLA's validation split 0, samples per class 1, imagenetN's
-    classes 2, passes 3, samples 4, the synthetic trees 5, images 6), so no two of them share a stream."""
+    classes 2, passes 3, samples 4, the synthetic trees 5, images 6, FileColumns' passes 7), so no two of them
+    share a stream."""
     return torch.from_numpy(np.random.default_rng([int(seed), 6, int(step), int(slot)]).random(N_DRAWS))
 
 
@@ -582,6 +599,59 @@ class FileSplits:
             b.bad.clear()
         self.evaluations = []
         return out
+
+
+class FileColumns:
+    """One split of image files with label columns ([N, k] integers: the class, and a MAXL script's auxiliary
+    assignment beside it), read as streams.DeviceData is read: len(), num_batches(B), batches(B, generator,
+    shuffle, augment) -> (normalised float images [b, 3, S, S], int64 label columns [b, k]) on the device, in
+    global batches of B * world images with this process's share of each. Through the streaming pipeline
+    (Batches: DataLoader workers read and decode, `augment` in training, `test_augment` otherwise). A shuffled
+    pass is a permutation seeded by one draw from `generator` (the run's stream of that epoch; its crops and
+    flips seeded by the same draw), so an epoch's passes follow from the epoch and a resumed run repeats them."""
+
+    def __init__(self, files, columns, device, shard, workers, decode_on, augment, test_augment):
+        self.files = FileList(files.root, files.paths, np.arange(len(files)), files.classes)   # labels: the rows
+        self.columns = torch.as_tensor(np.asarray(columns, dtype=np.int64)).to(device)
+        self.device, self.shard, self.workers = device, shard, workers
+        self.augment, self.test_augment = augment, test_augment
+        self.decode_on = decode_on if decode_on != 'auto' else ('gpu' if device.type == 'cuda' else 'cpu')
+        self.bad = []
+
+    def __len__(self):
+        return len(self.files)
+
+    def num_batches(self, batch_size, drop_last=False):
+        """How many batches batches(batch_size) yields (as DeviceData.num_batches)."""
+        full, rest = divmod(len(self), batch_size * self.shard[1])
+        return full + (0 if drop_last or rest < self.shard[1] else 1)
+
+    def batches(self, batch_size, generator=None, shuffle=False, augment=False, drop_last=False):
+        seed, order = 0, np.arange(len(self))
+        if shuffle:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+            order = np.random.default_rng([seed, 7]).permutation(len(self))
+        plan = BatchPlan(order, batch_size * self.shard[1], 0, 'ordered')
+        batches = Batches(self.files, plan, self.augment if augment else self.test_augment, self.device, seed, 0,
+                          self.num_batches(batch_size, drop_last), self.shard, self.workers, self.decode_on)
+        for x, rows in batches:
+            yield x, self.columns[rows]
+        self.bad += batches.bad
+
+    def bad_images(self):
+        """The images that could not be decoded since the last call (each replaced by another of its batch)."""
+        out, self.bad = self.bad, []
+        return out
+
+
+def thumbnails(files, size, workers=0):
+    """Every image of `files` (a FileList) as the evaluation transform makes it at `size` pixels (shorter side
+    to size * 256 / 224, centre crop), uint8 [N, 3, size, size] in file order: the 32-pixel images the K-means
+    baseline's autoencoder is trained on."""
+    n, cpu = len(files), torch.device('cpu')
+    batches = Batches(files, BatchPlan(np.arange(n), 256, 0, 'ordered'), Augment(False, size), cpu, 0, 0, -(-n // 256),
+                      workers=workers, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+    return torch.cat([x.round().to(torch.uint8) for x, _ in batches]).numpy()
 
 
 def choose_classes(name, path, seed, class_list='', kept=None, with_train=True):

@@ -2,8 +2,10 @@
 (a network run with other weights, for the meta-gradients).
 
   VGG16                                  model_vgg_single, model_vgg_human, model_vgg_maxl (both networks)
-  CifarResNet, cifar_resnet              train_sla on CIFAR, SVHN, Fashion-MNIST (ResNet-20/32/44/56/110,
-                                         option-A shortcut)
+  MAXL_BACKBONES, backbone               the MAXL scripts' --model: VGG-16, a CIFAR ResNet or a torchvision
+                                         ResNet with named heads
+  CifarResNet, cifar_resnet              train_sla on CIFAR, SVHN, Fashion-MNIST, the MAXL scripts' --model
+                                         (ResNet-20/32/44/56/110, option-A shortcut)
   torchvision_resnet, ImageNetResNet     train_meta_semi and train_sla on the large datasets (torchvision's
                                          ResNet family with a width multiplier; ImageNetResNet: with SLA's heads)
   ConvLarge, ShakeShake26, semi_network  train_meta_semi on CIFAR, SVHN, Fashion-MNIST; plot_features
@@ -228,6 +230,33 @@ class ImageNetResNet(HeadsOnTrunk):
                                         net.layer4, net.avgpool, nn.Flatten())
         self.feature_dim = net.fc.in_features
         self.classifiers = nn.ModuleList(nn.Linear(self.feature_dim, n) for n in heads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The MAXL scripts' backbones (--model)
+# ----------------------------------------------------------------------------------------------------
+
+MAXL_BACKBONES = ['vgg16', *CRESNET_DEPTHS, *TORCHVISION_RESNETS]
+
+
+def backbone(name, heads, width=1.0, init='xavier_uniform'):
+    """`name` (one of MAXL_BACKBONES) with one head per entry of `heads` (head name -> classes, in order):
+    VGG16 (its Linear-ReLU-Linear heads under those names, `init`), a CifarResNet or an ImageNetResNet
+    (linear heads classifiers.0, classifiers.1, ..., their own init). forward() gives the heads' logits in
+    that order (a tensor for one head, else a tuple) whichever it is."""
+    if name == 'vgg16':
+        return VGG16(heads, width, init=init)
+    if name in CRESNET_DEPTHS:
+        return cifar_resnet(name, list(heads.values()), width)
+    if name in TORCHVISION_RESNETS:
+        return ImageNetResNet(name, list(heads.values()), width)
+    raise UserError(f'unknown model {name!r}: choose one of {", ".join(MAXL_BACKBONES)}.')
+
+
+def head_parameter_names(model):
+    """Names of the task-specific (head) parameters of a backbone(...) network; the rest is the shared trunk."""
+    heads = set(getattr(model, 'head_names', ['classifiers']))
+    return {n for n, _ in model.named_parameters() if n.split('.')[0] in heads}
 
 
 # ----------------------------------------------------------------------------------------------------

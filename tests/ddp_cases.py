@@ -21,7 +21,8 @@ from machinery.models import ConvLarge, VGG16  # noqa: E402
 GLOBAL_BATCH = 8
 PSI = [2, 3]
 CASES = ['single', 'maxl_train', 'maxl_train_cosine', 'maxl_meta_jvp', 'maxl_meta_double_backward', 'maxl_meta1',
-         'sla_sd', 'semi_meta_mixup_global_d']
+         'maxl_meta_jvp_cresnet', 'maxl_meta1_cresnet', 'sla_sd', 'semi_meta_mixup_global_d']
+RESNET = '_cresnet'        # a MAXL case's suffix: both networks CIFAR ResNet-20s (--model cresnet20) instead of VGG-16s
 
 
 def batch(seed, classes, n=GLOBAL_BATCH):
@@ -51,8 +52,10 @@ def run_case(name, share=lambda t: t, prepare=lambda net: net, forward_of=None, 
             model_vgg_single.train_step(forward, share(x).to(dtype), share(y), opt)
         return state(net)
     if name.startswith('maxl'):
-        net = prepare(maxl.multi_task_network(PSI, 1 / 16).to(dtype))
-        gen = prepare(maxl.label_generator(PSI, 1 / 16).to(dtype))
+        model, width = ('cresnet20', 1 / 8) if name.endswith(RESNET) else ('vgg16', 1 / 16)
+        name = name.removesuffix(RESNET)
+        net = prepare(maxl.multi_task_network(PSI, width, model).to(dtype))
+        gen = prepare(maxl.label_generator(PSI, width, model).to(dtype))
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
         gen_opt = torch.optim.SGD(gen.parameters(), lr=0.01)
         mask, heads = maxl.psi_mask(PSI, dtype=dtype), maxl.head_parameter_names(net)

@@ -17,29 +17,80 @@ PSI = [2, 3]
 LR, MOMENTUM, WD, ENTROPY_W = 0.05, 0.9, 1e-3, 0.2
 
 
-# ---- an independent, explicit functional VGG-16 (conv, batch-norm with batch statistics, ReLU, pool) ----
+# ---- independent, explicit functional networks (conv, batch-norm with batch statistics, ReLU, pool) ----
+
+def ref_bn(h, p, name):
+    """Batch norm with the batch's statistics (biased variance), as in training mode."""
+    mu = h.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((h - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return (h - mu) / torch.sqrt(var + 1e-5) * p[f'{name}.weight'][None, :, None, None] + p[f'{name}.bias'][None, :, None, None]
+
 
 def ref_vgg(p, x, heads):
     h = x
     for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)):
         for i in range(n):
             h = F.conv2d(h, p[f'block{b}.{3 * i}.weight'], p[f'block{b}.{3 * i}.bias'], padding=1)
-            mu = h.mean(dim=(0, 2, 3), keepdim=True)
-            var = ((h - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-            gamma, beta = p[f'block{b}.{3 * i + 1}.weight'], p[f'block{b}.{3 * i + 1}.bias']
-            h = torch.relu((h - mu) / torch.sqrt(var + 1e-5) * gamma[None, :, None, None] + beta[None, :, None, None])
+            h = torch.relu(ref_bn(h, p, f'block{b}.{3 * i + 1}'))
         h = F.max_pool2d(h, 2)
     h = h.flatten(1)
     return [F.linear(torch.relu(F.linear(h, p[f'{k}.0.weight'], p[f'{k}.0.bias'])), p[f'{k}.2.weight'], p[f'{k}.2.bias'])
             for k in heads]
 
 
+HEAD_INDEX = {'classifier': 0, 'classifier1': 0, 'classifier2': 1}     # a ResNet's heads: classifiers.0, .1
+
+
+def ref_linear_heads(p, h, heads):
+    return [F.linear(h, p[f'classifiers.{HEAD_INDEX[k]}.weight'], p[f'classifiers.{HEAD_INDEX[k]}.bias']) for k in heads]
+
+
+def ref_basic_blocks(p, h, heads, first, stages, blocks, names, shortcut):
+    """Post-activation basic blocks base_model.{first + stage}.{i} (stride 2 at the first block of every stage but
+    the first): relu(shortcut(h) + bn(conv(relu(bn(conv(h)))))), the layers' names in `names`; then global
+    average pooling and the linear heads."""
+    conv_a, bn_a, conv_b, bn_b = names
+    for stage in range(stages):
+        for i in range(blocks):
+            b = f'base_model.{first + stage}.{i}'
+            stride = 2 if stage and not i else 1
+            y = torch.relu(ref_bn(F.conv2d(h, p[f'{b}.{conv_a}.weight'], stride=stride, padding=1), p, f'{b}.{bn_a}'))
+            y = ref_bn(F.conv2d(y, p[f'{b}.{conv_b}.weight'], padding=1), p, f'{b}.{bn_b}')
+            h = torch.relu(shortcut(h, b, stride) + y)
+    return ref_linear_heads(p, h.mean(dim=(2, 3)), heads)
+
+
+def ref_cresnet20(p, x, heads):
+    """CIFAR ResNet-20: stem conv-BN-ReLU, three stages of three basic blocks (stride 2 and the option-A
+    shortcut, every second pixel with zero channels appended, at stages 2 and 3)."""
+    def option_a(h, b, stride):
+        return h if stride == 1 else torch.cat([h[:, :, ::2, ::2], torch.zeros_like(h[:, :, ::2, ::2])], dim=1)
+    h = torch.relu(ref_bn(F.conv2d(x, p['base_model.0.weight'], padding=1), p, 'base_model.1'))
+    return ref_basic_blocks(p, h, heads, 3, 3, 3, ('conv_a', 'bn_a', 'conv_b', 'bn_b'), option_a)
+
+
+def ref_resnet18(p, x, heads):
+    """torchvision's ResNet-18: 7x7/2 stem conv-BN-ReLU, 3x3/2 max-pool, four stages of two basic blocks (stride
+    2 and a 1x1 conv-BN shortcut at stages 2-4)."""
+    def projection(h, b, stride):
+        if f'{b}.downsample.0.weight' not in p:
+            return h
+        return ref_bn(F.conv2d(h, p[f'{b}.downsample.0.weight'], stride=stride), p, f'{b}.downsample.1')
+    h = torch.relu(ref_bn(F.conv2d(x, p['base_model.0.weight'], stride=2, padding=3), p, 'base_model.1'))
+    h = F.max_pool2d(h, 3, stride=2, padding=1)
+    return ref_basic_blocks(p, h, heads, 4, 4, 2, ('conv1', 'bn1', 'conv2', 'bn2'), projection)
+
+
+REFERENCES = {'vgg16': ref_vgg, 'cresnet20': ref_cresnet20, 'resnet18': ref_resnet18}
+
+
 def ref_focal(probs, onehot):
     return (-(onehot * (1 - probs) ** 2 * torch.log(probs + 1e-20)).sum(1)).mean()
 
 
-def reference_meta_gradient(net, gen, opt, x, y):
-    """Explicit unrolled SGD step (with the optimiser's momentum and weight decay) differentiated by autograd."""
+def reference_meta_gradient(net, gen, opt, x, y, ref_vgg=ref_vgg):
+    """Explicit unrolled SGD step (with the optimiser's momentum and weight decay) differentiated by autograd,
+    the networks computed by the explicit `ref_vgg` (or another of REFERENCES)."""
     theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
     phi = {k: v.detach().clone().requires_grad_() for k, v in gen.named_parameters()}
     m = torch.full((len(PSI), sum(PSI)), 1e-8, dtype=torch.float64)
@@ -61,15 +112,15 @@ def reference_meta_gradient(net, gen, opt, x, y):
     return torch.autograd.grad(meta, list(phi.values()))
 
 
-def make_tiny(width=1 / 64):
+def make_tiny(width=1 / 64, model='vgg16', size=32):
     torch.manual_seed(0)
-    net = maxl.multi_task_network(PSI, width=width).double()
-    gen = maxl.label_generator(PSI, width=width).double()
+    net = maxl.multi_task_network(PSI, width, model).double()
+    gen = maxl.label_generator(PSI, width, model).double()
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     for p in net.parameters():                   # one real step so the momentum buffers are non-zero
         p.grad = torch.randn_like(p) * 0.1
     opt.step()
-    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(8, 3, size, size, dtype=torch.float64)
     y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
     return net, gen, opt, x, y
 
@@ -91,6 +142,45 @@ def test_second_order_equals_unrolled_reference(tiny, method):
                                                method)[0])
     assert ref.norm() > 0
     assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+
+
+# The ResNets, the MAXL scripts' other backbones (--model): batch norm in every block, shortcuts (option A's zero
+# channels; torchvision's 1x1 conv and batch norm), global average pooling; each checked against its own
+# explicit functional reference. torchvision's ResNet-18 on 64-pixel images (its stem downsamples by 4).
+RESNETS = [('cresnet20', 1 / 8, 32), ('resnet18', 1 / 16, 64)]
+
+
+@pytest.mark.parametrize('method', ['jvp', 'double_backward'])
+@pytest.mark.parametrize('model,width,size', RESNETS)
+def test_second_order_on_a_resnet_equals_unrolled_reference(model, width, size, method):
+    net, gen, opt, x, y = make_tiny(width, model, size)
+    ref = flat(reference_meta_gradient(net, gen, opt, x, y, REFERENCES[model]))
+    got = flat(maxl.meta_gradient_second_order(net, gen, x, y, psi_mask(PSI, dtype=torch.float64), opt, ENTROPY_W,
+                                               method)[0])
+    assert ref.norm() > 0
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize('model,width,size', RESNETS)
+def test_the_resnet_references_are_the_networks(model, width, size):
+    """Each explicit reference computes the backbone's own forward in training mode (the heads in order)."""
+    net, gen, _, x, _ = make_tiny(width, model, size)
+    for network, heads in ((net, ['classifier1', 'classifier2']), (gen, ['classifier'])):
+        got = network(x)
+        got = got if isinstance(got, tuple) else (got,)
+        ref = REFERENCES[model](dict(network.named_parameters()), x, heads)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('model,width,size', RESNETS)
+def test_first_order_on_a_resnet_converges_to_the_exact_value(model, width, size):
+    net, gen, opt, x, y = make_tiny(width, model, size)
+    ref = flat(reference_meta_gradient(net, gen, opt, x, y, REFERENCES[model]))
+    got = flat(maxl.meta_gradient_first_order(net, gen, x, y, psi_mask(PSI, dtype=torch.float64), opt, ENTROPY_W,
+                                              fd_eps=1e-6)[0])
+    assert torch.dot(got, ref) / (got.norm() * ref.norm()) > 1 - 1e-9
+    assert abs(got.norm().item() / ref.norm().item() - 1) < 1e-6
 
 
 @pytest.mark.parametrize('width,fd_eps,min_cosine,max_scale_error', [
@@ -222,7 +312,11 @@ def equal_states(a, b, where=''):
 
 
 @pytest.mark.parametrize('script,extra', [('model_vgg_single.py', []), ('model_vgg_human.py', []),
-                                          ('model_vgg_maxl.py', ['--meta_order', 1, '--cos_every', 3])])
+                                          ('model_vgg_maxl.py', ['--meta_order', 1, '--cos_every', 3]),
+                                          # streamed from image files (the tiny-ImageNet stand-in), ResNet-20s
+                                          ('model_vgg_maxl.py', ['--dataset', 'tiny-imagenet', '--image_size', 32,
+                                                                 '--model', 'cresnet20', '--workers', 0,
+                                                                 '--batch_size', 40, '--psi', 2])])
 def test_resume_between_two_learning_rate_steps_gives_the_uninterrupted_run(tmp_path, tiny_root, script, extra,
                                                                              monkeypatch):
     """--lr_step 2 halves the learning rates (MAXL: both networks') after epochs 1 and 3 (counted from 0): 5

@@ -204,9 +204,18 @@ def test_list_projects_from_a_bench_result(tmp_path):
     out = reproduce('list', '--bench', str(bench))
     assert out.returncode == 0, out.stdout + out.stderr
     table = {ln.split(' | ')[0][2:]: ln.split(' | ') for ln in out.stdout.splitlines() if ln.startswith('| ')}
-    # maxl-psi: Single 200 x (500 steps + 100 test batches) s, each MAXL 200 x (2 x 500 + 100) s; 3 seeds
-    assert table['maxl-psi'][1] == '15 (5 x 3)'
-    assert table['maxl-psi'][2] == f'{(120000 + 4 * 220000) * 3 / 3600:,.0f} h on cpu, float32, torch x'
+    # maxl-psi (CIFAR-10): Single 200 x (500 steps + 100 test batches) s, each of the 12 MAXL runs 200 x (2 x 500
+    # + 100) s; 3 seeds
+    assert table['maxl-psi'][1] == '39 (13 x 3)'
+    assert table['maxl-psi'][2] == f'{(120000 + 12 * 220000) * 3 / 3600:,.0f} h on cpu, float32, torch x'
+    # maxl-datasets: each dataset's own sizes (SVHN 733 training steps and 261 test batches an epoch, Fashion-MNIST
+    # 600 and 100, CIFAR 500 and 100); Single, Random (and Human) time as Single, MAXL with its meta pass; the four
+    # K-means settings and the 20 of the file-streamed datasets (ResNet-18s, larger images) unknown
+    epoch = {'cifar100': (500, 100), 'cifar10': (500, 100), 'svhn': (733, 261), 'fashion-mnist': (600, 100)}
+    hours = sum(200 * ((2 + (d == 'cifar100')) * (n + t) + (2 * n + t)) for d, (n, t) in epoch.items()) * 3 / 3600
+    assert table['maxl-datasets'][1] == '111 (37 x 3)'
+    assert table['maxl-datasets'][2] == (f'{hours:,.0f} h on cpu, float32, torch x + 24 of 37 settings unknown '
+                                         '(not timed by bench.py)')
     # maxl-fig3: K-means (6 settings) has an autoencoder bench.py does not time
     assert table['maxl-fig3'][2].endswith('+ 6 of 27 settings unknown (not timed by bench.py)')
     assert table['metasemi-imagenet'][2] == 'unknown on cpu, float32, torch x'

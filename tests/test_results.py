@@ -378,3 +378,16 @@ def test_the_metasemi_imagenet_start_line_lists_only_what_the_run_uses(tmp_path,
     (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith('MetaSemi (')]
     assert 'Namespace' not in line and 'num_label' not in line and 'label_fraction=0.1' in line, line
     assert 'architecture=' in line and 'resnet18' in line, line
+
+
+def test_a_last5_cell_is_the_mean_of_the_last_five_epochs_and_says_so():
+    """MAXL's first version (the maxl-psi experiment) reports the mean test accuracy of the last 5 epochs: not
+    the best, not the last."""
+    from machinery.experiments import LAST5
+    accs = [0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.6]
+    run = {'script': 'model_vgg_maxl', 'cfg': {}, 'rows': [{'epoch': float(k), 'test_acc': a} for k, a in enumerate(accs)]}
+    assert results.value_of(run, LAST5) == pytest.approx(statistics.mean(accs[-5:]))
+    assert results.value_of({**run, 'rows': run['rows'][:2]}, LAST5) == pytest.approx(0.5)   # fewer: all of them
+    part = dict(title='', measure='accuracy', paper={}, table={'psi 2': {'MAXL': ('a', LAST5)}})
+    text = results.table_text(part, {'a': [run]}, {'a': 0})
+    assert '| psi 2 | 40.00 (1 seed) |' in text and 'last 5 epochs (not its best)' in text
