@@ -290,9 +290,14 @@ def test_script_runs_and_beats_chance(tmp_path, data_root, script, extra):
     p = run_in_process(script, '--synthetic', '--data_root', data_root, '--epochs', 3, '--width', 0.0625,
                    '--logdir', tmp_path, *extra)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count('EPOCH: ') == 3 and 'TEST' in p.stdout      # MAXL here: 0.30 (second order), 0.26
+    assert p.stdout.count('EPOCH: ') == 3 and 'TEST' in p.stdout
     _, rows = read_metrics(tmp_path, script[:-3])
-    assert float(rows[-1]['test_acc']) > 0.15          # 20 primary classes: chance is 0.05
+    # 20 primary classes: chance is 0.05 (a chance-level run scores 0.05 +- 0.01 on these 500 test images). Three
+    # epochs of this narrow VGG-16 land anywhere from 0.138 to 0.386 with the seed and the CPU kernels (measured
+    # for each script over seeds 0-3 with AVX-512 and seeds 0-2 with AVX2 kernels: lowest Single 0.144, Human
+    # 0.138, MAXL second order 0.186, first order 0.210), so the bar is 0.10: twice chance, five of its
+    # standard deviations above it.
+    assert float(rows[-1]['test_acc']) > 0.10
 
 
 def equal_states(a, b, where=''):

@@ -214,18 +214,26 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize('dataset,mode', [('cifar10', []), ('svhn', ['--mix-up', '--alpha', 0.1]),
-                                          ('cifar10', ['--baseline']), ('cifar10', ['--baseline', '--mix-up'])])
-def test_each_mode_runs_and_beats_chance(tmp_path, data_root, dataset, mode):
+# (dataset, mode, steps). The best test accuracy of two tests; 10 classes, chance 0.1. On this balanced stand-in
+# a network that has learned little gets whole classes right or wrong, so the values come in steps of about
+# 0.1: measured over seeds 0-2 with AVX-512 and with AVX2 kernels, MetaSemi 0.30-0.40, with mixup on SVHN
+# 0.20-0.30, the labeled-only baseline 0.30-0.41; the labeled-only baseline with mixup learns slower (0.10, at
+# chance, for seed 2 after 40 steps, 0.137 after 80), and over seeds 0-4 with both kernels reaches 0.20-0.40
+# in 160 steps. The bar, 0.15, lies between chance and the lowest of those.
+@pytest.mark.parametrize('dataset,mode,steps', [('cifar10', [], 40), ('svhn', ['--mix-up', '--alpha', 0.1], 40),
+                                                ('cifar10', ['--baseline'], 40),
+                                                ('cifar10', ['--baseline', '--mix-up'], 160)])
+def test_each_mode_runs_and_beats_chance(tmp_path, data_root, dataset, mode, steps):
     if dataset == 'svhn':
         pytest.importorskip('scipy')
     p = run_in_process('train_meta_semi.py', *TINY, '--data-path', data_root, '--dataset', dataset,
-                       '--num-label', 200, '--total-steps', 40, '--test-freq', 20, '--save-path', tmp_path / 'run',
-                       *mode)
+                       '--num-label', 200, '--total-steps', steps, '--test-freq', steps // 2,
+                       '--save-path', tmp_path / 'run', *mode)
     assert p.returncode == 0, p.stderr
-    assert ('Step: [00030/00040]' if '--baseline' in mode else 'Uacc:') in p.stdout and ' * Accuracy' in p.stdout
+    assert (f'Step: [{steps - 10:05d}/{steps:05d}]' if '--baseline' in mode else 'Uacc:') in p.stdout
+    assert ' * Accuracy' in p.stdout
     rows = read_metrics(tmp_path / 'run')
-    assert len(rows) == 2 and float(rows[-1]['best_test_acc']) > 0.2    # 10 classes: chance is 0.1
+    assert len(rows) == 2 and float(rows[-1]['best_test_acc']) > 0.15
     labeled = np.loadtxt(tmp_path / 'run' / 'label_indices.txt', dtype=np.int64)
     assert len(labeled) == 200 and len(set(labeled.tolist())) == 200
     assert os.path.isfile(tmp_path / 'run' / 'best.pt')
