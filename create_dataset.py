@@ -2,8 +2,10 @@
 (download, md5 checks, readers), their synthetic stand-ins, and the hierarchy's groups (MAXL's auxiliary
 classes under each primary class). load() gives a split as uint8 images and labels; the scripts put them on
 the device (machinery/streams.py) and split them (machinery/splits.py). Used by the five scripts,
-plot_features.py, reproduce.py (the stand-ins of --quick) and the benchmarks; the file-streamed large datasets (ImageNet, iNaturalist, ...) are in
-machinery/large_datasets.py.
+plot_features.py, reproduce.py (the stand-ins of --quick) and the benchmarks; the file-streamed large
+datasets (ImageNet, iNaturalist, ...) are in machinery/large_datasets.py. Also a dataset as the MAXL paper's
+scripts train on it, any of these or a file-streamed one (load_columns: its images and label columns;
+place: on the device, or streamed).
 
 Each dataset is one `Dataset` record in `DATASETS`, and the download, the md5 checks, the missing-data
 message, loading, the stand-ins and the command line all read it; to add a dataset, write a reader
@@ -28,8 +30,9 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
+from machinery import large_datasets, splits
 from machinery.files import SYNTHETIC_DIR, dataset_root, md5sum, safe_unpickle
-from machinery.options import UserError, python_command, spellings
+from machinery.options import UserError, check_positive, python_command, spellings, stand_in
 from utils import run_main
 
 DATA_ROOT = 'dataset'
@@ -723,6 +726,102 @@ def ensure_synthetic(synthetic_root, names, full=False):
                 print(f'writing the full-size synthetic {name} ({ds.synthetic.full[0]:,} + {ds.synthetic.full[1]:,} '
                       f'images) into {synthetic_root}/', flush=True)
             write_synthetic(name, synthetic_root, sizes=ds.synthetic.full if full else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A dataset as the MAXL paper's scripts train on it: its images with label columns (CIFAR-100's four
+# hierarchy levels, another dataset's one), held whole on the device or streamed from image files
+# (model_vgg_single.py, model_vgg_human.py, model_vgg_maxl.py)
+# ----------------------------------------------------------------------------------------------------
+
+HIERARCHY_MEAN, HIERARCHY_STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)   # the MAXL code's normalisation of CIFAR-100
+HIERARCHY = ('primary_level', 'aux_level')        # the options that pick levels of CIFAR-100's hierarchy
+
+
+def streamed(dataset):
+    """A dataset read from its image files as training goes (machinery/large_datasets.py), not held on the device."""
+    return large_datasets.is_large(dataset) or dataset == large_datasets.USER_FOLDER.name
+
+
+def check_dataset(cfg):
+    if cfg.dataset not in DATASETS and not streamed(cfg.dataset):
+        known = ', '.join([*DATASETS, *large_datasets.LARGE_DATASETS])
+        raise UserError(f'--dataset {cfg.dataset!r} is not one of: {known}, imagenetN (N of ImageNet\'s classes, e.g. '
+                        'imagenet100), or folder (your own images: --data_root holding train/<class>/ and '
+                        'test/<class>/ folders).')
+    check_positive(cfg, 'image_size', 'workers', allow_zero=('workers',))
+
+
+def input_size(cfg):
+    """The side of the images the networks see: 32 on the datasets held on the device (Fashion-MNIST's padded
+    to it), --image_size on the file datasets."""
+    return cfg.image_size if streamed(cfg.dataset) else 32
+
+
+# ---- the MAXL paper's data: a dataset's label columns, on the device ----------------------------------------
+
+def has_hierarchy(dataset):
+    return dataset in DATASETS and len(DATASETS[dataset].label_classes) > 1
+
+
+def check_hierarchy(cfg, typed):
+    """The hierarchy's options go with a dataset that has one (CIFAR-100)."""
+    given = [name for name in HIERARCHY if name in typed]
+    if given and not has_hierarchy(cfg.dataset):
+        raise UserError(f'--{given[0]} picks a level of CIFAR-100\'s label hierarchy, and --dataset {cfg.dataset} has '
+                        f'none (one label per image, its classes the primary task): drop --{given[0]}, or train on '
+                        '--dataset cifar100.')
+
+
+def load_columns(cfg):
+    """(train images, train label columns [N, k], test images, test label columns, the primary column): CIFAR-100's
+    four hierarchy levels (the primary column is --primary_level), another dataset's one column; the training
+    images cut to --num_samples_per_class of every primary class (a seeded draw, the same again on --resume).
+    A file dataset: the images are FileLists (their paths), its training split and its test (or validation) split."""
+    if streamed(cfg.dataset):
+        chosen = large_datasets.choose(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.seed,
+                                       per_class=cfg.num_samples_per_class)
+        train, test = chosen['files']['train'].subset(chosen['pools']['train']), chosen['files']['test']
+        return train, train.labels[:, None], test, test.labels[:, None], 0
+    train_x, train_y = load(cfg.dataset, cfg.data_root, True, stand_in(cfg), cfg.download)
+    test_x, test_y = load(cfg.dataset, cfg.data_root, False, stand_in(cfg), cfg.download)
+    primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
+    if not has_hierarchy(cfg.dataset):
+        train_y, test_y = train_y[:, None], test_y[:, None]
+    if cfg.num_samples_per_class:
+        keep = splits.samples_per_class(np.arange(len(train_y)), train_y[:, primary], cfg.num_samples_per_class, cfg.seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    return train_x, train_y, test_x, test_y, primary
+
+
+def normalisation(dataset):
+    """(mean, std) of the networks' inputs: the original's on CIFAR-100, the dataset's own otherwise (ImageNet's
+    on the file datasets)."""
+    if streamed(dataset):
+        return large_datasets.IMAGENET_MEAN, large_datasets.IMAGENET_STD
+    return (HIERARCHY_MEAN, HIERARCHY_STD) if dataset == 'cifar100' else DATASETS[dataset].normalisation
+
+
+def place(x, y, cfg, run):
+    """Images and label columns whole on the run's device, cropped and flipped per batch as the dataset's record
+    says, normalised (see normalisation). Image files (a FileList): streamed, random-resized crops of
+    --image_size and flips in training, the centre crop in evaluation (large_datasets.FileColumns)."""
+    if isinstance(x, large_datasets.FileList):
+        jitter = large_datasets.large_record(cfg.dataset)[0].jitter
+        return large_datasets.FileColumns(x, y, run.device, run.shard, cfg.workers, cfg.decode_on,
+                                          large_datasets.Augment(True, cfg.image_size, jitter=jitter),
+                                          large_datasets.Augment(False, cfg.image_size))
+    record = DATASETS[cfg.dataset]
+    from machinery.streams import DeviceData
+    return DeviceData(x, y, run.device, *normalisation(cfg.dataset), pad=record.pad, flip=record.flip, shard=run.shard)
+
+
+def n_classes(cfg, column, images):
+    """The classes of a label column of cfg.dataset (CIFAR-100: of its level `column`; image files: their class
+    folders)."""
+    if isinstance(images, large_datasets.FileList):
+        return len(images.classes)
+    return DATASETS[cfg.dataset].label_classes[column]
 
 
 # ----------------------------------------------------------------------------------------------------

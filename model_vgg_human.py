@@ -21,15 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import create_dataset
-from create_dataset import check_levels, hierarchy_groups
+from create_dataset import (check_dataset, check_hierarchy, check_levels, has_hierarchy, hierarchy_groups, load_columns,
+                            n_classes, normalisation, place)
 from machinery import large_datasets
 from machinery.models import MAXL_BACKBONES, AutoEncoder, accuracy_count
 from machinery.options import UserError, check_positive, hyperparameters
 from machinery.streams import STREAM_STRIDE, DeviceData, device_generator, stream_seed
 import model_vgg_single
-from model_vgg_single import (check_dataset, check_hierarchy, check_model, data_options_unused, fit, focal_loss,
-                              has_hierarchy, load_columns, n_classes, network, normalisation, place, psi_per_class)
+from model_vgg_single import check_model, data_options_unused, fit, focal_loss, network, psi_per_class
 from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting (Single's, plus the auxiliary labels); each is overridable ----

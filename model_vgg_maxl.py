@@ -29,9 +29,9 @@ from machinery.fast_paths import eager, float32_meta
 from machinery.models import MAXL_BACKBONES, accuracy_count, backbone, forward_with, head_parameter_names
 from machinery.options import UserError, check_positive, hyperparameters
 import model_vgg_single
-from model_vgg_single import (check_dataset, check_hierarchy, check_model, data_options_unused, epoch_line, evaluate,
-                              finish, focal_loss, has_hierarchy, load_columns, n_classes, note_bad_images, place,
-                              psi_per_class, streamed)
+from create_dataset import check_dataset, check_hierarchy, has_hierarchy, load_columns, n_classes, place, streamed
+from model_vgg_single import (check_model, data_options_unused, epoch_line, evaluate, finish, focal_loss,
+                              note_bad_images, psi_per_class)
 from utils import Meters, Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----

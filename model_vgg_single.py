@@ -1,7 +1,8 @@
 """Single: the MAXL paper's single-task baseline, VGG-16 (or a ResNet: --model) trained on the primary task
 of 4-level CIFAR-100 (or on the classes of another dataset: --dataset, held on the device or streamed from
-its image files, your own ImageFolder tree among them). Also the MAXL paper's data, training loop (fit),
-focal loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py use too, and what results.py asks
+its image files, your own ImageFolder tree among them: create_dataset.py's load_columns and place). Also the
+MAXL paper's training loop (fit), focal loss and evaluation, which model_vgg_human.py and model_vgg_maxl.py
+use too, and what results.py asks
 of the MAXL paper's runs (UNIT, PAPER, run_seconds, ...; the other two take theirs from here). Its step is
 timed by benchmarks/bench.py.
 
@@ -13,16 +14,14 @@ timed by benchmarks/bench.py.
 """
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-import create_dataset
-from machinery import large_datasets, splits
+from create_dataset import (HIERARCHY, check_dataset, check_hierarchy, has_hierarchy, input_size, load_columns,
+                            n_classes, place, streamed)
 from machinery.distributed import all_reduce_sum
 from machinery.models import CRESNET_DEPTHS, MAXL_BACKBONES, TORCHVISION_RESNETS, accuracy_count, backbone
-from machinery.options import UserError, check_positive, hyperparameters, stand_in
-from machinery.streams import DeviceData
+from machinery.options import UserError, check_positive, hyperparameters
 from utils import Run, read_config, run_main
 
 # ---- hyperparameters: the paper's setting; each is overridable, e.g. --epochs 10 --width 0.25 ----
@@ -43,9 +42,7 @@ decode_on = 'auto'         # the file datasets: decode and augment on the gpu (n
 HYPERPARAMETERS = hyperparameters(globals())
 CHOICES = {'primary_level': [0, 1, 2, 3], 'model': MAXL_BACKBONES, 'decode_on': ['auto', 'cpu', 'gpu']}
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)     # the original normalisation (CIFAR-100; another dataset: its own)
 HEADS = {'': 'PRI', 'aux_': 'AUX'}                # the metrics of head k are named with prefix k: loss, aux_loss
-HIERARCHY = ('primary_level', 'aux_level')        # the options that pick levels of CIFAR-100's hierarchy
 
 
 def check(cfg, typed):
@@ -56,32 +53,12 @@ def check(cfg, typed):
     check_model(cfg, typed)
 
 
-def streamed(dataset):
-    """A dataset read from its image files as training goes (machinery/large_datasets.py), not held on the device."""
-    return large_datasets.is_large(dataset) or dataset == large_datasets.USER_FOLDER.name
-
-
-def check_dataset(cfg):
-    if cfg.dataset not in create_dataset.DATASETS and not streamed(cfg.dataset):
-        known = ', '.join([*create_dataset.DATASETS, *large_datasets.LARGE_DATASETS])
-        raise UserError(f'--dataset {cfg.dataset!r} is not one of: {known}, imagenetN (N of ImageNet\'s classes, e.g. '
-                        'imagenet100), or folder (your own images: --data_root holding train/<class>/ and '
-                        'test/<class>/ folders).')
-    check_positive(cfg, 'image_size', 'workers', allow_zero=('workers',))
-
-
-def image_size(cfg):
-    """The side of the images the networks see: 32 on the datasets held on the device (Fashion-MNIST's padded
-    to it), --image_size on the file datasets."""
-    return cfg.image_size if streamed(cfg.dataset) else 32
-
-
 def check_model(cfg, typed):
     """The backbone fits the images: VGG-16 and the CIFAR ResNets take 32 x 32 images, torchvision's ResNets
     larger ones. A new run on a file dataset trains a ResNet-18 unless --model is given."""
     if streamed(cfg.dataset) and 'model' not in typed and not cfg.resume:
         cfg.model = 'resnet18'
-    size, large = image_size(cfg), cfg.model in TORCHVISION_RESNETS
+    size, large = input_size(cfg), cfg.model in TORCHVISION_RESNETS
     if large and size == 32:
         where = f'--dataset {cfg.dataset} has' if not streamed(cfg.dataset) else '--image_size 32 makes'
         raise UserError(f'--model {cfg.model} is torchvision\'s ResNet for large images, and {where} 32 x 32 images: '
@@ -97,63 +74,6 @@ def network(cfg, heads, init='xavier_uniform'):
     return backbone(cfg.model, heads, cfg.width, init)
 
 
-# ---- the MAXL paper's data: a dataset's label columns, on the device ----------------------------------------
-
-def has_hierarchy(dataset):
-    return dataset in create_dataset.DATASETS and len(create_dataset.DATASETS[dataset].label_classes) > 1
-
-
-def check_hierarchy(cfg, typed):
-    """The hierarchy's options go with a dataset that has one (CIFAR-100)."""
-    given = [name for name in HIERARCHY if name in typed]
-    if given and not has_hierarchy(cfg.dataset):
-        raise UserError(f'--{given[0]} picks a level of CIFAR-100\'s label hierarchy, and --dataset {cfg.dataset} has '
-                        f'none (one label per image, its classes the primary task): drop --{given[0]}, or train on '
-                        '--dataset cifar100.')
-
-
-def load_columns(cfg):
-    """(train images, train label columns [N, k], test images, test label columns, the primary column): CIFAR-100's
-    four hierarchy levels (the primary column is --primary_level), another dataset's one column; the training
-    images cut to --num_samples_per_class of every primary class (a seeded draw, the same again on --resume).
-    A file dataset: the images are FileLists (their paths), its training split and its test (or validation) split."""
-    if streamed(cfg.dataset):
-        chosen = large_datasets.choose(cfg.dataset, cfg.data_root, cfg.synthetic, cfg.seed,
-                                       per_class=cfg.num_samples_per_class)
-        train, test = chosen['files']['train'].subset(chosen['pools']['train']), chosen['files']['test']
-        return train, train.labels[:, None], test, test.labels[:, None], 0
-    train_x, train_y = create_dataset.load(cfg.dataset, cfg.data_root, True, stand_in(cfg), cfg.download)
-    test_x, test_y = create_dataset.load(cfg.dataset, cfg.data_root, False, stand_in(cfg), cfg.download)
-    primary = cfg.primary_level if has_hierarchy(cfg.dataset) else 0
-    if not has_hierarchy(cfg.dataset):
-        train_y, test_y = train_y[:, None], test_y[:, None]
-    if cfg.num_samples_per_class:
-        keep = splits.samples_per_class(np.arange(len(train_y)), train_y[:, primary], cfg.num_samples_per_class, cfg.seed)
-        train_x, train_y = train_x[keep], train_y[keep]
-    return train_x, train_y, test_x, test_y, primary
-
-
-def normalisation(dataset):
-    """(mean, std) of the networks' inputs: the original's on CIFAR-100, the dataset's own otherwise (ImageNet's
-    on the file datasets)."""
-    if streamed(dataset):
-        return large_datasets.IMAGENET_MEAN, large_datasets.IMAGENET_STD
-    return (MEAN, STD) if dataset == 'cifar100' else create_dataset.DATASETS[dataset].normalisation
-
-
-def place(x, y, cfg, run):
-    """Images and label columns whole on the run's device, cropped and flipped per batch as the dataset's record
-    says, normalised (see normalisation). Image files (a FileList): streamed, random-resized crops of
-    --image_size and flips in training, the centre crop in evaluation (large_datasets.FileColumns)."""
-    if isinstance(x, large_datasets.FileList):
-        jitter = large_datasets.large_record(cfg.dataset)[0].jitter
-        return large_datasets.FileColumns(x, y, run.device, run.shard, cfg.workers, cfg.decode_on,
-                                          large_datasets.Augment(True, cfg.image_size, jitter=jitter),
-                                          large_datasets.Augment(False, cfg.image_size))
-    record = create_dataset.DATASETS[cfg.dataset]
-    return DeviceData(x, y, run.device, *normalisation(cfg.dataset), pad=record.pad, flip=record.flip, shard=run.shard)
-
-
 def psi_per_class(psi, n_primary):
     """Auxiliary classes per primary class: psi as given (one entry per primary class), or one value for all."""
     psi = list(psi) * n_primary if len(psi) == 1 else list(psi)
@@ -162,14 +82,6 @@ def psi_per_class(psi, n_primary):
                         f'value for all of them; sum(psi) is then the number of auxiliary classes. Example: --psi 5 '
                         f'(5 auxiliary classes per primary class), or --psi 5x{n_primary}.')
     return psi
-
-
-def n_classes(cfg, column, images):
-    """The classes of a label column of cfg.dataset (CIFAR-100: of its level `column`; image files: their class
-    folders)."""
-    if isinstance(images, large_datasets.FileList):
-        return len(images.classes)
-    return create_dataset.DATASETS[cfg.dataset].label_classes[column]
 
 
 def note_bad_images(run, *splits):

@@ -124,7 +124,7 @@ def build(name, dev, fast, data_root, width=1.0):
     rng = device_generator(dev, 0)
     if name in ('bare_vgg', 'single', 'bare_vgg_mt', 'human', 'eval_maxl') or name.startswith('maxl'):
         train = DeviceData(*create_dataset.load('cifar100', data_root, True, synthetic=True), dev,
-                                          model_vgg_single.MEAN, model_vgg_single.STD)
+                           create_dataset.HIERARCHY_MEAN, create_dataset.HIERARCHY_STD)
 
         levels = create_dataset.LEVEL_CLASSES
         pri, aux = human.primary_level, human.aux_level
