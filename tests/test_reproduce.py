@@ -118,7 +118,8 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tiny_root, tmp_path, monk
 
 def test_the_table_from_finished_seeds(tmp_path):
     """--report on hand-made run folders: MetaSemi's error in %, mean ± std over the finished seeds, the
-    paper's number beside it, an unfinished seed counted apart."""
+    paper's and the slides' numbers beside it with their sources, an unfinished seed counted apart; the best
+    test error (as the original logs it) and, in a second table, the final one."""
     runs = tmp_path / 'runs'
     runs.mkdir()
     (runs / 'experiment.json').write_text(json.dumps({'experiment': 'metasemi-table', 'quick': False}))
@@ -136,9 +137,58 @@ def test_the_table_from_finished_seeds(tmp_path):
     md = (runs / 'results.md').read_text()
     row = next(ln for ln in md.splitlines() if ln.startswith('| CIFAR-10, 4,000 labels'))
     cells = [c.strip() for c in row.strip('|').split('|')]
-    assert cells[1:4] == ['—', '—', '7.00 ± 1.41 (2 of 3 seeds)']            # errors 8 and 6 %
-    assert cells[4] == 'MetaSemi + mixup: 7.78 % error; Baseline, Baseline + mixup: not published in readable form'
+    assert cells[1:5] == ['—', '—', '—', '7.00 ± 1.41 (2 of 3 seeds)']            # best errors 8 and 6 %
+    assert cells[5] == ('Baseline: 15.43 % [slides]; Baseline + mixup: 11.10 % [slides]; MetaSemi: 11.63 % [slides]; '
+                        'MetaSemi + mixup: 7.78 % [paper]')
+    assert '[paper] the MetaSemi paper, arXiv 2007.03966' in md and 'github.com/Sakura03/SemiMeta' in md
+    assert 'inference from the original\'s train_baseline.py' in md
+    final = md[md.index('the test error of the last test'):]
+    row = next(ln for ln in final.splitlines() if ln.startswith('| CIFAR-10, 4,000 labels'))
+    assert [c.strip() for c in row.strip('|').split('|')][4] == '7.50 ± 0.71 (2 of 3 seeds)'   # final: 8 and 7 %
     assert 'Synthetic' not in md
+
+
+def hand_made(runs, experiment, quick, setting, cfg, accs):
+    """A finished run folder of `setting`, seed 0, with one metrics row per value of accs."""
+    runs.mkdir(exist_ok=True)
+    (runs / 'experiment.json').write_text(json.dumps({'experiment': experiment, 'quick': quick}))
+    folder = runs / setting / 'seed0'
+    folder.mkdir(parents=True)
+    (folder / 'config.json').write_text(json.dumps(cfg | {'seed': 0}))
+    (folder / 'metrics.csv').write_text('epoch,step,test_acc,seconds\n' +
+                                        ''.join(f'{k},{k + 1},{a},1.0\n' for k, a in enumerate(accs)))
+    (folder / 'finished.json').write_text('{}')
+
+
+def row_cells(md, start, after=''):
+    text = md[md.index(after):] if after else md
+    return [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith(start)).strip('|').split('|')]
+
+
+def test_maxl_cells_are_the_mean_of_the_last_5_epochs_and_the_test_selected_best_is_apart(tmp_path):
+    runs = tmp_path / 'runs'
+    hand_made(runs, 'maxl-fig3', False, 'maxl-p2-a3', {'script': 'model_vgg_maxl', 'primary_level': 2,
+              'aux_level': 3, 'meta_order': 2}, [0.10, 0.90, 0.50, 0.40, 0.60, 0.50, 0.50])
+    out = reproduce('maxl-fig3', '--report', '--runs', str(runs))
+    assert out.returncode == 0, out.stdout + out.stderr
+    md = (runs / 'results.md').read_text()
+    assert row_cells(md, '| 20 / 100 classes')[5] == '50.00 (1 seed)'            # the last 5: 0.5, 0.4, 0.6, 0.5, 0.5
+    assert 'the mean test accuracy of the last 5 evaluations' in md
+    second = 'The same cells, the best test accuracy over all epochs: selected on the test set'
+    assert row_cells(md, '| 20 / 100 classes', second)[5] == '90.00 (1 seed)'    # epoch 1's, chosen on the test set
+
+
+def test_quick_tables_say_the_labels_used_and_print_no_paper_number(tmp_path):
+    runs = tmp_path / 'runs'
+    hand_made(runs, 'metasemi-table', True, 'svhn-meta', {'script': 'train_meta_semi', 'dataset': 'svhn',
+              'num_label': 100, 'synthetic': True, 'architecture': 'convlarge', 'width': 0.125}, [0.5, 0.6])
+    out = reproduce('metasemi-table', '--quick', '--report', '--runs', str(runs))
+    assert out.returncode == 0, out.stdout + out.stderr
+    md = (runs / 'results.md').read_text()
+    assert row_cells(md, '| SVHN, 100 labels (--quick)')[3] == '40.00 (1 seed)'
+    assert '1,000 labels' not in md and '3.15' not in md and '3.68' not in md
+    assert '| paper |' not in md[:md.index('## Every setting')]             # results.py's rows: '— (synthetic ...)'
+    assert 'No paper numbers beside synthetic results' in md
 
 
 def written_folder(tmp_path, marker):
