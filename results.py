@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # the seed, and what each script's unused_options() names) are one setting.
 NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
                'local_rank', 'dist_backend', 'dist_timeout', 'global_batch', 'progress', 'progress_every',
-               'tensorboard'}
+               'tensorboard', 'environment', 'environment_resumed'}
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN', 'fashion-mnist': 'Fashion-MNIST'}
 
@@ -274,6 +274,24 @@ def fmt_seconds(s):
     return f'{s / 3600:.1f} h'
 
 
+def environment_text(runs):
+    """Where the runs of a row differ in what decides their numbers besides the options (config.json's
+    environment, machinery/environment.py): 'threads 1 (seed 0), 2 (seed 1)'; a resumed run's value is each
+    start's ('2 then 1'). '' where they agree or none recorded it."""
+    def value(run, key):
+        starts = [run['cfg'].get('environment') or {}] + list(run['cfg'].get('environment_resumed', []))
+        return ' then '.join(dict.fromkeys(str(s.get(key, 'not recorded')) for s in starts))
+    if not any(run['cfg'].get('environment') for run in runs):
+        return ''
+    keys = list(dict.fromkeys(k for run in runs for k in run['cfg'].get('environment') or {}))
+    out = []
+    for key in keys:
+        values = [value(run, key) for run in runs]
+        if len(set(values)) > 1 or any(' then ' in v for v in values):
+            out.append(f'{key} ' + ', '.join(f'{v} (seed {run["cfg"].get("seed")})' for v, run in zip(values, runs)))
+    return '; '.join(out)
+
+
 def build_rows(runs):
     """Group the runs' measures: one dict per (setting, method), in script order then first appearance."""
     groups = {}
@@ -293,6 +311,9 @@ def build_rows(runs):
         keys = headline + [k for k in varying if k not in headline]
         for r in mine:
             r['setting'] = setting_text(keys, r['cfg'])
+            differ = environment_text([run for run, _ in r['runs']])
+            if differ:
+                r['setting'] += ('; ' if r['setting'] else '') + f'runs differ in {differ}'
     papers = list(dict.fromkeys(script_module(r['script']).PAPER for r in rows))
     scripts = list(dict.fromkeys(r['script'] for r in rows))
     return sorted(rows, key=lambda r: (papers.index(script_module(r['script']).PAPER), scripts.index(r['script'])))

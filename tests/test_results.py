@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -301,6 +302,44 @@ def test_a_run_records_its_processes_and_global_batch(runs):
         with open(os.path.join(run, 'config.json')) as f:
             cfg = json.load(f)
         assert cfg['processes'] == 1 and cfg['global_batch'] == cfg['batch_size'], run
+
+
+def test_a_run_records_what_decides_its_numbers_and_a_resume_on_other_threads_says_so(runs, tmp_path):
+    """config.json's environment: the threads the run computed with, torch's kernels and versions, the device,
+    the commit and whether the tree was modified; --resume with another thread count says once that the
+    continuation is not bit-exact and keeps both starts."""
+    import torchvision
+    with open(os.path.join(runs['seeds'][0], 'config.json')) as f:
+        env = json.load(f)['environment']
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=results.ROOT).stdout.strip()
+    assert env['threads'] == 1 and env['torch'] == torch.__version__ and env['torchvision'] == torchvision.__version__
+    assert env['device'].startswith('cpu') and env['commit'] == commit and isinstance(env['modified'], bool)
+    assert env['cpu_kernels'] == torch.backends.cpu.get_cpu_capability()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model_vgg_single.main(['--resume', runs['other'], '--epochs', '3'])
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(runs['other'], 'config.json')) as f:
+        cfg = json.load(f)
+    assert cfg['environment']['threads'] == 1 and [e['threads'] for e in cfg['environment_resumed']] == [2]
+    with open(os.path.join(runs['other'], 'log.txt')) as f:
+        notes = [ln for ln in f if 'not bit-exact' in ln]
+    assert len(notes) == 1 and 'threads 2 (it started with 1)' in notes[0] and 'OMP_NUM_THREADS=1' in notes[0]
+
+
+def test_the_seeds_of_a_row_that_ran_on_other_threads_are_one_row_that_says_so(tmp_path):
+    env = {'threads': 1, 'torch': '2.14.1', 'device': 'cpu (x)', 'commit': 'abc', 'modified': False}
+    one = write_run(tmp_path / 'one', SINGLE_CFG | {'environment': env}, [0.5, 0.6])
+    two = write_run(tmp_path / 'two', SINGLE_CFG | {'seed': 1, 'environment': env | {'threads': 2}}, [0.5, 0.7])
+    same = write_run(tmp_path / 'same', SINGLE_CFG | {'seed': 1, 'width': 0.125, 'environment': env}, [0.5, 0.7])
+    p = run_in_process('results.py', one, two, same)
+    assert p.returncode == 0, p.stderr
+    rows = {r[3]: r for r in table_rows(p.stdout)}
+    assert set(rows) == {'2 (0, 1)', '1 (1)'}, p.stdout
+    assert rows['2 (0, 1)'][2].endswith('runs differ in threads 1 (seed 0), 2 (seed 1)'), p.stdout
+    assert 'differ' not in rows['1 (1)'][2]
 
 
 class FakePyplot:
