@@ -178,6 +178,30 @@ def test_maxl_cells_are_the_mean_of_the_last_5_epochs_and_the_test_selected_best
     assert row_cells(md, '| 20 / 100 classes', second)[5] == '90.00 (1 seed)'    # epoch 1's, chosen on the test set
 
 
+def test_figure3_draws_each_method_in_its_own_colour_marker_and_line(tmp_path):
+    """Every method of a panel in its own colour (kept in the PNG: no palette merges them), marker and line
+    style, the colours also of distinct grey levels (grey print)."""
+    pytest.importorskip('matplotlib', reason='the figure needs matplotlib (requirements.txt)')
+    from PIL import Image
+    import results
+    runs = tmp_path / 'runs'
+    for setting, script in (('single-p2', 'model_vgg_single'), ('random-p2-a3', 'model_vgg_human'),
+                            ('kmeans-p2-a3', 'model_vgg_human'), ('human-p2-a3', 'model_vgg_human'),
+                            ('maxl-p2-a3', 'model_vgg_maxl')):
+        hand_made(runs, 'maxl-fig3', False, setting, {'script': script, 'primary_level': 2, 'aux_level': 3,
+                  'aux_labels': setting.split('-')[0], 'meta_order': 2}, [0.1 * k for k in range(1, 9)])
+    assert reproduce('maxl-fig3', '--report', '--runs', str(runs)).returncode == 0
+    styles = results.METHOD_STYLES
+    assert len({c for c, _, _ in styles.values()}) == len({str(ls) for _, ls, _ in styles.values()}) == \
+        len({m for _, _, m in styles.values()}) == 5
+    grey = sorted(sum(w * int(c[i:i + 2], 16) for w, i in ((0.299, 1), (0.587, 3), (0.114, 5))) for c, _, _ in styles.values())
+    assert min(b - a for a, b in zip(grey, grey[1:])) > 15                   # of 255
+    image = Image.open(runs / 'figure3.png').convert('RGB')
+    present = {rgb for _, rgb in image.getcolors(maxcolors=1 << 20)}
+    for color, _, _ in styles.values():
+        assert tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)) in present, color
+
+
 def test_quick_tables_say_the_labels_used_and_print_no_paper_number(tmp_path):
     runs = tmp_path / 'runs'
     hand_made(runs, 'metasemi-table', True, 'svhn-meta', {'script': 'train_meta_semi', 'dataset': 'svhn',
