@@ -42,7 +42,7 @@ def test_two_settings_run_then_a_second_call_starts_nothing(tiny_root, tmp_path)
         assert {'config.json', 'metrics.csv', 'finished.json', 'output.txt'} <= set(os.listdir(folder))
     with open(os.path.join(runs, 'results.md')) as f:
         md = f.read()
-    assert 'Synthetic stand-in' in md and 'not published in readable form' in md
+    assert 'Synthetic stand-in' in md and 'No paper numbers beside synthetic results' in md
     row = next(ln for ln in md.splitlines() if ln.startswith('| 20 / 100 classes'))
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert cells[1].endswith('(1 seed)') and cells[4].endswith('(1 seed)')      # Single, Human
@@ -273,3 +273,118 @@ def test_list_projects_from_a_bench_result(tmp_path):
     out = reproduce('list', 'sla-cifar')
     assert out.returncode == 0 and 'cifar100-sla+sd-color_perm' in out.stdout
     assert 'train_sla.py --dataset cifar100 --model cresnet32 --mode sla+sd --aug color_perm' in out.stdout
+
+
+SEMI_RUN = ['--synthetic', '--num-label', '100', '--total-steps', '30', '--warmup', '5', '--test-freq', '10',
+            '--batch-size', '16', '--width', '0.0625', '--mix-up', '--data-path']
+
+
+def metrics_rows(run_dir, skip=('seconds', 'batch_time', 'data_time')):
+    import csv
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k not in skip} for r in csv.DictReader(f)]
+
+
+def test_a_job_signalled_before_its_time_limit_requeues_itself_and_ends_as_the_uninterrupted_run(tiny_root, tmp_path):
+    """submitit's local executor: the job gets the signal that precedes its time limit (the one the local
+    controller sends signal_delay_s before it, sent here once the run's first checkpoint exists, so that the
+    test does not hang on timing), its run stops at its next checkpoint, the job requeues itself
+    (Job.checkpoint) and the requeued job continues the run with --resume, to the rows of the same run left
+    alone."""
+    import signal
+    submitit = pytest.importorskip('submitit', reason='--executor needs submitit (requirements.txt)')
+    import time
+    from conftest import ROOT
+    args = [*SEMI_RUN, tiny_root]
+    full = run_in_process('train_meta_semi.py', *args, '--run_dir', tmp_path / 'a')
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir = str(tmp_path / 'b')
+    script = os.path.join(ROOT, 'train_meta_semi.py')
+    job = reproduce_module.Job([sys.executable, script, *args, '--run_dir', run_dir],
+                               [sys.executable, script, '--resume', run_dir], {'OMP_NUM_THREADS': '1'}, ROOT, run_dir, 60)
+    executor = submitit.LocalExecutor(tmp_path / 'submitit', max_num_timeout=3)
+    # a limit of 5 minutes: submitit takes any signal for the time limit's (has_timed_out), as at a real limit
+    executor.update_parameters(timeout_min=5, signal_delay_s=60)
+    submitted = executor.submit(job)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(run_dir, 'checkpoint.pt')) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not submitted.done(), 'the run ended before the signal could be sent'
+    controller = submitted._process.pid
+    with open(f'/proc/{controller}/task/{controller}/children') as f:
+        (task,) = [int(pid) for pid in f.read().split()]
+    os.kill(task, signal.SIGUSR2)   # what the controller sends its task signal_delay_s before the time limit
+    code, _ = submitted.result()
+    assert code == 0
+    assert os.path.isfile(os.path.join(run_dir, 'finished.json'))
+    with open(os.path.join(run_dir, 'output.txt')) as f:
+        output = f.read()
+    attempts = [ln for ln in output.splitlines() if ln.startswith('# 20') and '.py' in ln]
+    assert len(attempts) == 2 and '--resume' not in attempts[0] and attempts[1].endswith(f'--resume {run_dir}')
+    assert "the job's time limit is near" in output and 'stopped by SIGINT' in output
+    assert metrics_rows(tmp_path / 'a') == metrics_rows(run_dir)
+
+
+def test_slurm_runs_of_an_experiment_go_as_one_job_array_with_the_cluster_options(tmp_path, monkeypatch):
+    """A stand-in sbatch keeps the script it is given: one array for the runs of one kind, the account,
+    QoS, memory, constraint, set-up commands and passed-through options in it, and the signal before the time
+    limit that makes each job checkpoint and requeue itself."""
+    pytest.importorskip('submitit', reason='--executor needs submitit (requirements.txt)')
+    import submitit
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'sbatch').write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/sbatch-$$.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / 'sbatch').chmod(0o755)
+    (bin_dir / 'srun').write_text('#!/bin/sh\nexit 1\n')                   # submitit looks for it, never runs it here
+    (bin_dir / 'srun').chmod(0o755)
+    monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    runs = str(tmp_path / 'runs')
+    args = reproduce_module.parse(['maxl-fig3', '--quick', '--seeds', '0,1', '--only', 'single-p2', '--runs', runs,
+                                   '--executor', 'slurm', '--partition', 'gpu', '--account', 'proj7', '--qos', 'high',
+                                   '--mem', '16', '--constraint', 'a100', '--setup', 'module load cuda',
+                                   '--sbatch', 'mail-type=END', '--time', '4'])
+    reproduce_module.check(args)
+    plan = reproduce_module.plan(args)
+    executor = submitit.AutoExecutor(folder=os.path.join(runs, 'submitit'), cluster='slurm', slurm_max_num_timeout=10)
+    submitted = reproduce_module.submit(executor, plan, args, None, os.path.join(runs, 'submitit'),
+                                        reproduce_module.Reporter(len(plan)))
+    (script,) = [p.read_text() for p in tmp_path.glob('sbatch-*.sh')]            # one sbatch: the array
+    for line in ('#SBATCH --array=0-1%2', '#SBATCH --account=proj7', '#SBATCH --qos=high', '#SBATCH --mem=16GB',
+                 '#SBATCH --constraint=a100', '#SBATCH --mail-type=END', '#SBATCH --partition=gpu',
+                 '#SBATCH --signal=USR2@300', '#SBATCH --time=240', 'module load cuda'):
+        assert line in script.splitlines(), (line, script)
+    assert sorted(job.job_id for job, _ in submitted) == ['4242_0', '4242_1']
+    for job, run in submitted:
+        with open(os.path.join(run['dir'], 'submitted.json')) as f:
+            assert json.load(f)['job_id'] == job.job_id
+        assert callable(getattr(submitit.helpers.DelayedSubmission.load(job.paths.submitted_pickle).function,
+                                'checkpoint', None))
+
+
+@pytest.mark.parametrize('bad,needle', [(['--account', 'x'], 'for Slurm jobs'), (['--executor', 'slurm', '--partition', 'gpu', '--sbatch', 'novalue'], 'KEY=VALUE'),
+                                        (['--executor', 'local', '--signal-delay', '5'], 'at least 10 seconds')])
+def test_bad_cluster_options_exit_2_and_start_nothing(bad, needle, tmp_path):
+    runs = str(tmp_path / 'runs')
+    out = reproduce('maxl-fig3', '--quick', '--only', 'single-p2', '--runs', runs, *bad)
+    assert out.returncode == 2 and needle in out.stderr and out.stdout == '', out.stdout + out.stderr
+    assert not os.path.exists(runs)
+
+
+def test_a_run_stopped_by_ctrl_c_is_reported_as_stopped_not_failed(tiny_root, tmp_path):
+    import signal
+    import subprocess
+    import time
+    from conftest import ROOT
+    runs = tmp_path / 'runs'
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'reproduce.py'), 'maxl-fig3', '--quick', '--seeds', '0',
+                          '--only', 'single-p2', '--data_root', tiny_root, '--runs', str(runs)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.monotonic() + 300
+    while not (runs / 'single-p2' / 'seed0' / 'checkpoint.pt').exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, out + err
+    assert '[stopped] single-p2 seed 0: stopped as asked' in out and '[FAILED]' not in out, out
+    assert '1 run(s) stopped as asked' in out and 'failed' not in out.split('[stopped]')[1], out
