@@ -40,7 +40,7 @@ import time
 from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK_SIZES, ROOT, dataset_of, flag_value,
                                    gpus_of, run_state, setting_flags)
 from machinery.options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
-                                  # a submitit job imports this file to run `execute` and needs none of them)
+                                  # a submitit job imports this file to run `Job` and needs none of them)
 
 OUTPUT = 'output.txt'            # in each run folder: the run's stdout and stderr, every attempt appended
 SUBMITTED = 'submitted.json'     # in each run folder: the submitit job that runs it (--executor)
@@ -463,7 +463,8 @@ def parse(argv):
     p.add_argument('--jobs', type=int, default=1, help='runs at once on this machine (CPU threads split between them)')
     p.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1,2,3: one run per GPU (group) at a time')
     p.add_argument('--executor', choices=['local', 'slurm'], default=None,
-                   help='submit each run through submitit: slurm (a Slurm job each) or local (this machine)')
+                   help='submit the runs through submitit: slurm (Slurm job arrays, requeued at their time limit) or '
+                        'local (this machine)')
     p.add_argument('--partition', default='', help='--executor slurm: the Slurm partition')
     p.add_argument(*spellings('gpus_per_run'), dest='gpus_per_run', type=int, default=None,
                    help='GPUs (processes, under torchrun when more than one) per run (default: the experiment\'s)')
