@@ -276,10 +276,11 @@ def fmt_seconds(s):
 def environment_text(runs):
     """Where the runs of a row differ in what decides their numbers besides the options (config.json's
     environment, machinery/environment.py): 'threads 1 (seed 0), 2 (seed 1)'; a resumed run's value is each
-    start's ('2 then 1'). '' where they agree or none recorded it."""
+    start's ('2 then 1'; commits by their first 12 digits). '' where they agree or none recorded it."""
     def value(run, key):
         starts = [run['cfg'].get('environment') or {}] + list(run['cfg'].get('environment_resumed', []))
-        return ' then '.join(dict.fromkeys(str(s.get(key, 'not recorded')) for s in starts))
+        values = (str(s.get(key, 'not recorded')) for s in starts)
+        return ' then '.join(dict.fromkeys(v[:12] if key == 'commit' else v for v in values))
     if not any(run['cfg'].get('environment') for run in runs):
         return ''
     keys = list(dict.fromkeys(k for run in runs for k in run['cfg'].get('environment') or {}))
@@ -312,7 +313,7 @@ def build_rows(runs):
             r['setting'] = setting_text(keys, r['cfg'])
             differ = environment_text([run for run, _ in r['runs']])
             if differ:
-                r['setting'] += ('; ' if r['setting'] else '') + f'runs differ in {differ}'
+                r['setting'] += ('; ' if r['setting'] else '') + f'runs or their starts differ in {differ}'
     papers = list(dict.fromkeys(script_module(r['script']).PAPER for r in rows))
     scripts = list(dict.fromkeys(r['script'] for r in rows))
     return sorted(rows, key=lambda r: (papers.index(script_module(r['script']).PAPER), scripts.index(r['script'])))
