@@ -510,9 +510,12 @@ def table_text(part, done, unfinished, quick=False, selection=None, heading=''):
     chosen = {selection} if selection else {m['selection'] for cells in part['table'].values()
                                             for setting, column in cells.values() for run in done[setting]
                                             for m in measures(run) if m['column'] == column}
-    notes = [f'Each cell: {"; or ".join(SELECTIONS[s] for s in sorted(chosen))}.'] if chosen else []
+    notes = [f'Each cell: {"; or ".join(SELECTIONS[s] for s in sorted(chosen))}'
+             + (', as the error 100 − that accuracy.' if part['measure'] == 'error' else '.')] if chosen else []
     if selection is None and part.get('selection'):
         notes.append(f'Selection: {part["selection"]}')
+    elif selection is not None and part['paper'] and not quick:
+        notes.append('The paper column repeats the first table\'s numbers, selected as said there.')
     if not quick:
         used = sorted({v[1] for v in part['paper'].values() if isinstance(v, tuple)})
         if used:
