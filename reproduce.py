@@ -23,6 +23,7 @@ benchmarks/project.py from a benchmarks/bench.py result.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import fnmatch
 import glob
@@ -42,7 +43,7 @@ from machinery.experiments import (EXPERIMENTS, FINISHED, QUICK_DATA_ROOT, QUICK
                                    gpus_of, run_state, setting_flags)
 from machinery.files import LOCK, hold_folder
 from machinery.options import UserError, spellings     # (utils, results, the scripts and torch are imported where they are used:
-                                  # a submitit job imports this file to run `execute` and needs none of them)
+                                  # a submitit job imports this file to run `Job` and needs none of them)
 
 OUTPUT = 'output.txt'            # in each run folder: the run's stdout and stderr, every attempt appended
 SUBMITTED = 'submitted.json'     # in each run folder: the submitit job that runs it (--executor)
@@ -114,7 +115,7 @@ def end_with(parent):
 
 def execute(cmd, env, cwd, run_dir):
     """Run one command to its end, its output appended to <run_dir>/output.txt; on exit code 0 write
-    <run_dir>/finished.json. Returns (exit code, seconds). Every executor runs this (submitit pickles it)."""
+    <run_dir>/finished.json. Returns (exit code, seconds). Every executor runs this (a submitit job through Job)."""
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
     with open(os.path.join(run_dir, OUTPUT), 'a') as out:
@@ -128,9 +129,11 @@ def execute(cmd, env, cwd, run_dir):
             LIVE.add(proc)
         try:
             while True:
-                try:
-                    code = proc.wait()
+                try:        # with a timeout: a signal handler (Job.checkpoint) may poll the process meanwhile
+                    code = proc.wait(timeout=1.0)
                     break
+                except subprocess.TimeoutExpired:
+                    pass
                 except KeyboardInterrupt:         # a submitit job asked to stop: the script checkpoints, stops
                     proc.send_signal(signal.SIGINT)
         finally:
@@ -138,32 +141,83 @@ def execute(cmd, env, cwd, run_dir):
                 LIVE.discard(proc)
     seconds = time.time() - start
     if code == 0:
-        with open(os.path.join(run_dir, FINISHED), 'w') as f:
-            json.dump(dict(command=cmd, seconds=round(seconds, 1), at=f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}'),
-                      f, indent=1)
+        mark_finished(run_dir, cmd, seconds)
     return code, seconds
+
+
+def mark_finished(run_dir, cmd, seconds):
+    with open(os.path.join(run_dir, FINISHED), 'w') as f:
+        json.dump(dict(command=cmd, seconds=round(seconds, 1), at=f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}'),
+                  f, indent=1)
+
+
+class Job:
+    """What a submitit job runs: a run to its end (execute), with the command its folder's state asks for then
+    (new: its flags; a checkpoint: --resume; finished: nothing). Checkpointable: on the signal Slurm sends
+    `--signal-delay` seconds before the time limit (or on a preemption) submitit calls checkpoint(), which
+    stops the script at its next checkpoint (at once when the limit is a minute away, keeping the last one) and
+    hands submitit this same Job to requeue; the requeued job continues the run exactly (--resume)."""
+
+    def __init__(self, new, resume, env, cwd, run_dir, signal_delay):
+        self.new, self.resume, self.env, self.cwd, self.run_dir = new, resume, env, cwd, run_dir
+        self.signal_delay = signal_delay          # seconds from the signal to the time limit
+
+    def __call__(self):
+        state = run_state(self.run_dir)
+        if state == 'finished':                # it ended while the time limit came
+            return 0, 0.0
+        return execute(self.resume if state == 'resume' else self.new, self.env, self.cwd, self.run_dir)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        with LIVE_LOCK:
+            live = list(LIVE)
+        with open(os.path.join(self.run_dir, OUTPUT), 'a') as out:
+            out.write(f'# {datetime.datetime.now():%Y-%m-%d %H:%M:%S} the job\'s time limit is near: the run stops '
+                      'at its next checkpoint and the job requeues itself to continue it\n')
+        for proc in live:
+            proc.send_signal(signal.SIGINT)    # stop at the next checkpoint
+        grace = self.signal_delay - min(60.0, self.signal_delay / 2)
+        for limit, again in ((grace, True), (min(30.0, (self.signal_delay - grace) / 2), False)):
+            end = time.time() + limit
+            while any(p.poll() is None for p in live) and time.time() < end:
+                time.sleep(0.2)
+            for proc in [p for p in live if p.poll() is None and again]:
+                proc.send_signal(signal.SIGINT)    # a second Ctrl-C: at once, the last checkpoint kept
+        if live and all(p.poll() == 0 for p in live):
+            mark_finished(self.run_dir, self.new, 0.0)     # it ended meanwhile: the requeued job returns at once
+        return submitit.helpers.DelayedSubmission(self)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Where the runs go: subprocesses of this process (--jobs N, --gpus LIST) or submitit jobs (--executor)
 # ----------------------------------------------------------------------------------------------------
 
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)      # a script stopped by Ctrl-C or SIGTERM exits so
+
+
 class Reporter:
-    """Prints each run's start (its command line) and end; keeps the failures."""
+    """Prints each run's start (its command line) and end; keeps the failures and the runs stopped on request."""
 
     def __init__(self, total):
-        self.total, self.started, self.failed, self.lock = total, 0, [], threading.Lock()
+        self.total, self.started, self.failed, self.stopped, self.lock = total, 0, [], [], threading.Lock()
 
     def start(self, run, text):
         with self.lock:
             self.started += 1
             print(f'[start {self.started}/{self.total}] {text}', flush=True)
 
-    def end(self, run, code, seconds, log=None):
+    def end(self, run, code, seconds, log=None, asked=False):
+        """`asked`: a stop was asked (Ctrl-C): a script that stopped so is reported as stopped, not failed."""
         name = f'{run["setting"]} seed {run["seed"]}'
         with self.lock:
             if code == 0:
                 print(f'[done] {name} in {seconds / 60:.1f} min', flush=True)
+                return
+            if asked and code in STOPPED:
+                self.stopped.append(run)
+                print(f'[stopped] {name}: stopped as asked after {seconds / 60:.1f} min, its checkpoint written; the '
+                      'same command continues it', flush=True)
                 return
             log = log or os.path.join(run['dir'], OUTPUT)
             self.failed.append((run, log))
@@ -217,7 +271,7 @@ def run_here(runs, args, reporter):
             with lock:
                 free.extend(taken)
                 lock.notify_all()
-        reporter.end(run, code, seconds)
+        reporter.end(run, code, seconds, asked=stop.is_set())
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = [pool.submit(one, run) for run in runs]
@@ -259,14 +313,16 @@ def run_submitit(runs, args, reporter):
 
 
 def submit_and_wait(runs, args, reporter):
-    """The runs as submitit jobs: on Slurm (one job per run, torchrun inside it for several GPUs) or with
-    submitit's local executor (--jobs at a time). A run whose Slurm job is still queued or running (from an
-    earlier call) is waited for, not submitted again. Returns False when stopped by Ctrl-C."""
+    """The runs as submitit jobs: on Slurm (one job array per kind of job: the runs of one experiment that
+    ask for the same resources; torchrun inside a job for several GPUs) or with submitit's local executor
+    (--jobs at a time). Every job is a Job, which requeues itself before its time limit and continues its run.
+    A run whose Slurm job is still queued or running (from an earlier call) is waited for, not submitted
+    again. Returns False when stopped by Ctrl-C."""
     import submitit
 
-    import reproduce              # as a module, also when this file runs as __main__: the jobs import `execute`
     folder = os.path.join(args.runs, 'submitit')
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.executor)
+    executor = (submitit.AutoExecutor(folder=folder, cluster='slurm', slurm_max_num_timeout=args.max_requeues)
+                if args.executor == 'slurm' else submitit.LocalExecutor(folder, max_num_timeout=args.max_requeues))
     window = len(runs) if args.executor == 'slurm' else args.jobs
     threads = threads_per_run(window) if args.executor == 'local' else None
     active, waiting = {}, list(runs)
@@ -279,28 +335,14 @@ def submit_and_wait(runs, args, reporter):
             waiting.remove(run)
     try:
         while waiting or active:
-            while waiting and len(active) < window:
-                run = waiting.pop(0)
-                gpus = 0 if args.executor == 'local' or args.gpus_per_run == 0 else run['processes']
-                cpus = args.cpus_per_run or 8 * max(1, gpus)
-                env = {'OMP_NUM_THREADS': str(threads or max(1, cpus // run['processes']))}
-                cmd = command(run, 'cuda' if gpus else None)
-                params = dict(name=f'{args.experiment}.{run["setting"]}.seed{run["seed"]}', nodes=1, tasks_per_node=1,
-                              timeout_min=int(args.time * 60))
-                if args.executor == 'slurm':
-                    params.update(slurm_partition=args.partition, gpus_per_node=gpus, cpus_per_task=cpus)
-                executor.update_parameters(**params)
-                job = executor.submit(reproduce.execute, cmd, env, os.getcwd(), run['dir'])
-                os.makedirs(run['dir'], exist_ok=True)
-                with open(os.path.join(run['dir'], SUBMITTED), 'w') as f:
-                    json.dump(dict(executor=args.executor, job_id=job.job_id, folder=folder, command=cmd), f, indent=1)
-                reporter.start(run, shown(cmd, env) + f'   [{args.executor} job {job.job_id}]')
+            batch, waiting = waiting[:window - len(active)], waiting[window - len(active):]
+            for job, run in submit(executor, batch, args, threads, folder, reporter):
                 active[job] = run
             for job in [j for j in active if j.done()]:
                 run = active.pop(job)
                 try:
                     code, seconds = job.result()
-                except Exception:                      # the job died (time limit, node failure, ...)
+                except Exception:                      # the job died (requeued too often, node failure, ...)
                     code, seconds = None, 0.0
                 reporter.end(run, code, seconds, log=None if code is not None else str(job.paths.stderr))
             time.sleep(1.0 if args.executor == 'local' else 30.0)
@@ -311,6 +353,57 @@ def submit_and_wait(runs, args, reporter):
             job.cancel(check=False)
         return False
     return True
+
+
+def job_parameters(args, run, name):
+    """submitit's parameters of a run's job: its resources, time limit and signal; on Slurm the account,
+    QoS, memory, constraint, set-up commands and the sbatch options passed through."""
+    gpus = 0 if args.executor == 'local' or args.gpus_per_run == 0 else run['processes']
+    params = dict(nodes=1, tasks_per_node=1, timeout_min=max(1, round(args.time * 60)))
+    if args.executor == 'local':                  # submitit.LocalExecutor's own names
+        params.update(signal_delay_s=args.signal_delay)
+    else:
+        params.update(name=name, slurm_signal_delay_s=args.signal_delay, slurm_partition=args.partition,
+                      gpus_per_node=gpus, cpus_per_task=args.cpus_per_run or 8 * max(1, gpus))
+        params.update({f'slurm_{k}': v for k, v in (('account', args.account), ('qos', args.qos),
+                                                    ('constraint', args.constraint)) if v})
+        if args.mem:
+            params['mem_gb'] = args.mem
+        if args.setup:
+            params['slurm_setup'] = list(args.setup)
+        if args.sbatch:
+            params['slurm_additional_parameters'] = dict(option.split('=', 1) for option in args.sbatch)
+    return params
+
+
+def submit(executor, runs, args, threads, folder, reporter):
+    """Submit `runs`: on Slurm one job array per set of equal job parameters (submitit's batch), locally one
+    job each. Writes each run's submitted.json and prints its start. Returns [(job, run)]."""
+    import reproduce              # as a module, also when this file runs as __main__: the jobs import Job
+    groups = {}
+    for run in runs:
+        params = job_parameters(args, run, args.experiment)        # on Slurm: the array's name
+        env = {'OMP_NUM_THREADS': str(threads or max(1, params['cpus_per_task'] // run['processes']))}
+        key = json.dumps(params, sort_keys=True) + json.dumps(env)
+        groups.setdefault(key, (params, env, []))[2].append(run)
+    out = []
+    for params, env, group in groups.values():
+        executor.update_parameters(**params)
+        device = 'cuda' if params.get('gpus_per_node') else None
+        jobs = {}
+        with executor.batch() if args.executor == 'slurm' else contextlib.nullcontext():
+            for run in group:
+                new = command(dict(run, state='new'), device)
+                jobs[id(run)] = executor.submit(reproduce.Job(new, command(dict(run, state='resume'), device), env,
+                                                              os.getcwd(), run['dir'], args.signal_delay))
+        for run in group:
+            job, cmd = jobs[id(run)], command(run, device)
+            os.makedirs(run['dir'], exist_ok=True)
+            with open(os.path.join(run['dir'], SUBMITTED), 'w') as f:
+                json.dump(dict(executor=args.executor, job_id=job.job_id, folder=folder, command=cmd), f, indent=1)
+            reporter.start(run, shown(cmd, env) + f'   [{args.executor} job {job.job_id}]')
+            out.append((job, run))
+    return out
 
 
 def submitted_job(run, submitit):
@@ -392,13 +485,28 @@ def parse(argv):
     p.add_argument('--jobs', type=int, default=1, help='runs at once on this machine (CPU threads split between them)')
     p.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1,2,3: one run per GPU (group) at a time')
     p.add_argument('--executor', choices=['local', 'slurm'], default=None,
-                   help='submit each run through submitit: slurm (a Slurm job each) or local (this machine)')
+                   help='submit the runs through submitit: slurm (Slurm job arrays, requeued at their time limit) or '
+                        'local (this machine)')
     p.add_argument('--partition', default='', help='--executor slurm: the Slurm partition')
     p.add_argument(*spellings('gpus_per_run'), dest='gpus_per_run', type=int, default=None,
                    help='GPUs (processes, under torchrun when more than one) per run (default: the experiment\'s)')
     p.add_argument(*spellings('cpus_per_run'), dest='cpus_per_run', type=int, default=0,
                    help='--executor slurm: CPUs per job (default 8 per GPU)')
-    p.add_argument('--time', type=float, default=24.0, help='--executor: the time limit of each job, hours')
+    p.add_argument('--time', type=float, default=24.0,
+                   help='--executor: the time limit of each job, hours; a run that needs longer requeues itself')
+    p.add_argument(*spellings('signal_delay'), dest='signal_delay', type=int, default=300,
+                   help='--executor: seconds before the time limit at which the job is signalled: its run stops at its '
+                        'next checkpoint (at once a minute before the limit) and the job requeues itself (default 300)')
+    p.add_argument(*spellings('max_requeues'), dest='max_requeues', type=int, default=10,
+                   help='--executor: how many times a job may requeue itself at its time limit (default 10)')
+    p.add_argument('--account', default='', help='--executor slurm: the Slurm account (sbatch --account)')
+    p.add_argument('--qos', default='', help='--executor slurm: the quality of service (sbatch --qos)')
+    p.add_argument('--mem', type=float, default=0, help='--executor slurm: memory per job, GB (sbatch --mem)')
+    p.add_argument('--constraint', default='', help='--executor slurm: node features (sbatch --constraint)')
+    p.add_argument('--setup', action='append', default=[], metavar='COMMAND',
+                   help='--executor slurm: a shell command each job runs first, e.g. "module load cuda" (repeatable)')
+    p.add_argument('--sbatch', action='append', default=[], metavar='KEY=VALUE',
+                   help='--executor slurm: any other sbatch option, e.g. --sbatch mail-type=END (repeatable)')
     p.add_argument('--bench', nargs='+', default=[], metavar='FILE',
                    help='list: bench.py result files to project from (default: benchmarks/results/*.json)')
     return p.parse_args(argv)
@@ -430,6 +538,15 @@ def check(args):
                         'finite number of hours (the time limit of each job). Nothing was started.')
     args.runs = args.runs or os.path.join('runs', args.experiment + ('-quick' if args.quick else ''))
     args.gpu_ids = check_gpus(args) if args.gpus else []
+    slurm_only = [f'--{name}' for name in ('account', 'qos', 'mem', 'constraint', 'setup', 'sbatch') if getattr(args, name)]
+    if slurm_only and args.executor != 'slurm':
+        raise UserError(f'{", ".join(slurm_only)} {"is" if len(slurm_only) == 1 else "are"} for Slurm jobs: give '
+                        '--executor slurm --partition P as well, or leave them out.')
+    bad = [option for option in args.sbatch if '=' not in option or not option.split('=', 1)[0].strip('-')]
+    if bad or args.mem < 0:
+        raise UserError(f'--sbatch takes KEY=VALUE, an sbatch option without its dashes (e.g. --sbatch mail-type=END), '
+                        f'and --mem a positive number of GB; got {", ".join(bad) or f"--mem {args.mem:g}"}.')
+    args.sbatch = [option.lstrip('-') for option in args.sbatch]
     if args.executor:
         check_executor(args)
     check_runs_folder(args)
@@ -473,6 +590,9 @@ def check_executor(args):
     except ImportError:
         raise UserError(f'--executor {args.executor} needs submitit: pip install submitit (it is in requirements.txt); '
                         'or leave --executor out to run here (--jobs N, --gpus LIST).') from None
+    if args.signal_delay < 10 or args.signal_delay >= args.time * 3600 or args.max_requeues < 0:
+        raise UserError(f'--signal-delay {args.signal_delay} must be at least 10 seconds and below the time limit '
+                        f'(--time {args.time:g} hours), and --max-requeues ({args.max_requeues}) at least 0.')
     if args.executor == 'slurm':
         if shutil.which('sbatch') is None:
             raise UserError('--executor slurm needs Slurm\'s sbatch on the PATH, and this machine has none: run it on '
@@ -618,6 +738,8 @@ def main(argv=None):
         for run, log in reporter.failed:
             print(f'  {run["setting"]} seed {run["seed"]}: {log}')
         print('The same command runs them again (the others are skipped).')
+    if reporter.stopped:
+        print(f'\n{len(reporter.stopped)} run(s) stopped as asked, each at a checkpoint: the same command continues them.')
     if not completed:
         sys.exit(130)
     if reporter.failed:

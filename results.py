@@ -18,7 +18,6 @@ Used by you and by reproduce.py.
 import argparse
 import datetime
 import glob
-import io
 import json
 import os
 import importlib
@@ -26,7 +25,7 @@ import re
 import statistics
 import sys
 
-from machinery.experiments import EXPERIMENTS, LAST5, NOT_PUBLISHED, run_state
+from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
 from machinery.files import read_metrics
 from machinery.options import NOT_SETTING, UserError
 from utils import run_main
@@ -197,21 +196,37 @@ def run_seconds(run):
         return None
 
 
+# How a number is chosen from a run's evaluations (the scripts' reported() name one per method)
+SELECTIONS = {
+    'last 5': 'the mean test accuracy of the last 5 evaluations (fewer where a run has fewer), no evaluation chosen',
+    'at best val': 'the test accuracy at the first best validation single_acc (on a dataset without a validation '
+                   'split: at the best test single_acc, which is selected on the test set)',
+    'best': 'the best test accuracy over all evaluations (selected on the test set)',
+    'final': 'the test accuracy of the last evaluation',
+}
+
+
 def select(rows, column, selection):
-    """The number a run reports from its metrics rows: 'best', the highest value of `column`; 'at best val',
-    its value at the first best validation single_acc (at the best test single_acc where there is no
-    validation split)."""
+    """The number a run reports from its metrics rows (SELECTIONS): 'last 5', the mean of `column` over the
+    last 5 rows that have it (fewer where there are fewer); 'best', its highest value; 'final', its last;
+    'at best val', its value at the first best validation single_acc (at the best test single_acc where there
+    is no validation split)."""
     usable = [r for r in rows if isinstance(r.get(column), float)]
     if selection == 'at best val':
         chosen_on = 'val_single_acc' if 'val_single_acc' in usable[0] else 'test_single_acc'
         position = next(iter(usable[0]))
         return max(usable, key=lambda r: (r[chosen_on], -r[position]))[column]
+    if selection == 'last 5':
+        return statistics.fmean(r[column] for r in usable[-5:])
+    if selection == 'final':
+        return usable[-1][column]
     return max(r[column] for r in usable)
 
 
 def measures(run):
-    """[{'method', 'column', 'best', 'final', 'steps', 'seconds'}] of a run with metrics: the reported number
-    (see select), the last one, the positions done and the time."""
+    """[{'method', 'column', 'selection', 'reported', 'test_best', 'final', 'steps', 'seconds'}] of a run with
+    metrics: the reported number (its script's selection, see select), the best test value (selected on the
+    test set), the last one, the positions done and the time."""
     rows, module = run['rows'], script_module(run['script'])
     out = []
     for method, column, selection in module.reported(run['cfg']):
@@ -220,7 +235,8 @@ def measures(run):
             continue
         position = next(iter(rows[-1]))
         steps = int(rows[-1][position]) + (1 if module.UNIT == 'epochs' else 0)   # epochs are numbered from 0
-        out.append({'method': method, 'column': column, 'best': select(rows, column, selection),
+        out.append({'method': method, 'column': column, 'selection': selection,
+                    'reported': select(rows, column, selection), 'test_best': select(rows, column, 'best'),
                     'final': usable[-1][column], 'steps': steps, 'seconds': run_seconds(run)})
     return out
 
@@ -279,6 +295,25 @@ def fmt_seconds(s):
     return f'{s / 3600:.1f} h'
 
 
+def environment_text(runs):
+    """Where the runs of a row differ in what decides their numbers besides the options (config.json's
+    environment, machinery/environment.py): 'threads 1 (seed 0), 2 (seed 1)'; a resumed run's value is each
+    start's ('2 then 1'; commits by their first 12 digits). '' where they agree or none recorded it."""
+    def value(run, key):
+        starts = [run['cfg'].get('environment') or {}] + list(run['cfg'].get('environment_resumed', []))
+        values = (str(s.get(key, 'not recorded')) for s in starts)
+        return ' then '.join(dict.fromkeys(v[:12] if key == 'commit' else v for v in values))
+    if not any(run['cfg'].get('environment') for run in runs):
+        return ''
+    keys = list(dict.fromkeys(k for run in runs for k in run['cfg'].get('environment') or {}))
+    out = []
+    for key in keys:
+        values = [value(run, key) for run in runs]
+        if len(set(values)) > 1 or any(' then ' in v for v in values):
+            out.append(f'{key} ' + ', '.join(f'{v} (seed {run["cfg"].get("seed")})' for v, run in zip(values, runs)))
+    return '; '.join(out)
+
+
 def build_rows(runs):
     """Group the runs' measures: one dict per (setting, method), in script order then first appearance."""
     groups = {}
@@ -299,6 +334,9 @@ def build_rows(runs):
         keys += ['history'] if 'history' in names and 'history' not in keys else []     # a mixed run says so
         for r in mine:
             r['setting'] = setting_text(keys, r['cfg'])
+            differ = environment_text([run for run, _ in r['runs']])
+            if differ:
+                r['setting'] += ('; ' if r['setting'] else '') + f'runs or their starts differ in {differ}'
     papers = list(dict.fromkeys(script_module(r['script']).PAPER for r in rows))
     scripts = list(dict.fromkeys(r['script'] for r in rows))
     return sorted(rows, key=lambda r: (papers.index(script_module(r['script']).PAPER), scripts.index(r['script'])))
@@ -307,8 +345,8 @@ def build_rows(runs):
 def table(runs):
     """The Markdown table of `runs` (from read_run) and its notes, as text."""
     rows = build_rows(runs)
-    lines = ['| method | dataset | setting | n (seeds) | best accuracy | final accuracy | done | time per run (≈) '
-             '| paper |', '|---|---|---|---|---|---|---|---|---|']
+    lines = ['| method | dataset | setting | n (seeds) | reported accuracy | best test accuracy (selected on test) '
+             '| final accuracy | done | time per run (≈) | paper |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         ms = [m for _, m in r['runs']]
         seeds = ', '.join(str(run['cfg'].get('seed')) for run, _ in r['runs'])
@@ -320,15 +358,19 @@ def table(runs):
         error = getattr(script_module(r['script']), 'ERROR', False)
         lines.append('| ' + ' | '.join([
             f'{r["method"]} (`{r["script"]}`)', dataset_of(r['cfg']), r['setting'] or '—', f'{len(ms)} ({seeds})',
-            fmt_acc([m['best'] for m in ms], error), fmt_acc([m['final'] for m in ms], error), done,
+            fmt_acc([m['reported'] for m in ms], error), fmt_acc([m['test_best'] for m in ms], error),
+            fmt_acc([m['final'] for m in ms], error), done,
             fmt_seconds(statistics.fmean(seconds)) if seconds else '—',
             paper_number(r['cfg'], r['method'], max(steps))]) + ' |')
+    used = {script_module(r['script']).PAPER: {m['selection'] for _, m in r['runs']} for r in rows}
     notes = ['', 'Rows: the run folders given, grouped by paper and script in the order they came. Accuracies are '
              'fractions, mean ± sample standard deviation (n - 1) over the n runs of a row (runs that differ only in '
-             'seed, run folder, device or logging options); one run: its value. Best: the best test accuracy '
-             '(SLA: the test accuracy at the best validation single_acc, the number the paper reports; on the large '
-             'datasets, which have no validation split, at the best test single_acc); final: the last evaluation. '
-             'MetaSemi also as test error in %, as its paper reports it.']
+             'seed, run folder, device or logging options); one run: its value. Reported (each paper\'s protocol): '
+             + '; '.join(f'{paper}: ' + ', or '.join(SELECTIONS[s] for s in sorted(chosen))
+                                           for paper, chosen in used.items())
+             + '. Best test: the highest test accuracy over all evaluations, selected on the test set itself (an '
+             'optimistic number, for comparison only); final: the last evaluation. MetaSemi also as test error in '
+             '%, as its paper reports it.']
     timed = {script_module(r['script']).PAPER: script_module(r['script']).TIME_NOTE for r in rows}
     notes.append('Time per run: ' + '; '.join(f'{paper}: {note}' for paper, note in timed.items()) + '.')
     empty = [run['path'] for run in runs if not measures(run)]
@@ -428,17 +470,20 @@ def finished_runs(experiment, runs_dir, damaged=None):
     return done, unfinished
 
 
-def value_of(run, column):
-    """The number a cell reports from one run: the method's best (measures: the best test accuracy;
-    SLA the test accuracy at the best validation), the top-5 accuracy at the best top-1, or (LAST5) the mean
-    test accuracy of the last 5 evaluations."""
-    if column == LAST5:
-        values = [r['test_acc'] for r in run['rows'] if isinstance(r.get('test_acc'), float)][-5:]
-        return sum(values) / len(values) if values else None
+def value_of(run, column, selection=None):
+    """The number a cell reports from one run: the method's reported number (its script's selection, see
+    measures; MAXL's scripts: the mean test accuracy of the last 5 epochs), or the number chosen by `selection`
+    (SELECTIONS); for the top-5 accuracy, its value at the run's best top-1 (selection 'final': at the last
+    evaluation)."""
     if column == 'test_acc5':
         rows = [r for r in run['rows'] if isinstance(r.get('test_acc'), float)]
-        return max(rows, key=lambda r: r['test_acc'])['test_acc5'] if rows else None
-    return next((m['best'] for m in measures(run) if m['column'] == column), None)
+        if not rows:
+            return None
+        return (rows[-1] if selection == 'final' else max(rows, key=lambda r: r['test_acc']))['test_acc5']
+    m = next((m for m in measures(run) if m['column'] == column), None)
+    if m is None:
+        return None
+    return m['reported'] if selection is None else select(run['rows'], column, selection)
 
 
 def cell_text(values, measure, unfinished):
@@ -451,23 +496,34 @@ def cell_text(values, measure, unfinished):
 
 
 def paper_text(exp, row, columns):
-    known = [(c, exp['paper'][(row, c)]) for c in columns if (row, c) in exp['paper']]
+    """The paper column of a row: each known number with its source's key ([paper], [slides], ...; the
+    table's `sources` say what they are), also one under a name that is none of the table's columns (a number
+    quoted elsewhere whose method is not said exactly)."""
+    known = [(c, v) for (r, c), v in exp['paper'].items() if r == row]
     if not known:
         return NOT_PUBLISHED
     rest = [c for c in columns if (row, c) not in exp['paper']]
-    return '; '.join(f'{c}: {v}' for c, v in known) + (f'; {", ".join(rest)}: {NOT_PUBLISHED}' if rest else '')
+    texts = [f'{c}: {v[0]} [{v[1]}]' if isinstance(v, tuple) else f'{c}: {v}' for c, v in known]
+    return '; '.join(texts) + (f'; {", ".join(rest)}: {NOT_PUBLISHED}' if rest else '')
 
 
 def tables_of(exp):
-    """An experiment's tables: its `tables` (each with title, table, measure, paper), or its one `table`."""
-    return exp.get('tables') or [dict(title='', table=exp['table'], measure=exp['measure'], paper=exp['paper'])]
+    """An experiment's tables: its `tables` (each with title, table, measure, paper and optionally selection,
+    also, sources, quick_rows), or its one `table` with those keys of the experiment."""
+    if exp.get('tables'):
+        return exp['tables']
+    return [dict(title='', **{k: exp[k] for k in ('table', 'measure', 'paper', 'selection', 'also', 'sources',
+                                                  'quick_rows') if k in exp})]
 
 
-def table_text(part, done, unfinished):
-    """One table of an experiment (rows x methods, the paper's numbers beside) from its finished runs."""
+def table_text(part, done, unfinished, quick=False, selection=None, heading=''):
+    """One table of an experiment (rows x methods, the paper's numbers beside with their sources) from its
+    finished runs: each cell the scripts' reported number, or `selection`'s (SELECTIONS). With --quick (the
+    synthetic stand-in) no paper column, and the rows named by the budgets the runs used (quick_rows)."""
     columns = list(dict.fromkeys(c for row in part['table'].values() for c in row))
     unit = 'test error, %' if part['measure'] == 'error' else 'test accuracy, %'
-    lines = [f'| {unit} | ' + ' | '.join(columns) + ' | paper |', '|---' * (len(columns) + 2) + '|']
+    lines = [f'| {unit} | ' + ' | '.join(columns) + (' |' if quick else ' | paper |'),
+             '|---' * (len(columns) + (1 if quick else 2)) + '|']
     for row, cells in part['table'].items():
         texts = []
         for c in columns:
@@ -475,12 +531,36 @@ def table_text(part, done, unfinished):
                 texts.append('')
                 continue
             setting, column = cells[c]
-            values = [v for v in (value_of(run, column) for run in done[setting]) if v is not None]
+            values = [v for v in (value_of(run, column, selection) for run in done[setting]) if v is not None]
             texts.append(cell_text(values, part['measure'], unfinished[setting]))
-        lines.append(f'| {row} | ' + ' | '.join(texts) + f' | {paper_text(part, row, list(cells))} |')
-    if any(column == LAST5 for cells in part['table'].values() for _, column in cells.values()):
-        lines += ['', 'Each cell of this table: the mean test accuracy of the run\'s last 5 epochs (not its best).']
-    return '\n'.join(([f'**{part["title"]}**', ''] if part['title'] else []) + lines)
+        name = part.get('quick_rows', {}).get(row, row) if quick else row
+        lines.append(f'| {name} | ' + ' | '.join(texts) + (' |' if quick else f' | {paper_text(part, row, list(cells))} |'))
+    head = [f'**{heading or part["title"]}**', ''] if heading or part['title'] else []
+    chosen = {selection} if selection else {m['selection'] for cells in part['table'].values()
+                                            for setting, column in cells.values() for run in done[setting]
+                                            for m in measures(run) if m['column'] == column}
+    notes = [f'Each cell: {"; or ".join(SELECTIONS[s] for s in sorted(chosen))}'
+             + (', as the error 100 − that accuracy.' if part['measure'] == 'error' else '.')] if chosen else []
+    if selection is None and part.get('selection'):
+        notes.append(f'Selection: {part["selection"]}')
+    elif selection is not None and part['paper'] and not quick:
+        notes.append('The paper column repeats the first table\'s numbers, selected as said there.')
+    if not quick:
+        used = sorted({v[1] for v in part['paper'].values() if isinstance(v, tuple)})
+        if used:
+            notes.append('Sources of the paper column: ' + '; '.join(f'[{k}] {part["sources"][k]}' for k in used) + '.')
+    else:
+        notes.append('No paper numbers beside synthetic results: they would not be comparable.')
+    return '\n'.join(head + lines + ([''] + notes if notes else []))
+
+
+def part_tables(part, done, unfinished, quick):
+    """A table of an experiment and its `also` tables (the same cells chosen otherwise, e.g. MAXL's best test
+    accuracy, which is selected on the test set)."""
+    texts = [table_text(part, done, unfinished, quick)]
+    for selection, heading in part.get('also', []):
+        texts.append(table_text(part, done, unfinished, quick, selection, heading))
+    return '\n\n'.join(texts)
 
 
 def experiment_report(experiment, runs_dir, quick):
@@ -488,7 +568,7 @@ def experiment_report(experiment, runs_dir, quick):
     exp = EXPERIMENTS[experiment]
     damaged = []
     done, unfinished = finished_runs(experiment, runs_dir, damaged)
-    paper_table = '\n\n'.join(table_text(part, done, unfinished) for part in tables_of(exp))
+    paper_table = '\n\n'.join(part_tables(part, done, unfinished, quick) for part in tables_of(exp))
     if damaged:
         paper_table += '\n\n' + damaged_text(damaged)
     all_runs = [run for setting in exp['settings'] for run in done[setting]]
@@ -502,14 +582,10 @@ def experiment_report(experiment, runs_dir, quick):
     text += [f'Made by `reproduce.py {experiment}{" --quick" if quick else ""}` from {n_done} finished run(s) in '
              f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '') + ', '
              f'{datetime.datetime.now():%Y-%m-%d %H:%M}. Each cell: mean ± sample standard deviation over the '
-             'finished seeds (one seed: its value) of ' + ('the best test error (100 − the best test accuracy)'
-                                                          if exp.get('measure') == 'error' else 'the reported test accuracy')
-             + ', in %, and the number of seeds; — where none has finished. '
-             + ('SLA: the test accuracy at the best validation single accuracy (on ImageNet, which has no '
-                'validation split, the best test accuracy). ' if 'SLA' in exp['title'][:4] else
-                'The best test accuracy over the run\'s evaluations. ')
-             + 'The paper column: the paper\'s number where it could be read here, '
-             f'"{NOT_PUBLISHED}" where it could not.', '', paper_table, '']
+             'finished seeds (one seed: its value), in %, and the number of seeds; — where none has finished. '
+             'Which evaluation each number comes from is said under each table. '
+             + ('The paper column: the paper\'s number where it could be read here, with its source, '
+                f'"{NOT_PUBLISHED}" where it could not.' if not quick else ''), '', paper_table, '']
     if all_runs:
         text += ['## Every setting (results.py)', '', table(all_runs), '']
     figure = exp.get('figure')
@@ -525,6 +601,13 @@ def experiment_report(experiment, runs_dir, quick):
     with open(os.path.join(runs_dir, 'results.md'), 'w') as f:
         f.write('\n'.join(text))
     return paper_table
+
+
+# Figure 3's methods: a colour (from Tol's and Okabe and Ito's colour-blind-safe palettes), a line style and a
+# marker each, so that the curves stay apart in grey print too; the colours' grey levels (0.299 R + 0.587 G +
+# 0.114 B) are 0, 187, 137, 70 and 119 of 255
+METHOD_STYLES = {'Single': ('#000000', '-', 'o'), 'Random': ('#88CCEE', '--', 's'), 'K-means': ('#44AA99', ':', '^'),
+                 'Human': ('#882255', '-.', 'D'), 'MAXL': ('#D55E00', (0, (5, 1, 1, 1, 1, 1)), 'v')}
 
 
 def draw_figure3(plt, experiment, done, path, quick):
@@ -545,9 +628,11 @@ def draw_figure3(plt, experiment, done, path, quick):
             per_epoch = [[100 * c[e] for c in curves] for e in range(length)]
             mean = [sum(v) / len(v) for v in per_epoch]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_epoch]
-            ax.plot(epochs, mean, color=f'C{k}', label=f'{method}, n={len(curves)}')
+            color, line, marker = METHOD_STYLES.get(method, (f'C{k}', '-', 'x'))
+            ax.plot(epochs, mean, color=color, linestyle=line, marker=marker, markersize=5, linewidth=1.6,
+                    markevery=max(1, length // 8), label=f'{method}, n={len(curves)}')
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=f'C{k}', alpha=0.2, linewidth=0)
+                            color=color, alpha=0.12, linewidth=0)
             drawn += 1
         ax.set_title(row, fontsize=9)
         ax.grid(alpha=0.3)
@@ -563,11 +648,8 @@ def draw_figure3(plt, experiment, done, path, quick):
     fig.suptitle('MAXL Figure 3 setting: primary-task test accuracy per epoch, mean ± std over n seeds'
                  + ('\nSYNTHETIC STAND-IN (--quick): not the paper\'s numbers' if quick else ''), fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=72, format='png')
+    fig.savefig(path, dpi=72, format='png')         # full colour: a palette would merge the methods' colours
     plt.close(fig)
-    from PIL import Image                 # matplotlib's own dependency: a palette PNG is a few tens of KB
-    Image.open(buffer).convert('RGB').quantize(colors=96).save(path, optimize=True)
     return True
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import create_dataset
 from machinery import large_datasets, splits
 from machinery.distributed import all_reduce_mean, all_reduce_sum
+from machinery.experiments import METASEMI_ERROR, METASEMI_SOURCES
 from machinery.fast_paths import float32_meta
 from machinery.models import TORCHVISION_RESNETS, accuracy_count, forward_with, semi_network, topk_count, torchvision_resnet
 from machinery.options import UserError, check_positive, hyperparameters, stand_in
@@ -335,8 +336,7 @@ METHOD_OPTIONS = ['baseline', 'mix_up']        # the settings the method's name 
 ERROR = True                   # reported as test error, in %, as the paper does
 TIME_NOTE = ('the mean step time (`batch_time` + `data_time`, averaged since the process started) × its steps, '
              'summed over the starts of a resumed run (training only; the tests are not counted)')
-# The paper's test error, %, ConvLarge with mixup, 400,000 steps (arXiv 2007.03966; the original's run.sh)
-PAPER_ERROR = {('svhn', 1000): 3.15, ('cifar10', 4000): 7.78, ('cifar100', 10000): 30.74}
+# The papers' test errors and their sources (the paper, the authors' slides): experiments.METASEMI_ERROR
 
 
 def reported(cfg):
@@ -348,11 +348,15 @@ def reported(cfg):
 
 
 def paper_number(cfg, method, steps):
-    """The paper's number for a results row, or None where it has none."""
-    error = PAPER_ERROR.get((cfg.get('dataset'), cfg.get('num_label')))
-    if error is None or method != 'MetaSemi + mixup' or cfg.get('architecture') != 'convlarge' or cfg.get('width') != 1.0:
+    """The paper's number for a results row (with its source), or None where it has none."""
+    imagenet = cfg.get('dataset') == 'imagenet'
+    key = (cfg.get('dataset'), cfg.get('label_fraction') if imagenet else cfg.get('num_label'))
+    known = METASEMI_ERROR.get(method, {}).get(key)
+    if known is None or cfg.get('architecture') != ('resnet18' if imagenet else 'convlarge') or cfg.get('width') != 1.0:
         return None
-    return f'{error:.2f} % error' + (f' (after {400000:,} steps)' if steps < 400000 else '')
+    (error, source), budget = known, (None if imagenet else 400000)
+    text = (f'{error[0]:.2f} % top-1 / {error[1]:.2f} % top-5 error' if imagenet else f'{error:.2f} % error')
+    return text + (f' (after {budget:,} steps)' if budget and steps < budget else '') + f' ({METASEMI_SOURCES[source]})'
 
 
 def run_seconds(rows, log=''):

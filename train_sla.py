@@ -49,7 +49,7 @@ weight_decay = 1e-4          # on every parameter, batch norm and biases include
 temperature = 1.0            # self-distillation temperature T (sla+sd; the original's --T)
 with_large_loss = False      # multiply the joint (da/mt: transformation-averaged) loss by M (the original: for ImageNet)
 num_samples_per_class = 0    # > 0: train on this many images per class (limited-data setting); 0: all
-imbalance_ratio = 1.0        # CIFAR, R > 1: long-tailed training set (Cui et al. 2019), class i keeps floor(n_max * R^(-i/(C-1))) of the n_max images a class has after the validation split (drawn balanced then); 1: off
+imbalance_ratio = 1.0        # CIFAR, R > 1: the common long-tailed CIFAR-LT (Cui et al. 2019), class i keeps floor(n_max * R^(-i/(C-1))) of all n_max images a class has; validation: up to val_size / C of every class from the images the tail leaves unused (the first class: none); 1: off
 val_size = 5000              # CIFAR: validation images held out of the training file (synthetic: at most a tenth of it)
 val_indices = ''             # CIFAR: a file of validation indices to use instead of drawing them (.txt or the original's .npy)
 width = 1.0                  # channel multiplier of the ResNet (1 = the paper's)
@@ -336,8 +336,8 @@ def check(cfg):
             raise UserError('--imbalance_ratio and --num-samples-per-class both set how many images every class '
                             'keeps: give one of the two.')
         if cfg.val_indices:
-            raise UserError('--imbalance_ratio draws the validation images itself, class-balanced, so that every '
-                            'class keeps the same pool for its long-tailed share: drop --val-indices.')
+            raise UserError('--imbalance_ratio draws the validation images itself, from the images the long tail '
+                            'leaves unused, so that no validation image is taken out of the tail: drop --val-indices.')
     if cfg.eval_only and not cfg.resume:
         raise UserError('--eval-only evaluates a trained run: give it with --resume logs/train_sla/<run>.')
     if cfg.class_list and not (large and large_datasets.large_record(cfg.dataset)[1]):

@@ -39,6 +39,7 @@ import torch.nn as nn
 from machinery.checkpoints import (FORMAT, Checkpoints, load_run_checkpoint, read_run_config,
                                    scale_learning_rates)
 from machinery.distributed import Processes, all_reduce_sum, distributed
+from machinery.environment import changed, environment
 from machinery.fast_paths import set_tf32
 from machinery.files import (CHECKPOINT, atomic_write_text, hold_folder, read_metrics, release_folders, write_error,
                              write_lines)
@@ -681,6 +682,7 @@ class Run:
         if self.rank == 0:                      # one writer per run folder (under torchrun the first process writes)
             taken = hold_folder(self.dir, 'this run folder', f'continue it with {self.resume_command()}')
         self.log = RunLog(self.dir, enabled=self.rank == 0, deferred=self.resuming)
+        self.environment = environment(self.device)      # what decides the numbers besides the options
         self.checkpoints = Checkpoints(self.dir, script, writes=self.rank == 0)
         self.watch = Divergence(cfg, self.device, self.checkpoints, self.resume_command(), watch_loss=not self.resuming)
         if not self.resuming:
@@ -688,6 +690,13 @@ class Run:
         for line in (taken, note):
             if line:
                 self.log.print(line)
+        different = changed(self.saved_config.get('environment'), self.environment) if self.resuming else []
+        if different:                           # said once, at the resume
+            self.log.print('note: this run continues with ' + ', '.join(f'{k} {now} (it started with {then})'
+                                                                    for k, then, now in different)
+                           + ': the continuation is not bit-exact (a sum over threads or kernels adds in another '
+                           'order)' + (f'; OMP_NUM_THREADS={different[0][1]} continues it exactly on this machine'
+                                       if [k for k, _, _ in different] == ['threads'] else '') + '.')
         seed_everything(cfg.seed)               # the same on every process: the same weights, streams, draws
         self.projection = Projection(self.log)
         self.timer = Timer(self.device)
@@ -804,9 +813,14 @@ class Run:
 
     def config_record(self):
         """What config.json holds (the checkpoint carries it too): the options but the transient ones, the script,
-        the number of processes and the global batch (batch_size per process times the processes)."""
+        the number of processes, the global batch (batch_size per process times the processes) and what else
+        decides the numbers (machinery.environment): `environment` of the first start, `environment_resumed`
+        of each later one."""
+        first = self.saved_config.get('environment') if self.resuming else None
+        later = list(self.saved_config.get('environment_resumed', [])) + ([self.environment] if first else [])
         return {k: v for k, v in vars(self.cfg).items() if k not in TRANSIENT} | {
-            'script': self.script, 'processes': self.world, 'global_batch': self.cfg.batch_size * self.world}
+            'script': self.script, 'processes': self.world, 'global_batch': self.cfg.batch_size * self.world,
+            'environment': first or self.environment} | ({'environment_resumed': later} if later else {})
 
     # ---- the divergence watch ----
 

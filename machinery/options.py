@@ -113,7 +113,7 @@ ALIASES = {
 # the seed, and what each script's unused_options() names) are one setting (results.py).
 NOT_SETTING = {'seed', 'script', 'run_name', 'run_dir', 'logdir', 'resume', 'device', 'data_root', 'download',
                'local_rank', 'dist_backend', 'dist_timeout', 'global_batch', 'progress', 'progress_every',
-               'tensorboard'}
+               'tensorboard', 'environment', 'environment_resumed'}
 
 
 # Typed with --resume, these leave a run one setting (read_config): where and how it runs, its budget

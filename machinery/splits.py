@@ -6,8 +6,9 @@
                                         the lists to keep; on --resume the run folder's own (kept_held_out)
   validation_size, draw_validation,     its parts: the validation size, the drawn validation set, the
   held_out_split, read_indices          held-out split, an index file read
-  long_tailed_counts, long_tailed_split a long-tailed training set (the exponential profile of Cui et al.)
-  samples_per_class, per_class          k images of every class (model_vgg_single's --num_samples_per_class;
+  long_tailed_counts, long_tailed_split a long-tailed training set (the exponential profile of Cui et al. over the
+                                        whole training file), validation from the images it leaves unused
+  samples_per_class, per_class          k images of every class (the MAXL scripts' --num_samples_per_class;
                                         the large datasets)
   check_batch                           a batch of distinct images fits in the training set (train_sla)
   check_label_budget,                   a class-balanced labeled / unlabeled split (a number of labels, or a
@@ -133,10 +134,13 @@ def long_tailed_counts(n_max, n_classes, ratio):
 
 
 def long_tailed_split(labels, n_val, ratio, seed):
-    """(train, val) indices into a class-balanced training file, for an imbalance ratio R. Each class's
-    images in an order drawn with the seed: the first n_val // C are validation images (the validation
-    set stays balanced, as the test set), and of the n_max left to every class (the balanced pool),
-    class i keeps the next long_tailed_counts[i]."""
+    """(train, val) indices into a class-balanced training file, for an imbalance ratio R: the common CIFAR-LT.
+    Each class's images in an order drawn with the seed: class i trains on the first long_tailed_counts[i] of
+    them, the profile over all n_max images a class has (CIFAR-10: 5,000, so R 100 keeps 12,406 of the 50,000
+    images, R 10 20,431). The validation images are drawn from the images the tail leaves unused: the next
+    n_val // C of every class, or as many as that class has left (the first class, which keeps all its images,
+    has none; at R 10 and 100 on CIFAR-10/100 at most the first 5 classes have fewer than n_val // C left), so
+    the tail is never shrunk for them."""
     labels = np.asarray(labels)
     counts = np.bincount(labels)
     n_classes = len(counts)
@@ -146,19 +150,22 @@ def long_tailed_split(labels, n_val, ratio, seed):
                         'stand-in as written (both balanced).')
     per_val = n_val // n_classes
     if per_val < 1:
-        raise UserError(f'--imbalance_ratio draws the validation images class-balanced, but {n_val} validation '
-                        f'images are fewer than one per class ({n_classes} classes): raise --val-size.')
-    n_max = int(counts[0]) - per_val
+        raise UserError(f'--imbalance_ratio draws up to n_val // C validation images of every class, but {n_val} '
+                        f'validation images are fewer than one per class ({n_classes} classes): raise --val-size.')
+    n_max = int(counts[0])
     keep = long_tailed_counts(n_max, n_classes, ratio)
     if keep[-1] < 1:
         raise UserError(f'--imbalance_ratio {ratio:g} leaves class {n_classes - 1} no training image: each class has '
-                        f'{n_max} after the validation split, so the ratio can be at most {n_max}.')
+                        f'{n_max}, so the ratio can be at most {n_max}.')
     rng = np.random.default_rng([seed, 2])
     train, val = [], []
     for c in range(n_classes):
         order = rng.permutation(np.flatnonzero(labels == c))
-        val.append(order[:per_val])
-        train.append(order[per_val:per_val + keep[c]])
+        train.append(order[:keep[c]])
+        val.append(order[keep[c]:keep[c] + per_val])
+    if not sum(map(len, val)):
+        raise UserError(f'--imbalance_ratio {ratio:g} uses every training image, so none is left for validation: '
+                        'choose a larger ratio.')
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)
 
 

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -80,13 +81,16 @@ def test_mean_std_and_grouping_on_known_numbers():
         rows = [{'epoch': float(e), 'step': float(e + 1), 'test_acc': a, 'seconds': 2.0} for e, a in enumerate(accs)]
         return {'path': f'run{seed}', 'script': 'model_vgg_single', 'cfg': cfg | {'seed': seed, 'width': width},
                 'rows': rows, 'resumed_at': []}
-    rows = results.build_rows([fake(1, [0.4, 0.5]), fake(2, [0.7, 0.6]), fake(3, [0.2, 0.3], width=1.0)])
+    one, two = fake(1, [0.1, 0.9, 0.4, 0.5, 0.5, 0.5, 0.6]), fake(2, [0.2, 0.3, 0.7, 0.7, 0.7, 0.7, 0.7])
+    rows = results.build_rows([one, two, fake(3, [0.2, 0.3], width=1.0)])
     assert [len(r['runs']) for r in rows] == [2, 1]
-    text = results.table([fake(1, [0.4, 0.5]), fake(2, [0.7, 0.6]), fake(3, [0.2, 0.3], width=1.0)])
+    text = results.table([one, two, fake(3, [0.2, 0.3], width=1.0)])
     (a, b) = table_rows(text)
-    assert a[3] == '2 (1, 2)' and a[4] == '0.6000 ± 0.1414' and a[5] == '0.5500 ± 0.0707' and a[6] == '2 epochs'
-    assert a[7] == '4.0 s' and 'width 0.5' in a[2]
-    assert b[3] == '1 (3)' and b[4] == '0.3000' and 'width 1' in b[2]
+    # MAXL's scripts report the mean of the last 5 epochs (0.5 and 0.7), the best test (0.9, 0.7) beside it
+    assert a[3] == '2 (1, 2)' and a[4] == '0.6000 ± 0.1414' and a[5] == '0.8000 ± 0.1414'
+    assert a[6] == '0.6500 ± 0.0707' and a[7] == '7 epochs' and a[8] == '14.0 s' and 'width 0.5' in a[2]
+    assert b[3] == '1 (3)' and b[4] == '0.2500' and b[5] == '0.3000' and 'width 1' in b[2]       # 2 epochs: both
+    assert 'the mean test accuracy of the last 5 evaluations' in text and 'selected on the test set' in text
 
 
 def test_table_groups_the_seeds(runs):
@@ -99,22 +103,24 @@ def test_table_groups_the_seeds(runs):
     other = next(r for r in single if 'width 0.125' in r[2])
     # expected values from the runs' own metrics.csv
     ms = [metrics(run) for run in runs['seeds']]
+    last5 = [statistics.fmean(r['test_acc'] for r in m[-5:]) for m in ms]
     best = [max(r['test_acc'] for r in m) for m in ms]
     final = [m[-1]['test_acc'] for m in ms]
     assert grouped[1] == 'CIFAR-100 (synthetic)'
     assert grouped[3] == '2 (1, 2)'
-    assert grouped[4] == f'{statistics.fmean(best):.4f} ± {statistics.stdev(best):.4f}'
-    assert grouped[5] == f'{statistics.fmean(final):.4f} ± {statistics.stdev(final):.4f}'
-    assert grouped[6] == '2 epochs'
-    assert grouped[7] == f'{statistics.fmean(sum(r["seconds"] for r in m) for m in ms):.1f} s'
-    assert grouped[8] == '— (synthetic stand-in)'
+    assert grouped[4] == f'{statistics.fmean(last5):.4f} ± {statistics.stdev(last5):.4f}'
+    assert grouped[5] == f'{statistics.fmean(best):.4f} ± {statistics.stdev(best):.4f}'
+    assert grouped[6] == f'{statistics.fmean(final):.4f} ± {statistics.stdev(final):.4f}'
+    assert grouped[7] == '2 epochs'
+    assert grouped[8] == f'{statistics.fmean(sum(r["seconds"] for r in m) for m in ms):.1f} s'
+    assert grouped[9] == '— (synthetic stand-in)'
     m = metrics(runs['other'])
-    assert other[3] == '1 (1)' and other[4] == f'{max(r["test_acc"] for r in m):.4f}'
-    assert other[5] == f'{m[-1]["test_acc"]:.4f}'
+    assert other[3] == '1 (1)' and other[5] == f'{max(r["test_acc"] for r in m):.4f}'
+    assert other[6] == f'{m[-1]["test_acc"]:.4f}'
     (semi,) = [r for r in rows if r[0].startswith('MetaSemi + mixup')]
     m = metrics(runs['semi'])
     acc = max(r['test_acc'] for r in m)
-    assert semi[4] == f'{acc:.4f} (error {100 * (1 - acc):.2f} %)' and semi[6] == '6 steps'
+    assert semi[4] == semi[5] == f'{acc:.4f} (error {100 * (1 - acc):.2f} %)' and semi[7] == '6 steps'
     assert 'num_label 100' in semi[2] and 'alpha 1' in semi[2]
     assert 'sample standard deviation' in p.stdout and 'Time per run' in p.stdout
 
@@ -166,7 +172,7 @@ def test_sla_reports_the_test_accuracy_at_the_first_best_validation_in_two_rows(
                              ('SLA+SD, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
                              ('SLA+SI, rotation (`train_sla`)', 'CIFAR-10 (synthetic)'),
                              ('SLA+SI, rotation (`train_sla`)', 'imagenet (synthetic)')]
-    best_final = {k: (r[4], r[5]) for k, r in table.items()}
+    best_final = {k: (r[4], r[6]) for k, r in table.items()}
     assert best_final[('SLA+SI, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.4200', '0.7000')
     assert best_final[('SLA+AG, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.5000', '0.7500')
     assert best_final[('SLA+SD, rotation (`train_sla`)', 'CIFAR-10 (synthetic)')] == ('0.4200', '0.7000')
@@ -177,9 +183,16 @@ def test_sla_reports_the_test_accuracy_at_the_first_best_validation_in_two_rows(
 def test_paper_numbers_only_for_the_real_datasets():
     cfg = {'script': 'train_meta_semi', 'dataset': 'cifar10', 'num_label': 4000, 'architecture': 'convlarge',
            'width': 1.0, 'mix_up': True, 'baseline': False, 'synthetic': False}
-    assert results.paper_number(cfg, 'MetaSemi + mixup', 400000) == '7.78 % error'
-    assert results.paper_number(cfg | {'dataset': 'svhn', 'num_label': 1000}, 'MetaSemi + mixup', 400000) == \
-        '3.15 % error'
+    assert results.paper_number(cfg, 'MetaSemi + mixup', 400000) == '7.78 % error (the MetaSemi paper, arXiv 2007.03966)'
+    assert results.paper_number(cfg | {'dataset': 'svhn', 'num_label': 1000}, 'MetaSemi + mixup', 400000).startswith(
+        '3.15 % error (')
+    # the ablation's arms from the authors' slides, with that source and the inference named
+    slides = results.paper_number(cfg | {'mix_up': False, 'baseline': True}, 'labeled only (baseline)', 400000)
+    assert slides.startswith('15.43 % error (the MetaSemi authors\' slides') and 'inference' in slides
+    assert results.paper_number(cfg, 'MetaSemi', 400000).startswith('11.63 % error (')
+    assert results.paper_number(cfg, 'mixup baseline', 1000).startswith('11.10 % error (after 400,000 steps) (')
+    imagenet = cfg | {'dataset': 'imagenet', 'num_label': 0, 'label_fraction': 0.1, 'architecture': 'resnet18'}
+    assert results.paper_number(imagenet, 'labeled only (baseline)', 5).startswith('53.65 % top-1 / 31.01 % top-5 error (')
     assert results.paper_number(cfg | {'synthetic': True}, 'MetaSemi + mixup', 400000) == '— (synthetic stand-in)'
     assert 'not available offline' in results.paper_number(cfg | {'num_label': 250}, 'MetaSemi + mixup', 400000)
     assert 'not available offline' in results.paper_number({'script': 'model_vgg_maxl', 'synthetic': False},
@@ -298,6 +311,44 @@ def test_a_run_records_its_processes_and_global_batch(runs):
         assert cfg['processes'] == 1 and cfg['global_batch'] == cfg['batch_size'], run
 
 
+def test_a_run_records_what_decides_its_numbers_and_a_resume_on_other_threads_says_so(runs, tmp_path):
+    """config.json's environment: the threads the run computed with, torch's kernels and versions, the device,
+    the commit and whether the tree was modified; --resume with another thread count says once that the
+    continuation is not bit-exact and keeps both starts."""
+    import torchvision
+    with open(os.path.join(runs['seeds'][0], 'config.json')) as f:
+        env = json.load(f)['environment']
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=results.ROOT).stdout.strip()
+    assert env['threads'] == 1 and env['torch'] == torch.__version__ and env['torchvision'] == torchvision.__version__
+    assert env['device'].startswith('cpu') and env['commit'] == commit and isinstance(env['modified'], bool)
+    assert env['cpu_kernels'] == torch.backends.cpu.get_cpu_capability()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model_vgg_single.main(['--resume', runs['other'], '--epochs', '3'])
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(runs['other'], 'config.json')) as f:
+        cfg = json.load(f)
+    assert cfg['environment']['threads'] == 1 and [e['threads'] for e in cfg['environment_resumed']] == [2]
+    with open(os.path.join(runs['other'], 'log.txt')) as f:
+        notes = [ln for ln in f if 'not bit-exact' in ln]
+    assert len(notes) == 1 and 'threads 2 (it started with 1)' in notes[0] and 'OMP_NUM_THREADS=1' in notes[0]
+
+
+def test_the_seeds_of_a_row_that_ran_on_other_threads_are_one_row_that_says_so(tmp_path):
+    env = {'threads': 1, 'torch': '2.14.1', 'device': 'cpu (x)', 'commit': 'abc', 'modified': False}
+    one = write_run(tmp_path / 'one', SINGLE_CFG | {'environment': env}, [0.5, 0.6])
+    two = write_run(tmp_path / 'two', SINGLE_CFG | {'seed': 1, 'environment': env | {'threads': 2}}, [0.5, 0.7])
+    same = write_run(tmp_path / 'same', SINGLE_CFG | {'seed': 1, 'width': 0.125, 'environment': env}, [0.5, 0.7])
+    p = run_in_process('results.py', one, two, same)
+    assert p.returncode == 0, p.stderr
+    rows = {r[3]: r for r in table_rows(p.stdout)}
+    assert set(rows) == {'2 (0, 1)', '1 (1)'}, p.stdout
+    assert rows['2 (0, 1)'][2].endswith('runs or their starts differ in threads 1 (seed 0), 2 (seed 1)'), p.stdout
+    assert 'differ' not in rows['1 (1)'][2]
+
+
 class FakePyplot:
     """Records the labels plot() gives its curves (no matplotlib needed)."""
 
@@ -380,14 +431,13 @@ def test_the_metasemi_imagenet_start_line_lists_only_what_the_run_uses(tmp_path,
     assert 'architecture=' in line and 'resnet18' in line, line
 
 
-def test_a_last5_cell_is_the_mean_of_the_last_five_epochs_and_says_so():
-    """MAXL's first version (the maxl-psi experiment) reports the mean test accuracy of the last 5 epochs: not
-    the best, not the last."""
-    from machinery.experiments import LAST5
+def test_a_maxl_cell_is_the_mean_of_the_last_five_epochs_and_says_so():
+    """MAXL's first version (Figure 4, the maxl-psi experiment) reports the mean test accuracy of the last 5
+    epochs: not the best, not the last."""
     accs = [0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.6]
     run = {'script': 'model_vgg_maxl', 'cfg': {}, 'rows': [{'epoch': float(k), 'test_acc': a} for k, a in enumerate(accs)]}
-    assert results.value_of(run, LAST5) == pytest.approx(statistics.mean(accs[-5:]))
-    assert results.value_of({**run, 'rows': run['rows'][:2]}, LAST5) == pytest.approx(0.5)   # fewer: all of them
-    part = dict(title='', measure='accuracy', paper={}, table={'psi 2': {'MAXL': ('a', LAST5)}})
-    text = results.table_text(part, {'a': [run]}, {'a': 0})
-    assert '| psi 2 | 40.00 (1 seed) |' in text and 'last 5 epochs (not its best)' in text
+    assert results.value_of(run, 'test_acc') == pytest.approx(statistics.mean(accs[-5:]))
+    assert results.value_of({**run, 'rows': run['rows'][:2]}, 'test_acc') == pytest.approx(0.5)   # fewer: all of them
+    part = dict(title='', measure='accuracy', paper={}, table={'psi 2': {'MAXL': ('a', 'test_acc')}})
+    text = results.table_text(part, {'a': [run]}, {'a': 0}, quick=False)
+    assert '| psi 2 | 40.00 (1 seed) |' in text and 'the mean test accuracy of the last 5 evaluations' in text

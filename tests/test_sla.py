@@ -330,26 +330,35 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
 # ---- long-tailed CIFAR (--imbalance_ratio) ----
 
 def test_long_tailed_profile_of_cifar10_at_ratio_100():
-    # Cui et al.'s CIFAR-10-LT, R = 100 (5,000 images a class before the cut): 12,406 images
+    # Cui et al.'s CIFAR-10-LT, R = 100 (5,000 images a class before the cut): 12,406 images; R = 10: 20,431
     assert splits.long_tailed_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-    # this script's pool: 4,500 a class left after the 500 validation images a class
-    assert splits.long_tailed_counts(4500, 10, 100) == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
+    assert sum(splits.long_tailed_counts(5000, 10, 100)) == 12406 and sum(splits.long_tailed_counts(5000, 10, 10)) == 20431
     assert splits.long_tailed_counts(4500, 10, 1) == [4500] * 10
-    counts = splits.long_tailed_counts(450, 100, 100)                         # CIFAR-100: 450 a class after 50
-    assert counts[:5] == [450, 429, 410, 391, 373] and counts[-1] == 4 and sum(counts) == 9754
+    counts = splits.long_tailed_counts(500, 100, 100)                         # CIFAR-100-LT, R = 100: 10,847
+    assert counts[:5] == [500, 477, 455, 434, 415] and counts[-1] == 5 and sum(counts) == 10847
 
 
-def test_long_tailed_split_of_a_cifar10_sized_file():
-    labels = np.arange(50000) % 10
-    train, val = splits.long_tailed_split(labels, 5000, 100, seed=0)
-    assert np.bincount(labels[val]).tolist() == [500] * 10                 # balanced, as the test set
-    assert np.bincount(labels[train]).tolist() == [4500, 2697, 1617, 969, 581, 348, 208, 125, 75, 45]
+@pytest.mark.parametrize('n_classes,ratio', [(10, 100), (10, 10), (100, 100), (100, 10)])
+def test_long_tailed_split_is_the_standard_cifar_lt_and_validates_on_what_it_leaves(n_classes, ratio):
+    labels = np.arange(50000) % n_classes
+    n_max, per_val = 50000 // n_classes, 5000 // n_classes
+    train, val = splits.long_tailed_split(labels, 5000, ratio, seed=0)
+    keep = splits.long_tailed_counts(n_max, n_classes, ratio)
+    assert np.bincount(labels[train], minlength=n_classes).tolist() == keep          # the tail over all 50,000
+    # validation: up to 5,000 / C of every class, from the images the tail leaves unused; the first class none
+    assert np.bincount(labels[val], minlength=n_classes).tolist() == [min(per_val, n_max - k) for k in keep]
+    assert np.bincount(labels[val], minlength=n_classes)[0] == 0
+    assert sum(min(per_val, n_max - k) < per_val for k in keep) <= 5
     assert not set(train) & set(val)
-    again = splits.long_tailed_split(labels, 5000, 100, seed=0)
+    again = splits.long_tailed_split(labels, 5000, ratio, seed=0)
     assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
-    assert not np.array_equal(train, splits.long_tailed_split(labels, 5000, 100, seed=1)[0])
-    with pytest.raises(UserError, match='at most 4500'):
-        splits.long_tailed_split(labels, 5000, 5000, seed=0)
+    assert not np.array_equal(train, splits.long_tailed_split(labels, 5000, ratio, seed=1)[0])
+
+
+def test_long_tailed_split_refuses_what_it_cannot_draw():
+    labels = np.arange(50000) % 10
+    with pytest.raises(UserError, match='at most 5000'):
+        splits.long_tailed_split(labels, 5000, 50000, seed=0)
     with pytest.raises(UserError, match='balanced training file'):
         splits.long_tailed_split(labels[:-1], 5000, 100, seed=0)
 
@@ -362,9 +371,9 @@ def test_long_tailed_run_keeps_its_indices_and_resume_reads_them(tmp_path, tiny_
     labels = cd.load('cifar10', tiny_root, True, 'small')[1]                 # 400 images, 40 a class
     train = np.loadtxt(os.path.join(run_dir, 'train_indices.txt'), dtype=np.int64)
     val = np.loadtxt(os.path.join(run_dir, 'val_indices.txt'), dtype=np.int64)
-    assert np.bincount(labels[val]).tolist() == [4] * 10                   # a tenth held out, balanced
-    assert np.bincount(labels[train]).tolist() == [36, 27, 21, 16, 12, 10, 7, 6, 4, 3] == \
-        splits.long_tailed_counts(36, 10, 10)
+    assert np.bincount(labels[train]).tolist() == [40, 30, 23, 18, 14, 11, 8, 6, 5, 4] == \
+        splits.long_tailed_counts(40, 10, 10)                                # the tail over all 40 a class
+    assert np.bincount(labels[val], minlength=10).tolist() == [0] + [4] * 9   # from what the tail leaves
     assert not set(train) & set(val)
 
     def no_new_draw(*a, **kw):
@@ -382,7 +391,7 @@ def test_long_tailed_run_keeps_its_indices_and_resume_reads_them(tmp_path, tiny_
     (['--imbalance_ratio', '0.5'], 'at least 1'),
     (['--imbalance_ratio', '10', '--num-samples-per-class', '5'], 'give one of the two'),
     (['--imbalance_ratio', '10', '--val-indices', 'v.txt'], 'drop --val-indices'),
-    (['--imbalance_ratio', '100'], 'at most 36'),
+    (['--imbalance_ratio', '100'], 'at most 40'),
     (['--imbalance_ratio', '10', '--dataset', 'imagenet', '--model', 'resnet18'], 'long-tailed CIFAR'),
 ])
 def test_bad_imbalance_settings_exit_2_before_anything_is_written(tmp_path, tiny_root, bad, needle):
