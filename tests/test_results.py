@@ -315,11 +315,11 @@ def test_a_run_records_what_decides_its_numbers_and_a_resume_on_other_threads_sa
     """config.json's environment: the threads the run computed with, torch's kernels and versions, the device,
     the commit and whether the tree was modified; --resume with another thread count says once that the
     continuation is not bit-exact and keeps both starts."""
-    import torchvision
+    import importlib.metadata
     with open(os.path.join(runs['seeds'][0], 'config.json')) as f:
         env = json.load(f)['environment']
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=results.ROOT).stdout.strip()
-    assert env['threads'] == 1 and env['torch'] == torch.__version__ and env['torchvision'] == torchvision.__version__
+    assert env['threads'] == 1 and env['torch'] == torch.__version__ and env['torchvision'] == importlib.metadata.version('torchvision')
     assert env['device'].startswith('cpu') and env['commit'] == commit and isinstance(env['modified'], bool)
     assert env['cpu_kernels'] == torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
