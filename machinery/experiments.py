@@ -348,6 +348,7 @@ EXPERIMENTS = {
                  selection="the original code's: the best test error over the run's tests (selected on the test set); "
                            'the final test error in the second table',
                  also=[('final', 'MetaSemi on Fashion-MNIST, the test error of the last test (no selection)')],
+                 quick_rows={'Fashion-MNIST, 1,000 labels': 'Fashion-MNIST stand-in, 100 labels (--quick)'},
                  table={'Fashion-MNIST, 1,000 labels': {
                      'Labeled only': ('semi-baseline', 'test_acc'), '+ mixup': ('semi-baseline-mixup', 'test_acc'),
                      'MetaSemi': ('semi-meta', 'test_acc'), 'MetaSemi + mixup': ('semi-meta-mixup', 'test_acc')}}),
