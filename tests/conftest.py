@@ -26,6 +26,19 @@ SMALL = {'cifar100': (2000, 500), 'cifar10': (1000, 300), 'svhn': (1000, 300)}
 TINY = {'cifar100': (500, 200), 'cifar10': (400, 200)}
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global random state (torch, numpy, random), whichever tests ran before
+    it on its worker: a test's unseeded draws are then the same in every order pytest-xdist gives."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 def pytest_itemcollected(item):
     """A test that shares a module-scoped fixture (one torchrun job, one set of runs) goes to the worker of
     its module's other such tests (pytest-xdist's loadgroup), so the fixture is made once; every other test
