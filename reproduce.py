@@ -9,6 +9,7 @@ figure) made from those folders.
     .venv/bin/python reproduce.py sla-cifar --gpus 0,1,2,3   # one run per GPU at a time
     .venv/bin/python reproduce.py metasemi-imagenet --data_root /data/imagenet --executor slurm --partition gpu
     .venv/bin/python reproduce.py maxl-fig3 --report         # the table (and figure) of what has finished
+    .venv/bin/python reproduce.py fashion-mnist --report --export docs/fashion-mnist/runs   # ... with its files copied
 
 Runs go to runs/<experiment>/<setting>/seed<k>/ (runs/<experiment>-quick/ with --quick; --runs DIR names the
 folder). Running the same command again skips the finished runs and continues the interrupted ones with
@@ -480,6 +481,9 @@ def parse(argv):
                         'its numbers are not the papers\'')
     p.add_argument('--report', action='store_true', help='only write the table (and figure) of the finished runs')
     p.add_argument('--runs', default='', help='the runs folder (default: runs/<experiment>, runs/<experiment>-quick)')
+    p.add_argument('--export', default='', metavar='DIR',
+                   help='with --report: copy what the tables need into DIR (experiment.json and each finished run\'s '
+                        'config.json, metrics.csv, log.txt and finished.json; no checkpoint) and write the report there')
     p.add_argument(*spellings('data_root'), default='',
                    help=f'the data root given to every script (default: theirs, dataset; with --quick {QUICK_DATA_ROOT})')
     p.add_argument('--jobs', type=int, default=1, help='runs at once on this machine (CPU threads split between them)')
@@ -550,6 +554,8 @@ def check(args):
     if args.executor:
         check_executor(args)
     check_runs_folder(args)
+    if args.export:
+        check_export(args)
     if not args.report and not args.quick:
         check_data(args)
 
@@ -640,6 +646,51 @@ def check_runs_folder(args):
                         f'`reproduce.py {args.experiment}{" --quick" if args.quick else ""}`, or give --runs DIR).')
 
 
+def check_export(args):
+    """--export DIR: with --report, into a new or empty folder or an earlier export of the same experiment."""
+    if not args.report:
+        raise UserError(f'--export {args.export} copies the finished runs\' files for a report: give --report as '
+                        'well (nothing is run with --export).')
+    if os.path.abspath(args.export) == os.path.abspath(args.runs):
+        raise UserError(f'--export {args.export} is the runs folder itself: give another folder.')
+    if os.path.exists(args.export) and not os.path.isdir(args.export):
+        raise UserError(f'--export {args.export!r} is a file, not a folder.')
+    if os.path.isdir(args.export) and os.listdir(args.export):
+        try:
+            with open(os.path.join(args.export, MARKER)) as f:
+                mine = json.load(f)
+            same = (mine.get('experiment'), bool(mine.get('quick'))) == (args.experiment, args.quick)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise UserError(f'--export {args.export} already holds files that are not an export of '
+                            f'`reproduce.py {args.experiment}{" --quick" if args.quick else ""}`: nothing was copied. '
+                            'Give a new or empty folder.')
+
+
+EXPORTED = ('config.json', 'metrics.csv', 'log.txt', FINISHED)      # what a report reads of a finished run
+
+
+def export_runs(args):
+    """Copy experiment.json and the files of each finished run that the report reads into --export."""
+    copied = 0
+    os.makedirs(args.export, exist_ok=True)
+    shutil.copy2(os.path.join(args.runs, MARKER), os.path.join(args.export, MARKER))
+    for setting in args.settings:
+        for seed in args.seed_list:
+            source = os.path.join(args.runs, setting, f'seed{seed}')
+            if run_state(source) != 'finished':
+                continue
+            target = os.path.join(args.export, setting, f'seed{seed}')
+            os.makedirs(target, exist_ok=True)
+            for name in EXPORTED:
+                if os.path.isfile(os.path.join(source, name)):
+                    shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+            copied += 1
+    print(f'copied the files of {copied} finished run(s) from {args.runs} into {args.export}')
+    args.runs = args.export
+
+
 def check_data(args):
     """The real CIFAR/SVHN files are there (ImageNet's the scripts check themselves)."""
     import create_dataset
@@ -698,6 +749,8 @@ def main(argv=None):
         raise UserError(f'unexpected argument {args.which!r} (settings are chosen with --only SETTING ...).')
     check(args)
     if args.report:
+        if args.export:
+            export_runs(args)
         print(experiment_report(args.experiment, args.runs, args.quick))
         print(f'\nwrote {os.path.join(args.runs, "results.md")}')
         return

@@ -16,7 +16,6 @@ the script a run folder names. It also makes the table and figure of an experime
 Used by you and by reproduce.py.
 """
 import argparse
-import datetime
 import glob
 import json
 import os
@@ -25,7 +24,7 @@ import re
 import statistics
 import sys
 
-from machinery.experiments import EXPERIMENTS, NOT_PUBLISHED, run_state
+from machinery.experiments import EXPERIMENTS, FINISHED, NOT_PUBLISHED, run_state
 from machinery.files import read_metrics
 from machinery.options import NOT_SETTING, UserError
 from utils import run_main
@@ -467,6 +466,13 @@ def finished_runs(experiment, runs_dir, damaged=None):
             key=lambda n: int(n[4:]))] if os.path.isdir(os.path.join(runs_dir, setting)) else []
         done[setting] = read_runs([p for p in folders if run_state(p) == 'finished'], damaged)
         unfinished[setting] = len(folders) - len(done[setting])
+        for run in done[setting]:           # when the run ended and its seconds, as the runner recorded them
+            try:
+                with open(os.path.join(run['path'], FINISHED)) as f:
+                    record = json.load(f)
+                run['finished'] = {k: record[k] for k in ('at', 'seconds') if k in record}
+            except (OSError, ValueError, TypeError):
+                run['finished'] = {}
     return done, unfinished
 
 
@@ -558,9 +564,42 @@ def part_tables(part, done, unfinished, quick):
     """A table of an experiment and its `also` tables (the same cells chosen otherwise, e.g. MAXL's best test
     accuracy, which is selected on the test set)."""
     texts = [table_text(part, done, unfinished, quick)]
+    if part.get('claims'):
+        texts.append(claims_text(part, done, quick))
     for selection, heading in part.get('also', []):
         texts.append(table_text(part, done, unfinished, quick, selection, heading))
     return '\n\n'.join(texts)
+
+
+def claims_text(part, done, quick):
+    """Each claim of a table's paper (a method against another) as our runs show it: the gain in points of
+    the table's headline number, as the mean ± sample std of the per-seed differences (the two methods' runs
+    of the same seed paired), its sign turned so that a positive gain is the paper's direction (for errors, an
+    error reduction); and on how many seeds it points the paper's way."""
+    row, cells = next(iter(part['table'].items()))
+    error = part['measure'] == 'error'
+    lines = [f'| {row}: the paper\'s claim | gain, points{" (error reduction)" if error else ""} '
+             '| seeds in the paper\'s direction | the mean agrees in direction |', '|---|---|---|---|']
+    for method, versus, claim in part['claims']:
+        per_seed = []
+        for name in (method, versus):
+            setting, column = cells[name]
+            per_seed.append({run['cfg'].get('seed'): value_of(run, column) for run in done[setting]})
+        seeds = sorted(s for s in per_seed[0] if s in per_seed[1] and None not in (per_seed[0][s], per_seed[1][s]))
+        gains = [100 * (per_seed[0][s] - per_seed[1][s]) for s in seeds]  # accuracies; an error's sign is the same
+        text = f'| {method} {claim} {versus} |'
+        if not gains:
+            lines.append(text + ' — (no seed finished for both) | — | — |')
+            continue
+        mean, std, n = mean_std(gains)
+        lines.append(text + f' {mean:+.2f}' + (f' ± {std:.2f}' if std is not None else '') + f' | '
+                     f'{sum(g > 0 for g in gains)} of {n} | {"yes" if mean > 0 else "no"} |')
+    notes = ['The gains: the headline numbers of the table above, paired by seed (the same seed gives both '
+             'methods the same training subset and split), mean ± sample standard deviation of the differences'
+             + (', as the accuracy gained, which is the error lost.' if error else '.')]
+    if quick:
+        notes.append('Synthetic stand-in: these gains say nothing about the methods.')
+    return '\n'.join(lines + [''] + notes)
 
 
 def experiment_report(experiment, runs_dir, quick):
@@ -579,25 +618,30 @@ def experiment_report(experiment, runs_dir, quick):
         text += ['**Synthetic stand-in (`--quick`): small networks trained briefly on synthetic images. These numbers '
                  'check that the runs, the table and the figure work end to end; they are not the paper\'s and say '
                  'nothing about the methods.**', '']
+    last = max((run.get('finished', {}).get('at', '') for run in all_runs), default='')
     text += [f'Made by `reproduce.py {experiment}{" --quick" if quick else ""}` from {n_done} finished run(s) in '
-             f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '') + ', '
-             f'{datetime.datetime.now():%Y-%m-%d %H:%M}. Each cell: mean ± sample standard deviation over the '
+             f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '')
+             + (f'; the last finished at {last[:16]}' if last else '') + '. Each cell: mean ± sample standard deviation over the '
              'finished seeds (one seed: its value), in %, and the number of seeds; — where none has finished. '
              'Which evaluation each number comes from is said under each table. '
              + ('The paper column: the paper\'s number where it could be read here, with its source, '
                 f'"{NOT_PUBLISHED}" where it could not.' if not quick else ''), '', paper_table, '']
     if all_runs:
         text += ['## Every setting (results.py)', '', table(all_runs), '']
-    figure = exp.get('figure')
-    if figure:
+    pictures = [('figure', draw_figure3, 'MAXL Figure 3 setting: test accuracy of the primary task per epoch'),
+                ('curves', draw_curves, 'Test curves of each table\'s methods, mean ± std over the seeds')]
+    for key, draw, caption in pictures:
+        name = exp.get(key)
+        if not name:
+            continue
         try:
             plt = import_pyplot()
         except UserError as e:
-            text += [f'No figure: {e}', '']
-            print(f'note: no figure ({e})')
+            text += [f'No {key}: {e}', '']
+            print(f'note: no {key} ({e})')
         else:
-            if draw_figure3(plt, experiment, done, os.path.join(runs_dir, figure), quick):
-                text += [f'![MAXL Figure 3 setting: test accuracy of the primary task per epoch]({figure})', '']
+            if draw(plt, experiment, done, os.path.join(runs_dir, name), quick):
+                text += [f'![{caption}]({name})', '']
     with open(os.path.join(runs_dir, 'results.md'), 'w') as f:
         f.write('\n'.join(text))
     return paper_table
@@ -649,6 +693,61 @@ def draw_figure3(plt, experiment, done, path, quick):
                  + ('\nSYNTHETIC STAND-IN (--quick): not the paper\'s numbers' if quick else ''), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=72, format='png')         # full colour: a palette would merge the methods' colours
+    plt.close(fig)
+    return True
+
+
+# The curves of an experiment's tables: colours from Okabe and Ito's colour-blind-safe palette, with a line style
+# and a marker each, so that six methods stay apart in grey print too
+CURVE_STYLES = [('#000000', '-', 'o'), ('#E69F00', '--', 's'), ('#56B4E9', ':', '^'), ('#009E73', '-.', 'D'),
+                ('#D55E00', (0, (5, 1, 1, 1, 1, 1)), 'v'), ('#CC79A7', (0, (1, 1)), 'P')]
+
+
+def draw_curves(plt, experiment, done, path, quick):
+    """One panel per table of an experiment (its first row): each method's test number against the positions
+    of metrics.csv (epochs, iterations, steps), as a test error where the table reports errors, the mean over
+    the finished seeds with a ±std band; positions not reached by every seed are left out. False when nothing
+    has finished."""
+    parts = tables_of(EXPERIMENTS[experiment])
+    if not any(done.values()):
+        return False
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4.4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        row, cells = next(iter(part['table'].items()))
+        error, drawn, unit = part['measure'] == 'error', 0, ''
+        for k, (method, (setting, column)) in enumerate(cells.items()):
+            runs = [run for run in done[setting] if run['rows']]
+            if not runs:
+                continue
+            position = next(iter(runs[0]['rows'][0]))
+            module = script_module(runs[0]['script'])
+            unit = module.UNIT[:-1] if module else position
+            curves = [{r[position]: r[column] for r in run['rows'] if isinstance(r.get(column), float)} for run in runs]
+            xs = sorted(set.intersection(*(set(c) for c in curves)))
+            if not xs:
+                continue
+            per_x = [[100 * (1 - c[x]) if error else 100 * c[x] for c in curves] for x in xs]
+            mean = [statistics.fmean(v) for v in per_x]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_x]
+            shown = [x + 1 if position == 'epoch' else x for x in xs]      # epochs count from 0 in metrics.csv
+            color, line, marker = CURVE_STYLES[k % len(CURVE_STYLES)]
+            ax.plot(shown, mean, color=color, linestyle=line, marker=marker, markersize=4, linewidth=1.5,
+                    markevery=max(1, len(xs) // 8), label=f'{method}, n={len(curves)}')
+            ax.fill_between(shown, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.12, linewidth=0)
+            drawn += 1
+        ax.set_title(f'{part["title"]}\n{row}', fontsize=9)
+        ax.set_xlabel(unit)
+        ax.set_ylabel('test error (%)' if error else 'test accuracy (%)')
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7, loc='upper right' if error else 'lower right')
+        else:
+            ax.text(0.5, 0.5, 'no finished runs', ha='center', va='center', transform=ax.transAxes, color='grey')
+    fig.suptitle(f'{experiment}: test curves, mean ± std over n seeds'
+                 + ('\nSYNTHETIC STAND-IN (--quick): not the papers\' numbers' if quick else ''), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72, format='png')
     plt.close(fig)
     return True
 

@@ -121,7 +121,9 @@ FMNIST_SEMI_METHODS = {'baseline': ['--baseline'], 'baseline-mixup': ['--baselin
 # Each experiment: title; seeds (default); settings {name: [script, its flags...]}; table {row: {column:
 # (setting, metrics column)}} (test_acc, test_single_acc, test_agg_acc as results.py reports them; test_acc5:
 # top-5 at the best top-1); measure (accuracy or error, in %); paper {(row, column): the paper's number};
-# gpus (per run; an int or {setting: int}, default 1); quick {script or setting: flags}; figure (a PNG name).
+# gpus (per run; an int or {setting: int}, default 1); quick {script or setting: flags}; figure (a PNG name:
+# MAXL's Figure 3); curves (a PNG name: each table's test curves, mean ± std over the seeds). A table's claims:
+# (method, its comparison, the paper's claim of the method against it), reported as the per-seed gain.
 EXPERIMENTS = {
     'maxl-fig3': dict(
         title='MAXL (NeurIPS 2019), Figure 3: Single, Random, K-means, Human and MAXL on the six (primary, '
@@ -333,6 +335,8 @@ EXPERIMENTS = {
                            'accuracy, selected on the test set, in the second table only',
                  also=[('best', 'MAXL on Fashion-MNIST, the best test accuracy over all epochs: selected on the test '
                                 'set (optimistic, not the headline)')],
+                 claims=[('MAXL, second order', 'Single', 'above'), ('MAXL, first order', 'Single', 'above'),
+                         ('MAXL, second order', 'K-means', 'close to or above')],
                  table={'Fashion-MNIST, psi 5 per class': {
                      'Single': ('maxl-single', 'test_acc'), 'Random': ('maxl-random', 'test_acc'),
                      'K-means': ('maxl-kmeans', 'test_acc'), 'MAXL, second order': ('maxl-maxl2', 'test_acc'),
@@ -340,6 +344,8 @@ EXPERIMENTS = {
             dict(title='SLA (ICML 2020) on Fashion-MNIST, rotations', measure='accuracy', paper={},
                  selection="the paper's and the original code's: the test accuracy at the best validation single "
                            'accuracy (5,000 of the 60,000 training images held out)',
+                 claims=[('SLA+AG', 'Baseline', 'above'), ('SLA+AG', 'DA', 'above'), ('SLA+SD', 'Baseline', 'above'),
+                         ('SLA+SD', 'DA', 'above')],
                  table={'Fashion-MNIST, rotation': {
                      'Baseline': ('sla-baseline', 'test_single_acc'), 'DA': ('sla-da', 'test_single_acc'),
                      'MT': ('sla-mt', 'test_single_acc'), 'SLA+SI': ('sla-sla', 'test_single_acc'),
@@ -349,6 +355,8 @@ EXPERIMENTS = {
                            'the final test error in the second table',
                  also=[('final', 'MetaSemi on Fashion-MNIST, the test error of the last test (no selection)')],
                  quick_rows={'Fashion-MNIST, 1,000 labels': 'Fashion-MNIST stand-in, 100 labels (--quick)'},
+                 claims=[('MetaSemi', 'Labeled only', 'below'), ('MetaSemi + mixup', 'MetaSemi', 'below'),
+                         ('MetaSemi + mixup', '+ mixup', 'below')],
                  table={'Fashion-MNIST, 1,000 labels': {
                      'Labeled only': ('semi-baseline', 'test_acc'), '+ mixup': ('semi-baseline-mixup', 'test_acc'),
                      'MetaSemi': ('semi-meta', 'test_acc'), 'MetaSemi + mixup': ('semi-meta-mixup', 'test_acc')}}),
@@ -360,6 +368,7 @@ EXPERIMENTS = {
                'train_sla.py': ['--synthetic', '--num-iterations', '60', '--val-freq', '20'],
                'train_meta_semi.py': ['--synthetic', '--num-label', '100', '--total-steps', '60', '--test-freq', '20',
                                       '--warmup', '6', '--milestones', '45,52']},
+        curves='curves.png',
     ),
 }
 
