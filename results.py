@@ -619,9 +619,12 @@ def experiment_report(experiment, runs_dir, quick):
                  'check that the runs, the table and the figure work end to end; they are not the paper\'s and say '
                  'nothing about the methods.**', '']
     last = max((run.get('finished', {}).get('at', '') for run in all_runs), default='')
+    seconds = sum(run.get('finished', {}).get('seconds', 0) for run in all_runs)
     text += [f'Made by `reproduce.py {experiment}{" --quick" if quick else ""}` from {n_done} finished run(s) in '
              f'{runs_dir}' + (f' ({n_open} started but not finished, not counted)' if n_open else '')
-             + (f'; the last finished at {last[:16]}' if last else '') + '. Each cell: mean ± sample standard deviation over the '
+             + (f'; the last finished at {last[:16]}' if last else '')
+             + (f'; their own times, summed: {seconds / 3600:.2f} hours (the runner\'s clock of each, in finished.json)'
+                if seconds else '') + '. Each cell: mean ± sample standard deviation over the '
              'finished seeds (one seed: its value), in %, and the number of seeds; — where none has finished. '
              'Which evaluation each number comes from is said under each table. '
              + ('The paper column: the paper\'s number where it could be read here, with its source, '

@@ -100,3 +100,15 @@ def test_claims_pair_the_seeds_and_take_the_papers_direction():
     assert line == '| A below B | +1.50 ± 4.95 | 1 of 2 | yes |'
     done['a'][0] = single_run(0, 0.72)
     assert results.claims_text(part, done, False).splitlines()[2] == '| A below B | -2.50 ± 0.71 | 0 of 2 | no |'
+
+
+def test_readme_quotes_the_committed_claims_unchanged():
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    begin, end = '<!-- quoted unchanged from docs/fashion-mnist/runs/results.md -->', '<!-- end of the quote -->'
+    rows = readme.split(begin)[1].split(end)[0].strip().splitlines()[2:]
+    with open(os.path.join(ROOT, COMMITTED, 'results.md')) as f:
+        lines = set(f.read().splitlines())
+    assert len(rows) >= 5
+    for row in rows:
+        assert row in lines, f'README quotes a row that docs/fashion-mnist/runs/results.md does not hold: {row}'
