@@ -483,7 +483,8 @@ def parse(argv):
     p.add_argument('--runs', default='', help='the runs folder (default: runs/<experiment>, runs/<experiment>-quick)')
     p.add_argument('--export', default='', metavar='DIR',
                    help='with --report: copy what the tables need into DIR (experiment.json and each finished run\'s '
-                        'config.json, metrics.csv, log.txt and finished.json; no checkpoint) and write the report there')
+                        'config.json, metrics.csv, log.txt and finished.json, an unfinished run\'s config.json; no '
+                        'checkpoint) and write the report there')
     p.add_argument(*spellings('data_root'), default='',
                    help=f'the data root given to every script (default: theirs, dataset; with --quick {QUICK_DATA_ROOT})')
     p.add_argument('--jobs', type=int, default=1, help='runs at once on this machine (CPU threads split between them)')
@@ -672,22 +673,27 @@ EXPORTED = ('config.json', 'metrics.csv', 'log.txt', FINISHED)      # what a rep
 
 
 def export_runs(args):
-    """Copy experiment.json and the files of each finished run that the report reads into --export."""
-    copied = 0
+    """Copy experiment.json and the files of each finished run that the report reads into --export; of a run
+    started but not finished, only its config.json, so that the report counts it as not finished."""
+    copied, started = 0, 0
     os.makedirs(args.export, exist_ok=True)
     shutil.copy2(os.path.join(args.runs, MARKER), os.path.join(args.export, MARKER))
     for setting in args.settings:
         for seed in args.seed_list:
             source = os.path.join(args.runs, setting, f'seed{seed}')
-            if run_state(source) != 'finished':
+            finished = run_state(source) == 'finished'
+            if not os.path.isfile(os.path.join(source, 'config.json')):
                 continue
             target = os.path.join(args.export, setting, f'seed{seed}')
             os.makedirs(target, exist_ok=True)
             for name in EXPORTED:
-                if os.path.isfile(os.path.join(source, name)):
+                if os.path.isfile(os.path.join(source, name)) and (finished or name == 'config.json'):
                     shutil.copy2(os.path.join(source, name), os.path.join(target, name))
-            copied += 1
-    print(f'copied the files of {copied} finished run(s) from {args.runs} into {args.export}')
+                elif os.path.isfile(os.path.join(target, name)):      # an earlier export's, now out of date
+                    os.remove(os.path.join(target, name))
+            copied, started = copied + finished, started + (not finished)
+    print(f'copied the files of {copied} finished run(s) from {args.runs} into {args.export}'
+          + (f', and the config.json of {started} started but not finished' if started else ''))
     args.runs = args.export
 
 

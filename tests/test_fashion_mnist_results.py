@@ -66,7 +66,8 @@ def test_export_copies_what_the_report_reads_and_no_checkpoint(tmp_path, capsys)
     out = tmp_path / 'out'
     assert sorted(os.listdir(out / first.parent.name / first.name)) == sorted(
         n for n in reproduce.EXPORTED if (first / n).is_file())
-    assert not (out / first.parent.name / 'seed7').exists()
+    assert os.listdir(out / first.parent.name / 'seed7') == ['config.json']     # counted as not finished
+    assert 'started but not finished, not counted' in (out / 'results.md').read_text()
     assert (out / 'results.md').is_file() and (out / 'experiment.json').is_file()
 
 
