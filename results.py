@@ -657,6 +657,18 @@ METHOD_STYLES = {'Single': ('#000000', '-', 'o'), 'Random': ('#88CCEE', '--', 's
                  'Human': ('#882255', '-.', 'D'), 'MAXL': ('#D55E00', (0, (5, 1, 1, 1, 1, 1)), 'v')}
 
 
+def plot_band(ax, xs, values, style, label, markersize, linewidth):
+    """One method's curve: the mean of `values` (a list of the seeds' values per x) with a ±std band (sample
+    std; none for one seed), in `style` (colour, line style, marker)."""
+    color, line, marker = style
+    mean = [statistics.fmean(v) for v in values]
+    std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    ax.plot(xs, mean, color=color, linestyle=line, marker=marker, markersize=markersize, linewidth=linewidth,
+            markevery=max(1, len(mean) // 8), label=label)
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                    color=color, alpha=0.12, linewidth=0)
+
+
 def draw_figure3(plt, experiment, done, path, quick):
     """MAXL's Figure 3: one panel per level pair, the primary task's test accuracy per epoch of the five
     methods, mean over the finished seeds with a ±std band. False when nothing has finished."""
@@ -671,15 +683,8 @@ def draw_figure3(plt, experiment, done, path, quick):
             length = min((len(c) for c in curves), default=0)
             if not length:
                 continue
-            epochs = range(1, length + 1)
-            per_epoch = [[100 * c[e] for c in curves] for e in range(length)]
-            mean = [sum(v) / len(v) for v in per_epoch]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_epoch]
-            color, line, marker = METHOD_STYLES.get(method, (f'C{k}', '-', 'x'))
-            ax.plot(epochs, mean, color=color, linestyle=line, marker=marker, markersize=5, linewidth=1.6,
-                    markevery=max(1, length // 8), label=f'{method}, n={len(curves)}')
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=color, alpha=0.12, linewidth=0)
+            plot_band(ax, range(1, length + 1), [[100 * c[e] for c in curves] for e in range(length)],
+                      METHOD_STYLES.get(method, (f'C{k}', '-', 'x')), f'{method}, n={len(curves)}', 5, 1.6)
             drawn += 1
         ax.set_title(row, fontsize=9)
         ax.grid(alpha=0.3)
@@ -729,15 +734,9 @@ def draw_curves(plt, experiment, done, path, quick):
             xs = sorted(set.intersection(*(set(c) for c in curves)))
             if not xs:
                 continue
-            per_x = [[100 * (1 - c[x]) if error else 100 * c[x] for c in curves] for x in xs]
-            mean = [statistics.fmean(v) for v in per_x]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_x]
-            shown = [x + 1 if position == 'epoch' else x for x in xs]      # epochs count from 0 in metrics.csv
-            color, line, marker = CURVE_STYLES[k % len(CURVE_STYLES)]
-            ax.plot(shown, mean, color=color, linestyle=line, marker=marker, markersize=4, linewidth=1.5,
-                    markevery=max(1, len(xs) // 8), label=f'{method}, n={len(curves)}')
-            ax.fill_between(shown, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=color, alpha=0.12, linewidth=0)
+            plot_band(ax, [x + 1 if position == 'epoch' else x for x in xs],       # epochs count from 0 in metrics.csv
+                      [[100 * (1 - c[x]) if error else 100 * c[x] for c in curves] for x in xs],
+                      CURVE_STYLES[k % len(CURVE_STYLES)], f'{method}, n={len(curves)}', 4, 1.5)
             drawn += 1
         ax.set_title(f'{part["title"]}\n{row}', fontsize=9)
         ax.set_xlabel(unit)
